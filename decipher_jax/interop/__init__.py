@@ -1,0 +1,1 @@
+"""Weight conversion to and from formats people already hold (MONAI ViT, Hugging Face BERT)."""

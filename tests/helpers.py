@@ -1,0 +1,37 @@
+"""Shared test utilities."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+def randomise(model, seed: int = 0, scale: float = 0.05):
+    """Replaces every parameter by random values (LayerNorm scales near 1), in place.
+
+    Fresh inits have zero biases and unit norms, which would hide transposition or
+    mis-mapping bugs in weight converters.
+    """
+    r = np.random.default_rng(seed)
+    state = nnx.state(model)
+
+    def f(path, var):
+        v = var.get_value()
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        x = r.standard_normal(v.shape).astype(np.float32) * scale
+        if "scale" in name.split("/")[-1]:
+            x = 1.0 + x
+        return var.replace(jax.numpy.asarray(x, v.dtype))
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model
+
+
+def randomise_torch(module, seed: int = 0, scale: float = 0.05):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.copy_(1.0 + noise if (name.endswith("weight") and p.ndim == 1) else noise)
+    return module
