@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The demo is the tiny CPU job (8 simulated devices); libtpu (tpu-aot extra) must not be probed.
 demo: install
-	$(BIN)/decipher demo --workdir $(WORKDIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/decipher demo --workdir $(WORKDIR)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ backward + AdamW update on an objective over CLS and patch tokens.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,7 +28,11 @@ from decipher_jax.models.vit3d import ViT3D, vit_config  # noqa: E402
 DEFAULT_TOPOLOGIES = ("v5e:2x2", "v5e:16x16", "v5p:8x8x8")
 
 
-def parse_mesh(s: str) -> dict:
+def parse_mesh(s: str, chips: int, dim: int) -> dict:
+    """'auto': FSDP over the largest chip count dividing the embedding dim, data over the rest."""
+    if s == "auto":
+        fsdp = math.gcd(chips, dim)
+        return {"data": chips // fsdp, "fsdp": fsdp}
     return {k: int(v) for k, v in (kv.split("=") for kv in s.split(","))}
 
 
@@ -47,7 +52,7 @@ def vit_step(args, topology: str) -> aot.AotResult:
         loss,
         {"image": ((batch,) + spatial + (cfg.in_channels,), jnp.bfloat16)},
         topology,
-        parse_mesh(args.mesh),
+        parse_mesh(args.mesh, chips, cfg.dim),
         analytic_flops=aot.vit_train_flops(cfg, batch, spatial),
     )
 
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="dots", choices=["none", "dots", "full"])
     # XLA's cost analysis counts a while-loop body once: with --scan its FLOPs are per layer.
     p.add_argument("--scan", action="store_true", help="scan over layers (FLOP column then counts one layer)")
-    p.add_argument("--mesh", default="fsdp=-1", help="e.g. 'data=-1,fsdp=4' (-1 takes the remaining chips)")
+    p.add_argument("--mesh", default="auto", help="'auto' or e.g. 'data=-1,fsdp=4' (-1 takes the remaining chips)")
     p.add_argument("--topology", action="append", help=f"repeatable; default {DEFAULT_TOPOLOGIES}")
     p.add_argument("--markdown", help="append the table to this file")
     args = p.parse_args(argv)
