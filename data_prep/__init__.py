@@ -1,0 +1,1 @@
+"""Turning NIfTI series and radiology reports into training records (``decipher prep``)."""

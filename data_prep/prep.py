@@ -1,0 +1,236 @@
+"""``decipher prep``: a manifest of NIfTI series + reports -> sharded ArrayRecord (TFDS) records.
+
+Stages, each safe to interrupt:
+1. Per series, in parallel: load, validate, RAS + resample, normalise; the result is written
+   atomically to ``cache/<config-hash>/<series>.npz``. A rerun skips cached series, so a
+   crash loses nothing already written. Bad inputs are skipped and recorded, one JSON line
+   each, in ``errors.jsonl`` (file + reason); the rest is processed.
+2. Patient-level split (no patient in two splits), deterministic in the seed.
+3. A TFDS builder writes ``tfds/decipher_mri/<version>/`` ArrayRecord shards, read back with
+   ``tfds.builder_from_directory(path).as_data_source(split)`` (no TensorFlow needed).
+4. ``dataset_card.json``: counts, intensity and spacing statistics, and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from data_prep import manifest as manifest_lib
+from data_prep import reports as reports_lib
+from data_prep import volume as volume_lib
+
+SPLITS = ("train", "val", "test")
+DATASET_NAME = "decipher_mri"
+FORMAT_VERSION = "1.0.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepConfig:
+    volume: volume_lib.VolumeConfig = volume_lib.VolumeConfig()
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    workers: int = 0  # 0: one per CPU core; 1: in-process
+
+    def cache_key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self.volume), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class PrepResult:
+    out_dir: str
+    tfds_dir: str
+    counts: dict
+    errors: list[dict]
+    processed: int
+    reused: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _read_report(row: manifest_lib.SeriesRow) -> tuple[str, bool]:
+    """(text, has_report). A named report file that is missing or empty is a bad input."""
+    if row.report_file:
+        if not os.path.exists(row.report_file):
+            raise volume_lib.BadInput(f"{row.report_file}: report file not found")
+        with open(row.report_file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if not text.strip():
+            raise volume_lib.BadInput(f"{row.report_file}: report is empty")
+        return text, True
+    if row.report.strip():
+        return row.report, True
+    return "", False
+
+
+def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache_dir: str) -> dict:
+    """Processes one series into ``cache_dir``; returns a status dict (never raises BadInput)."""
+    out = os.path.join(cache_dir, f"{row.series_id}.npz")
+    if os.path.exists(out):
+        return {"series_id": row.series_id, "status": "reused"}
+    try:
+        text, has_report = _read_report(row)
+        res = volume_lib.process(row.image, row.label or None, cfg)
+    except volume_lib.BadInput as e:
+        return {"series_id": row.series_id, "status": "error", "file": str(e).split(": ")[0], "reason": str(e)}
+    label = res.pop("label")
+    tmp = out + ".tmp.npz"
+    np.savez(
+        tmp, volume=res.pop("volume").astype(np.float16), label=label if label is not None else np.zeros((1, 1, 1), np.uint8),
+        has_label=label is not None, report_full=reports_lib.normalise(text),
+        report=reports_lib.clinical_text(text) if has_report else "", has_report=has_report,
+        **{k: np.asarray(v) for k, v in res.items()},
+    )
+    os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache entry
+    return {"series_id": row.series_id, "status": "processed"}
+
+
+def assign_splits(patients, fractions, seed: int) -> dict[str, str]:
+    """Patient -> split, by sorting on a seeded hash; every non-zero split gets >= 1 patient."""
+    ps = sorted(set(patients), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n = len(ps)
+    counts = [int(round(f * n)) for f in fractions]
+    for i in (2, 1):
+        if fractions[i] > 0 and counts[i] == 0 and n >= 3:
+            counts[i] = 1
+    counts[0] = n - counts[1] - counts[2]
+    out, start = {}, 0
+    for split, c in zip(SPLITS, counts):
+        for p in ps[start: start + c]:
+            out[p] = split
+        start += c
+    return out
+
+
+def _summ(values) -> dict:
+    a = np.asarray(values, float)
+    return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())} if a.size else {}
+
+
+def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progress: bool = True) -> PrepResult:
+    rows = manifest_lib.read(manifest_path)
+    os.makedirs(out_dir, exist_ok=True)
+    cache_dir = os.path.join(out_dir, "cache", cfg.cache_key())
+    os.makedirs(cache_dir, exist_ok=True)
+    err_path = os.path.join(out_dir, "errors.jsonl")
+    errors: list[dict] = []
+    statuses = {"processed": 0, "reused": 0}
+    workers = cfg.workers or os.cpu_count() or 1
+    with open(err_path, "w") as err_file:
+        def record(res):
+            if res["status"] == "error":
+                errors.append(res)
+                err_file.write(json.dumps(res) + "\n")
+                err_file.flush()
+            else:
+                statuses[res["status"]] += 1
+
+        bar = _progress(len(rows), progress)
+        if workers == 1:
+            for row in rows:
+                record(process_row(row, cfg.volume, cache_dir))
+                bar.update(1)
+        else:
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+                futs = [ex.submit(process_row, row, cfg.volume, cache_dir) for row in rows]
+                for fut in cf.as_completed(futs):
+                    record(fut.result())
+                    bar.update(1)
+        bar.close()
+    bad = {e["series_id"] for e in errors}
+    good = [r for r in rows if r.series_id not in bad]
+    split_of = assign_splits([r.patient_id for r in good], cfg.split_fractions, cfg.seed)
+    by_split = {s: [r for r in good if split_of[r.patient_id] == s] for s in SPLITS}
+    tfds_dir = _build_tfds(out_dir, cache_dir, by_split)
+    counts = _write_card(out_dir, cache_dir, cfg, by_split, errors, manifest_path)
+    return PrepResult(out_dir, tfds_dir, counts, errors, statuses["processed"], statuses["reused"])
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="prep", unit="series", disable=not enabled, file=sys.stderr)
+
+
+def _build_tfds(out_dir: str, cache_dir: str, by_split: dict) -> str:
+    from data_prep.tfds_builder import build
+
+    final = os.path.join(out_dir, "tfds")
+    staging = os.path.join(out_dir, "tfds.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    path = build(staging, cache_dir, {s: rows for s, rows in by_split.items() if rows})
+    # Swap in the complete new build; the previous one stays until the new one is whole.
+    if os.path.exists(final):
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        os.replace(final, final + ".old")
+    os.replace(staging, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    return path.replace(staging, final)
+
+
+def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_path) -> dict:
+    counts, stats = {}, {}
+    for split, rows in by_split.items():
+        counts[split] = {
+            "series": len(rows), "studies": len({r.study_id for r in rows}), "patients": len({r.patient_id for r in rows}),
+            "body_region": _count(r.body_region for r in rows), "sequence": _count(r.sequence for r in rows),
+            "findings": _count(f for r in rows for f in r.findings.split(";") if f),
+        }
+    means, stds, orig_sp, shapes, clip = [], [], [], [], []
+    for rows in by_split.values():
+        for r in rows:
+            with np.load(os.path.join(cache_dir, f"{r.series_id}.npz")) as z:
+                v = z["volume"].astype(np.float32)
+                means.append(v.mean()), stds.append(v.std())
+                orig_sp.append(z["orig_spacing"]), shapes.append(v.shape), clip.append((z["clip_lo"], z["clip_hi"]))
+    if means:
+        sp, sh, cl = np.array(orig_sp), np.array(shapes), np.array(clip)
+        stats = {
+            "stored_intensity": {"mean": float(np.mean(means)), "std_mean": float(np.mean(stds))},
+            "raw_clip_range": {"lo": _summ(cl[:, 0]), "hi": _summ(cl[:, 1])},
+            "original_spacing_mm": {ax: _summ(sp[:, i]) for i, ax in enumerate("xyz")},
+            "stored_shape": {ax: _summ(sh[:, i]) for i, ax in enumerate("xyz")},
+        }
+    card = {
+        "name": DATASET_NAME, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "manifest": os.path.abspath(manifest_path), "counts": counts, "statistics": stats,
+        "errors": len(errors), "preprocessing": preprocessing_spec(cfg),
+    }
+    with open(os.path.join(out_dir, "dataset_card.json"), "w") as f:
+        json.dump(card, f, indent=1)
+    return counts
+
+
+def preprocessing_spec(cfg: PrepConfig) -> dict:
+    """What a model trained on these records expects; stored in the card and in checkpoints."""
+    v = cfg.volume
+    return {
+        "orientation": "RAS (closest canonical, then axis-aligned resampling for oblique affines)",
+        "array_axes": "(x, y, z) = (R, A, S) voxel axes; channels added last at load time",
+        "target_spacing_mm": list(v.target_spacing), "image_interpolation": "trilinear", "label_interpolation": "nearest",
+        "four_d_policy": v.four_d, "intensity": f"clip to percentiles {list(v.clip_percentiles)} "
+        f"({'foreground' if v.foreground_only_stats else 'all'} voxels), scale to [0, 1]",
+        "stored_dtype": "float16", "foreground_crop": v.crop_foreground,
+        "report_text": "findings + impression sections, NFKC + whitespace normalised; tokenised at load time",
+        "split": {"by": "patient_id", "fractions": list(cfg.split_fractions), "seed": cfg.seed},
+        "volume_config": dataclasses.asdict(v),
+    }
+
+
+def _count(items) -> dict:
+    out: dict[str, int] = {}
+    for i in items:
+        out[i or "unknown"] = out.get(i or "unknown", 0) + 1
+    return dict(sorted(out.items()))

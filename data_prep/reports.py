@@ -1,0 +1,38 @@
+"""Radiology report text: section extraction and normalisation.
+
+Tokenisation happens at *load* time (``decipher_jax.data.pipelines``), not at prep: records
+keep the normalised text, so one prepared dataset serves any tokenizer / max length.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_SECTION = re.compile(r"^\s*(findings|impression|conclusion|technique|examination|history|indication|comparison)\s*:\s*",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+def normalise(text: str) -> str:
+    """NFKC unicode, unified quotes/dashes, collapsed whitespace."""
+    text = unicodedata.normalize("NFKC", text)
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    text = re.sub(r"[\u2013\u2014]", "-", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def sections(text: str) -> dict[str, str]:
+    """``{"findings": ..., "impression": ...}`` (lower-case keys) for the headed sections present."""
+    out: dict[str, str] = {}
+    matches = list(_SECTION.finditer(text))
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        body = text[m.end(): nxt.start() if nxt else len(text)]
+        out[m.group(1).lower()] = normalise(body)
+    return out
+
+
+def clinical_text(text: str) -> str:
+    """Findings + impression when present (what the encoders learn from), else the whole text."""
+    s = sections(text)
+    parts = [s[k] for k in ("findings", "impression") if s.get(k)]
+    return " ".join(parts) if parts else normalise(text)

@@ -1,0 +1,162 @@
+"""NIfTI series -> validated, RAS-oriented, resampled, intensity-normalised arrays.
+
+Geometry policy (recorded in the dataset card and every record):
+- Orientation: RAS. ``nib.as_closest_canonical`` first (an exact axis permutation / flip);
+  a remaining oblique rotation is resolved by resampling onto an axis-aligned RAS grid that
+  covers the volume's bounding box.
+- Spacing: ``target_spacing`` mm; trilinear for images, nearest for label maps, on the
+  *same* output grid (the label map must share the image's grid on input).
+- 4D: a singleton 4th axis is dropped; otherwise ``four_d`` = "first" (default, e.g. b0 or
+  first frame), "mean" or "error".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import zlib
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+
+class BadInput(ValueError):
+    """A series that cannot be used; the message names the file and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeConfig:
+    target_spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    four_d: str = "first"
+    min_size: int = 8  # voxels per axis, on input
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    foreground_only_stats: bool = True  # percentiles over voxels above the 10th percentile
+    crop_foreground: bool = False
+    crop_threshold: float = 0.05  # on the normalised [0, 1] scale
+    crop_margin: int = 2
+    max_affine_scale: float = 20.0  # mm per voxel beyond which an affine is not sane
+
+
+def load(path: str, cfg: VolumeConfig, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Loads and validates a NIfTI file: (float32 data in RAS, RAS affine), pre-resampling."""
+    if not os.path.exists(path):
+        raise BadInput(f"{path}: {what} file not found")
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"{path}: {what} file is empty (0 bytes)")
+    try:
+        img = nib.load(path)
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise BadInput(f"{path}: not a NIfTI image ({type(img).__name__})")
+        img = nib.as_closest_canonical(img)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except BadInput:
+        raise
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        raise BadInput(f"{path}: cannot read {what} (truncated or corrupt file: {e})") from e
+    except Exception as e:  # nibabel raises several types for non-NIfTI content
+        raise BadInput(f"{path}: not a readable NIfTI {what} ({type(e).__name__}: {e})") from e
+    if data.ndim == 4:
+        if data.shape[3] == 1:
+            data = data[..., 0]
+        elif cfg.four_d == "first":
+            data = data[..., 0]
+        elif cfg.four_d == "mean":
+            data = data.mean(axis=3)
+        else:
+            raise BadInput(f"{path}: 4D {what} with {data.shape[3]} volumes (four_d='error')")
+    if data.ndim != 3:
+        raise BadInput(f"{path}: {what} is {data.ndim}D with shape {data.shape}; a 3D volume is required")
+    if min(data.shape) < cfg.min_size:
+        raise BadInput(f"{path}: {what} shape {data.shape} is below the minimum size {cfg.min_size} per axis")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    lin = affine[:3, :3]
+    zooms = np.linalg.norm(lin, axis=0)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(lin)) < 1e-6 or zooms.max() > cfg.max_affine_scale:
+        raise BadInput(f"{path}: affine is not sane (voxel sizes {np.round(zooms, 3).tolist()} mm)")
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise BadInput(f"{path}: {what} has no finite values (all NaN/inf)")
+    if not finite.all():
+        data = np.where(finite, data, 0.0).astype(np.float32)
+    return data, affine
+
+
+def is_axis_aligned(affine: np.ndarray, tol: float = 1e-4) -> bool:
+    lin = affine[:3, :3]
+    return bool(np.all(np.abs(lin - np.diag(np.diag(lin))) <= tol * np.abs(lin).max()))
+
+
+def ras_grid(affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The axis-aligned RAS grid (affine, shape) at ``spacing`` covering the volume's voxel centres."""
+    spacing = np.asarray(spacing, float)
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float)
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    lo, hi = world.min(0), world.max(0)
+    out_shape = tuple(int(np.floor((hi[a] - lo[a]) / spacing[a] + 1e-6)) + 1 for a in range(3))
+    out = np.eye(4)
+    out[:3, :3] = np.diag(spacing)
+    out[:3, 3] = lo
+    return out, out_shape  # type: ignore[return-value]
+
+
+def resample(data: np.ndarray, affine: np.ndarray, out_affine: np.ndarray, out_shape, order: int) -> np.ndarray:
+    """Samples ``data`` at the voxel centres of the output grid (order 1: trilinear, 0: nearest)."""
+    m = np.linalg.inv(affine) @ out_affine  # output voxel -> input voxel
+    lin, off = m[:3, :3], m[:3, 3]
+    if is_axis_aligned(m):  # the fast separable path of scipy
+        lin = np.diag(lin)
+    return ndimage.affine_transform(data, lin, offset=off, output_shape=tuple(out_shape), order=order,
+                                    mode="constant", cval=0.0, prefilter=False)
+
+
+def normalise(data: np.ndarray, cfg: VolumeConfig) -> tuple[np.ndarray, dict]:
+    """Percentile clip then scale to [0, 1]; returns the statistics used."""
+    flat = data.ravel()
+    if cfg.foreground_only_stats:
+        thr = np.percentile(flat, 10.0)
+        fg = flat[flat > thr]
+        flat = fg if fg.size > 100 else flat
+    lo, hi = np.percentile(flat, cfg.clip_percentiles)
+    if hi <= lo:
+        hi = lo + 1.0
+    out = (np.clip(data, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32), {"clip_lo": float(lo), "clip_hi": float(hi)}
+
+
+def foreground_box(data: np.ndarray, threshold: float, margin: int) -> tuple[slice, slice, slice]:
+    idx = np.argwhere(data > threshold)
+    if idx.size == 0:
+        return tuple(slice(0, s) for s in data.shape)  # type: ignore[return-value]
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, data.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def process(image_path: str, label_path: str | None, cfg: VolumeConfig) -> dict:
+    """The whole per-series geometry + intensity chain. Raises :class:`BadInput`."""
+    data, affine = load(image_path, cfg)
+    orig_spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    raw_stats = {"raw_p01": float(np.percentile(data, 1)), "raw_p99": float(np.percentile(data, 99))}
+    out_affine, out_shape = ras_grid(affine, data.shape, cfg.target_spacing)
+    vol = resample(data, affine, out_affine, out_shape, order=1)
+    label = None
+    if label_path:
+        ldata, laff = load(label_path, cfg, what="label map")
+        if ldata.shape != data.shape or not np.allclose(laff, affine, atol=1e-3):
+            raise BadInput(f"{label_path}: label map grid {ldata.shape} does not match image {image_path} grid {data.shape}")
+        label = resample(np.rint(ldata), laff, out_affine, out_shape, order=0).astype(np.uint8)
+    vol, norm_stats = normalise(vol, cfg)
+    if cfg.crop_foreground:
+        box = foreground_box(vol, cfg.crop_threshold, cfg.crop_margin)
+        vol = vol[box]
+        label = None if label is None else label[box]
+        shift = np.array([s.start for s in box], float)
+        out_affine = out_affine.copy()
+        out_affine[:3, 3] += out_affine[:3, :3] @ shift
+    return {
+        "volume": vol, "label": label, "affine": out_affine.astype(np.float32),
+        "spacing": np.asarray(cfg.target_spacing, np.float32), "orig_spacing": orig_spacing.astype(np.float32),
+        "orig_shape": np.asarray(data.shape, np.int32), **norm_stats, **raw_stats,
+    }

@@ -1,0 +1,258 @@
+"""Grain input pipelines for both pretraining stages and the evaluations.
+
+    source (TFDS ArrayRecord) -> host shard -> shuffle(seed) -> repeat -> random transforms
+      -> batch -> to_iter_dataset -> [mp_prefetch workers]
+
+Every host reads only its own slice (``jax.process_index()::jax.process_count()``) and
+yields its local part of the global batch; :func:`to_global` assembles ``jax.Array``s on the
+mesh's batch sharding. The iterator's ``get_state()`` / ``set_state()`` is what the
+checkpoint stores: after a restore, the next batch equals the uninterrupted run's.
+
+Reports are tokenised here, at load time (records keep normalised text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import grain
+import numpy as np
+
+from decipher_jax.data import transforms as T
+
+
+def data_source(tfds_dir: str, split: str):
+    """Random-access source over a prepared split (``decipher prep`` output or its tfds dir)."""
+    import tensorflow_datasets as tfds
+
+    path = _dataset_dir(tfds_dir)
+    return tfds.builder_from_directory(path).as_data_source(split)
+
+
+def _dataset_dir(path: str) -> str:
+    """Accepts the prep out_dir, its ``tfds`` dir, or the versioned dataset dir."""
+    if os.path.exists(os.path.join(path, "dataset_info.json")):
+        return path
+    for root, _, files in os.walk(path):
+        if "dataset_info.json" in files and ".staging" not in root and ".old" not in root:
+            return root
+    raise FileNotFoundError(f"{path}: no prepared dataset (dataset_info.json) found; run `decipher prep` first")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 8  # global batch; each host loads batch_size / process_count
+    seed: int = 0
+    shuffle: bool = True
+    repeat: bool = True
+    num_workers: int = 0  # 0: in-process; >0: grain multiprocessing workers
+    drop_remainder: bool = True
+
+
+def _base(source, cfg: LoaderConfig, process_index: int | None = None, process_count: int | None = None):
+    import jax
+
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if cfg.batch_size % pc:
+        raise ValueError(f"global batch {cfg.batch_size} does not divide over {pc} processes")
+    ds = grain.MapDataset.source(source)
+    ds = ds[pi::pc]  # per-host shard
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if cfg.repeat:
+        ds = ds.repeat()
+    return ds.seed(cfg.seed), cfg.batch_size // pc
+
+
+def _finish(ds, per_host: int, cfg: LoaderConfig):
+    # Batch after to_iter_dataset: a filter upstream makes the element count unknown.
+    it = ds.to_iter_dataset().batch(per_host, drop_remainder=cfg.drop_remainder)
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return it
+
+
+@dataclasses.dataclass
+class DropStrings(grain.transforms.Map):
+    """Keeps only array-valued fields (strings cannot become jax arrays)."""
+
+    keep: tuple[str, ...] = ()
+
+    def map(self, ex):
+        return {k: v for k, v in ex.items() if k in self.keep or isinstance(v, (np.ndarray, np.generic, float, int))}
+
+
+def vision_ssl(source, cfg: LoaderConfig, crops: T.MultiCrop, **shard):
+    """Stage 1 vision: ``{"global", "local", "masks"}`` batches of multi-crops."""
+    ds, per_host = _base(source, cfg, **shard)
+    ds = ds.map(T.Decode()).random_map(crops)
+    return _finish(ds, per_host, cfg)
+
+
+def images(source, cfg: LoaderConfig, size, *, train: bool = False, keep_label: bool = False, **shard):
+    """Single volumes: random-resized crops when training, whole-volume resize otherwise."""
+    ds, per_host = _base(source, cfg, **shard)
+    ds = ds.map(T.Decode(keep_label=keep_label))
+    ds = ds.random_map(T.SingleCrop(tuple(size))) if train else ds.map(T.Resize(tuple(size)))
+    ds = ds.map(ToIds())
+    return _finish(ds.map(DropStrings()), per_host, cfg)
+
+
+@dataclasses.dataclass
+class ToIds(grain.transforms.Map):
+    """Stable integer ids for study / patient (CRC32), so they can travel as arrays."""
+
+    def map(self, ex):
+        out = dict(ex)
+        for k in ("study_id", "patient_id", "series_id"):
+            if k in ex:
+                out[k + "_hash"] = np.int32(zlib.crc32(ex[k].encode()) & 0x7FFFFFFF)
+        return out
+
+
+class Tokenize(grain.transforms.Map):
+    """Report text -> ``input_ids`` / ``attention_mask`` with a Hugging Face tokenizer directory.
+
+    The tokenizer loads lazily in each worker (it is not pickled).
+    """
+
+    def __init__(self, tokenizer_path: str, max_length: int = 128, field: str = "report"):
+        self.tokenizer_path, self.max_length, self.field = tokenizer_path, max_length, field
+        self._tok = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_tok"} | {"_tok": None}
+
+    def map(self, ex):
+        if self._tok is None:
+            from decipher_jax.models.bert import load_tokenizer
+
+            self._tok = load_tokenizer(self.tokenizer_path)
+        enc = self._tok(ex[self.field], max_length=self.max_length, truncation=True, padding="max_length",
+                        return_tensors="np")
+        out = dict(ex)
+        out["input_ids"] = enc["input_ids"][0].astype(np.int32)
+        out["attention_mask"] = enc["attention_mask"][0].astype(np.int32)
+        return out
+
+
+@dataclasses.dataclass
+class MlmMask(grain.transforms.RandomMap):
+    """BERT masking: 15% of non-special tokens (at most ``max_predictions``), 80/10/10.
+
+    Adds ``mlm_ids`` (corrupted inputs), ``mlm_labels`` (original ids at predicted slots, -100
+    elsewhere). Special ids are those of [CLS], [SEP], [PAD] (and [UNK] is maskable).
+    """
+
+    vocab_size: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+    probability: float = 0.15
+    max_predictions: int = 20
+
+    def random_map(self, ex, rng):
+        ids = ex["input_ids"]
+        candidates = np.flatnonzero(~np.isin(ids, self.special_ids) & (ex["attention_mask"] > 0))
+        n = min(self.max_predictions, max(1, int(round(len(candidates) * self.probability)))) if len(candidates) else 0
+        pos = rng.choice(candidates, size=n, replace=False) if n else np.zeros(0, int)
+        labels = np.full_like(ids, -100)
+        labels[pos] = ids[pos]
+        corrupted = ids.copy()
+        u = rng.random(n)
+        corrupted[pos[u < 0.8]] = self.mask_id
+        rand = pos[(u >= 0.8) & (u < 0.9)]
+        corrupted[rand] = rng.integers(0, self.vocab_size, len(rand))
+        out = dict(ex)
+        out["mlm_ids"], out["mlm_labels"] = corrupted.astype(np.int32), labels.astype(np.int32)
+        return out
+
+
+def mlm_transform(tokenizer_path: str, **kw) -> MlmMask:
+    from decipher_jax.models.bert import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    special = tuple(int(i) for i in {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id} if i is not None)
+    return MlmMask(vocab_size=len(tok), mask_id=int(tok.mask_token_id), special_ids=special, **kw)
+
+
+@dataclasses.dataclass
+class HasReport(grain.transforms.Filter):
+    def filter(self, ex):
+        return bool(ex.get("report", "").strip())
+
+
+def reports(source, cfg: LoaderConfig, tokenizer_path: str, max_length: int = 128, **shard):
+    """Stage 1 text: MLM batches of ``mlm_ids``, ``mlm_labels``, ``attention_mask``, ``input_ids``.
+
+    Series of one study share a report: the text stream is per *study*, keeping the first
+    series of each study (so a report is not seen once per sequence).
+    """
+    import jax
+
+    pi = jax.process_index() if shard.get("process_index") is None else shard["process_index"]
+    pc = jax.process_count() if shard.get("process_count") is None else shard["process_count"]
+    first = _first_series_per_study(source)
+    ds = grain.MapDataset.source(Subset(source, first))[pi::pc]
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if cfg.repeat:
+        ds = ds.repeat()
+    ds = ds.seed(cfg.seed).map(ReportOnly()).map(Tokenize(tokenizer_path, max_length))
+    ds = ds.random_map(mlm_transform(tokenizer_path))
+    return _finish(ds.map(DropStrings()), cfg.batch_size // pc, cfg)
+
+
+class Subset:
+    """A random-access view of ``source`` at ``indices`` (picklable, for worker processes)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, np.asarray(indices, int)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+
+@dataclasses.dataclass
+class ReportOnly(grain.transforms.Map):
+    def map(self, ex):
+        v = ex["report"]
+        return {"report": v.decode("utf-8") if isinstance(v, bytes) else str(v)}
+
+
+def _first_series_per_study(source) -> np.ndarray:
+    """Indices of the first series of every study that has a report (metadata-only pass)."""
+    seen, keep = set(), []
+    for i in range(len(source)):
+        ex = source[i]
+        study = ex["study_id"]
+        if study in seen or not bool(ex["has_report"]):
+            continue
+        seen.add(study)
+        keep.append(i)
+    return np.asarray(keep, int)
+
+
+def pairs(source, cfg: LoaderConfig, size, tokenizer_path: str, max_length: int = 128, *, train: bool = True, **shard):
+    """Stage 2: (series crop, report tokens, study hash) batches; series of one study share a report."""
+    ds, per_host = _base(source, cfg, **shard)
+    ds = ds.map(T.Decode()).filter(HasReport())
+    ds = ds.random_map(T.SingleCrop(tuple(size))) if train else ds.map(T.Resize(tuple(size)))
+    ds = ds.map(Tokenize(tokenizer_path, max_length)).map(ToIds())
+    return _finish(ds.map(DropStrings()), per_host, cfg)
+
+
+def to_global(batch: dict, mesh, rules=None):
+    """Process-local numpy batch -> global ``jax.Array``s sharded over the batch mesh axes."""
+    import jax
+
+    from decipher_jax import sharding as sh
+
+    rules = rules or sh.DEFAULT_RULES
+    return {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v), rules), np.asarray(v))
+            for k, v in batch.items()}

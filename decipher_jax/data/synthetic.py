@@ -1,0 +1,316 @@
+"""Deterministic generator of synthetic MRI studies: real NIfTI files, masks and reports.
+
+Anatomy is defined analytically in world (RAS, millimetre) coordinates as ellipsoids, so a
+series sampled through any affine (anisotropic spacing, flipped axes, oblique rotation)
+shows the same anatomy at the same world position. Four body regions, four sequences
+(tissue contrasts), findings with ground-truth lesion masks, a missing organ, a smooth bias
+field and Rician noise; radiology-style reports state the findings with varied wording and
+negations. Several series of one study share one report (multiple positives in stage 2).
+
+    manifest = generate_corpus("data/synthetic", n_patients=40, seed=0)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+
+SEQUENCES = ("T1", "T2", "FLAIR", "DWI")
+
+# tissue -> intensity per sequence (T1, T2, FLAIR, DWI), roughly the real contrasts.
+TISSUE = {
+    "background": (0.0, 0.0, 0.0, 0.0),
+    "fat": (0.9, 0.7, 0.6, 0.1),
+    "skin": (0.6, 0.5, 0.4, 0.15),
+    "bone": (0.15, 0.1, 0.1, 0.05),
+    "marrow": (0.7, 0.5, 0.4, 0.1),
+    "csf": (0.1, 0.95, 0.05, 0.05),
+    "gm": (0.45, 0.6, 0.55, 0.35),
+    "wm": (0.65, 0.45, 0.4, 0.3),
+    "muscle": (0.4, 0.3, 0.3, 0.2),
+    "cartilage": (0.35, 0.55, 0.5, 0.25),
+    "fluid": (0.15, 0.9, 0.3, 0.1),
+    "ligament": (0.08, 0.08, 0.08, 0.05),
+    "disc": (0.35, 0.7, 0.5, 0.25),
+    "cord": (0.5, 0.5, 0.45, 0.3),
+    "liver": (0.55, 0.35, 0.35, 0.3),
+    "kidney": (0.4, 0.6, 0.5, 0.45),
+    "spleen": (0.45, 0.55, 0.5, 0.5),
+    # findings
+    "infarct": (0.3, 0.85, 0.9, 1.0),
+    "mass": (0.3, 0.75, 0.7, 0.55),
+    "cyst": (0.1, 1.0, 0.2, 0.05),
+    "herniation": (0.35, 0.7, 0.5, 0.25),
+    "cord_lesion": (0.4, 0.9, 0.85, 0.6),
+}
+
+# region -> (field of view in mm (x, y, z), findings it can have)
+REGIONS = {
+    "brain": ((180.0, 210.0, 170.0), ("infarct", "mass")),
+    "knee": ((150.0, 150.0, 170.0), ("effusion", "acl_tear")),
+    "spine": ((120.0, 140.0, 260.0), ("herniation", "cord_lesion")),
+    "abdomen": ((320.0, 240.0, 220.0), ("liver_lesion", "absent_kidney")),
+}
+FINDINGS = tuple(f for _, fs in REGIONS.values() for f in fs)
+
+
+@dataclasses.dataclass
+class Ellipsoid:
+    tissue: str
+    center: np.ndarray  # mm, RAS
+    radii: np.ndarray  # mm
+    lesion: bool = False
+
+    def inside(self, xyz: np.ndarray) -> np.ndarray:
+        d = (xyz - self.center) / self.radii
+        return np.einsum("...i,...i->...", d, d) <= 1.0
+
+
+def _e(tissue, c, r, lesion=False):
+    return Ellipsoid(tissue, np.asarray(c, float), np.asarray(r, float), lesion)
+
+
+def _brain(r: np.random.Generator, findings: set[str], facts: dict) -> list[Ellipsoid]:
+    s = r.uniform(0.92, 1.08)  # head size
+    parts = [
+        _e("skin", (0, 0, 0), np.array([78, 98, 75]) * s),
+        _e("bone", (0, 0, 0), np.array([74, 94, 71]) * s),
+        _e("csf", (0, 0, 0), np.array([70, 90, 67]) * s),
+        _e("gm", (0, 0, 0), np.array([67, 87, 64]) * s),
+        _e("wm", (0, 0, 2), np.array([55, 74, 50]) * s),
+    ]
+    vent = r.uniform(0.8, 1.6)  # ventricle size varies with age
+    parts += [_e("csf", (sx * 9, 5, 10), np.array([6, 25, 9]) * vent) for sx in (-1, 1)]
+    for f, tissue in (("infarct", "infarct"), ("mass", "mass")):
+        if f in findings:
+            side = r.choice([-1, 1])
+            y = r.uniform(-50, 50)
+            rad = r.uniform(9, 20)
+            parts.append(_e(tissue, (side * r.uniform(25, 40), y, r.uniform(-5, 25)), [rad, rad * r.uniform(0.8, 1.2), rad], True))
+            facts[f] = {"side": "right" if side > 0 else "left", "lobe": "frontal" if y > 15 else "parietal" if y > -20 else "occipital",
+                        "size_mm": int(round(2 * rad))}
+    return parts
+
+
+def _knee(r, findings, facts):
+    parts = [
+        _e("skin", (0, 0, 0), (62, 62, 90)), _e("fat", (0, 0, 0), (58, 58, 88)), _e("muscle", (0, 5, 0), (48, 48, 86)),
+        _e("bone", (0, 0, 45), (32, 30, 48)), _e("marrow", (0, 0, 45), (28, 26, 44)),  # femur
+        _e("bone", (0, 0, -45), (30, 28, 46)), _e("marrow", (0, 0, -45), (26, 24, 42)),  # tibia
+        _e("cartilage", (0, 0, 0), (30, 28, 5)),
+    ]
+    if "effusion" in findings:
+        parts.append(_e("fluid", (0, 30, 20), (26, 10, 24), True))
+        facts["effusion"] = {"size": r.choice(["small", "moderate", "large"])}
+    if "acl_tear" not in findings:  # the ligament is the "organ" that can be missing
+        parts.append(_e("ligament", (0, 0, 0), (4, 14, 4)))
+    else:
+        facts["acl_tear"] = {"kind": r.choice(["complete", "full-thickness"])}
+    return parts
+
+
+def _spine(r, findings, facts):
+    parts = [_e("skin", (0, 0, 0), (58, 68, 140)), _e("fat", (0, 0, 0), (54, 64, 138)), _e("muscle", (0, -20, 0), (48, 40, 136))]
+    levels = ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
+    for i in range(5):
+        z = -100 + i * 45
+        parts += [_e("bone", (0, 20, z), (22, 18, 17)), _e("marrow", (0, 20, z), (19, 15, 14)), _e("disc", (0, 20, z + 22), (20, 16, 5))]
+    parts += [_e("csf", (0, -8, 0), (9, 8, 130)), _e("cord", (0, -8, 20), (5, 5, 90))]
+    if "herniation" in findings:
+        i = int(r.integers(0, 5))
+        parts.append(_e("herniation", (r.uniform(-6, 6), 2, -100 + i * 45 + 22), (8, 9, 5), True))
+        facts["herniation"] = {"level": levels[i]}
+    if "cord_lesion" in findings:
+        z = r.uniform(0, 80)
+        parts.append(_e("cord_lesion", (0, -8, z), (4, 4, r.uniform(6, 14)), True))
+        facts["cord_lesion"] = {"size_mm": int(round(2 * parts[-1].radii[2]))}
+    return parts
+
+
+def _abdomen(r, findings, facts):
+    parts = [_e("skin", (0, 0, 0), (150, 110, 105)), _e("fat", (0, 0, 0), (146, 106, 103)), _e("muscle", (0, 0, 0), (130, 92, 100)),
+             _e("liver", (-55, 20, 35), (60, 48, 45)), _e("spleen", (70, -10, 40), (22, 28, 30)), _e("bone", (0, -60, 0), (14, 14, 100))]
+    absent = None
+    if "absent_kidney" in findings:
+        absent = r.choice([-1, 1])
+        facts["absent_kidney"] = {"side": "right" if absent > 0 else "left"}
+    for sx in (-1, 1):
+        if sx != absent:
+            parts.append(_e("kidney", (sx * 50, -40, -10), (18, 16, 32)))
+    if "liver_lesion" in findings:
+        rad = r.uniform(8, 18)
+        parts.append(_e("cyst", (-55 + r.uniform(-20, 20), 20 + r.uniform(-15, 15), 35 + r.uniform(-15, 15)), (rad, rad, rad), True))
+        facts["liver_lesion"] = {"size_mm": int(round(2 * rad)), "segment": r.choice(["right lobe", "left lobe"])}
+    return parts
+
+
+BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen}
+
+
+def render(parts: list[Ellipsoid], affine: np.ndarray, shape, sequence: str):
+    """Samples the phantom at voxel centres: (intensity, lesion mask) in voxel space."""
+    ijk = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
+    xyz = ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+    col = SEQUENCES.index(sequence)
+    img = np.zeros(shape, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    for p in parts:  # later parts paint over earlier ones
+        inside = p.inside(xyz)
+        img[inside] = TISSUE[p.tissue][col]
+        if p.lesion:
+            mask[inside] = 1
+    return img, mask, xyz
+
+
+def random_affine(r: np.random.Generator, fov, shape) -> np.ndarray:
+    """Anisotropic spacing, a random axis permutation with flips, and up to 12 deg obliquity."""
+    spacing = np.array(fov) / np.array(shape)
+    perm = r.permutation(3) if r.random() < 0.4 else np.arange(3)
+    flips = np.where(r.random(3) < 0.35, -1.0, 1.0)
+    base = np.zeros((3, 3))
+    for vox_axis, world_axis in enumerate(perm):
+        base[world_axis, vox_axis] = flips[vox_axis] * spacing[world_axis]
+    angle = np.deg2rad(r.uniform(-12, 12)) if r.random() < 0.4 else 0.0
+    ax = r.integers(0, 3)
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.eye(3)
+    i, j = [k for k in range(3) if k != ax]
+    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
+    lin = rot @ base
+    aff = np.eye(4)
+    aff[:3, :3] = lin
+    vox_shape = np.array(shape)[perm]  # voxel axis k samples world axis perm[k]
+    aff[:3, 3] = -lin @ ((vox_shape - 1) / 2.0)  # centre the volume on the world origin
+    return aff, tuple(int(v) for v in vox_shape)
+
+
+def bias_and_noise(r: np.random.Generator, img: np.ndarray, xyz: np.ndarray, noise: float) -> np.ndarray:
+    scale = np.abs(xyz).max() + 1e-6
+    g = r.normal(0, 0.25, 3)
+    field = np.exp((xyz / scale) @ g + 0.15 * r.normal() * ((xyz / scale) ** 2).sum(-1))
+    a = img * field.astype(np.float32)
+    n1, n2 = r.normal(0, noise, (2,) + img.shape).astype(np.float32)
+    return np.sqrt((a + n1) ** 2 + n2**2)  # Rician magnitude noise
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+_POS = {
+    "infarct": ["Restricted diffusion in the {side} {lobe} lobe consistent with an acute infarct.",
+                "Acute ischemic infarct involving the {side} {lobe} lobe, measuring {size_mm} mm.",
+                "There is an area of acute infarction in the {side} {lobe} region."],
+    "mass": ["A {size_mm} mm mass in the {side} {lobe} lobe with surrounding edema.",
+             "Heterogeneous intra-axial lesion in the {side} {lobe} lobe, suspicious for neoplasm.",
+             "There is a space-occupying lesion of the {side} {lobe} lobe measuring {size_mm} mm."],
+    "effusion": ["{size} joint effusion.", "There is a {size} knee joint effusion.", "Suprapatellar effusion, {size}."],
+    "acl_tear": ["{kind} tear of the anterior cruciate ligament.", "The ACL is not visualized, compatible with a {kind} tear.",
+                 "Anterior cruciate ligament rupture."],
+    "herniation": ["Disc herniation at {level}.", "{level} disc protrusion with mild canal narrowing.",
+                   "There is a posterior disc herniation at the {level} level."],
+    "cord_lesion": ["T2 hyperintense lesion within the spinal cord, {size_mm} mm in length.",
+                    "Intramedullary signal abnormality suggestive of myelitis.", "Focal cord lesion is present."],
+    "liver_lesion": ["A {size_mm} mm cystic lesion in the {segment} of the liver.",
+                     "Simple hepatic cyst in the {segment}, {size_mm} mm.", "There is a focal liver lesion, likely a cyst."],
+    "absent_kidney": ["The {side} kidney is surgically absent.", "Status post {side} nephrectomy.",
+                      "The {side} kidney is not visualized, consistent with prior nephrectomy."],
+}
+_NEG = {
+    "infarct": ["No acute infarct.", "No evidence of restricted diffusion.", "There is no acute ischemic stroke."],
+    "mass": ["No intracranial mass.", "No mass effect or midline shift.", "No space-occupying lesion is identified."],
+    "effusion": ["No joint effusion.", "There is no effusion."],
+    "acl_tear": ["The ACL is intact.", "Cruciate ligaments are intact.", "No ligament tear."],
+    "herniation": ["No disc herniation.", "The intervertebral discs are preserved without herniation."],
+    "cord_lesion": ["The spinal cord is normal in signal.", "No cord lesion."],
+    "liver_lesion": ["No focal liver lesion.", "The liver is unremarkable."],
+    "absent_kidney": ["Both kidneys are present and normal in size.", "Kidneys are unremarkable."],
+}
+_NORMAL = {
+    "brain": ["The ventricles are normal in size.", "Gray-white matter differentiation is preserved."],
+    "knee": ["The menisci are intact.", "Bone marrow signal is normal."],
+    "spine": ["Vertebral body heights are maintained.", "Normal lumbar lordosis."],
+    "abdomen": ["The spleen is normal.", "No free fluid."],
+}
+_IMPRESSION_NORMAL = ["No acute abnormality.", "Normal study.", "Unremarkable examination."]
+
+
+def write_report(r: np.random.Generator, region: str, sequences, findings: set[str], facts: dict) -> str:
+    lines = [f"EXAMINATION: MRI {region}.", f"TECHNIQUE: {', '.join(sequences)} sequences.", "", "FINDINGS:"]
+    sentences = []
+    for f in REGIONS[region][1]:
+        if f in findings:
+            t = str(r.choice(_POS[f])).format(**facts.get(f, {}))
+            sentences.append(t[0].upper() + t[1:])
+        elif r.random() < 0.8:
+            sentences.append(str(r.choice(_NEG[f])))
+    sentences += [s for s in _NORMAL[region] if r.random() < 0.6]
+    order = r.permutation(len(sentences))
+    lines.append(" ".join(sentences[i] for i in order))
+    lines += ["", "IMPRESSION:"]
+    pos = [str(r.choice(_POS[f])).format(**facts.get(f, {})) for f in REGIONS[region][1] if f in findings]
+    lines.append(" ".join(p[0].upper() + p[1:] for p in pos) if pos else str(r.choice(_IMPRESSION_NORMAL)))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+MANIFEST_FIELDS = ["series_id", "study_id", "patient_id", "image", "label", "report_file", "sequence",
+                   "body_region", "age", "sex", "findings"]
+
+
+def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40,
+                    studies_per_patient=(1, 2), noise: float = 0.03) -> str:
+    """Writes NIfTI series, lesion masks and reports under ``out_dir``; returns the manifest CSV.
+
+    Deterministic in ``seed``. Each patient has 1-2 studies; each study one region, 2-3
+    sequences sharing one report; the findings of a study appear in all its series.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    root = np.random.default_rng(seed)
+    regions = list(REGIONS)
+    for p in range(n_patients):
+        r = np.random.default_rng([seed, p])
+        age = int(r.integers(18, 90))
+        sex = str(r.choice(["M", "F"]))
+        for s in range(int(r.integers(studies_per_patient[0], studies_per_patient[1] + 1))):
+            region = regions[(p + s) % len(regions)] if s else str(r.choice(regions))
+            fov, possible = REGIONS[region]
+            findings = {f for f in possible if r.random() < 0.45}
+            facts: dict = {}
+            parts = BUILDERS[region](r, findings, facts)
+            findings = set(facts) | findings  # facts may be richer (e.g. sizes)
+            seqs = sorted(r.choice(SEQUENCES, size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
+            study = f"P{p:04d}_S{s}"
+            report = write_report(r, region, seqs, findings, facts)
+            rep_file = os.path.join(out_dir, f"{study}_report.txt")
+            with open(rep_file, "w") as f:
+                f.write(report)
+            for seq in seqs:
+                shape = (matrix, matrix, max(16, int(matrix * r.uniform(0.5, 0.8))))
+                aff, vox_shape = random_affine(r, fov, shape)
+                img, mask, xyz = render(parts, aff, vox_shape, seq)
+                img = bias_and_noise(r, img, xyz, noise) * float(r.uniform(200, 3000))  # arbitrary scanner units
+                sid = f"{study}_{seq}"
+                ipath = os.path.join(out_dir, f"{sid}.nii.gz")
+                lpath = os.path.join(out_dir, f"{sid}_mask.nii.gz")
+                nib.save(nib.Nifti1Image(img.astype(np.float32), aff), ipath)
+                nib.save(nib.Nifti1Image(mask, aff), lpath)
+                rows.append({"series_id": sid, "study_id": study, "patient_id": f"P{p:04d}", "image": ipath,
+                             "label": lpath, "report_file": rep_file, "sequence": seq, "body_region": region,
+                             "age": age, "sex": sex, "findings": ";".join(sorted(findings))})
+    del root
+    manifest = os.path.join(out_dir, "manifest.csv")
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out_dir, "generator.json"), "w") as f:
+        json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "series": len(rows)}, f, indent=1)
+    return manifest

@@ -1,0 +1,126 @@
+"""Grain pipelines: exact resume, determinism by seed, host sharding, crops/masks, MLM, global arrays."""
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import prep, volume
+from decipher_jax import sharding as sh
+from decipher_jax.data import pipelines as P
+from decipher_jax.data import synthetic
+from decipher_jax.data import transforms as T
+
+CROPS = T.MultiCrop(global_size=(16, 16, 16), local_size=(8, 8, 8), n_local=2, patch_size=(4, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    m = synthetic.generate_corpus(str(d / "raw"), n_patients=6, seed=2, matrix=20)
+    res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
+                                                       split_fractions=(1.0, 0.0, 0.0), workers=1), progress=False)
+    return res.tfds_dir
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_resume_is_exact(prepared, workers):
+    src = P.data_source(prepared, "train")
+    cfg = P.LoaderConfig(batch_size=4, seed=3, num_workers=workers)
+    ref = _take(iter(P.vision_ssl(src, cfg, CROPS)), 5)
+    it = iter(P.vision_ssl(src, cfg, CROPS))
+    _take(it, 2)
+    state = it.get_state()
+    fresh = iter(P.vision_ssl(src, cfg, CROPS))  # a new process would build a new iterator
+    fresh.set_state(state)
+    for a, b in zip(_take(fresh, 3), ref[2:]):
+        assert _same(a, b)
+
+
+def test_deterministic_by_seed(prepared):
+    src = P.data_source(prepared, "train")
+    a = _take(iter(P.vision_ssl(src, P.LoaderConfig(batch_size=2, seed=7), CROPS)), 3)
+    b = _take(iter(P.vision_ssl(src, P.LoaderConfig(batch_size=2, seed=7), CROPS)), 3)
+    c = _take(iter(P.vision_ssl(src, P.LoaderConfig(batch_size=2, seed=8), CROPS)), 3)
+    assert all(_same(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x["global"], y["global"]) for x, y in zip(a, c))
+
+
+def test_multicrop_shapes_and_masks(prepared):
+    src = P.data_source(prepared, "train")
+    b = next(iter(P.vision_ssl(src, P.LoaderConfig(batch_size=4, seed=0), CROPS)))
+    assert b["global"].shape == (4, 2, 16, 16, 16, 1) and b["local"].shape == (4, 2, 8, 8, 8, 1)
+    assert b["masks"].shape == (4, 2, 64) and b["masks"].dtype == bool
+    ratios = b["masks"].mean(-1)
+    assert np.all((ratios == 0) | ((ratios >= 0.05) & (ratios <= 0.55)))
+
+
+def test_block_mask_hits_its_budget_in_blocks():
+    rng = np.random.default_rng(0)
+    for n in (10, 40, 100):
+        m = T.block_mask(rng, (8, 8, 8), n).reshape(8, 8, 8)
+        assert n - 4 <= m.sum() <= n  # DINOv2 semantics: may fall short by less than a block
+        # Blocks, not scattered tokens: most masked tokens have a masked neighbour.
+        nb = sum(np.roll(m, s, a) for a in range(3) for s in (-1, 1))
+        assert (nb[m] > 0).mean() > 0.9
+
+
+def test_mlm_masking_statistics():
+    mlm = P.MlmMask(vocab_size=1000, mask_id=103, special_ids=(0, 101, 102), max_predictions=20)
+    ids = np.r_[101, np.arange(1000, 1100) % 900 + 200, 102, np.zeros(26, int)].astype(np.int32)
+    ex = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32)}
+    rng = np.random.default_rng(0)
+    kinds = np.zeros(3)
+    for _ in range(300):
+        out = mlm.random_map(ex, rng)
+        sel = out["mlm_labels"] >= 0
+        assert sel.sum() == 15  # 15% of 100 maskable tokens, under the cap of 20
+        assert not sel[[0, 101]].any() and not sel[102:].any()  # specials and padding never predicted
+        np.testing.assert_array_equal(out["mlm_labels"][sel], ids[sel])
+        c = out["mlm_ids"][sel]
+        kinds += [(c == 103).sum(), ((c != 103) & (c != ids[sel])).sum(), (c == ids[sel]).sum()]
+    frac = kinds / kinds.sum()
+    assert abs(frac[0] - 0.8) < 0.03 and abs(frac[1] - 0.1) < 0.03 and abs(frac[2] - 0.1) < 0.03
+
+
+def test_host_shards_are_disjoint_and_cover(prepared):
+    src = P.data_source(prepared, "train")
+    cfg = P.LoaderConfig(batch_size=2, shuffle=False, repeat=False, drop_remainder=False)
+    seen = []
+    for pi in range(2):
+        ds = P.images(src, cfg, (8, 8, 8), process_index=pi, process_count=2)
+        seen.append({int(h) for b in ds for h in b["series_id_hash"]})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == len(src)
+
+
+def test_text_and_pair_pipelines(prepared, minilm_path):
+    from decipher_jax.models.bert import load_tokenizer
+
+    src = P.data_source(prepared, "train")
+    studies = {src[i]["study_id"] for i in range(len(src))}
+    rep = P.reports(src, P.LoaderConfig(batch_size=1, shuffle=False, repeat=False), minilm_path, max_length=64)
+    assert len(list(rep)) == len(studies)  # one report per study, not per series
+    b = next(iter(P.pairs(src, P.LoaderConfig(batch_size=2, shuffle=False), (16, 16, 16), minilm_path, max_length=64,
+                          train=False)))
+    tok = load_tokenizer(minilm_path)
+    expect = tok(src[0]["report"].decode(), max_length=64, truncation=True, padding="max_length")["input_ids"]
+    np.testing.assert_array_equal(b["input_ids"][0], expect)
+    assert b["image"].shape == (2, 16, 16, 16, 1) and b["study_id_hash"].shape == (2,)
+
+
+def test_global_arrays_on_the_mesh(prepared):
+    mesh = sh.make_mesh({"data": 4, "fsdp": 2})
+    src = P.data_source(prepared, "train")
+    b = next(iter(P.vision_ssl(src, P.LoaderConfig(batch_size=8, seed=0), CROPS)))
+    g = P.to_global(b, mesh)
+    assert isinstance(g["global"], jax.Array) and g["global"].shape == (8, 2, 16, 16, 16, 1)
+    assert g["global"].sharding.spec == sh.logical_to_spec(("batch",) + (None,) * 5)
+    assert g["global"].addressable_shards[0].data.shape == (1, 2, 16, 16, 16, 1)
+    np.testing.assert_array_equal(np.asarray(g["masks"]), b["masks"])
