@@ -40,6 +40,7 @@ class PrepConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
     workers: int = 0  # 0: one per CPU core; 1: in-process
+    compression: str = "none"  # record encoding of volumes: "none" (fast reads) or "zlib" (half the size)
 
     def cache_key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self.volume), sort_keys=True)
@@ -153,7 +154,7 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
     good = [r for r in rows if r.series_id not in bad]
     split_of = assign_splits([r.patient_id for r in good], cfg.split_fractions, cfg.seed)
     by_split = {s: [r for r in good if split_of[r.patient_id] == s] for s in SPLITS}
-    tfds_dir = _build_tfds(out_dir, cache_dir, by_split)
+    tfds_dir = _build_tfds(out_dir, cache_dir, by_split, cfg.compression)
     counts = _write_card(out_dir, cache_dir, cfg, by_split, errors, manifest_path)
     return PrepResult(out_dir, tfds_dir, counts, errors, statuses["processed"], statuses["reused"])
 
@@ -164,13 +165,13 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="prep", unit="series", disable=not enabled, file=sys.stderr)
 
 
-def _build_tfds(out_dir: str, cache_dir: str, by_split: dict) -> str:
+def _build_tfds(out_dir: str, cache_dir: str, by_split: dict, compression: str) -> str:
     from data_prep.tfds_builder import build
 
     final = os.path.join(out_dir, "tfds")
     staging = os.path.join(out_dir, "tfds.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    path = build(staging, cache_dir, {s: rows for s, rows in by_split.items() if rows})
+    path = build(staging, cache_dir, {s: rows for s, rows in by_split.items() if rows}, compression)
     # Swap in the complete new build; the previous one stays until the new one is whole.
     if os.path.exists(final):
         shutil.rmtree(final + ".old", ignore_errors=True)
@@ -222,7 +223,7 @@ def preprocessing_spec(cfg: PrepConfig) -> dict:
         "target_spacing_mm": list(v.target_spacing), "image_interpolation": "trilinear", "label_interpolation": "nearest",
         "four_d_policy": v.four_d, "intensity": f"clip to percentiles {list(v.clip_percentiles)} "
         f"({'foreground' if v.foreground_only_stats else 'all'} voxels), scale to [0, 1]",
-        "stored_dtype": "float16", "foreground_crop": v.crop_foreground,
+        "stored_dtype": "float16", "record_compression": cfg.compression, "foreground_crop": v.crop_foreground,
         "report_text": "findings + impression sections, NFKC + whitespace normalised; tokenised at load time",
         "split": {"by": "patient_id", "fractions": list(cfg.split_fractions), "seed": cfg.seed},
         "volume_config": dataclasses.asdict(v),

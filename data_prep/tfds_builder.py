@@ -17,8 +17,13 @@ from data_prep.prep import DATASET_NAME, FORMAT_VERSION
 _TEXT = ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex", "findings", "report", "report_full")
 
 
-def features() -> tfds.features.FeaturesDict:
-    vol = dict(shape=(None, None, None), encoding=tfds.features.Encoding.ZLIB)
+ENCODINGS = {"none": tfds.features.Encoding.BYTES, "zlib": tfds.features.Encoding.ZLIB}
+
+
+def features(compression: str = "none") -> tfds.features.FeaturesDict:
+    # "none" stores raw bytes: decoding is a copy. zlib halves the size of MRI float16 volumes
+    # but costs ~16 ms per 2 M-voxel record on one core (benchmarks/loader.py).
+    vol = dict(shape=(None, None, None), encoding=ENCODINGS[compression])
     return tfds.features.FeaturesDict({
         "volume": tfds.features.Tensor(dtype=np.float16, **vol),
         "label": tfds.features.Tensor(dtype=np.uint8, **vol),
@@ -37,13 +42,14 @@ class DecipherMri(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version(FORMAT_VERSION)
 
-    def __init__(self, *, cache_dir: str, rows_by_split: dict, **kwargs):
+    def __init__(self, *, cache_dir: str, rows_by_split: dict, compression: str = "none", **kwargs):
         self._cache_dir = cache_dir
         self._rows_by_split = rows_by_split
+        self._compression = compression
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=features(),
+        return tfds.core.DatasetInfo(builder=self, features=features(self._compression),
                                      description="Decipher-MR prepared series (see dataset_card.json).")
 
     def _split_generators(self, dl_manager):
@@ -63,9 +69,10 @@ class DecipherMri(tfds.core.GeneratorBasedBuilder):
             yield r.series_id, ex
 
 
-def build(data_dir: str, cache_dir: str, rows_by_split: dict) -> str:
+def build(data_dir: str, cache_dir: str, rows_by_split: dict, compression: str = "none") -> str:
     """Writes the dataset under ``data_dir``; returns the versioned dataset directory."""
-    b = DecipherMri(cache_dir=cache_dir, rows_by_split=rows_by_split, data_dir=data_dir, file_format="array_record")
+    b = DecipherMri(cache_dir=cache_dir, rows_by_split=rows_by_split, compression=compression, data_dir=data_dir,
+                    file_format="array_record")
     assert b.name == DATASET_NAME
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return b.data_dir

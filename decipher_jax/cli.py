@@ -35,7 +35,8 @@ def _prep(args) -> int:
 
     vcfg = volume.VolumeConfig(target_spacing=tuple(args.spacing), four_d=args.four_d,
                                clip_percentiles=tuple(args.clip), crop_foreground=args.crop_foreground)
-    cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers)
+    cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers,
+                          compression=args.compression)
     res = prep.run(args.manifest, args.out, cfg, progress=not args.quiet)
     c = res.counts
     print(f"prep: {res.processed} processed, {res.reused} reused, {len(res.errors)} failed -> {res.tfds_dir}")
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop-foreground", action="store_true")
     p.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compression", default="none", choices=["none", "zlib"],
+                   help="volume encoding in the records: none (fast reads) or zlib (half the size)")
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_prep)

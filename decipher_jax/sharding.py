@@ -72,7 +72,18 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except NotImplementedError:
+        # A logical axis larger than any physical torus axis (e.g. fsdp=256 on v5p 8x8x8):
+        # let it span several physical axes, else fall back to device order.
+        from jax.experimental import mesh_utils
+
+        try:
+            arr = mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+        except (NotImplementedError, ValueError):
+            arr = np.asarray(devices).reshape(sizes)
+        return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> P:

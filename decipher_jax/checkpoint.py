@@ -1,0 +1,48 @@
+"""Orbax checkpoints holding the train state *and* the Grain iterator state.
+
+One ``CheckpointManager`` with two items: ``state`` (any pytree of jax arrays: parameters,
+optimiser, EMA teacher, step, RNG) and ``iter`` (one JSON of ``iterator.get_state()`` per
+data-loading process, written by ``grain.checkpoint.CheckpointHandler``). A checkpoint at
+step s is written after batch s was consumed, so a resumed run continues with batch s + 1.
+Restoring against an abstract target that carries shardings places arrays on any mesh.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+            async_save: bool = True) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                        enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(
+        directory, options=opts, item_names=("state", "iter"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "iter": grain.checkpoint.CheckpointHandler()},
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator=None, *, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if iterator is not None:
+        items["iter"] = grain.checkpoint.CheckpointSave(iterator)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a live pytree: a restore target on the same mesh."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, iterator=None, step: int | None = None):
+    """Restores ``(step, state)`` (and sets ``iterator``'s position in place); None if empty."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if iterator is not None:
+        items["iter"] = grain.checkpoint.CheckpointRestore(iterator)
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    return step, out["state"]
