@@ -11,6 +11,8 @@ variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax st
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
 
@@ -49,6 +51,22 @@ def _prep(args) -> int:
     return 0
 
 
+def _train(args, extra) -> int:
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from decipher_jax.trainers import common
+
+    cfg = common.load_config(args.config, common.parse_overrides(extra))
+    name = os.path.basename(args.config.split(":")[0])
+    trainers = {"vision_ssl.py": "decipher_jax.trainers.vision_ssl", "text_mlm.py": "decipher_jax.trainers.text_mlm"}
+    if name not in trainers and "trainer" not in cfg:
+        raise SystemExit(f"no trainer for config {name}; set config.trainer to a module with train(config, workdir)")
+    module = importlib.import_module(cfg.get("trainer", trainers.get(name)))
+    module.train(cfg, args.workdir)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decipher", description="Decipher-MR in JAX: 3D MRI foundation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,7 +97,16 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_prep)
-    args = parser.parse_args(argv)
+
+    p = sub.add_parser("train", help="train a stage from a config file: --config path.py[:arg] [--config.a.b=v]")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(fn=_train, takes_extra=True)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_extra", False):
+        return int(args.fn(args, extra) or 0)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.fn(args) or 0)
 
 

@@ -29,3 +29,16 @@ def minilm_path():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A small synthetic corpus prepared at 5 mm into one 'train' split (TFDS dir)."""
+    from data_prep import prep, volume
+    from decipher_jax.data import synthetic
+
+    d = tmp_path_factory.mktemp("prepared")
+    m = synthetic.generate_corpus(str(d / "raw"), n_patients=6, seed=2, matrix=20)
+    res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
+                                                       split_fractions=(1.0, 0.0, 0.0), workers=1), progress=False)
+    return res.tfds_dir

@@ -13,15 +13,6 @@ from decipher_jax.data import transforms as T
 CROPS = T.MultiCrop(global_size=(16, 16, 16), local_size=(8, 8, 8), n_local=2, patch_size=(4, 4, 4))
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipe")
-    m = synthetic.generate_corpus(str(d / "raw"), n_patients=6, seed=2, matrix=20)
-    res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
-                                                       split_fractions=(1.0, 0.0, 0.0), workers=1), progress=False)
-    return res.tfds_dir
-
-
 def _take(it, n):
     return [next(it) for _ in range(n)]
 

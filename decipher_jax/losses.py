@@ -1,0 +1,103 @@
+"""Self-supervision losses as pure functions: DINO, iBOT, KoLeo, Sinkhorn-Knopp, MLM.
+
+Formulas follow facebookresearch/dinov2 (``dinov2/loss/*.py``) and google-research/bert.
+Arrays are global (sharded) ``jax.Array``s under jit: means and sums over the batch axis
+are over the *global* batch, which is what DINOv2 achieves with all-reduces.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def centered_teacher_probs(teacher_logits, center, temp):
+    """softmax((t - c) / temp), in float32 (DINO centering mode)."""
+    return jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / temp, axis=-1)
+
+
+def update_center(center, teacher_logits, momentum: float = 0.9):
+    """c <- m c + (1 - m) mean(teacher logits over every global crop of the global batch)."""
+    flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).astype(jnp.float32)
+    return center * momentum + flat.mean(axis=0, keepdims=True) * (1.0 - momentum)
+
+
+def sinkhorn_knopp(teacher_logits, temp, n_iterations: int = 3, valid=None):
+    """Sinkhorn-Knopp normalised teacher targets over the global batch (float32).
+
+    ``teacher_logits``: (B, K). ``valid``: optional (B,) weights (1 = real row), so padded
+    rows (e.g. unmasked slots of a fixed-size iBOT buffer) do not take mass.
+    """
+    t = teacher_logits.astype(jnp.float32)
+    w = jnp.ones(t.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    q = jnp.exp((t - jax.lax.stop_gradient(t.max())) / temp) * w[:, None]  # (B, K)
+    b = w.sum()
+    k = t.shape[1]
+    q = q / q.sum()
+    for _ in range(n_iterations):
+        q = q / q.sum(axis=0, keepdims=True) / k  # prototypes: equal mass
+        q = q / jnp.maximum(q.sum(axis=1, keepdims=True), 1e-30) * w[:, None] / b  # samples: equal mass
+    return q * b
+
+
+def cross_entropy(teacher_probs, student_logits, student_temp):
+    """-sum_k t_k log softmax(s / temp)_k, per row."""
+    lsm = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+    return -jnp.sum(teacher_probs * lsm, axis=-1)
+
+
+def dino_loss(student_global, student_local, teacher_probs, student_temp: float = 0.1):
+    """DINO CLS loss over crop pairs.
+
+    student_global: (2, B, K); student_local: (L, B, K) (L may be 0); teacher_probs: (2, B, K).
+    Global crop i is paired with teacher crop 1 - i (no same-view term); each local crop with
+    both teacher crops; the mean over the 2 + 2L pair terms of the batch-mean cross-entropy.
+    """
+    terms = [cross_entropy(teacher_probs[1 - i], student_global[i], student_temp).mean() for i in range(2)]
+    for l in range(student_local.shape[0]):
+        terms += [cross_entropy(teacher_probs[j], student_local[l], student_temp).mean() for j in range(2)]
+    return sum(terms) / len(terms)
+
+
+def ibot_loss(student_patch, teacher_probs, mask_weights, student_temp: float = 0.1):
+    """iBOT masked-token loss.
+
+    student_patch, teacher_probs: (M, P, K) for M global-crop images and P selected patch
+    slots; mask_weights: (M, P), 1 at masked patches, 0 elsewhere. Per image the masked
+    cross-entropies are averaged (weight 1 / #masked), then summed and divided by M (every
+    global-crop image counts, masked or not), as in DINOv2.
+    """
+    ce = cross_entropy(teacher_probs, student_patch, student_temp)  # (M, P)
+    w = mask_weights.astype(jnp.float32)
+    per_image = jnp.sum(ce * w, axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+    return per_image.sum() / mask_weights.shape[0]
+
+
+def koleo_loss(x, eps: float = 1e-8):
+    """Kozachenko-Leonenko entropy estimator: -mean log(distance to nearest neighbour).
+
+    x: (B, D), L2-normalised inside. (DINOv2 applies it per device batch; we use the batch
+    given, which under jit is the global batch: neighbours come from more samples.)
+    """
+    x = x.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    dots = x @ x.T
+    dots = jnp.where(jnp.eye(x.shape[0], dtype=bool), -2.0, dots)
+    nn = jnp.argmax(dots, axis=1)
+    d = jnp.linalg.norm(x - x[nn] + eps, axis=-1)  # torch.pairwise_distance adds eps to the difference
+    return -jnp.mean(jnp.log(d + eps))
+
+
+def mlm_loss(logits, labels):
+    """Masked-LM cross-entropy averaged over prediction slots (labels >= 0)."""
+    valid = labels >= 0
+    ll = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ll = jnp.take_along_axis(ll, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    loss = -jnp.sum(jnp.where(valid, ll, 0.0)) / jnp.maximum(valid.sum(), 1)
+    acc = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels, False)) / jnp.maximum(valid.sum(), 1)
+    return loss, acc
+
+
+def entropy(probs):
+    """Mean entropy (nats) of rows of a probability matrix."""
+    return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)), axis=-1))

@@ -1,0 +1,245 @@
+"""Stage 1 vision: DINOv2-style self-distillation of a 3D ViT (DINO + iBOT + KoLeo).
+
+    decipher train --config experiments/configs/vision_ssl.py:tiny --workdir W [--config.steps=20]
+    # or, from a notebook:
+    from decipher_jax.trainers import vision_ssl; vision_ssl.train(config, "W")
+
+Student and EMA teacher share one architecture (ViT3D backbone + DINO head; iBOT shares the
+head). The teacher sees the 2 unmasked global crops; the student sees the masked global crops
+and the local crops. Step order as in dinov2/train/train.py: schedules -> forward/backward ->
+per-submodule clip -> AdamW -> EMA teacher update -> centre update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from decipher_jax import checkpoint as ckpt
+from decipher_jax import losses, optim
+from decipher_jax import sharding as sh
+from decipher_jax.data import pipelines as P
+from decipher_jax.data import transforms as T
+from decipher_jax.models.heads import DINOHead
+from decipher_jax.models.vit3d import ViT3D, ViTConfig
+from decipher_jax.trainers import common
+
+
+class SSLModel(nnx.Module):
+    def __init__(self, vit: ViTConfig, head: dict, *, rngs: nnx.Rngs):
+        self.backbone = ViT3D(vit, rngs=rngs)
+        self.head = DINOHead(vit.dim, rngs=rngs, **head)
+
+
+def model_factory(cfg):
+    vit = ViTConfig(**cfg.model.vit.to_dict())
+    head = cfg.model.head.to_dict()
+    return lambda rngs: SSLModel(vit, head, rngs=rngs), vit
+
+
+def schedules(c, step):
+    """Teacher temperature (linear warm-up then flat) and EMA momentum (cosine to 1)."""
+    s = step.astype(jnp.float32)
+    w = max(c.teacher_temp_warmup_steps, 1)
+    temp = jnp.where(s < w, c.teacher_temp_start + (c.teacher_temp - c.teacher_temp_start) * s / w, c.teacher_temp)
+    mom = 1.0 - (1.0 - c.momentum_start) * (jnp.cos(math.pi * s / max(c.steps, 1)) + 1.0) / 2.0
+    return temp, mom
+
+
+def select_masked(masks, n_max: int):
+    """Indices of (up to ``n_max``) masked tokens per image, and their validity (fixed shapes)."""
+    order = jnp.argsort(~masks, axis=1, stable=True)[:, :n_max]
+    return order, jnp.take_along_axis(masks, order, axis=1)
+
+
+def make_step(cfg, model: common.Model, tx, n_tokens: int):
+    c = cfg.ssl
+    n_max = max(1, int(math.ceil(cfg.data.mask_ratio[1] * n_tokens)))
+
+    def forward(student_p, teacher_p, center, batch, temp, key):
+        student, teacher = model(student_p), model(teacher_p)
+        g, loc = batch["global"], batch["local"]
+        b = g.shape[0]
+        gl = jnp.swapaxes(g, 0, 1).reshape((2 * b,) + g.shape[2:])  # crop-major: [crop0 x B, crop1 x B]
+        masks = jnp.swapaxes(batch["masks"], 0, 1).reshape(2 * b, -1)
+        idx, valid = select_masked(masks, n_max)
+
+        # -- teacher: unmasked global crops, no gradient
+        t_out = teacher.backbone(gl)
+        t_cls = teacher.head(t_out["cls"])
+        t_patch = teacher.head(jnp.take_along_axis(t_out["patch"], idx[..., None], axis=1))
+        t_cls, t_patch = jax.lax.stop_gradient((t_cls, t_patch))
+        if c.centering == "sinkhorn":
+            t_probs = losses.sinkhorn_knopp(t_cls, temp)
+            flat = t_patch.reshape(-1, t_patch.shape[-1])
+            t_patch_probs = losses.sinkhorn_knopp(flat, temp, valid=valid.reshape(-1)).reshape(t_patch.shape)
+        else:
+            t_probs = losses.centered_teacher_probs(t_cls, center["cls"], temp)
+            t_patch_probs = losses.centered_teacher_probs(t_patch, center["patch"], temp)
+
+        # -- student: masked global crops + local crops
+        kg, kl = jax.random.split(key)
+        s_out = student.backbone(gl, mask=masks, drop_path=cfg.model.drop_path, key=kg)
+        s_cls = student.head(s_out["cls"])
+        s_patch = student.head(jnp.take_along_axis(s_out["patch"], idx[..., None], axis=1))
+        n_loc = loc.shape[1]
+        if n_loc:
+            ll = jnp.swapaxes(loc, 0, 1).reshape((n_loc * b,) + loc.shape[2:])
+            s_loc = student.head(student.backbone(ll, drop_path=cfg.model.drop_path, key=kl)["cls"])
+            s_loc = s_loc.reshape(n_loc, b, -1)
+        else:
+            s_loc = jnp.zeros((0, b, s_cls.shape[-1]), s_cls.dtype)
+        k_ = s_cls.shape[-1]
+        dino = losses.dino_loss(s_cls.reshape(2, b, k_), s_loc, t_probs.reshape(2, b, k_), c.student_temp)
+        ibot = losses.ibot_loss(s_patch, t_patch_probs, valid, c.student_temp)
+        scls = s_out["cls"].reshape(2, b, -1)
+        koleo = (losses.koleo_loss(scls[0]) + losses.koleo_loss(scls[1])) / 2
+        total = c.dino_weight * dino + c.ibot_weight * ibot + c.koleo_weight * koleo
+        feats = s_out["cls"].astype(jnp.float32)
+        feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-6)
+        aux = {
+            "dino": dino, "ibot": ibot, "koleo": koleo,
+            "teacher_entropy": losses.entropy(t_probs),
+            "teacher_entropy_of_mean": losses.entropy(t_probs.mean(0, keepdims=True)),
+            "feature_std": feats.std(axis=0).mean(),
+            "masked_fraction": masks.mean(),
+        }
+        return total, (aux, t_cls, t_patch, valid)
+
+    def step(state, batch):
+        temp, mom = schedules(c, state["step"])
+        key = jax.random.fold_in(state["rng"], state["step"])
+        grad_fn = jax.value_and_grad(forward, has_aux=True)
+        (loss, (aux, t_cls, t_patch, valid)), grads = grad_fn(
+            state["student"], state["teacher"], state["center"], batch, temp, key)
+        updates, opt = tx.update(grads, state["opt"], state["student"])
+        student = jax.tree.map(lambda p, u: p + u, state["student"], updates)
+        teacher = jax.tree.map(lambda t, s: t * mom + s * (1.0 - mom), state["teacher"], student)
+        w = valid.reshape(-1, 1).astype(jnp.float32)
+        flat = t_patch.reshape(-1, t_patch.shape[-1]).astype(jnp.float32)
+        patch_mean = (flat * w).sum(0, keepdims=True) / jnp.maximum(w.sum(), 1.0)
+        center = {
+            "cls": losses.update_center(state["center"]["cls"], t_cls, c.center_momentum),
+            "patch": state["center"]["patch"] * c.center_momentum + patch_mean * (1 - c.center_momentum),
+        }
+        new = {"step": state["step"] + 1, "student": student, "teacher": teacher, "opt": opt,
+               "center": center, "rng": state["rng"]}
+        # A non-finite loss leaves the state untouched, so the last good state can be saved.
+        ok = jnp.isfinite(loss)
+        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        metrics = {"loss": loss, **aux, "teacher_temp": temp, "momentum": mom,
+                   "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
+        return new, metrics
+
+    return step
+
+
+def train(cfg, workdir: str) -> dict:
+    """Runs (or resumes) stage-1 vision pretraining; returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    # -- mesh ----------------------------------------------------------------------------------
+    common.initialize_distributed()
+    mesh = sh.make_mesh(dict(cfg.mesh))
+    print(f"vision_ssl: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
+
+    # -- data ----------------------------------------------------------------------------------
+    d = cfg.data
+    vit_cfg = ViTConfig(**cfg.model.vit.to_dict())
+    crops = T.MultiCrop(global_size=tuple(d.global_size), local_size=tuple(d.local_size), n_local=d.n_local,
+                        global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale),
+                        patch_size=vit_cfg.patch_size, mask_probability=d.mask_probability,
+                        mask_ratio=tuple(d.mask_ratio))
+    loader = P.LoaderConfig(batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+    iterator = iter(P.vision_ssl(P.data_source(d.dir, "train"), loader, crops))
+    n_tokens = int(np.prod(crops.grid))
+
+    # -- model and optimiser: shapes first, born sharded ---------------------------------------
+    factory, _ = model_factory(cfg)
+    model = common.Model(factory, mesh)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    tx = optim.build(cfg.optim, params_shape, depth=vit_cfg.depth)
+    rep = common.replicated(mesh)
+    k_ = cfg.model.head.out_dim
+    state_shardings = {
+        "step": rep, "rng": rep, "student": model.shardings, "teacher": model.shardings,
+        "opt": common.opt_shardings(tx, params_shape, model.shardings, mesh),
+        "center": {"cls": rep, "patch": rep},
+    }
+
+    def init(key):
+        student = nnx.to_pure_dict(nnx.split(factory(nnx.Rngs(key)))[1])
+        return {"step": jnp.zeros([], jnp.int32), "rng": jax.random.key_data(jax.random.key(cfg.seed + 1)),
+                "student": student, "teacher": jax.tree.map(jnp.copy, student), "opt": tx.init(student),
+                "center": {"cls": jnp.zeros((1, k_)), "patch": jnp.zeros((1, k_))}}
+
+    # -- checkpoint: resume automatically ------------------------------------------------------
+    mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                        save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
+    abstract_state = common.abstract(jax.eval_shape(init, jax.random.key(0)), state_shardings)
+    restored = ckpt.restore(mngr, abstract_state, iterator)
+    if restored:
+        start, state = restored
+        print(f"resumed from step {start}", flush=True)
+    else:
+        state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(cfg.seed))
+        start = 0
+    _write_preprocessing(cfg, workdir)
+
+    # -- step ----------------------------------------------------------------------------------
+    step_fn = jax.jit(_with_key(make_step(cfg, model, tx, n_tokens)), in_shardings=(state_shardings, None),
+                      out_shardings=(state_shardings, None), donate_argnums=(0,))
+    logger = common.Logger(workdir, every=cfg.log_every)
+
+    # -- loop ----------------------------------------------------------------------------------
+    metrics = {}
+    with jax.set_mesh(mesh):
+        for step in range(start, cfg.ssl.steps):
+            batch = P.to_global(next(iterator), mesh)
+            state, metrics = step_fn(state, batch)
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                ckpt.save(mngr, step, state, iterator, force=True)
+                mngr.wait_until_finished()
+                common.check_finite(step + 1, loss, workdir)
+            logger.log(step + 1, metrics, samples_per_step=d.batch_size)
+            # stop_after simulates a pre-emption (tests, and bounded jobs on shared queues).
+            stop = step + 1 == cfg.ssl.steps or step + 1 == cfg.get("stop_after", 0)
+            ckpt.save(mngr, step + 1, state, iterator, force=stop)
+            if stop:
+                break
+    mngr.wait_until_finished()
+    logger.close()
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _with_key(step):
+    """The state keeps raw key data (checkpointable); the step wraps it as a typed key."""
+
+    def f(state, batch):
+        s = dict(state)
+        s["rng"] = jax.random.wrap_key_data(state["rng"])
+        new, m = step(s, batch)
+        new = dict(new)
+        new["rng"] = jax.random.key_data(new["rng"])
+        return new, m
+
+    return f
+
+
+def _write_preprocessing(cfg, workdir):
+    """Records the data's preprocessing next to the checkpoints (the same code applies it)."""
+    import json
+
+    card = os.path.join(P._dataset_dir(cfg.data.dir), "..", "..", "..", "dataset_card.json")
+    card = os.path.normpath(card)
+    spec = {"config": cfg.to_dict()}
+    if os.path.exists(card):
+        with open(card) as f:
+            spec["preprocessing"] = json.load(f).get("preprocessing")
+    with open(os.path.join(workdir, "run_spec.json"), "w") as f:
+        json.dump(spec, f, indent=1, default=str)
