@@ -9,7 +9,6 @@ Also reports the agreement of the two outputs where their grids coincide (axis-a
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -32,10 +31,11 @@ def main(argv=None):
     manifest = os.path.join(args.workdir, "raw", "manifest.csv")
     if not os.path.exists(manifest):
         manifest = corpus.build(os.path.join(args.workdir, "raw"), n_patients=40, seed=0, matrix=40)
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
+    from data_prep import manifest as manifest_lib
+
+    rows = manifest_lib.read(manifest)  # resolves paths relative to the manifest
     # The real templates (1 mm, ~7 M voxels) plus synthetic series.
-    paths = [r["image"] for r in rows if not r["series_id"].startswith("P")] + [r["image"] for r in rows][: args.series]
+    paths = [r.image for r in rows if not r.series_id.startswith("P")] + [r.image for r in rows][: args.series]
 
     from data_prep import volume
     from monai import transforms as mt

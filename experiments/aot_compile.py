@@ -6,8 +6,9 @@ Needs the ``tpu-aot`` extra (``libtpu``). Prints per-chip memory against HBM and
     JAX_PLATFORMS=cpu python experiments/aot_compile.py --variant L/16 --size 128 \
         --topology v5p:8x8x8 --mesh fsdp=-1 --per-chip-batch 2 --markdown out.md
 
-Later stages register their real train steps here (``--step``); for now: a ViT forward /
-backward + AdamW update on an objective over CLS and patch tokens.
+Steps (``--step``): ``vit`` (a ViT forward / backward + AdamW on an objective over CLS and patch
+tokens) and ``vision_ssl`` (the real stage-1 step of ``experiments/configs/vision_ssl.py``:
+student + EMA teacher, DINO / iBOT heads with 65536 prototypes, 2 global + 8 local crops).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, never run on one
 
-import jax  # noqa: E402
+
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from decipher_jax import aot  # noqa: E402
 from decipher_jax.models.vit3d import ViT3D, vit_config  # noqa: E402
@@ -57,7 +59,39 @@ def vit_step(args, topology: str) -> aot.AotResult:
     )
 
 
-STEPS = {"vit": vit_step}
+def vision_ssl_step(args, topology: str) -> aot.AotResult:
+    """The real stage-1 step (student + EMA teacher, DINO/iBOT heads, AdamW) from the config."""
+    import jax
+
+    from decipher_jax import sharding as sh
+    from decipher_jax.trainers import common, vision_ssl
+
+    cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "vision_ssl.py"))
+    dim, depth, heads, mlp = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096)}[args.variant.split("/")[0]]
+    cfg.model.vit.update(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, remat=args.remat, scan=args.scan)
+    chips = len(aot.topology_mesh(topology, {"data": -1})[1])
+    cfg.data.batch_size = args.per_chip_batch * chips
+    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, dim))
+    b = vision_ssl.build(cfg, mesh)
+    state = common.abstract(jax.eval_shape(b["init"], jax.random.key(0)), b["state_shardings"])
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
+             for k, (shape, dt) in vision_ssl.batch_spec(cfg).items()}
+    jitted = jax.jit(b["step"], in_shardings=(b["state_shardings"], None), out_shardings=(b["state_shardings"], None),
+                     donate_argnums=(0,))
+    vit = b["vit"]
+    n_glob, n_loc = 2 * cfg.data.batch_size, cfg.data.n_local * cfg.data.batch_size
+    fwd = lambda n, size: aot.vit_train_flops(vit, n, size) / 3  # noqa: E731
+    h = cfg.model.head
+    head_macs = vit.dim * h.hidden + h.hidden * h.hidden + h.hidden * h.bottleneck + h.bottleneck * h.out_dim
+    masked = int(np.ceil(cfg.data.mask_ratio[1] * b["n_tokens"]))
+    head = 2 * head_macs * (n_glob * (1 + masked) * (1 + 3) + n_loc * 3)  # teacher fwd + student fwd/bwd
+    analytic = fwd(n_glob, cfg.data.global_size) * 4 + fwd(n_loc, cfg.data.local_size) * 3 + head
+    name = (f"stage-1 SSL ViT-{args.variant} {cfg.data.global_size[0]}^3 + {cfg.data.n_local}x"
+            f"{cfg.data.local_size[0]}^3, K={h.out_dim}, b{cfg.data.batch_size}")
+    return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), analytic)
+
+
+STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step}
 
 
 def main(argv=None) -> int:

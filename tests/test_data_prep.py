@@ -126,7 +126,11 @@ def small_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     m = synthetic.generate_corpus(str(d), n_patients=8, seed=1, matrix=20)
     with open(m, newline="") as f:
-        return str(d), list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:  # the generator writes paths relative to its manifest; these rows move to other manifests
+        for k in ("image", "label", "report_file"):
+            r[k] = os.path.join(str(d), r[k])
+    return str(d), rows
 
 
 def _bad_rows(d, good):
@@ -258,3 +262,18 @@ def test_manifest_errors(tmp_path):
     j.write_text(json.dumps({"series_id": "A", "study_id": "s", "patient_id": "p", "image": "x.nii", "age": 40}) + "\n")
     (row,) = manifest_lib.read(str(j))
     assert row.image == str(tmp_path / "x.nii") and row.age == 40.0
+
+
+def test_relative_corpus_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    """Regression: a corpus written under a relative folder is prepared from another cwd."""
+    from decipher_jax.data import corpus
+
+    monkeypatch.chdir(tmp_path)
+    manifest = corpus.build("rel/raw", n_patients=2, seed=3, matrix=16, real=False)
+    assert os.path.isabs(manifest_lib.read(manifest)[0].image)  # resolved to absolute on read
+    with open(manifest, newline="") as f:
+        assert not os.path.isabs(next(csv.DictReader(f))["image"])  # stored relative: the folder can move
+    os.makedirs("elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = prep.run(os.path.join("..", manifest), "../rel/prep", prep.PrepConfig(volume=CFG, workers=1), progress=False)
+    assert res.ok and sum(c["series"] for c in res.counts.values()) == len(manifest_lib.read(os.path.join("..", manifest)))

@@ -28,6 +28,7 @@ def real_volumes(out_dir: str) -> list[dict]:
     """Writes the packaged real volumes (with label maps) and returns manifest rows."""
     rows = []
     os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)  # packaged volumes are referenced by absolute path
     rep = os.path.join(out_dir, "template_report.txt")
     with open(rep, "w") as f:
         f.write(REAL_REPORT)
@@ -58,10 +59,15 @@ def _row(name, image, label, report):
 
 def build(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40, real: bool = True) -> str:
     """Generates the corpus under ``out_dir`` and returns the combined manifest path."""
-    synth_manifest = synthetic.generate_corpus(os.path.join(out_dir, "synthetic"), n_patients=n_patients, seed=seed,
-                                               matrix=matrix)
+    synth_dir = os.path.join(out_dir, "synthetic")
+    synth_manifest = synthetic.generate_corpus(synth_dir, n_patients=n_patients, seed=seed, matrix=matrix)
     with open(synth_manifest, newline="") as f:
         rows = list(csv.DictReader(f))
+    # Re-base the synthetic manifest's relative paths onto this manifest's folder.
+    for r in rows:
+        for k in ("image", "label", "report_file"):
+            if r[k] and not os.path.isabs(r[k]):
+                r[k] = os.path.relpath(os.path.join(synth_dir, r[k]), out_dir)
     if real:
         rows += real_volumes(os.path.join(out_dir, "real"))
     path = os.path.join(out_dir, "manifest.csv")

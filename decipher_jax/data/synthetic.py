@@ -302,8 +302,10 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
                 lpath = os.path.join(out_dir, f"{sid}_mask.nii.gz")
                 nib.save(nib.Nifti1Image(img.astype(np.float32), aff), ipath)
                 nib.save(nib.Nifti1Image(mask, aff), lpath)
-                rows.append({"series_id": sid, "study_id": study, "patient_id": f"P{p:04d}", "image": ipath,
-                             "label": lpath, "report_file": rep_file, "sequence": seq, "body_region": region,
+                # Paths relative to the manifest's folder: the corpus folder can be moved.
+                rel = lambda f: os.path.relpath(f, out_dir)  # noqa: E731
+                rows.append({"series_id": sid, "study_id": study, "patient_id": f"P{p:04d}", "image": rel(ipath),
+                             "label": rel(lpath), "report_file": rel(rep_file), "sequence": seq, "body_region": region,
                              "age": age, "sex": sex, "findings": ";".join(sorted(findings))})
     del root
     manifest = os.path.join(out_dir, "manifest.csv")

@@ -167,6 +167,37 @@ def check_finite(step: int, loss: float, workdir: str):
             f"checkpoint of it was written in {workdir}/checkpoints. Lower the learning rate or check the data.")
 
 
+def run_loop(step_fn, state, iterator, mesh, mngr, *, start: int, steps: int, workdir: str, log_every: int,
+             samples_per_step: int, stop_after: int = 0):
+    """The training loop shared by the trainers; returns ``(state, last metrics)``.
+
+    A checkpoint at step s is written after batch s was consumed (so resume continues with
+    batch s + 1). ``stop_after`` > 0 stops after that step as if pre-empted. A non-finite loss
+    (the step returns the previous state unchanged in that case) is checkpointed and raised.
+    """
+    from decipher_jax import checkpoint as ckpt
+    from decipher_jax.data import pipelines as P
+
+    logger = Logger(workdir, every=log_every)
+    metrics = {}
+    with jax.set_mesh(mesh):
+        for step in range(start, steps):
+            state, metrics = step_fn(state, P.to_global(next(iterator), mesh))
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                ckpt.save(mngr, step, state, iterator, force=True)
+                mngr.wait_until_finished()
+                check_finite(step + 1, loss, workdir)
+            logger.log(step + 1, metrics, samples_per_step=samples_per_step)
+            stop = step + 1 == steps or step + 1 == stop_after
+            ckpt.save(mngr, step + 1, state, iterator, force=stop)
+            if stop:
+                break
+    mngr.wait_until_finished()
+    logger.close()
+    return state, {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
 def initialize_distributed():
     """Multi-host: ``jax.distributed.initialize`` from the environment when configured.
 

@@ -13,7 +13,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from decipher_jax import checkpoint as ckpt
@@ -94,29 +93,14 @@ def train(cfg, workdir: str) -> dict:
         state, start = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}, 0
 
     # -- step + loop ---------------------------------------------------------------------------
-    step_fn = jax.jit(make_step(model, tx, cfg.data.max_predictions), in_shardings=(shardings, None), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
-    logger = common.Logger(workdir, every=cfg.log_every)
-    metrics = {}
-    with jax.set_mesh(mesh):
-        for step in range(start, cfg.steps):
-            batch = P.to_global(next(iterator), mesh)
-            state, metrics = step_fn(state, batch)
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                ckpt.save(mngr, step, state, iterator, force=True)
-                mngr.wait_until_finished()
-                common.check_finite(step + 1, loss, workdir)
-            logger.log(step + 1, metrics, samples_per_step=cfg.data.batch_size)
-            stop = step + 1 == cfg.steps or step + 1 == cfg.get("stop_after", 0)
-            ckpt.save(mngr, step + 1, state, iterator, force=stop)
-            if stop:
-                break
-    mngr.wait_until_finished()
-    logger.close()
+    step_fn = jax.jit(make_step(model, tx, cfg.data.max_predictions), in_shardings=(shardings, None),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
+                                     workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
+                                     stop_after=cfg.get("stop_after", 0))
     if cfg.get("export_hf"):
         from decipher_jax.interop import hf_bert
 
         m = model(jax.device_get(state["params"]))
         hf_bert.save_pretrained(m, os.path.join(workdir, "hf_export"), tokenizer_dir=path)
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    return metrics

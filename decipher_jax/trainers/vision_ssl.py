@@ -139,27 +139,12 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
     return step
 
 
-def train(cfg, workdir: str) -> dict:
-    """Runs (or resumes) stage-1 vision pretraining; returns the last metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    # -- mesh ----------------------------------------------------------------------------------
-    common.initialize_distributed()
-    mesh = sh.make_mesh(dict(cfg.mesh))
-    print(f"vision_ssl: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
+def build(cfg, mesh) -> dict:
+    """Model, optimiser, state shardings, init function and the (unjitted) step for ``mesh``.
 
-    # -- data ----------------------------------------------------------------------------------
-    d = cfg.data
-    vit_cfg = ViTConfig(**cfg.model.vit.to_dict())
-    crops = T.MultiCrop(global_size=tuple(d.global_size), local_size=tuple(d.local_size), n_local=d.n_local,
-                        global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale),
-                        patch_size=vit_cfg.patch_size, mask_probability=d.mask_probability,
-                        mask_ratio=tuple(d.mask_ratio))
-    loader = P.LoaderConfig(batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
-    iterator = iter(P.vision_ssl(P.data_source(d.dir, "train"), loader, crops))
-    n_tokens = int(np.prod(crops.grid))
-
-    # -- model and optimiser: shapes first, born sharded ---------------------------------------
-    factory, _ = model_factory(cfg)
+    Shared by :func:`train` and ahead-of-time compilation (``experiments/aot_compile.py``).
+    """
+    factory, vit_cfg = model_factory(cfg)
     model = common.Model(factory, mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
     tx = optim.build(cfg.optim, params_shape, depth=vit_cfg.depth)
@@ -177,6 +162,43 @@ def train(cfg, workdir: str) -> dict:
                 "student": student, "teacher": jax.tree.map(jnp.copy, student), "opt": tx.init(student),
                 "center": {"cls": jnp.zeros((1, k_)), "patch": jnp.zeros((1, k_))}}
 
+    grid = [g // p for g, p in zip(cfg.data.global_size, vit_cfg.patch_size)]
+    step = _with_key(make_step(cfg, model, tx, int(np.prod(grid))))
+    return {"model": model, "tx": tx, "state_shardings": state_shardings, "init": init, "step": step,
+            "vit": vit_cfg, "n_tokens": int(np.prod(grid))}
+
+
+def batch_spec(cfg, per_process_batch: int | None = None) -> dict:
+    """Shapes and dtypes of one stage-1 batch (global batch unless given)."""
+    d, b = cfg.data, per_process_batch or cfg.data.batch_size
+    c = cfg.model.vit.get("in_channels", 1)
+    grid = [g // p for g, p in zip(d.global_size, cfg.model.vit.patch_size)]
+    return {"global": ((b, 2, *d.global_size, c), jnp.float32), "local": ((b, d.n_local, *d.local_size, c), jnp.float32),
+            "masks": ((b, 2, int(np.prod(grid))), jnp.bool_)}
+
+
+def train(cfg, workdir: str) -> dict:
+    """Runs (or resumes) stage-1 vision pretraining; returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    # -- mesh ----------------------------------------------------------------------------------
+    common.initialize_distributed()
+    mesh = sh.make_mesh(dict(cfg.mesh))
+    print(f"vision_ssl: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
+
+    # -- data ----------------------------------------------------------------------------------
+    d = cfg.data
+    vit_cfg = ViTConfig(**cfg.model.vit.to_dict())
+    crops = T.MultiCrop(global_size=tuple(d.global_size), local_size=tuple(d.local_size), n_local=d.n_local,
+                        global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale),
+                        patch_size=vit_cfg.patch_size, mask_probability=d.mask_probability,
+                        mask_ratio=tuple(d.mask_ratio))
+    loader = P.LoaderConfig(batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+    iterator = iter(P.vision_ssl(P.data_source(d.dir, "train"), loader, crops))
+
+    # -- model and optimiser: shapes first, born sharded ---------------------------------------
+    b = build(cfg, mesh)
+    state_shardings, init = b["state_shardings"], b["init"]
+
     # -- checkpoint: resume automatically ------------------------------------------------------
     mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
@@ -191,30 +213,14 @@ def train(cfg, workdir: str) -> dict:
     _write_preprocessing(cfg, workdir)
 
     # -- step ----------------------------------------------------------------------------------
-    step_fn = jax.jit(_with_key(make_step(cfg, model, tx, n_tokens)), in_shardings=(state_shardings, None),
+    step_fn = jax.jit(b["step"], in_shardings=(state_shardings, None),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
-    logger = common.Logger(workdir, every=cfg.log_every)
 
     # -- loop ----------------------------------------------------------------------------------
-    metrics = {}
-    with jax.set_mesh(mesh):
-        for step in range(start, cfg.ssl.steps):
-            batch = P.to_global(next(iterator), mesh)
-            state, metrics = step_fn(state, batch)
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                ckpt.save(mngr, step, state, iterator, force=True)
-                mngr.wait_until_finished()
-                common.check_finite(step + 1, loss, workdir)
-            logger.log(step + 1, metrics, samples_per_step=d.batch_size)
-            # stop_after simulates a pre-emption (tests, and bounded jobs on shared queues).
-            stop = step + 1 == cfg.ssl.steps or step + 1 == cfg.get("stop_after", 0)
-            ckpt.save(mngr, step + 1, state, iterator, force=stop)
-            if stop:
-                break
-    mngr.wait_until_finished()
-    logger.close()
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    _, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.ssl.steps,
+                                 workdir=workdir, log_every=cfg.log_every, samples_per_step=d.batch_size,
+                                 stop_after=cfg.get("stop_after", 0))
+    return metrics
 
 
 def _with_key(step):
