@@ -9,6 +9,8 @@ Restoring against an abstract target that carries shardings places arrays on any
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -16,6 +18,8 @@ import orbax.checkpoint as ocp
 
 def manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
             async_save: bool = True) -> ocp.CheckpointManager:
+    if "://" not in directory:  # Orbax requires absolute local paths (gs:// and other URLs pass through)
+        directory = os.path.abspath(directory)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                         enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(

@@ -174,3 +174,18 @@ def test_orbax_checkpoint_of_state_and_iterator_resumes_exactly(prepared, tmp_pa
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16.0).reshape(8, 2))
     for a, b in zip(_take(fresh, 2), ref[2:]):
         assert _same(a, b)
+
+
+def test_checkpoint_manager_accepts_relative_paths(tmp_path, monkeypatch):
+    """Regression: `make demo` passes a relative workdir; Orbax itself requires absolute paths."""
+    import jax.numpy as jnp
+
+    from decipher_jax import checkpoint as ckpt
+
+    monkeypatch.chdir(tmp_path)
+    mngr = ckpt.manager("relative/ckpt", async_save=False)
+    ckpt.save(mngr, 1, {"w": jnp.ones(3)}, force=True)
+    mngr.wait_until_finished()
+    assert (tmp_path / "relative" / "ckpt" / "1").is_dir()
+    step, restored = ckpt.restore(ckpt.manager("relative/ckpt"), {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert step == 1 and float(restored["w"].sum()) == 3.0
