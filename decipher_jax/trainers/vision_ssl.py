@@ -65,8 +65,11 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
         student, teacher = model(student_p), model(teacher_p)
         g, loc = batch["global"], batch["local"]
         b = g.shape[0]
-        gl = jnp.swapaxes(g, 0, 1).reshape((2 * b,) + g.shape[2:])  # crop-major: [crop0 x B, crop1 x B]
-        masks = jnp.swapaxes(batch["masks"], 0, 1).reshape(2 * b, -1)
+        # Image-major order [img0 crop0, img0 crop1, img1 crop0, ...]: both crops of an image stay on
+        # the device holding that image, so pairing crop i with teacher crop 1 - i is local. (Crop-
+        # major order made XLA move half the batch: 12 GiB per chip instead of 2.4 on v5e-256.)
+        gl = g.reshape((2 * b,) + g.shape[2:])
+        masks = batch["masks"].reshape(2 * b, -1)
         idx, valid = select_masked(masks, n_max)
 
         # -- teacher: unmasked global crops, no gradient
@@ -89,15 +92,15 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
         s_patch = student.head(jnp.take_along_axis(s_out["patch"], idx[..., None], axis=1))
         n_loc = loc.shape[1]
         if n_loc:
-            ll = jnp.swapaxes(loc, 0, 1).reshape((n_loc * b,) + loc.shape[2:])
+            ll = loc.reshape((b * n_loc,) + loc.shape[2:])
             s_loc = student.head(student.backbone(ll, drop_path=cfg.model.drop_path, key=kl)["cls"])
-            s_loc = s_loc.reshape(n_loc, b, -1)
+            s_loc = jnp.swapaxes(s_loc.reshape(b, n_loc, -1), 0, 1)
         else:
             s_loc = jnp.zeros((0, b, s_cls.shape[-1]), s_cls.dtype)
-        k_ = s_cls.shape[-1]
-        dino = losses.dino_loss(s_cls.reshape(2, b, k_), s_loc, t_probs.reshape(2, b, k_), c.student_temp)
+        crops = lambda x: jnp.swapaxes(x.reshape(b, 2, -1), 0, 1)  # noqa: E731  (2B, K) -> (2, B, K)
+        dino = losses.dino_loss(crops(s_cls), s_loc, crops(t_probs), c.student_temp)
         ibot = losses.ibot_loss(s_patch, t_patch_probs, valid, c.student_temp)
-        scls = s_out["cls"].reshape(2, b, -1)
+        scls = crops(s_out["cls"])
         koleo = (losses.koleo_loss(scls[0]) + losses.koleo_loss(scls[1])) / 2
         total = c.dino_weight * dino + c.ibot_weight * ibot + c.koleo_weight * koleo
         feats = s_out["cls"].astype(jnp.float32)
