@@ -95,3 +95,26 @@ def test_current_hparams_are_reported():
     h = optim.current_hparams(state)
     # The lr of the latest (second) update: step 1 of a 2-step warm-up to 1.0.
     assert abs(float(h["lr"]) - 0.5) < 1e-6 and 0.04 < float(h["weight_decay"]) < 0.4
+
+
+def test_optimizer_state_shardings_follow_params_even_with_frozen_towers():
+    """Regression: a frozen tower (multi_transform) broke optax.tree_map_params-based shardings."""
+    from decipher_jax import sharding as sh
+    from decipher_jax.trainers.common import opt_shardings
+
+    mesh = sh.make_mesh({"fsdp": 2, "data": -1})
+    p = {"backbone": {"w": jnp.ones((4, 6)), "b": jnp.ones((6,))}, "head": {"w": jnp.ones((4, 2))}}
+    row = jax.NamedSharding(mesh, jax.P("fsdp"))
+    rep = jax.NamedSharding(mesh, jax.P())
+    shard = {"backbone": {"w": row, "b": rep}, "head": {"w": row}}
+    for rules in ([], [("backbone/.*", None)]):
+        tx = optim.build(_cfg(lr_rules=rules), p)
+        out = opt_shardings(tx, p, shard, mesh)
+        state = jax.eval_shape(tx.init, p)
+        leaves = jax.tree.leaves(out)
+        assert len(leaves) == len(jax.tree.leaves(state))
+        # Every 2-D (4, k) state leaf is an Adam moment of a kernel and must be fsdp-sharded.
+        for s, x in zip(leaves, jax.tree.leaves(state)):
+            assert s == (row if x.ndim == 2 else rep), (x.shape, s)
+        n_moments = sum(x.ndim == 2 for x in jax.tree.leaves(state))
+        assert n_moments == (2 if rules else 4)  # frozen backbone: no moments for its kernel

@@ -16,7 +16,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -106,9 +105,31 @@ class Model:
 
 
 def opt_shardings(tx, params, param_shardings, mesh):
-    shape = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(tx, lambda _, s: s, shape, param_shardings,
-                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
+    """Shardings of ``tx.init(params)``: each state leaf that mirrors a parameter (Adam moments,
+    also inside ``multi_transform`` / masked states) takes that parameter's sharding; counts,
+    hyperparameters and empty placeholders are replicated.
+
+    Matching is by the dict-key suffix of the leaf's path and its shape, which survives the
+    wrapper nodes optax adds (``optax.tree_map_params`` fails on masked states: frozen towers).
+    """
+    by_path = {}
+    jax.tree_util.tree_map_with_path(
+        lambda p, x, s: by_path.__setitem__(_dict_path(p), (x.shape, s)), params, param_shardings)
+    rep = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = _dict_path(path)
+        for n in range(len(keys), 0, -1):  # longest suffix first
+            hit = by_path.get(keys[-n:])
+            if hit and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+
+
+def _dict_path(path) -> tuple:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def replicated(mesh):
