@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decipher_jax import sharding as sh
-from decipher_jax.trainers.common import merge_pure
+from decipher_jax.trainers.common import merge_pure, opt_shardings
 
 # Per-chip HBM in GiB (public spec sheets).
 HBM_GIB = {"v4": 32, "v5 lite": 16, "v5e": 16, "v5p": 95, "v5": 95, "v6 lite": 32, "v6e": 32}
@@ -77,10 +76,7 @@ def abstract_train_state(factory, mesh, tx: optax.GradientTransformation, rules=
     params = nnx.to_pure_dict(abstract)
     shard_state = nnx.to_pure_dict(sh.state_shardings(abstract, mesh, rules))
     opt_shape = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, P())
-    opt_shard = optax.tree_map_params(
-        tx, lambda _, s: s, opt_shape, shard_state, transform_non_params=lambda _: replicated,
-    )
+    opt_shard = opt_shardings(tx, params, shard_state, mesh)
     attach = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     return (
         graphdef,
