@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from decipher_jax import sharding as sh
-from decipher_jax.trainers.common import merge_pure, opt_shardings
+from decipher_jax.trainers.common import Model, opt_shardings
 
 # Per-chip HBM in GiB (public spec sheets).
 HBM_GIB = {"v4": 32, "v5 lite": 16, "v5e": 16, "v5p": 95, "v5": 95, "v6 lite": 32, "v6e": 32}
@@ -71,16 +71,14 @@ def hbm_bytes(device) -> int | None:
 
 
 def abstract_train_state(factory, mesh, tx: optax.GradientTransformation, rules=sh.DEFAULT_RULES):
-    """Abstract (params, opt_state) with shardings attached, and their sharding trees."""
-    graphdef, abstract = sh.abstract_model(factory)
-    params = nnx.to_pure_dict(abstract)
-    shard_state = nnx.to_pure_dict(sh.state_shardings(abstract, mesh, rules))
+    """The :class:`Model`, abstract (params, opt_state) with shardings attached, and their sharding trees."""
+    model = Model(factory, mesh, rules)
+    params, shard_state = nnx.to_pure_dict(model.template), model.shardings
     opt_shape = jax.eval_shape(tx.init, params)
     opt_shard = opt_shardings(tx, params, shard_state, mesh)
     attach = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     return (
-        graphdef,
-        abstract,
+        model,
         (jax.tree.map(attach, params, shard_state), jax.tree.map(attach, opt_shape, opt_shard)),
         (shard_state, opt_shard),
     )
@@ -99,7 +97,7 @@ def compile_train_step(
     """Lowers and compiles ``loss -> grads -> optimizer update`` for a TPU topology."""
     tx = tx or optax.adamw(1e-4, weight_decay=0.05)
     mesh, devices = topology_mesh(topology, mesh_shape)
-    graphdef, template, (a_params, a_opt), (s_params, s_opt) = abstract_train_state(factory, mesh, tx)
+    model, (a_params, a_opt), (s_params, s_opt) = abstract_train_state(factory, mesh, tx)
     a_batch = {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh.batch_sharding(mesh, len(shape)))
         for k, (shape, dtype) in batch_spec.items()
@@ -108,7 +106,7 @@ def compile_train_step(
         sh.check_divisible(f"batch/{k}", v.shape, v.sharding.spec, mesh)
 
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(merge_pure(graphdef, template, p), batch))(params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(model(p), batch))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

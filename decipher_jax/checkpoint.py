@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -33,11 +32,6 @@ def save(mngr: ocp.CheckpointManager, step: int, state, iterator=None, *, force:
     if iterator is not None:
         items["iter"] = grain.checkpoint.CheckpointSave(iterator)
     return mngr.save(step, args=ocp.args.Composite(**items), force=force)
-
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) of a live pytree: a restore target on the same mesh."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, iterator=None, step: int | None = None):

@@ -16,10 +16,19 @@ def centered_teacher_probs(teacher_logits, center, temp):
     return jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / temp, axis=-1)
 
 
-def update_center(center, teacher_logits, momentum: float = 0.9):
-    """c <- m c + (1 - m) mean(teacher logits over every global crop of the global batch)."""
+def update_center(center, teacher_logits, momentum: float = 0.9, weights=None):
+    """c <- m c + (1 - m) mean(teacher logits over every global crop of the global batch).
+
+    ``weights`` (teacher_logits.shape[:-1]) restricts the mean, e.g. to the masked patch slots
+    of a fixed-size iBOT buffer.
+    """
     flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).astype(jnp.float32)
-    return center * momentum + flat.mean(axis=0, keepdims=True) * (1.0 - momentum)
+    if weights is None:
+        mean = flat.mean(axis=0, keepdims=True)
+    else:
+        w = weights.reshape(-1, 1).astype(jnp.float32)
+        mean = (flat * w).sum(0, keepdims=True) / jnp.maximum(w.sum(), 1.0)
+    return center * momentum + mean * (1.0 - momentum)
 
 
 def sinkhorn_knopp(teacher_logits, temp, n_iterations: int = 3, valid=None):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from decipher_jax.sharding import path_str
+
 # DINOv2 (param_groups.py): no decay on biases, norms, LayerScale; the issue adds embeddings.
 DEFAULT_NO_DECAY = r".*(bias|_bias|/scale|ln\d_scale|ls\d|pos_embed|cls|registers|mask_token|embeddings|last_layer_g).*"
 
@@ -45,13 +47,9 @@ def cosine_between(start: float, end: float, total_steps: int) -> optax.Schedule
     return f
 
 
-def _path(p) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
-
-
 def map_paths(fn, tree):
     """``fn(path, leaf)`` over a tree (masked ``optax.MaskedNode`` parts have no leaves)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path(p), x), tree)
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
 
 
 def layer_decay(decay: float, depth: int, backbone: str = "backbone"):

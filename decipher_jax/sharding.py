@@ -123,7 +123,8 @@ def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
             )
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """``a/b/0/c`` for a jax key path (dict keys, sequence indices, attributes)."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
@@ -144,9 +145,9 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
             spec = P()
         else:
             if len(axes) != len(shape):
-                raise ValueError(f"{_path_str(path)}: logical axes {axes} do not match shape {shape}")
+                raise ValueError(f"{path_str(path)}: logical axes {axes} do not match shape {shape}")
             spec = logical_to_spec(axes, rules)
-        check_divisible(_path_str(path), shape, spec, mesh)
+        check_divisible(path_str(path), shape, spec, mesh)
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=_is_var)
@@ -194,7 +195,7 @@ def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     def put(path, x):
         x = np.asarray(x)
         s = batch_sharding(mesh, x.ndim, rules)
-        check_divisible(f"batch/{_path_str(path)}", x.shape, s.spec, mesh)
+        check_divisible(f"batch/{path_str(path)}", x.shape, s.spec, mesh)
         return jax.device_put(x, s)
 
     return jax.tree_util.tree_map_with_path(put, batch)

@@ -37,6 +37,9 @@ def test_center_update():
     c = jnp.zeros((1, 3))
     t = jnp.asarray([[[1.0, 2.0, 3.0]], [[3.0, 2.0, 1.0]]])
     np.testing.assert_allclose(np.asarray(losses.update_center(c, t, 0.9)), [[0.2, 0.2, 0.2]], atol=1e-7)
+    # Weighted (iBOT: only masked patch slots count): the second row is ignored.
+    w = jnp.asarray([[1.0], [0.0]])
+    np.testing.assert_allclose(np.asarray(losses.update_center(c, t, 0.9, weights=w)), [[0.1, 0.2, 0.3]], atol=1e-7)
 
 
 def _sinkhorn_ref(teacher_output, temp, n_iterations=3):

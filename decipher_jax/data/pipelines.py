@@ -86,10 +86,8 @@ def _finish(ds, per_host: int, cfg: LoaderConfig):
 class DropStrings(grain.transforms.Map):
     """Keeps only array-valued fields (strings cannot become jax arrays)."""
 
-    keep: tuple[str, ...] = ()
-
     def map(self, ex):
-        return {k: v for k, v in ex.items() if k in self.keep or isinstance(v, (np.ndarray, np.generic, float, int))}
+        return {k: v for k, v in ex.items() if isinstance(v, (np.ndarray, np.generic, float, int))}
 
 
 def vision_ssl(source, cfg: LoaderConfig, crops: T.MultiCrop, **shard):
@@ -198,19 +196,10 @@ def reports(source, cfg: LoaderConfig, tokenizer_path: str, max_length: int = 12
     Series of one study share a report: the text stream is per *study*, keeping the first
     series of each study (so a report is not seen once per sequence).
     """
-    import jax
-
-    pi = jax.process_index() if shard.get("process_index") is None else shard["process_index"]
-    pc = jax.process_count() if shard.get("process_count") is None else shard["process_count"]
-    first = _first_series_per_study(source)
-    ds = grain.MapDataset.source(Subset(source, first))[pi::pc]
-    if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    if cfg.repeat:
-        ds = ds.repeat()
-    ds = ds.seed(cfg.seed).map(ReportOnly()).map(Tokenize(tokenizer_path, max_length))
+    ds, per_host = _base(Subset(source, _first_series_per_study(source)), cfg, **shard)
+    ds = ds.map(ReportOnly()).map(Tokenize(tokenizer_path, max_length))
     ds = ds.random_map(mlm_transform(tokenizer_path, max_predictions=max_predictions))
-    return _finish(ds.map(DropStrings()), cfg.batch_size // pc, cfg)
+    return _finish(ds.map(DropStrings()), per_host, cfg)
 
 
 class Subset:

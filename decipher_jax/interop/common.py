@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+from decipher_jax.sharding import path_str
 
 
 def flat_arrays(state) -> dict[str, np.ndarray]:

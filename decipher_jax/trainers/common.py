@@ -181,6 +181,12 @@ class Logger:
             self.jsonl.close()
 
 
+def keep_if_finite(loss, new_state, old_state):
+    """Inside a step: a non-finite loss returns the old state, so the last good one can be saved."""
+    ok = jnp.isfinite(loss)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, old_state)
+
+
 def check_finite(step: int, loss: float, workdir: str):
     if not np.isfinite(loss):
         raise FloatingPointError(

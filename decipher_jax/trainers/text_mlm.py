@@ -48,8 +48,7 @@ def make_step(model: common.Model, tx, max_predictions: int):
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         new = {"step": state["step"] + 1, "params": params, "opt": opt}
-        ok = jnp.isfinite(loss)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        new = common.keep_if_finite(loss, new, state)
         return new, {"loss": loss, "mlm": loss, "acc": acc, "grad_norm": common.tree_norm(grads),
                      **optim.current_hparams(opt)}
 

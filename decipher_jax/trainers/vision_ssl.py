@@ -123,18 +123,13 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
         updates, opt = tx.update(grads, state["opt"], state["student"])
         student = jax.tree.map(lambda p, u: p + u, state["student"], updates)
         teacher = jax.tree.map(lambda t, s: t * mom + s * (1.0 - mom), state["teacher"], student)
-        w = valid.reshape(-1, 1).astype(jnp.float32)
-        flat = t_patch.reshape(-1, t_patch.shape[-1]).astype(jnp.float32)
-        patch_mean = (flat * w).sum(0, keepdims=True) / jnp.maximum(w.sum(), 1.0)
         center = {
             "cls": losses.update_center(state["center"]["cls"], t_cls, c.center_momentum),
-            "patch": state["center"]["patch"] * c.center_momentum + patch_mean * (1 - c.center_momentum),
+            "patch": losses.update_center(state["center"]["patch"], t_patch, c.center_momentum, weights=valid),
         }
         new = {"step": state["step"] + 1, "student": student, "teacher": teacher, "opt": opt,
                "center": center, "rng": state["rng"]}
-        # A non-finite loss leaves the state untouched, so the last good state can be saved.
-        ok = jnp.isfinite(loss)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        new = common.keep_if_finite(loss, new, state)
         metrics = {"loss": loss, **aux, "teacher_temp": temp, "momentum": mom,
                    "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
         return new, metrics
