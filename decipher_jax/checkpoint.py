@@ -44,3 +44,23 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, iterator=None, step: in
         items["iter"] = grain.checkpoint.CheckpointRestore(iterator)
     out = mngr.restore(step, args=ocp.args.Composite(**items))
     return step, out["state"]
+
+
+def restore_subtree(directory: str, abstract_subtree, step: int | None = None, item: str = "state"):
+    """``(step, part)``: only the arrays named by ``abstract_subtree`` (for example
+    ``{"teacher": {"backbone": ...}}`` out of a whole stage-1 state), placed on the shardings
+    it carries. The rest of the checkpoint (optimiser, student, heads) is never read."""
+    if "://" not in directory:
+        directory = os.path.abspath(directory)
+    if not os.path.isdir(directory) and "://" not in directory:
+        raise FileNotFoundError(f"{directory}: no checkpoint directory")
+    with ocp.CheckpointManager(directory, item_names=("state", "iter")) as mngr:
+        step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint saved yet")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        part = ckptr.restore(os.path.join(directory, str(step), item),
+                             args=ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args,
+                                                         partial_restore=True))
+    return step, part

@@ -3,6 +3,8 @@
     decipher demo --workdir outputs/demo     # the main job, end to end, at tiny scale
     decipher corpus --out data/embedded      # write the embedded default corpus + manifest.csv
     decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
+    decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
+    decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...
 
 Subcommands import their dependencies lazily so that ``--help`` is instant and environment
 variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax starts.
@@ -59,11 +61,50 @@ def _train(args, extra) -> int:
 
     cfg = common.load_config(args.config, common.parse_overrides(extra))
     name = os.path.basename(args.config.split(":")[0])
-    trainers = {"vision_ssl.py": "decipher_jax.trainers.vision_ssl", "text_mlm.py": "decipher_jax.trainers.text_mlm"}
+    trainers = {"vision_ssl.py": "decipher_jax.trainers.vision_ssl", "text_mlm.py": "decipher_jax.trainers.text_mlm",
+                "clip_align.py": "decipher_jax.trainers.clip_align"}
     if name not in trainers and "trainer" not in cfg:
         raise SystemExit(f"no trainer for config {name}; set config.trainer to a module with train(config, workdir)")
     module = importlib.import_module(cfg.get("trainer", trainers.get(name)))
     module.train(cfg, args.workdir)
+    return 0
+
+def _zeroshot(args) -> int:
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from decipher_jax import zeroshot
+
+    zs = zeroshot.ZeroShot.from_workdir(args.workdir)
+    data = args.data or zs.spec["config"]["data"]["dir"]
+    e = zs.embed_split(data, args.split)
+    cos = zs._cos(e["image"], zs.encode_sentences(args.sentences))
+    cols = {f"cos[{s}]": cos[:, i] for i, s in enumerate(args.sentences)}
+    if args.negatives:
+        cols["p_positive"] = zs.contrast(positive=args.sentences, negative=args.negatives, image_embeddings=e["image"])
+    score = cols.get("p_positive", cos.mean(1))
+    meta = [k for k in ("series_id", "study_id", "body_region", "sequence", "findings") if k in e]
+    out = args.out or os.path.join(args.workdir, f"zeroshot_{args.split}.csv")
+    import csv
+
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(meta + list(cols))
+        for i in range(len(e["image"])):
+            w.writerow([e[k][i] for k in meta] + [f"{cols[c][i]:.5f}" for c in cols])
+    print(f"zeroshot: {len(e['image'])} series of split {args.split!r} scored against {len(args.sentences)} "
+          f"sentence(s){' vs ' + str(len(args.negatives)) + ' negative(s)' if args.negatives else ''} -> {out}")
+    order = sorted(range(len(score)), key=lambda i: -score[i])
+    for i in order[: args.top]:
+        print(f"  {score[i]:.3f}  " + "  ".join(f"{k}={e[k][i]}" for k in meta if k != "study_id"))
+    if args.label and "findings" in e:
+        from sklearn.metrics import roc_auc_score
+
+        y = [args.label in str(f).split(";") for f in e["findings"]]
+        if 0 < sum(y) < len(y):
+            print(f"  AUROC for finding {args.label!r}: {roc_auc_score(y, score):.3f} ({sum(y)} positive of {len(y)})")
+        else:
+            print(f"  AUROC for finding {args.label!r}: undefined ({sum(y)} positive of {len(y)})")
     return 0
 
 
@@ -102,6 +143,17 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--workdir", required=True)
     p.set_defaults(fn=_train, takes_extra=True)
+
+    p = sub.add_parser("zeroshot", help="score the series of a prepared split against query sentences")
+    p.add_argument("--workdir", required=True, help="a stage-2 (clip_align) workdir")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
+    p.add_argument("--sentences", nargs="+", required=True, help="query sentences (phrasings of one finding)")
+    p.add_argument("--negatives", nargs="*", default=(), help="negated phrasings: report P(positive) vs these")
+    p.add_argument("--label", help="a finding name in the records: also report the zero-shot AUROC")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--out", help="CSV path (default: WORKDIR/zeroshot_SPLIT.csv)")
+    p.set_defaults(fn=_zeroshot)
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "takes_extra", False):
         return int(args.fn(args, extra) or 0)

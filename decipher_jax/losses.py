@@ -1,6 +1,8 @@
-"""Self-supervision losses as pure functions: DINO, iBOT, KoLeo, Sinkhorn-Knopp, MLM.
+"""Losses as pure functions: DINO, iBOT, KoLeo, Sinkhorn-Knopp, MLM (stage 1); CLIP, SigLIP and
+embedding regression (stage 2).
 
-Formulas follow facebookresearch/dinov2 (``dinov2/loss/*.py``) and google-research/bert.
+Formulas follow facebookresearch/dinov2 (``dinov2/loss/*.py``), google-research/bert,
+mlfoundations/open_clip (``loss.py``) and google-research/big_vision (SigLIP).
 Arrays are global (sharded) ``jax.Array``s under jit: means and sums over the batch axis
 are over the *global* batch, which is what DINOv2 achieves with all-reduces.
 """
@@ -110,3 +112,74 @@ def mlm_loss(logits, labels):
 def entropy(probs):
     """Mean entropy (nats) of rows of a probability matrix."""
     return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)), axis=-1))
+
+
+# -- stage 2: image-text alignment ------------------------------------------------------------
+
+LOG_MAX_SCALE = float(jnp.log(100.0))  # open_clip clamps the learnt temperature at 100
+
+
+def positives(ids_a, ids_b=None):
+    """(B, B') bool matrix of positive pairs: same study id. Several series of one study share
+    one report, so one batch can hold several positives per row."""
+    ids_b = ids_a if ids_b is None else ids_b
+    return ids_a[:, None] == ids_b[None, :]
+
+
+def pair_logits(z_img, z_txt, log_scale, bias=None, max_log_scale: float | None = LOG_MAX_SCALE):
+    """``exp(log_scale) * z_img @ z_txt.T (+ bias)`` in float32 over the global batch.
+
+    Under jit with batch-sharded inputs this is the all-gather of the text embeddings that
+    open_clip's ``gather_with_grad`` / big_vision do by hand: negatives span the whole mesh.
+    """
+    if max_log_scale is not None:
+        log_scale = jnp.minimum(log_scale, max_log_scale)
+    logits = jnp.exp(log_scale) * (z_img.astype(jnp.float32) @ z_txt.astype(jnp.float32).T)
+    return logits if bias is None else logits + bias
+
+
+def clip_loss(z_img, z_txt, log_scale, pos=None):
+    """Symmetric InfoNCE (CLIP). ``z_*``: (B, D) L2-normalised; ``pos``: (B, B) positives.
+
+    With the identity for ``pos`` this is open_clip's ``ClipLoss``. With several positives per
+    row (series of one study sharing a report) the target is uniform over the positives, so a
+    duplicate report is never pushed away as a negative (a one-hot diagonal would ask image i
+    to prefer its own copy of a text over an identical copy at j, which is unsatisfiable). The
+    loss is the KL divergence to that target (cross-entropy minus the target's entropy): the
+    same gradients, and 0 at the optimum whatever the number of positives.
+    """
+    logits = pair_logits(z_img, z_txt, log_scale)
+    b = logits.shape[0]
+    pos = jnp.eye(b, dtype=bool) if pos is None else pos
+    pos = pos.astype(jnp.float32)
+
+    def ce(lg, p):
+        n = p.sum(1, keepdims=True)
+        return (-(p / n * jax.nn.log_softmax(lg, axis=1)).sum(1) - jnp.log(n[:, 0])).mean()
+
+    return (ce(logits, pos) + ce(logits.T, pos.T)) / 2
+
+
+def siglip_loss(z_img, z_txt, log_scale, bias, pos=None):
+    """Sigmoid loss (big_vision siglip.py): labels +1 for positives, -1 otherwise;
+    ``-sum_ij log sigmoid(label_ij * logit_ij) / B`` (normalised by the batch, not B^2)."""
+    logits = pair_logits(z_img, z_txt, log_scale, bias, max_log_scale=None)
+    b = logits.shape[0]
+    pos = jnp.eye(b, dtype=bool) if pos is None else pos
+    labels = 2.0 * pos.astype(jnp.float32) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / b
+
+
+def regression_loss(pred, target, kind: str = "mse"):
+    """NeuroBERT-style: the image embedding regresses its report's (frozen) text embedding.
+
+    ``mse``: mean over batch and dimensions of the squared error; ``cosine``: mean(1 - cos).
+    """
+    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+    if kind == "mse":
+        return jnp.mean(jnp.square(pred - target))
+    if kind == "cosine":
+        cos = jnp.sum(pred * target, -1) / jnp.maximum(
+            jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1), 1e-8)
+        return jnp.mean(1.0 - cos)
+    raise ValueError(f"unknown regression loss {kind!r} (mse or cosine)")

@@ -22,8 +22,10 @@ import optax
 
 from decipher_jax.sharding import path_str
 
-# DINOv2 (param_groups.py): no decay on biases, norms, LayerScale; the issue adds embeddings.
-DEFAULT_NO_DECAY = r".*(bias|_bias|/scale|ln\d_scale|ls\d|pos_embed|cls|registers|mask_token|embeddings|last_layer_g).*"
+# DINOv2 (param_groups.py): no decay on biases, norms, LayerScale; the issue adds embeddings;
+# CLIP / SigLIP: none on the learnt temperature and bias.
+DEFAULT_NO_DECAY = (r".*(bias|_bias|/scale|ln\d_scale|ls\d|pos_embed|cls|registers|mask_token|embeddings|last_layer_g"
+                    r"|logit_scale).*")
 
 
 def first_match(path: str, rules: Sequence[tuple[str, Any]], default):
@@ -140,6 +142,20 @@ def build(c, params, depth: int | None = None) -> optax.GradientTransformation:
         labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
+
+
+def frozen_towers(c, params, towers) -> dict[str, bool]:
+    """``{tower: True}`` where the optimiser's rules freeze every parameter under ``tower/``.
+
+    A trainer then stops the gradient at that tower's output, so the locked tower costs no
+    backward pass (LiT), not just no update."""
+    rules = [tuple(r) for r in c.get("lr_rules", ())]
+    out = {}
+    for t in towers:
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        mine = [p for p in paths if p.startswith(t + "/")]
+        out[t] = bool(mine) and all(first_match(p, rules, 1.0) is None for p in mine)
+    return out
 
 
 def current_hparams(opt_state) -> dict:

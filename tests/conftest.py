@@ -42,3 +42,16 @@ def prepared(tmp_path_factory):
     res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
                                                        split_fractions=(1.0, 0.0, 0.0), workers=1), progress=False)
     return res.tfds_dir
+
+
+@pytest.fixture(scope="session")
+def prepared_heldout(tmp_path_factory):
+    """A synthetic corpus with held-out patients: 'train' and 'test' splits (stage 2, evaluation)."""
+    from data_prep import prep, volume
+    from decipher_jax.data import synthetic
+
+    d = tmp_path_factory.mktemp("prepared_heldout")
+    m = synthetic.generate_corpus(str(d / "raw"), n_patients=28, seed=5, matrix=20)
+    res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
+                                                       split_fractions=(0.6, 0.0, 0.4), workers=2), progress=False)
+    return res.tfds_dir

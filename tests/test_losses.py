@@ -105,3 +105,67 @@ def test_mlm_loss_and_accuracy(rng):
 @pytest.mark.parametrize("k", [4, 1000])
 def test_entropy(k):
     assert abs(float(losses.entropy(jnp.full((3, k), 1.0 / k))) - np.log(k)) < 1e-4
+
+
+# -- stage 2 ------------------------------------------------------------------------------------
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_clip_loss_matches_open_clip(rng):
+    zi, zt = _unit(rng.normal(size=(6, 5))), _unit(rng.normal(size=(6, 5)))
+    log_t = np.log(1 / 0.07)
+    lg = np.exp(log_t) * zi @ zt.T  # open_clip ClipLoss: CE(logits, arange) both ways, averaged
+    ref = (-np.diag(_log_softmax(lg, 1)).mean() - np.diag(_log_softmax(lg.T, 1)).mean()) / 2
+    assert float(losses.clip_loss(jnp.asarray(zi), jnp.asarray(zt), log_t)) == pytest.approx(ref, rel=1e-5)
+    # The temperature is clamped at 100 (open_clip), so a log-scale of 10 acts as ln 100.
+    hi = losses.clip_loss(jnp.asarray(zi), jnp.asarray(zt), 10.0)
+    assert float(hi) == pytest.approx(float(losses.clip_loss(jnp.asarray(zi), jnp.asarray(zt), np.log(100.0))), rel=1e-6)
+
+
+def test_clip_loss_multiple_positives(rng):
+    # Rows 0, 1 and 2 are series of one study: their reports are one text.
+    study = np.array([7, 7, 7, 3, 5, 9])
+    zt = _unit(rng.normal(size=(6, 4)))
+    zt[1] = zt[2] = zt[0]
+    zi = _unit(rng.normal(size=(6, 4)))
+    pos = study[:, None] == study[None, :]
+    lg = 20.0 * zi @ zt.T
+    t = pos / pos.sum(1, keepdims=True)  # uniform target over the positives; KL to it
+
+    def kl(lg, t):
+        return (t * (np.log(np.where(t > 0, t, 1)) - _log_softmax(lg, 1))).sum(1).mean()
+
+    ref = (kl(lg, t) + kl(lg.T, pos.T / pos.T.sum(1, keepdims=True))) / 2
+    ours = losses.clip_loss(jnp.asarray(zi), jnp.asarray(zt), np.log(20.0), jnp.asarray(pos))
+    assert float(ours) == pytest.approx(ref, rel=1e-5)
+    # Perfect alignment (each series equals its report) is an optimum with several positives:
+    # the loss goes to 0, while one-hot diagonal targets cannot (the duplicates tie).
+    aligned = jnp.asarray(zt)
+    multi = float(losses.clip_loss(aligned, aligned, np.log(100.0), jnp.asarray(pos)))
+    onehot = float(losses.clip_loss(aligned, aligned, np.log(100.0)))
+    assert multi < 1e-3 and onehot > 0.5  # 3 of 6 rows tie three ways: (3 ln 3) / 6 = 0.55
+
+
+def test_siglip_loss_matches_big_vision(rng):
+    zi, zt = _unit(rng.normal(size=(5, 3))), _unit(rng.normal(size=(5, 3)))
+    t, b = np.log(10.0), -10.0
+    lg = np.exp(t) * zi @ zt.T + b
+    labels = 2 * np.eye(5) - 1  # big_vision siglip.py
+    ref = -np.sum(-np.log1p(np.exp(-labels * lg))) / 5
+    assert float(losses.siglip_loss(jnp.asarray(zi), jnp.asarray(zt), t, b)) == pytest.approx(ref, rel=1e-5)
+    pos = np.eye(5, dtype=bool)
+    pos[0, 1] = pos[1, 0] = True
+    labels = 2 * pos - 1.0
+    ref = -np.sum(-np.log1p(np.exp(-labels * lg))) / 5
+    assert float(losses.siglip_loss(jnp.asarray(zi), jnp.asarray(zt), t, b, jnp.asarray(pos))) == pytest.approx(ref, rel=1e-5)
+
+
+def test_regression_loss_hand_values():
+    p, t = jnp.asarray([[1.0, 2.0], [0.0, 0.0]]), jnp.asarray([[1.0, 0.0], [1.0, 1.0]])
+    assert float(losses.regression_loss(p, t, "mse")) == pytest.approx((0 + 4 + 1 + 1) / 4)
+    a, b = jnp.asarray([[1.0, 0.0], [0.0, 2.0]]), jnp.asarray([[2.0, 0.0], [1.0, 0.0]])
+    assert float(losses.regression_loss(a, b, "cosine")) == pytest.approx((0.0 + 1.0) / 2)
+    with pytest.raises(ValueError, match="unknown regression loss"):
+        losses.regression_loss(a, b, "l1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import zlib
 
 import grain
@@ -118,6 +119,9 @@ class ToIds(grain.transforms.Map):
         return out
 
 
+_TOKENIZER_LOCK = threading.Lock()
+
+
 class Tokenize(grain.transforms.Map):
     """Report text -> ``input_ids`` / ``attention_mask`` with a Hugging Face tokenizer directory.
 
@@ -133,9 +137,13 @@ class Tokenize(grain.transforms.Map):
 
     def map(self, ex):
         if self._tok is None:
-            from decipher_jax.models.bert import load_tokenizer
+            # Reader threads call map concurrently; importing transformers from several threads
+            # at once fails (lazy-module race), so the first load is serialised.
+            with _TOKENIZER_LOCK:
+                if self._tok is None:
+                    from decipher_jax.models.bert import load_tokenizer
 
-            self._tok = load_tokenizer(self.tokenizer_path)
+                    self._tok = load_tokenizer(self.tokenizer_path)
         enc = self._tok(ex[self.field], max_length=self.max_length, truncation=True, padding="max_length",
                         return_tensors="np")
         out = dict(ex)
@@ -235,11 +243,12 @@ def _first_series_per_study(source) -> np.ndarray:
     return np.asarray(keep, int)
 
 
-def pairs(source, cfg: LoaderConfig, size, tokenizer_path: str, max_length: int = 128, *, train: bool = True, **shard):
+def pairs(source, cfg: LoaderConfig, size, tokenizer_path: str, max_length: int = 128, *, train: bool = True,
+          crop_scale: tuple[float, float] = (0.5, 1.0), **shard):
     """Stage 2: (series crop, report tokens, study hash) batches; series of one study share a report."""
     ds, per_host = _base(source, cfg, **shard)
     ds = ds.map(T.Decode()).filter(HasReport())
-    ds = ds.random_map(T.SingleCrop(tuple(size))) if train else ds.map(T.Resize(tuple(size)))
+    ds = ds.random_map(T.SingleCrop(tuple(size), tuple(crop_scale))) if train else ds.map(T.Resize(tuple(size)))
     ds = ds.map(Tokenize(tokenizer_path, max_length)).map(ToIds())
     return _finish(ds.map(DropStrings()), per_host, cfg)
 

@@ -95,7 +95,10 @@ def hf_to_ours(sd: dict[str, np.ndarray], c: BertConfig) -> dict[str, np.ndarray
         bias_key = "cls.predictions.bias" if "cls.predictions.bias" in sd else "cls.predictions.decoder.bias"
         out["mlm_decoder_bias"] = get(bias_key)
         used.add("cls.predictions.decoder.bias")
-    leftover = sorted(k for k in set(sd) - used if not k.startswith(_IGNORED_PREFIXES))
+    # An encoder without an MLM head reads a BertForMaskedLM checkpoint's encoder only (as
+    # transformers' BertModel does); its prediction head is not an unexpected weight then.
+    skip = _IGNORED_PREFIXES + (() if c.mlm_head else ("cls.predictions.",))
+    leftover = sorted(k for k in set(sd) - used if not k.startswith(skip))
     if leftover:
         raise ValueError(f"unexpected BERT weights (not converted): {leftover[:10]}{' ...' if len(leftover) > 10 else ''}")
     return out

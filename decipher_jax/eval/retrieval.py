@@ -1,0 +1,77 @@
+"""Image <-> report retrieval metrics on similarity matrices (R@k, MRR), series and study level.
+
+A query may have several positives (every series of a study matches the study's report). The
+rank of a query is the number of *negatives* scoring at least as high as its best positive:
+ties count against the model, so a collapsed encoder (all scores equal) gets chance-level
+numbers rather than perfect ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranks(sim, pos) -> np.ndarray:
+    """0-based rank of the best positive of each query row of ``sim`` (Q, G); ``pos`` (Q, G) bool."""
+    sim, pos = np.asarray(sim, np.float64), np.asarray(pos, bool)
+    if sim.shape != pos.shape:
+        raise ValueError(f"similarity {sim.shape} and positives {pos.shape} differ in shape")
+    if not pos.any(1).all():
+        raise ValueError(f"{int((~pos.any(1)).sum())} queries have no positive in the gallery")
+    best = np.where(pos, sim, -np.inf).max(1)
+    return ((sim >= best[:, None]) & ~pos).sum(1)
+
+
+def scores(sim, pos, ks=(1, 5, 10), prefix: str = "") -> dict:
+    r = ranks(sim, pos)
+    out = {f"{prefix}R@{k}": float(np.mean(r < k)) for k in ks}
+    out[f"{prefix}MRR"] = float(np.mean(1.0 / (r + 1)))
+    return out
+
+
+def _normalise(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def group_mean(emb, groups):
+    """Mean of L2-normalised rows per group (first-appearance order), renormalised; and the groups."""
+    groups = np.asarray(groups)
+    uniq, first, inv = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # first-appearance order
+    emb = _normalise(emb)
+    sums = np.zeros((len(uniq), emb.shape[1]))
+    np.add.at(sums, inv, emb)
+    return _normalise(sums[order]), uniq[order]
+
+
+def evaluate_pairs(image, text, study_ids, ks=(1, 5, 10)) -> dict:
+    """Retrieval between series embeddings ``image`` (N, d) and their reports ``text`` (N, d).
+
+    Rows of one study carry the same report; the report gallery holds each study once.
+    ``i2t_series``: every series queries the reports; ``t2i_series``: every report queries the
+    series (all series of its study are positives); ``*_study``: series embeddings averaged per
+    study, one positive each. Chance for R@k at study level is k / n_studies.
+    """
+    study_ids = np.asarray(study_ids)
+    uniq, first = np.unique(study_ids, return_index=True)
+    order = np.argsort(first)
+    uniq, first = uniq[order], first[order]
+    img, txt = _normalise(image), _normalise(np.asarray(text)[first])
+    pos = study_ids[:, None] == uniq[None, :]
+    sim = img @ txt.T
+    out = {"n_series": int(len(study_ids)), "n_studies": int(len(uniq))}
+    out |= scores(sim, pos, ks, "i2t_series/") | scores(sim.T, pos.T, ks, "t2i_series/")
+    img_s, groups = group_mean(img, study_ids)
+    assert (groups == uniq).all()
+    eye = np.eye(len(uniq), dtype=bool)
+    out |= scores(img_s @ txt.T, eye, ks, "i2t_study/") | scores(txt @ img_s.T, eye, ks, "t2i_study/")
+    out |= {f"chance_study_R@{k}": min(1.0, k / len(uniq)) for k in ks}
+    return out
+
+
+def summary(m: dict) -> str:
+    return (f"{m['n_studies']} studies / {m['n_series']} series; image->report R@1/5/10 "
+            f"{m['i2t_series/R@1']:.2f}/{m['i2t_series/R@5']:.2f}/{m['i2t_series/R@10']:.2f} (series), "
+            f"{m['i2t_study/R@1']:.2f}/{m['i2t_study/R@5']:.2f}/{m['i2t_study/R@10']:.2f} (study), "
+            f"report->image R@5 {m['t2i_series/R@5']:.2f}; chance R@5 {m['chance_study_R@5']:.2f}")

@@ -1,0 +1,121 @@
+"""Two towers for stage 2: the 3D ViT and the BERT report encoder, each with a projection into
+one shared space (big_vision ``two_towers.py`` / open_clip layout).
+
+Parameter tree (the optimiser's regex rules address the towers by these names)::
+
+    image/...        the stage-1 ViT3D          text/...        the stage-1 BERT (no MLM head)
+    image_proj       (vit.dim, d)               text_proj       (bert.hidden, d)
+    logit_scale      log t (CLIP / SigLIP)      logit_bias      b (SigLIP)
+
+For the NeuroBERT-style objective (``objective="regress"``) the image projection maps into the
+text encoder's own space (d = bert.hidden) and there is no text projection: the target is the
+frozen pooled report embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from decipher_jax.models.bert import Bert, BertConfig
+from decipher_jax.models.layers import param
+from decipher_jax.models.vit3d import ViT3D, ViTConfig
+
+OBJECTIVES = ("clip", "siglip", "regress")
+
+
+@dataclasses.dataclass(frozen=True)
+class TowersConfig:
+    objective: str = "clip"  # clip | siglip | regress
+    embed_dim: int = 512  # shared space (ignored by "regress": the text space is used)
+    image_pool: str = "cls"  # cls | mean (mean of the patch tokens)
+    text_pool: str = "cls"  # cls | mean (masked mean: sentence-transformers' pooling, e.g. MiniLM)
+    # open_clip: t = 1/0.07; SigLIP: t' = log 10 and b = -10.
+    logit_scale_init: float | None = None
+    logit_bias_init: float | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("image_pool", "text_pool"):
+            if getattr(self, name) not in ("cls", "mean"):
+                raise ValueError(f"{name} must be 'cls' or 'mean', got {getattr(self, name)!r}")
+
+    @property
+    def scale_init(self) -> float:
+        if self.logit_scale_init is not None:
+            return self.logit_scale_init
+        return math.log(10.0) if self.objective == "siglip" else math.log(1 / 0.07)
+
+    @property
+    def bias_init(self) -> float:
+        if self.logit_bias_init is not None:
+            return self.logit_bias_init
+        return -10.0 if self.objective == "siglip" else 0.0
+
+
+def _normalise(x):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def _xavier(key, shape, dtype):
+    return jax.nn.initializers.xavier_uniform()(key, shape, dtype)
+
+
+class TwoTowers(nnx.Module):
+    def __init__(self, vit: ViTConfig, bert: BertConfig, cfg: TowersConfig, *, rngs: nnx.Rngs):
+        if bert.mlm_head:
+            bert = dataclasses.replace(bert, mlm_head=False)
+        self.cfg = cfg
+        self.image = ViT3D(vit, rngs=rngs)
+        self.text = Bert(bert, rngs=rngs)
+        out = bert.hidden_size if cfg.objective == "regress" else cfg.embed_dim
+        self.image_proj = param(rngs.params(), _xavier, (vit.dim, out), ("embed", None))
+        if cfg.objective != "regress":
+            self.text_proj = param(rngs.params(), _xavier, (bert.hidden_size, out), ("embed", None))
+        const = lambda v: lambda k, s, d: jnp.full(s, v, d)  # noqa: E731
+        self.logit_scale = param(rngs.params(), const(cfg.scale_init), (), ())
+        self.logit_bias = param(rngs.params(), const(cfg.bias_init), (), ())
+
+    # -- towers ------------------------------------------------------------------------------
+    def image_features(self, x, *, freeze: bool = False, drop_path: float = 0.0, key=None):
+        """Pooled backbone features ``(B, Dv)`` and patch tokens ``(B, N, Dv)``."""
+        out = self.image(x, drop_path=drop_path, key=key)
+        pooled = out["cls"] if self.cfg.image_pool == "cls" else out["patch"].mean(axis=1)
+        if freeze:  # a locked tower: no backward pass through it at all (LiT)
+            pooled, patch = jax.lax.stop_gradient((pooled, out["patch"]))
+            return pooled, patch
+        return pooled, out["patch"]
+
+    def text_features(self, input_ids, attention_mask, *, freeze: bool = False):
+        """Pooled report features ``(B, Dt)``."""
+        h = self.text(input_ids, attention_mask)
+        if self.cfg.text_pool == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.astype(h.dtype)[..., None]
+            pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+        return jax.lax.stop_gradient(pooled) if freeze else pooled
+
+    # -- shared space --------------------------------------------------------------------------
+    def project_image(self, feats):
+        return feats.astype(jnp.float32) @ self.image_proj[...]
+
+    def project_text(self, feats):
+        if self.cfg.objective == "regress":
+            return feats.astype(jnp.float32)
+        return feats.astype(jnp.float32) @ self.text_proj[...]
+
+    def encode_image(self, x, *, patches: bool = False, **kw):
+        """L2-normalised image embeddings ``(B, d)`` (and per-patch embeddings ``(B, N, d)``)."""
+        pooled, patch = self.image_features(x, **kw)
+        z = _normalise(self.project_image(pooled))
+        return (z, _normalise(self.project_image(patch))) if patches else z
+
+    def encode_text(self, input_ids, attention_mask, **kw):
+        return _normalise(self.project_text(self.text_features(input_ids, attention_mask, **kw)))

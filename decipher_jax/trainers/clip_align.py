@@ -1,0 +1,269 @@
+"""Stage 2: contrastive alignment of the stage-1 3D ViT with the stage-1 report encoder.
+
+    decipher train --config experiments/configs/clip_align.py:tiny --workdir W
+    decipher train --config experiments/configs/clip_align.py:tiny,siglip --workdir W
+    decipher train --config experiments/configs/clip_align.py:tiny,lit --workdir W      # locked image tower
+    decipher train --config experiments/configs/clip_align.py:tiny,regress --workdir W  # NeuroBERT-style
+
+Objectives (``model.towers.objective``): ``clip`` (symmetric InfoNCE, learnt temperature),
+``siglip`` (sigmoid, learnt temperature and bias) and ``regress`` (the image embedding regresses
+the frozen pooled text embedding of its report, MSE or cosine). Negatives are the whole global
+batch: the loss is computed on the global (sharded) arrays, never per device. Series of one
+study share a report; pairs with equal ``study_id_hash`` are all positives.
+
+Towers start from stage 1: the vision tower from a ``vision_ssl`` workdir (the EMA teacher's
+backbone, as DINOv2 evaluates it; its architecture is read from the run's ``run_spec.json``),
+the text tower from a Hugging Face directory (a ``text_mlm`` run's ``hf_export``, PubMedBERT, or
+"minilm"). Freezing or slowing a tower is an optimiser rule (``("image/.*", None)``: LiT); a
+frozen tower's output is also cut from the backward pass. At the start and at the end the
+run evaluates image<->report retrieval on the held-out split (``eval_<split>.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from decipher_jax import checkpoint as ckpt
+from decipher_jax import losses, optim
+from decipher_jax import sharding as sh
+from decipher_jax.data import pipelines as P
+from decipher_jax.models import bert
+from decipher_jax.models.towers import TowersConfig, TwoTowers
+from decipher_jax.models.vit3d import ViTConfig
+from decipher_jax.trainers import common
+
+TOWERS = ("image", "text")
+
+
+# -- configuration of the towers ----------------------------------------------------------------
+
+def text_path(cfg) -> str | None:
+    from decipher_jax.trainers.text_mlm import resolve_model_path
+
+    return resolve_model_path(cfg.init.text) if cfg.init.get("text") else None
+
+
+def vit_config(cfg) -> ViTConfig:
+    """The stage-1 run's ViT (from its run_spec.json) when initialising from one, else ``model.vit``."""
+    d = dict(cfg.model.vit)
+    if cfg.init.get("vision"):
+        spec = os.path.join(cfg.init.vision, "run_spec.json")
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"{spec}: not found; init.vision must be a vision_ssl workdir")
+        with open(spec) as f:
+            d = json.load(f)["config"]["model"]["vit"]
+    d.update(dict(cfg.model.get("vit_overrides", {})))
+    return ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def bert_config(cfg) -> bert.BertConfig:
+    """From the text checkpoint's config.json, else from ``model.bert`` (HF field names; AOT)."""
+    over = dict(cfg.model.get("text_overrides", {}))
+    path = text_path(cfg)
+    if path:
+        return bert.read_config(path, mlm_head=False, **over)
+    return bert.BertConfig.from_hf(dict(cfg.model.bert), mlm_head=False, **over)
+
+
+def towers_config(cfg) -> TowersConfig:
+    return TowersConfig(**dict(cfg.model.towers))
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression: str = "mse",
+               drop_path: float = 0.0, key=None):
+    """``(loss, aux)`` of one global batch; used by the step and by the parity tests."""
+    fi, _ = m.image_features(batch["image"], freeze=frozen.get("image", False), drop_path=drop_path, key=key)
+    ft = m.text_features(batch["input_ids"], batch["attention_mask"],
+                         freeze=frozen.get("text", False) or objective == "regress")
+    zi, zt = m.project_image(fi), m.project_text(ft)
+    if objective == "regress":
+        loss = losses.regression_loss(zi, zt, regression)
+    zi_n = zi / jnp.maximum(jnp.linalg.norm(zi, axis=-1, keepdims=True), 1e-6)
+    zt_n = zt / jnp.maximum(jnp.linalg.norm(zt, axis=-1, keepdims=True), 1e-6)
+    pos = losses.positives(batch["study_id_hash"])
+    if objective == "clip":
+        loss = losses.clip_loss(zi_n, zt_n, m.logit_scale[...], pos)
+    elif objective == "siglip":
+        loss = losses.siglip_loss(zi_n, zt_n, m.logit_scale[...], m.logit_bias[...], pos)
+    sim = zi_n @ zt_n.T
+    hit = jnp.take_along_axis(pos, jnp.argmax(sim, axis=1)[:, None], axis=1)[:, 0]
+    aux = {"i2t_acc": hit.mean(), "positives_per_row": pos.sum(1).mean(),
+           "temperature": jnp.exp(jnp.minimum(m.logit_scale[...], losses.LOG_MAX_SCALE)), "bias": m.logit_bias[...],
+           "embed_std": zi_n.std(axis=0).mean()}
+    return loss, aux
+
+
+def make_step(cfg, model: common.Model, tx, frozen: dict):
+    objective = cfg.model.towers.objective
+    seed_key = jax.random.key(cfg.seed + 1)
+
+    def step(state, batch):
+        key = jax.random.fold_in(seed_key, state["step"])
+
+        def loss_fn(params):
+            return batch_loss(model(params), batch, objective=objective, frozen=frozen,
+                              regression=cfg.loss.regression, drop_path=cfg.model.drop_path, key=key)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        new = common.keep_if_finite(loss, {"step": state["step"] + 1, "params": params, "opt": opt}, state)
+        norms = {f"grad_norm_{t}": common.tree_norm(grads[t]) for t in TOWERS}
+        return new, {"loss": loss, **aux, **norms, "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
+
+    return step
+
+
+def build(cfg, mesh) -> dict:
+    """Model, optimiser, state shardings and the (unjitted) step; no weights are read (AOT-safe)."""
+    vit, bcfg, tcfg = vit_config(cfg), bert_config(cfg), towers_config(cfg)
+    model = common.Model(lambda r: TwoTowers(vit, bcfg, tcfg, rngs=r), mesh)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    oc = cfg.optim.copy_and_resolve_references()
+    rules = [tuple(r) for r in oc.get("lr_rules", ())]
+    if tcfg.objective == "regress":
+        rules.insert(0, ("text/.*", None))  # the regression target is the frozen text embedding
+    oc.lr_rules = rules
+    tx = optim.build(oc, params_shape)
+    frozen = optim.frozen_towers(oc, params_shape, TOWERS)
+    rep = common.replicated(mesh)
+    shardings = {"step": rep, "params": model.shardings,
+                 "opt": common.opt_shardings(tx, params_shape, model.shardings, mesh)}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
+              "opt": jax.eval_shape(tx.init, params_shape)}
+    return {"model": model, "tx": tx, "frozen": frozen, "shardings": shardings, "shapes": shapes,
+            "step": make_step(cfg, model, tx, frozen), "vit": vit, "bert": bcfg, "towers": tcfg}
+
+
+def batch_spec(cfg, vit: ViTConfig) -> dict:
+    b, t = cfg.data.batch_size, cfg.data.max_length
+    return {"image": ((b, *vit.img_size, vit.in_channels), jnp.float32), "input_ids": ((b, t), jnp.int32),
+            "attention_mask": ((b, t), jnp.int32), "study_id_hash": ((b,), jnp.int32)}
+
+
+def initial_params(cfg, b: dict) -> dict:
+    """Fresh projections; towers from stage 1 where configured, all born on the model's shardings."""
+    model = b["model"]
+    params = model.init(jax.random.key(cfg.seed))
+    if cfg.init.get("vision"):
+        src = cfg.init.get("vision_from", "teacher")
+        sub = {src: {"backbone": common.abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                             params["image"]), model.shardings["image"])}}
+        step, restored = ckpt.restore_subtree(os.path.join(cfg.init.vision, "checkpoints"), sub)
+        params["image"] = restored[src]["backbone"]
+        print(f"clip_align: image tower <- {cfg.init.vision} ({src} backbone, step {step})", flush=True)
+    path = text_path(cfg)
+    if path:
+        host = bert.from_pretrained(path, mlm_head=False, seed=cfg.seed, **dict(cfg.model.get("text_overrides", {})))
+        params["text"] = jax.device_put(nnx.to_pure_dict(nnx.state(host)), model.shardings["text"])
+        print(f"clip_align: text tower <- {path}", flush=True)
+    return params
+
+
+def _pipeline(cfg, split: str, *, train: bool, loader: P.LoaderConfig):
+    vit = vit_config(cfg)
+    return P.pairs(P.data_source(cfg.data.dir, split), loader, vit.img_size, text_path(cfg) or cfg.data.tokenizer,
+                   max_length=cfg.data.max_length, train=train, crop_scale=tuple(cfg.data.crop_scale))
+
+
+# -- training -----------------------------------------------------------------------------------
+
+def train(cfg, workdir: str) -> dict:
+    """Runs (or resumes) stage 2; returns the last metrics plus held-out retrieval (``eval/...``)."""
+    os.makedirs(workdir, exist_ok=True)
+    common.initialize_distributed()
+    mesh = sh.make_mesh(dict(cfg.mesh))
+    print(f"clip_align: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
+
+    b = build(cfg, mesh)
+    shardings = b["shardings"]
+    loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    iterator = iter(_pipeline(cfg, "train", train=True, loader=loader))
+    if b["frozen"]["image"] or b["frozen"]["text"]:
+        print(f"clip_align: frozen towers {[t for t, f in b['frozen'].items() if f]}", flush=True)
+
+    mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                        save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
+    restored = ckpt.restore(mngr, common.abstract(b["shapes"], shardings), iterator)
+    _write_spec(cfg, workdir, b)
+    evaluate = _evaluator(cfg, b, mesh, workdir)
+    if restored:
+        start, state = restored
+        print(f"resumed from step {start}", flush=True)
+    else:
+        params = initial_params(cfg, b)
+        opt = jax.jit(b["tx"].init, out_shardings=shardings["opt"])(params)
+        state, start = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}, 0
+        if cfg.eval.before:
+            evaluate(state["params"], "before")
+
+    step_fn = jax.jit(b["step"], in_shardings=(shardings, None), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
+    state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
+                                     workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
+                                     stop_after=cfg.get("stop_after", 0))
+    if int(state["step"]) == cfg.steps:
+        metrics.update({f"eval/{k}": v for k, v in evaluate(state["params"], "after").items()})
+    return metrics
+
+
+def _evaluator(cfg, b, mesh, workdir):
+    """Held-out retrieval at the start ("before") and the end ("after"); JSON per split."""
+    from decipher_jax.eval import embed, retrieval
+
+    def run(params, tag: str) -> dict:
+        out = {}
+        for split in cfg.eval.splits:
+            try:
+                source = P.data_source(cfg.data.dir, split)
+            except (KeyError, ValueError, FileNotFoundError) as e:  # a corpus without that split
+                print(f"clip_align: no {split!r} split to evaluate ({e})", flush=True)
+                continue
+            e = embed.embed_pairs(b["model"], params, source, mesh, image_size=b["vit"].img_size,
+                                  tokenizer=text_path(cfg) or cfg.data.tokenizer, max_length=cfg.data.max_length,
+                                  batch_size=cfg.eval.batch_size)
+            m = retrieval.evaluate_pairs(e["image"], e["text"], e["study_id"])
+            path = os.path.join(workdir, f"eval_{split}.json")
+            prev = json.load(open(path)) if os.path.exists(path) else {}
+            prev[tag] = m
+            if jax.process_index() == 0:
+                with open(path, "w") as f:
+                    json.dump(prev, f, indent=1)
+            print(f"clip_align [{tag}] {split}: " + retrieval.summary(m), flush=True)
+            out.update({f"{split}/{k}": v for k, v in m.items()})
+        return out
+
+    return run
+
+
+def _write_spec(cfg, workdir, b):
+    """Everything needed to rebuild the model from this workdir (zero-shot, evaluation)."""
+    import dataclasses
+
+    spec = {"config": cfg.to_dict(), "vit": dataclasses.asdict(b["vit"]), "bert": dataclasses.asdict(b["bert"]),
+            "towers": dataclasses.asdict(b["towers"]), "tokenizer": text_path(cfg) or cfg.data.tokenizer}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "run_spec.json"), "w") as f:
+            json.dump(spec, f, indent=1, default=str)
+
+
+def load(workdir: str, mesh=None, step: int | None = None):
+    """``(model, params, spec)`` of a stage-2 workdir's latest (or given) checkpoint on ``mesh``."""
+    with open(os.path.join(workdir, "run_spec.json")) as f:
+        spec = json.load(f)
+    fix = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+    vit, bcfg, tcfg = ViTConfig(**fix(spec["vit"])), bert.BertConfig(**fix(spec["bert"])), TowersConfig(**spec["towers"])
+    mesh = mesh or sh.make_mesh({"data": -1})
+    model = common.Model(lambda r: TwoTowers(vit, bcfg, tcfg, rngs=r), mesh)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    step, restored = ckpt.restore_subtree(os.path.join(workdir, "checkpoints"),
+                                          {"params": common.abstract(shapes, model.shardings)}, step=step)
+    return model, restored["params"], spec | {"step": step}
+

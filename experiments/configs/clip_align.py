@@ -1,0 +1,94 @@
+"""Stage 2: align the stage-1 3D ViT and report encoder (CLIP / SigLIP / NeuroBERT regression).
+
+    decipher train --config experiments/configs/clip_align.py:tiny --workdir outputs/clip_tiny
+    decipher train --config experiments/configs/clip_align.py:tiny,siglip --workdir W
+    decipher train --config experiments/configs/clip_align.py:lit --workdir W       # locked image tower
+    decipher train --config experiments/configs/clip_align.py:regress --workdir W   # MSE to frozen text
+
+The argument is a comma-separated list: ``tiny``; an objective ``clip`` (default), ``siglip``
+or ``regress``; ``lit`` (image tower locked: one optimiser rule). Defaults follow open_clip
+(temperature 1/0.07 learnt, clamped at 100; AdamW betas (0.9, 0.98), weight decay 0.1) and
+big_vision SigLIP (t' = log 10, b = -10), with a linear warm-up and cosine decay.
+"""
+
+import ml_collections as mlc
+
+
+def get_config(arg=None):
+    opts = {o for o in (arg or "").split(",") if o}
+    unknown = opts - {"tiny", "clip", "siglip", "regress", "lit"}
+    if unknown:
+        raise ValueError(f"unknown config options {sorted(unknown)}")
+    tiny = "tiny" in opts
+    objective = "siglip" if "siglip" in opts else "regress" if "regress" in opts else "clip"
+
+    c = mlc.ConfigDict()
+    c.seed = 0
+    # FSDP: replicated parameters make every (simulated) device repeat the whole AdamW update.
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    c.steps = 80 if tiny else 20_000
+    c.stop_after = 0
+    c.log_every = 5 if tiny else 50
+    c.checkpoint_every = 40 if tiny else 1000
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+
+    # Where the towers come from: a vision_ssl workdir (its EMA teacher's backbone) and a HF
+    # BERT directory (a text_mlm run's hf_export, PubMedBERT, or "minilm"). "" = random init.
+    c.init = mlc.ConfigDict()
+    c.init.vision = "outputs/demo/stage1_vision" if tiny else "checkpoints/stage1_vision"
+    c.init.vision_from = "teacher"
+    c.init.text = "outputs/demo/stage1_text/hf_export" if tiny else "checkpoints/stage1_text/hf_export"
+
+    c.data = mlc.ConfigDict()
+    c.data.dir = "outputs/demo/data/prep" if tiny else "data/prep"
+    c.data.batch_size = 16 if tiny else 4096
+    c.data.num_workers = 0 if tiny else 8
+    c.data.max_length = 64 if tiny else 256
+    c.data.crop_scale = (0.6, 1.0)  # stage 2 sees most of the series: its report describes all of it
+    c.data.tokenizer = ""  # only needed when init.text is "" (random text tower)
+
+    c.model = mlc.ConfigDict()
+    # Used when init.vision is "" (random image tower); otherwise the stage-1 run's ViT is read.
+    if tiny:
+        c.model.vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32))
+    else:
+        c.model.vit = dict(dim=768, depth=12, heads=12, mlp_dim=3072, patch_size=(16, 16, 16), img_size=(96, 96, 96),
+                           num_registers=4)
+    c.model.vit_overrides = {} if tiny else {"dtype": "bfloat16", "remat": "dots", "scan": True}
+    # Used when init.text is "" (random text tower; AOT): HF config.json fields (PubMedBERT-base).
+    c.model.bert = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=512)
+    c.model.text_overrides = {} if tiny else {"dtype": "bfloat16", "remat": "dots", "scan": True}
+    # Tiny: the 30-step stage-1 ViT's mean patch token carries more of the series than its CLS
+    # (held-out R@5 0.79-0.87 against 0.67-0.83 with CLS, 60 steps; BENCHMARKS.md / issue notes).
+    c.model.towers = dict(objective=objective, embed_dim=128 if tiny else 512, image_pool="mean" if tiny else "cls",
+                          # MiniLM (tiny) was trained with mean pooling; BERT-style CLS otherwise.
+                          text_pool="mean" if tiny else "cls")
+    c.model.drop_path = 0.0 if tiny else 0.1
+
+    c.loss = mlc.ConfigDict()
+    c.loss.regression = "mse"  # or "cosine" (objective "regress")
+
+    c.optim = mlc.ConfigDict()
+    c.optim.lr = 1e-3 if tiny else 5e-4
+    c.optim.min_lr = 0.0
+    c.optim.warmup_steps = 6 if tiny else 600
+    c.optim.total_steps = c.steps
+    c.optim.b1, c.optim.b2 = 0.9, 0.98
+    c.optim.weight_decay = 0.1 if not tiny else 0.01
+    c.optim.weight_decay_end = c.optim.weight_decay
+    c.optim.clip_norm = 1.0
+    # (regex, lr multiplier or None = frozen), first match wins. The pretrained towers learn 10x
+    # slower than the fresh projections; "lit" locks the image tower. (Tiny: with the image tower
+    # at the full lr, its embeddings collapsed within 15 steps, std 0.017 -> 0.006.)
+    rules = [("image/.*", 0.1), ("text/.*", 0.1)]
+    if "lit" in opts:
+        rules = [("image/.*", None)] + rules
+    c.optim.lr_rules = rules
+
+    c.eval = mlc.ConfigDict()
+    c.eval.splits = ("test",)
+    c.eval.before = True  # also evaluate the stage-1 towers with fresh projections (step 0)
+    c.eval.batch_size = 16 if tiny else 256
+    return c
