@@ -8,7 +8,9 @@ Needs the ``tpu-aot`` extra (``libtpu``). Prints per-chip memory against HBM and
 
 Steps (``--step``): ``vit`` (a ViT forward / backward + AdamW on an objective over CLS and patch
 tokens) and ``vision_ssl`` (the real stage-1 step of ``experiments/configs/vision_ssl.py``:
-student + EMA teacher, DINO / iBOT heads with 65536 prototypes, 2 global + 8 local crops).
+student + EMA teacher, DINO / iBOT heads with 65536 prototypes, 2 global + 8 local crops) and
+``clip_align`` (the real stage-2 step of ``experiments/configs/clip_align.py``: ViT + BERT-base
+towers, the contrastive loss over the whole global batch, AdamW with the towers' lr rules).
 """
 
 from __future__ import annotations
@@ -91,13 +93,47 @@ def vision_ssl_step(args, topology: str) -> aot.AotResult:
     return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), analytic)
 
 
-STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step}
+def clip_align_step(args, topology: str) -> aot.AotResult:
+    """The real stage-2 step (ViT + PubMedBERT-base towers, CLIP over the global batch, AdamW)."""
+    import jax
+
+    from decipher_jax import sharding as sh
+    from decipher_jax.trainers import clip_align, common
+
+    arg = "siglip" if args.objective == "siglip" else ""
+    cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "clip_align.py") + f":{arg}",
+                             {"init.vision": "", "init.text": ""})
+    dim, depth, heads, mlp = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096)}[args.variant.split("/")[0]]
+    cfg.model.vit.update(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, img_size=(args.size,) * 3)
+    cfg.model.vit_overrides.update(remat=args.remat, scan=args.scan)
+    cfg.model.text_overrides.update(remat=args.remat, scan=args.scan)
+    chips = len(aot.topology_mesh(topology, {"data": -1})[1])
+    cfg.data.batch_size = args.per_chip_batch * chips
+    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, dim))
+    b = clip_align.build(cfg, mesh)
+    state = common.abstract(b["shapes"], b["shardings"])
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
+             for k, (shape, dt) in clip_align.batch_spec(cfg, b["vit"]).items()}
+    jitted = jax.jit(b["step"], in_shardings=(b["shardings"], None), out_shardings=(b["shardings"], None),
+                     donate_argnums=(0,))
+    n, t, bc = cfg.data.batch_size, cfg.data.max_length, b["bert"]
+    text = 3.0 * n * bc.num_layers * (2 * t * bc.hidden_size * 4 * bc.hidden_size + 4 * t * t * bc.hidden_size
+                                      + 4 * t * bc.hidden_size * bc.intermediate_size)
+    logits = 3.0 * 2 * n * n * cfg.model.towers.embed_dim
+    analytic = aot.vit_train_flops(b["vit"], n, b["vit"].img_size) + text + logits
+    name = (f"stage-2 {cfg.model.towers.objective.upper()} ViT-{args.variant} {args.size}^3 + BERT-base "
+            f"{t} tokens, global batch {n}")
+    return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), analytic)
+
+
+STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", choices=sorted(STEPS), default="vit")
     p.add_argument("--variant", default="B/16")
+    p.add_argument("--objective", default="clip", choices=["clip", "siglip"], help="clip_align step only")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--per-chip-batch", type=int, default=4)
     p.add_argument("--remat", default="dots", choices=["none", "dots", "full"])
