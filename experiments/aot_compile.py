@@ -109,7 +109,8 @@ def clip_align_step(args, topology: str) -> aot.AotResult:
     cfg.model.text_overrides.update(remat=args.remat, scan=args.scan)
     chips = len(aot.topology_mesh(topology, {"data": -1})[1])
     cfg.data.batch_size = args.per_chip_batch * chips
-    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, dim))
+    # Both towers shard their embedding axis over fsdp: it must divide the ViT's and BERT's width.
+    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, math.gcd(dim, 768)))
     b = clip_align.build(cfg, mesh)
     state = common.abstract(b["shapes"], b["shardings"])
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
