@@ -5,6 +5,7 @@
     decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
     decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...
+    decipher report --workdir W              # HTML page with the run's tables and figures
 
 Subcommands import their dependencies lazily so that ``--help`` is instant and environment
 variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax starts.
@@ -108,6 +109,13 @@ def _zeroshot(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from decipher_jax import report
+
+    print(f"wrote {report.build(args.workdir, args.out)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decipher", description="Decipher-MR in JAX: 3D MRI foundation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +162,11 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--out", help="CSV path (default: WORKDIR/zeroshot_SPLIT.csv)")
     p.set_defaults(fn=_zeroshot)
+
+    p = sub.add_parser("report", help="write an HTML report (tables and figures) of a pipeline workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", help="default: WORKDIR/report.html")
+    p.set_defaults(fn=_report)
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "takes_extra", False):
         return int(args.fn(args, extra) or 0)

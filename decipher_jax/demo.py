@@ -140,11 +140,27 @@ def run(workdir: str, devices: int = 8) -> int:
         say(f"  held-out retrieval {tag} stage 2 ({e['n_studies']} test studies): image->report R@1/R@5 "
             f"{e['i2t_study/R@1']:.2f}/{e['i2t_study/R@5']:.2f} (study), {e['i2t_series/R@1']:.2f}/"
             f"{e['i2t_series/R@5']:.2f} (series); chance R@5 {e['chance_study_R@5']:.2f}")
-    say(_zeroshot_demo(s2, prep_dir))
-    return _write_summary(workdir, lines)
+    say(_zeroshot_demo(s2, prep_dir, workdir))
+
+    # -- evaluation: linear probes of frozen encoders, then the HTML report ---------------------
+    from decipher_jax.eval import suite
+
+    t0 = time.perf_counter()
+    rows = suite.probe_encoders(workdir, prep_dir)
+    s = suite.summarise(rows)
+    encs = sorted({k[0] for k in s})
+    say(f"linear probes (logistic, C by 3-fold CV, {len(rows)} fits of fractions x seeds) in "
+        f"{time.perf_counter() - t0:.0f} s; balanced accuracy on the test split with all labels:")
+    for task in sorted({k[1] for k in s}):
+        say(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in encs if (e, task, 1.0) in s))
+    rc = _write_summary(workdir, lines)
+    from decipher_jax import report
+
+    print(f"wrote {report.build(workdir)} (open it in a browser)")
+    return rc
 
 
-def _zeroshot_demo(stage2: str, prep_dir: str) -> str:
+def _zeroshot_demo(stage2: str, prep_dir: str, workdir: str) -> str:
     """Zero-shot on the held-out split: body region from phrasings alone, and one finding query."""
     import numpy as np
 
@@ -164,11 +180,20 @@ def _zeroshot_demo(stage2: str, prep_dir: str) -> str:
     lines = [f"zero-shot on {int(keep.sum())} held-out series: body region from its name alone, accuracy "
              f"{acc:.2f} (chance {1 / max(len(regions), 1):.2f})"]
     y = infarct[brain]
+    results = {f"body region from its name ({int(keep.sum())} series, chance {1 / max(len(regions), 1):.2f})":
+               f"accuracy {acc:.2f}"}
     if 0 < y.sum() < len(y):
         from sklearn.metrics import roc_auc_score
 
+        auc = roc_auc_score(y, q)
         lines.append(f"  query 'there is an acute infarct' vs 'no acute infarct' on {len(y)} brain series: "
-                     f"AUROC {roc_auc_score(y, q):.2f} ({int(y.sum())} with an infarct)")
+                     f"AUROC {auc:.2f} ({int(y.sum())} with an infarct)")
+        results[f"'there is an acute infarct' vs 'no acute infarct' ({len(y)} brain series, {int(y.sum())} "
+                f"positive)"] = f"AUROC {auc:.2f}"
+    import json
+
+    with open(os.path.join(workdir, "zeroshot.json"), "w") as f:
+        json.dump(results, f, indent=1)
     return "\n".join(lines)
 
 

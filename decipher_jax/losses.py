@@ -9,6 +9,8 @@ are over the *global* batch, which is what DINOv2 achieves with all-reduces.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -116,7 +118,8 @@ def entropy(probs):
 
 # -- stage 2: image-text alignment ------------------------------------------------------------
 
-LOG_MAX_SCALE = float(jnp.log(100.0))  # open_clip clamps the learnt temperature at 100
+LOG_MAX_SCALE = math.log(100.0)  # open_clip clamps the learnt temperature at 100 (no jnp at import: that would
+# initialise the backend before jax.distributed.initialize)
 
 
 def positives(ids_a, ids_b=None):

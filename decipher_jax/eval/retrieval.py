@@ -75,3 +75,19 @@ def summary(m: dict) -> str:
             f"{m['i2t_series/R@1']:.2f}/{m['i2t_series/R@5']:.2f}/{m['i2t_series/R@10']:.2f} (series), "
             f"{m['i2t_study/R@1']:.2f}/{m['i2t_study/R@5']:.2f}/{m['i2t_study/R@10']:.2f} (study), "
             f"report->image R@5 {m['t2i_series/R@5']:.2f}; chance R@5 {m['chance_study_R@5']:.2f}")
+
+
+def examples(image, text, study_ids, reports, n: int = 6, k: int = 3, **meta) -> list[dict]:
+    """The top-``k`` reports retrieved for ``n`` series spread over the split (for reports)."""
+    study_ids = np.asarray(study_ids)
+    uniq, first = np.unique(study_ids, return_index=True)
+    order = np.argsort(first)
+    uniq, first = uniq[order], first[order]
+    sim = _normalise(image) @ _normalise(np.asarray(text)[first]).T
+    out = []
+    for i in np.unique(np.linspace(0, len(study_ids) - 1, n).astype(int)):
+        top = np.argsort(-sim[i])[:k]
+        out.append({"study_id": str(study_ids[i]), "top_studies": [str(s) for s in uniq[top]],
+                    "top_reports": [" ".join(str(reports[first[t]]).split()) for t in top],
+                    **{key: str(v[i]) for key, v in meta.items()}})
+    return out

@@ -230,6 +230,9 @@ def _evaluator(cfg, b, mesh, workdir):
                                   tokenizer=text_path(cfg) or cfg.data.tokenizer, max_length=cfg.data.max_length,
                                   batch_size=cfg.eval.batch_size)
             m = retrieval.evaluate_pairs(e["image"], e["text"], e["study_id"])
+            if "report" in e:
+                m["examples"] = retrieval.examples(e["image"], e["text"], e["study_id"], e["report"],
+                                                   series_id=e["series_id"], body_region=e["body_region"])
             path = os.path.join(workdir, f"eval_{split}.json")
             prev = json.load(open(path)) if os.path.exists(path) else {}
             prev[tag] = m
@@ -237,7 +240,7 @@ def _evaluator(cfg, b, mesh, workdir):
                 with open(path, "w") as f:
                     json.dump(prev, f, indent=1)
             print(f"clip_align [{tag}] {split}: " + retrieval.summary(m), flush=True)
-            out.update({f"{split}/{k}": v for k, v in m.items()})
+            out.update({f"{split}/{k}": v for k, v in m.items() if k != "examples"})
         return out
 
     return run

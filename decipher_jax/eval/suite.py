@@ -1,0 +1,98 @@
+"""Frozen-encoder evaluation of a pipeline workdir: linear probes of the stage-2, stage-1 and
+randomly initialised image encoders on the metadata tasks of a prepared dataset.
+
+    rows = probe_encoders("outputs/demo", "outputs/demo/data/prep")   # also writes eval/probes.{csv,json}
+
+Tasks come from the records' metadata: body region, sequence and sex (classes seen in the
+training split; test rows of unseen classes are dropped). Probes: logistic, C chosen by
+3-fold CV, over label fractions x seeds, all in batched calls (:mod:`decipher_jax.eval.probes`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+
+from decipher_jax import checkpoint as ckpt
+from decipher_jax import sharding as sh
+from decipher_jax.data import pipelines as P
+from decipher_jax.eval import features, probes
+from decipher_jax.models.vit3d import ViT3D, ViTConfig
+from decipher_jax.trainers import common
+
+TASKS = ("body_region", "sequence", "sex")
+
+
+def encoders(workdir: str, mesh) -> dict:
+    """``{name: (model, params)}`` for the stage-2 image tower, the stage-1 teacher and a random init."""
+    from decipher_jax.trainers import clip_align
+
+    out = {}
+    s2 = os.path.join(workdir, "stage2")
+    model2, params2, spec = clip_align.load(s2, mesh=mesh)
+    vit = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["vit"].items()})
+    model = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
+    out["stage 2 (CLIP)"] = (model, params2["image"])
+    s1 = os.path.join(workdir, "stage1_vision", "checkpoints")
+    if os.path.isdir(s1):
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+        _, part = ckpt.restore_subtree(s1, {"teacher": {"backbone": common.abstract(shapes, model.shardings)}})
+        out["stage 1 (DINO teacher)"] = (model, part["teacher"]["backbone"])
+    out["random init"] = (model, model.init(jax.random.key(123)))
+    return out, vit
+
+
+def _tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, train ids, test ids) per metadata task; -1 marks a class unseen in training."""
+    tasks = []
+    for name in TASKS:
+        if name not in train:
+            continue
+        classes = sorted(set(train[name]) - {""})
+        if len(classes) < 2:
+            continue
+        index = {c: i for i, c in enumerate(classes)}
+        ytr = np.array([index.get(v, -1) for v in train[name]])
+        yte = np.array([index.get(v, -1) for v in test[name]])
+        tasks.append((name, ytr, yte))
+    return tasks
+
+
+def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2), mesh=None,
+                   feature: str = "mean") -> list[dict]:
+    mesh = mesh or sh.make_mesh({"data": -1})
+    encs, vit = encoders(workdir, mesh)
+    rows = []
+    out_dir = os.path.join(workdir, "eval")
+    for name, (model, params) in encs.items():
+        tag = name.split(" ")[0] + ("_" + name.split(" ")[1] if " " in name else "")
+        feats = {}
+        for split in ("train", "test"):
+            feats[split] = features.extract(model, params, P.data_source(prep_dir, split), mesh, size=vit.img_size,
+                                            out_dir=os.path.join(out_dir, "features", tag.replace(" ", "_"), split))
+        for tname, ytr, yte in _tasks(feats["train"], feats["test"]):
+            tr_ok, te_ok = ytr >= 0, yte >= 0  # rows with a known label, one task at a time
+            task = probes.Task(tname, ytr[tr_ok], yte[te_ok])
+            for r in probes.logistic_sweep(feats["train"][feature][tr_ok], feats["test"][feature][te_ok], [task],
+                                           fractions=fractions, seeds=seeds, iters=100):
+                rows.append({"encoder": name, "feature": feature, **r})
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "probes.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "probes.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def summarise(rows: list[dict], metric: str = "balanced_accuracy") -> dict:
+    """``{(encoder, task, fraction): (mean, std over seeds)}``."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["encoder"], r["task"], r["fraction"]), []).append(r[metric])
+    return {k: (float(np.mean(v)), float(np.std(v))) for k, v in groups.items()}

@@ -1,0 +1,163 @@
+"""``decipher report``: one self-contained HTML page (figures embedded as PNG) for a workdir.
+
+Reads what the pipeline wrote and skips what is absent:
+- ``stage1_vision/``, ``stage1_text/``, ``stage2/`` ``metrics.jsonl``: training curves;
+- ``stage2/eval_test.json``: held-out retrieval before / after stage 2, with examples;
+- ``eval/probes.json``: probe score against label fraction, per task and encoder;
+- ``zeroshot.json``: zero-shot results; ``summary.md``: the run's summary lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%}.note{color:#666;font-size:.9em}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto}"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(header, rows, left=1) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(c))}</td>'
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+STAGES = (("stage1_vision", "Stage 1 vision (DINO + iBOT + KoLeo)", ("loss", "dino", "ibot", "koleo"),
+           ("teacher_entropy", "feature_std")),
+          ("stage1_text", "Stage 1 text (MLM)", ("loss",), ("acc",)),
+          ("stage2", "Stage 2 (image-report alignment)", ("loss",), ("i2t_acc", "embed_std")))
+
+
+def training_curves(workdir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [s for s in STAGES if os.path.exists(os.path.join(workdir, s[0], "metrics.jsonl"))]
+    if not present:
+        return ""
+    fig, axes = plt.subplots(2, len(present), figsize=(4.2 * len(present), 5.5), squeeze=False)
+    for j, (d, title, top, bottom) in enumerate(present):
+        rows = _read_jsonl(os.path.join(workdir, d, "metrics.jsonl"))
+        steps = [r["step"] for r in rows]
+        for ax, keys in ((axes[0, j], top), (axes[1, j], bottom)):
+            for k in keys:
+                if k in rows[0]:
+                    ax.plot(steps, [r.get(k, np.nan) for r in rows], label=k)
+            ax.legend(fontsize=8)
+            ax.set_xlabel("step")
+        axes[0, j].set_title(title, fontsize=10)
+    fig.tight_layout()
+    return "<h2>Training curves</h2>" + _png(fig)
+
+
+def retrieval(workdir: str) -> str:
+    path = os.path.join(workdir, "stage2", "eval_test.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        ev = json.load(f)
+    keys = ["i2t_study/R@1", "i2t_study/R@5", "i2t_study/R@10", "i2t_series/R@5", "t2i_series/R@5", "i2t_series/MRR"]
+    rows = [[tag, *(f"{ev[tag][k]:.2f}" for k in keys)] for tag in ("before", "after") if tag in ev]
+    any_ev = ev.get("after") or ev.get("before")
+    out = ["<h2>Held-out retrieval</h2>",
+           f'<p class="note">{any_ev["n_studies"]} test studies, {any_ev["n_series"]} series; chance R@5 at study '
+           f'level {any_ev["chance_study_R@5"]:.2f}. "before": the stage-1 towers with fresh projections.</p>',
+           _table(["model"] + keys, rows)]
+    ex = (ev.get("after") or ev.get("before") or {}).get("examples")
+    if ex:
+        out.append("<h3>Examples: the top reports retrieved for held-out series</h3>")
+        rows = [[e["series_id"], e["body_region"], " | ".join(("✓ " if s == e["study_id"] else "") + t[:90]
+                                                              for s, t in zip(e["top_studies"], e["top_reports"]))]
+                for e in ex]
+        out.append(_table(["series", "region", "top-3 reports (✓ = its own study)"], rows, left=3))
+    return "\n".join(out)
+
+
+def probes_section(workdir: str) -> str:
+    path = os.path.join(workdir, "eval", "probes.json")
+    if not os.path.exists(path):
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from decipher_jax.eval.suite import summarise
+
+    with open(path) as f:
+        rows = json.load(f)
+    s = summarise(rows)
+    tasks = sorted({k[1] for k in s})
+    encs = sorted({k[0] for k in s})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for e in encs:
+            fr = sorted(k[2] for k in s if k[0] == e and k[1] == t)
+            m = [s[(e, t, f)][0] for f in fr]
+            sd = [s[(e, t, f)][1] for f in fr]
+            ax.errorbar(fr, m, yerr=sd, marker="o", capsize=3, label=e)
+        ax.set_xscale("log")
+        ax.set_title(t, fontsize=10)
+        ax.set_xlabel("label fraction")
+        ax.set_ylabel("balanced accuracy (test)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    full = [[e, t, f"{s[(e, t, 1.0)][0]:.3f}"] for e in encs for t in tasks if (e, t, 1.0) in s]
+    return ("<h2>Linear probes on frozen features</h2>"
+            '<p class="note">Logistic probes (C by 3-fold CV) on mean-pooled patch tokens; mean and std over '
+            "seeds of the label subsets. Scores on the held-out split.</p>" + _png(fig)
+            + _table(["encoder", "task", "balanced accuracy, all labels"], full, left=2))
+
+
+def zeroshot_section(workdir: str) -> str:
+    path = os.path.join(workdir, "zeroshot.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        z = json.load(f)
+    return "<h2>Zero-shot</h2>" + _table(["query", "result"], [[k, v] for k, v in z.items()], left=2)
+
+
+def build(workdir: str, out: str | None = None) -> str:
+    out = out or os.path.join(workdir, "report.html")
+    parts = [f"<h1>decipher_jax report: {html.escape(os.path.abspath(workdir))}</h1>",
+             f'<p class="note">written {datetime.datetime.now().isoformat(timespec="seconds")}</p>']
+    summary = os.path.join(workdir, "summary.md")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            parts.append("<h2>Summary</h2><pre>" + html.escape(f.read()) + "</pre>")
+    for section in (training_curves, retrieval, probes_section, zeroshot_section):
+        parts.append(section(workdir))
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>decipher_jax report</title><style>{CSS}</style>" \
+           f"</head><body>{''.join(p for p in parts if p)}</body></html>"
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(page)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,48 @@
+"""The HTML report renders every section it has inputs for, with its figures embedded."""
+
+import base64
+import json
+import os
+import re
+
+from decipher_jax import cli
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_report_renders_with_figures(tmp_path):
+    w = tmp_path / "run"
+    _write_jsonl(str(w / "stage1_vision" / "metrics.jsonl"),
+                 [{"step": s, "loss": 9 - s, "dino": 5.0, "ibot": 3.0, "koleo": 0.5, "teacher_entropy": 4.0,
+                   "feature_std": 0.1} for s in range(1, 6)])
+    _write_jsonl(str(w / "stage2" / "metrics.jsonl"),
+                 [{"step": s, "loss": 3 - 0.1 * s, "i2t_acc": 0.1 * s, "embed_std": 0.02} for s in range(1, 6)])
+    ev = {"n_studies": 10, "n_series": 20, "chance_study_R@5": 0.5}
+    keys = ["i2t_study/R@1", "i2t_study/R@5", "i2t_study/R@10", "i2t_series/R@5", "t2i_series/R@5", "i2t_series/MRR"]
+    before, after = ev | dict.fromkeys(keys, 0.1), ev | dict.fromkeys(keys, 0.8)
+    after["examples"] = [{"series_id": "P1_T1", "study_id": "P1", "body_region": "knee", "top_studies": ["P1", "P2"],
+                          "top_reports": ["MRI knee. <b>No effusion</b>.", "MRI brain."]}]
+    with open(w / "stage2" / "eval_test.json", "w") as f:
+        json.dump({"before": before, "after": after}, f)
+    rows = [{"encoder": e, "task": "body_region", "fraction": fr, "seed": s, "balanced_accuracy": 0.5 + 0.1 * s}
+            for e in ("random init", "stage 2 (CLIP)") for fr in (0.1, 1.0) for s in (0, 1)]
+    os.makedirs(w / "eval")
+    with open(w / "eval" / "probes.json", "w") as f:
+        json.dump(rows, f)
+    with open(w / "summary.md", "w") as f:
+        f.write("# demo\nstage 2 ok\n")
+
+    assert cli.main(["report", "--workdir", str(w)]) == 0
+    page = (w / "report.html").read_text()
+    for h in ("Summary", "Training curves", "Held-out retrieval", "Linear probes on frozen features"):
+        assert f"<h2>{h}</h2>" in page, h
+    assert "Zero-shot" not in page  # no zeroshot.json: the section is skipped, not left empty
+    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(pngs) == 2
+    assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "&lt;b&gt;No effusion&lt;/b&gt;" in page and "✓ MRI knee" in page  # report text is escaped
+    assert "0.80" in page and "0.10" in page
