@@ -141,6 +141,15 @@ def run(workdir: str, devices: int = 8) -> int:
             f"{e['i2t_study/R@1']:.2f}/{e['i2t_study/R@5']:.2f} (study), {e['i2t_series/R@1']:.2f}/"
             f"{e['i2t_series/R@5']:.2f} (series); chance R@5 {e['chance_study_R@5']:.2f}")
     say(_zeroshot_demo(s2, prep_dir, workdir))
+    from decipher_jax import zeroshot
+    from decipher_jax.eval import localisation
+
+    loc = localisation.evaluate_split(zeroshot.ZeroShot.from_workdir(s2), prep_dir, "test",
+                                      out=os.path.join(workdir, "localisation"))
+    if loc["n_series"]:
+        say(f"text-guided localisation on {loc['n_series']} held-out lesion series: voxel AUROC "
+            f"{loc['voxel_auroc']:.2f} (random 0.50), pointing game {loc['pointing_game']:.2f} "
+            f"(random point {loc['pointing_game_random']:.3f})")
 
     # -- evaluation: linear probes of frozen encoders, then the HTML report ---------------------
     from decipher_jax.eval import suite

@@ -4,7 +4,8 @@ Reads what the pipeline wrote and skips what is absent:
 - ``stage1_vision/``, ``stage1_text/``, ``stage2/`` ``metrics.jsonl``: training curves;
 - ``stage2/eval_test.json``: held-out retrieval before / after stage 2, with examples;
 - ``eval/probes.json``: probe score against label fraction, per task and encoder;
-- ``zeroshot.json``: zero-shot results; ``summary.md``: the run's summary lines.
+- ``zeroshot.json``: zero-shot results; ``localisation/``: heatmap metrics and example slices;
+- ``summary.md``: the run's summary lines.
 """
 
 from __future__ import annotations
@@ -135,6 +136,43 @@ def probes_section(workdir: str) -> str:
             + _table(["encoder", "task", "balanced accuracy, all labels"], full, left=2))
 
 
+def localisation_section(workdir: str) -> str:
+    d = os.path.join(workdir, "localisation")
+    if not os.path.exists(os.path.join(d, "localisation.json")):
+        return ""
+    with open(os.path.join(d, "localisation.json")) as f:
+        m = json.load(f)
+    out = ["<h2>Text-guided localisation</h2>",
+           f'<p class="note">Cosine of the finding\'s query sentence with every patch embedding, upsampled '
+           f'trilinearly; {m["n_series"]} held-out series with a lesion mask. Pointing game: the heatmap maximum '
+           f'falls in the lesion ({m["pointing_game"]:.2f}; a random point: {m["pointing_game_random"]:.3f}). '
+           f'Voxel AUROC {m["voxel_auroc"]:.2f} (random: 0.50).</p>',
+           _table(["finding", "series", "pointing game", "voxel AUROC"],
+                  [[k, v["n"], f"{v['pointing_game']:.2f}", f"{v['voxel_auroc']:.2f}"]
+                   for k, v in m.get("per_finding", {}).items()])]
+    ex_path = os.path.join(d, "examples.npz")
+    if os.path.exists(ex_path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ex = np.load(ex_path)
+        n = len(ex["heat"])
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+        for ax, img, heat, mask, sid, q in zip(axes[0], ex["image"], ex["heat"], ex["mask"], ex["series_id"],
+                                               ex["query"]):
+            ax.imshow(img.T, cmap="gray", origin="lower")
+            ax.imshow(heat.T, cmap="inferno", alpha=0.45, origin="lower")
+            if mask.any():
+                ax.contour(mask.T, levels=[0.5], colors="cyan", linewidths=1.2, origin="lower")
+            ax.set_title(f"{sid}\n'{q}'", fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        out.append(_png(fig) + '<p class="note">Axial slice through each lesion (cyan contour); heatmap overlaid.</p>')
+    return "\n".join(out)
+
+
 def zeroshot_section(workdir: str) -> str:
     path = os.path.join(workdir, "zeroshot.json")
     if not os.path.exists(path):
@@ -152,7 +190,7 @@ def build(workdir: str, out: str | None = None) -> str:
     if os.path.exists(summary):
         with open(summary) as f:
             parts.append("<h2>Summary</h2><pre>" + html.escape(f.read()) + "</pre>")
-    for section in (training_curves, retrieval, probes_section, zeroshot_section):
+    for section in (training_curves, retrieval, probes_section, zeroshot_section, localisation_section):
         parts.append(section(workdir))
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>decipher_jax report</title><style>{CSS}</style>" \
            f"</head><body>{''.join(p for p in parts if p)}</body></html>"

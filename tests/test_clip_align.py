@@ -145,4 +145,11 @@ def test_tiny_stage2_lifts_heldout_retrieval(prepared_heldout, tmp_path):
     with open(csv) as f:
         rows = f.read().splitlines()
     assert len(rows) == after["n_series"] + 1 and "p_positive" in rows[0]
+    # Text-guided localisation over the held-out lesion series (metrics and example slices).
+    from decipher_jax.eval import localisation
+
+    loc = localisation.evaluate_split(zs, prepared_heldout, "test", out=str(tmp_path / "loc"))
+    assert loc["n_series"] > 0 and 0.0 <= loc["voxel_auroc"] <= 1.0 and 0.0 <= loc["pointing_game"] <= 1.0
+    ex = np.load(tmp_path / "loc" / "examples.npz")
+    assert ex["heat"].shape == ex["mask"].shape == ex["image"].shape and ex["mask"].any()
     shutil.rmtree(out)

@@ -250,8 +250,11 @@ def _write_spec(cfg, workdir, b):
     """Everything needed to rebuild the model from this workdir (zero-shot, evaluation)."""
     import dataclasses
 
+    tok = str(text_path(cfg) or cfg.data.tokenizer)
+    if tok and "://" not in tok and os.path.exists(tok):
+        tok = os.path.abspath(tok)  # the workdir is read later from other working directories
     spec = {"config": cfg.to_dict(), "vit": dataclasses.asdict(b["vit"]), "bert": dataclasses.asdict(b["bert"]),
-            "towers": dataclasses.asdict(b["towers"]), "tokenizer": text_path(cfg) or cfg.data.tokenizer}
+            "towers": dataclasses.asdict(b["towers"]), "tokenizer": tok}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "run_spec.json"), "w") as f:
             json.dump(spec, f, indent=1, default=str)
