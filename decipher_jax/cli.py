@@ -6,6 +6,7 @@
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
     decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...
     decipher report --workdir W              # HTML page with the run's tables and figures
+    decipher sweep --sweep experiments/sweeps/probes.py --workdir W
 
 Subcommands import their dependencies lazily so that ``--help`` is instant and environment
 variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax starts.
@@ -116,6 +117,17 @@ def _report(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from decipher_jax.eval import sweep
+
+    rows = sweep.run(sweep.load_sweep(args.sweep), args.workdir)
+    print(f"sweep: {len(rows)} results -> {os.path.join(args.workdir, 'eval', 'sweep.csv')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decipher", description="Decipher-MR in JAX: 3D MRI foundation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +174,11 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--out", help="CSV path (default: WORKDIR/zeroshot_SPLIT.csv)")
     p.set_defaults(fn=_zeroshot)
+
+    p = sub.add_parser("sweep", help="run an evaluation sweep file (feature sets x tasks x heads x grids)")
+    p.add_argument("--sweep", required=True, help="a .py file with get_sweep() (see experiments/sweeps/)")
+    p.add_argument("--workdir", required=True, help="results go to WORKDIR/eval/sweep.{csv,json}")
+    p.set_defaults(fn=_sweep)
 
     p = sub.add_parser("report", help="write an HTML report (tables and figures) of a pipeline workdir")
     p.add_argument("--workdir", required=True)

@@ -32,6 +32,7 @@ def encoders(workdir: str, mesh) -> dict:
     from decipher_jax.trainers import clip_align
 
     out = {}
+    mesh = mesh or sh.make_mesh({"data": -1})
     s2 = os.path.join(workdir, "stage2")
     model2, params2, spec = clip_align.load(s2, mesh=mesh)
     vit = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["vit"].items()})

@@ -1,0 +1,115 @@
+"""Evaluation sweeps: grids over feature sets x tasks x heads x hyper-parameters in one process.
+
+    decipher sweep --sweep experiments/sweeps/probes.py --workdir outputs/demo
+
+A sweep file defines ``get_sweep() -> dict`` (see ``experiments/sweeps/probes.py``):
+
+    features:  {name: dir}        dirs with train/ and test/ feature chunks (features.extract), or
+    pipeline:  "outputs/demo"     extract the stage-2 / stage-1 / random-init encoders of a run
+    data:      prepared data dir  (with ``pipeline``)
+    tasks:     metadata fields used as labels ("body_region", "sequence", ...)
+    pool:      ["mean", "cls"]    which feature vector
+    heads:     {"logistic": {"C": [...], "fractions": [...], "seeds": [...], "folds": 3},
+                "knn": {"k": [...], "temperature": 0.07}}
+
+Every (feature set, pool, task) runs all logistic probes of its grid in two batched calls
+(CV, then refit) and all kNN settings from one similarity matrix; jitted functions are cached
+by shape, so later cells reuse the compilations of the first. Results: ``sweep.csv`` and
+``sweep.json`` in ``workdir/eval``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from decipher_jax.eval import features as F
+from decipher_jax.eval import probes
+
+
+def load_sweep(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sweep file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"decipher_sweep_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_sweep()
+
+
+def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
+    sets = {}
+    for name, d in sw.get("features", {}).items():
+        sets[name] = {split: F.load(os.path.join(d, split)) for split in ("train", "test")}
+    if sw.get("pipeline"):
+        from decipher_jax.data import pipelines as P
+        from decipher_jax.eval import suite
+
+        encs, vit = suite.encoders(sw["pipeline"], None)
+        for name, (model, params) in encs.items():
+            sets[name] = {split: F.extract(model, params, P.data_source(sw["data"], split), model.mesh,
+                                           size=vit.img_size) for split in ("train", "test")}
+    if not sets:
+        raise ValueError("the sweep names no features and no pipeline workdir")
+    return sets
+
+
+def _labels(train, test, field):
+    classes = sorted(set(train[field]) - {""})
+    index = {c: i for i, c in enumerate(classes)}
+    ytr = np.array([index.get(v, -1) for v in train[field]])
+    yte = np.array([index.get(v, -1) for v in test[field]])
+    return ytr, yte, len(classes)
+
+
+def run(sw: dict, workdir: str) -> list[dict]:
+    rows = []
+    sets = _feature_sets(sw, workdir)
+    heads = sw.get("heads", {"logistic": {}})
+    for set_name, fs in sets.items():
+        for pool in sw.get("pool", ["mean"]):
+            for field in sw["tasks"]:
+                if field not in fs["train"]:
+                    raise KeyError(f"task {field!r} is not a metadata field of feature set {set_name!r}")
+                ytr, yte, k = _labels(fs["train"], fs["test"], field)
+                if k < 2:
+                    continue
+                tr, te = ytr >= 0, yte >= 0
+                xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
+                base = {"features": set_name, "pool": pool, "task": field}
+                if "logistic" in heads:
+                    h = heads["logistic"]
+                    t0 = time.perf_counter()
+                    res = probes.logistic_sweep(xtr, xte, [probes.Task(field, ytr[tr], yte[te])],
+                                                inv_regs=tuple(h.get("C", 10.0 ** np.arange(-3, 3))),
+                                                fractions=tuple(h.get("fractions", (1.0,))),
+                                                seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
+                                                iters=h.get("iters", 100))
+                    dt = time.perf_counter() - t0
+                    rows += [base | r | {"seconds": dt / len(res)} for r in res]
+                if "knn" in heads:
+                    h = heads["knn"]
+                    for kk in h.get("k", (10, 20)):
+                        s = probes.knn_scores(jnp.asarray(xtr), jnp.asarray(ytr[tr]), jnp.asarray(xte), k, k=kk,
+                                              temperature=h.get("temperature", 0.07))
+                        s = np.asarray(s)
+                        probs = s / np.maximum(s.sum(1, keepdims=True), 1e-12)
+                        rows.append(base | {"head": f"knn k={kk}", "fraction": 1.0, "seed": 0,
+                                            "auroc": probes.macro_auroc(probs, yte[te], k),
+                                            "balanced_accuracy": probes.balanced_accuracy(s.argmax(1), yte[te]),
+                                            "accuracy": float(np.mean(s.argmax(1) == yte[te]))})
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("features", "pool", "task", "head"), k))
+    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return rows
