@@ -140,11 +140,12 @@ def run(workdir: str, devices: int = 8) -> int:
         say(f"  held-out retrieval {tag} stage 2 ({e['n_studies']} test studies): image->report R@1/R@5 "
             f"{e['i2t_study/R@1']:.2f}/{e['i2t_study/R@5']:.2f} (study), {e['i2t_series/R@1']:.2f}/"
             f"{e['i2t_series/R@5']:.2f} (series); chance R@5 {e['chance_study_R@5']:.2f}")
-    say(_zeroshot_demo(s2, prep_dir, workdir))
     from decipher_jax import zeroshot
     from decipher_jax.eval import localisation
 
-    loc = localisation.evaluate_split(zeroshot.ZeroShot.from_workdir(s2), prep_dir, "test",
+    zs = zeroshot.ZeroShot.from_workdir(s2)  # read once: zero-shot queries and localisation
+    say(_zeroshot_demo(zs, prep_dir, workdir))
+    loc = localisation.evaluate_split(zs, prep_dir, "test",
                                       out=os.path.join(workdir, "localisation"))
     if loc["n_series"]:
         say(f"text-guided localisation on {loc['n_series']} held-out lesion series: voxel AUROC "
@@ -169,13 +170,10 @@ def run(workdir: str, devices: int = 8) -> int:
     return rc
 
 
-def _zeroshot_demo(stage2: str, prep_dir: str, workdir: str) -> str:
+def _zeroshot_demo(zs, prep_dir: str, workdir: str) -> str:
     """Zero-shot on the held-out split: body region from phrasings alone, and one finding query."""
     import numpy as np
 
-    from decipher_jax import zeroshot
-
-    zs = zeroshot.ZeroShot.from_workdir(stage2)
     e = zs.embed_split(prep_dir, "test")
     regions = sorted(set(e["body_region"]) - {""})
     classes = {r: [f"MRI {r}.", f"EXAMINATION: MRI {r}."] for r in regions}

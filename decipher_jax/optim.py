@@ -151,8 +151,8 @@ def frozen_towers(c, params, towers) -> dict[str, bool]:
     backward pass (LiT), not just no update."""
     rules = [tuple(r) for r in c.get("lr_rules", ())]
     out = {}
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for t in towers:
-        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         mine = [p for p in paths if p.startswith(t + "/")]
         out[t] = bool(mine) and all(first_match(p, rules, 1.0) is None for p in mine)
     return out

@@ -26,8 +26,18 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%}.note{color:#
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto}"""
 
 
-def _png(fig) -> str:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers or in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    plt = _pyplot()
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -54,10 +64,7 @@ STAGES = (("stage1_vision", "Stage 1 vision (DINO + iBOT + KoLeo)", ("loss", "di
 
 
 def training_curves(workdir: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     present = [s for s in STAGES if os.path.exists(os.path.join(workdir, s[0], "metrics.jsonl"))]
     if not present:
@@ -104,10 +111,7 @@ def probes_section(workdir: str) -> str:
     path = os.path.join(workdir, "eval", "probes.json")
     if not os.path.exists(path):
         return ""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from decipher_jax.eval.suite import summarise
 
@@ -152,10 +156,7 @@ def localisation_section(workdir: str) -> str:
                    for k, v in m.get("per_finding", {}).items()])]
     ex_path = os.path.join(d, "examples.npz")
     if os.path.exists(ex_path):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         ex = np.load(ex_path)
         n = len(ex["heat"])

@@ -26,12 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from decipher_jax.data import transforms as T
+from decipher_jax.eval.retrieval import normalise
 
 TEMPLATES = ("{}", "{}.", "Findings: {}.", "Impression: {}.")
-
-
-def _normalise(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class ZeroShot:
@@ -45,7 +42,7 @@ class ZeroShot:
         self.objective = spec["towers"]["objective"]
         self.batch_size = batch_size
         self._text = jax.jit(lambda p, ids, m: model(p).encode_text(ids, m))
-        self._image = jax.jit(lambda p, x: model(p).encode_image(x))
+        self._image = jax.jit(lambda p, b: {"image": model(p).encode_image(b["image"])})
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, mesh=None, **kw) -> ZeroShot:
@@ -64,11 +61,12 @@ class ZeroShot:
                              return_tensors="np")
         z = np.asarray(self._text(self.params, jnp.asarray(enc["input_ids"], jnp.int32),
                                   jnp.asarray(enc["attention_mask"], jnp.int32)))
-        return _normalise(_normalise(z).reshape(len(sentences), len(templates), -1).mean(1))
+        return normalise(normalise(z).reshape(len(sentences), len(templates), -1).mean(1))
 
     def encode_volumes(self, volumes) -> np.ndarray:
         """(N, d) image embeddings of preprocessed volumes (resized whole to the model's grid)."""
         from decipher_jax import sharding as sh
+        from decipher_jax.eval import embed
 
         xs = [np.asarray(v, np.float32) for v in volumes]
         xs = [x[..., None] if x.ndim == 3 else x for x in xs]
@@ -76,12 +74,11 @@ class ZeroShot:
             if x.ndim != 4:
                 raise ValueError(f"volume {i}: expected (X, Y, Z) or (X, Y, Z, C), got shape {x.shape}")
         x = np.stack([T._resize(v, self.image_size) for v in xs])
-        n_dev = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
-        pad = (-len(x)) % n_dev
+        pad = embed.round_batch(len(x), self.mesh) - len(x)
         if pad:
             x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
         with jax.set_mesh(self.mesh):
-            z = self._image(self.params, sh.shard_batch({"x": x}, self.mesh)["x"])
+            z = self._image(self.params, sh.shard_batch({"image": x}, self.mesh))["image"]
         return np.asarray(jax.device_get(z))[: len(xs)]
 
     # -- scores -----------------------------------------------------------------------------------
@@ -96,7 +93,7 @@ class ZeroShot:
             raise ValueError("classes must map a class name to a list of phrasings")
         zi = self.encode_volumes(volumes) if image_embeddings is None else image_embeddings
         zc = np.stack([self.encode_sentences(list(v), templates).mean(0) for v in classes.values()])
-        logits = self.logits(self._cos(zi, _normalise(zc)))
+        logits = self.logits(self._cos(zi, normalise(zc)))
         if self.objective == "siglip":
             p = 1.0 / (1.0 + np.exp(-logits))
             return p / p.sum(1, keepdims=True), list(classes)
@@ -118,7 +115,7 @@ class ZeroShot:
 
     @staticmethod
     def _cos(a, b):
-        return _normalise(np.asarray(a, np.float64)) @ _normalise(np.asarray(b, np.float64)).T
+        return normalise(np.asarray(a, np.float64)) @ normalise(np.asarray(b, np.float64)).T
 
     # -- a prepared split ---------------------------------------------------------------------------
     def embed_split(self, data_dir: str, split: str) -> dict:
@@ -128,10 +125,6 @@ class ZeroShot:
 
         source = P.data_source(data_dir, split)
         tf = [T.Decode(), T.Resize(self.image_size)]
-        fn = functools.partial(self._image_batch, self.params)
-        return embed.apply(fn, embed.scan_split(source, tf, embed._fit(self.batch_size, self.mesh)), self.mesh,
+        fn = functools.partial(self._image, self.params)
+        return embed.apply(fn, embed.scan_split(source, tf, embed.round_batch(self.batch_size, self.mesh)), self.mesh,
                            ["image"])
-
-    @functools.cached_property
-    def _image_batch(self):
-        return jax.jit(lambda p, b: {"image": self.model(p).encode_image(b["image"])})

@@ -31,27 +31,25 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """A small synthetic corpus prepared at 5 mm into one 'train' split (TFDS dir)."""
+def _prepare(d, *, n_patients: int, seed: int, splits, workers: int) -> str:
+    """A synthetic corpus (matrix 20) prepared at 5 mm; returns the TFDS dir."""
     from data_prep import prep, volume
     from decipher_jax.data import synthetic
 
-    d = tmp_path_factory.mktemp("prepared")
-    m = synthetic.generate_corpus(str(d / "raw"), n_patients=6, seed=2, matrix=20)
+    m = synthetic.generate_corpus(str(d / "raw"), n_patients=n_patients, seed=seed, matrix=20)
     res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
-                                                       split_fractions=(1.0, 0.0, 0.0), workers=1), progress=False)
+                                                       split_fractions=splits, workers=workers), progress=False)
     return res.tfds_dir
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A small synthetic corpus prepared at 5 mm into one 'train' split (TFDS dir)."""
+    return _prepare(tmp_path_factory.mktemp("prepared"), n_patients=6, seed=2, splits=(1.0, 0.0, 0.0), workers=1)
 
 
 @pytest.fixture(scope="session")
 def prepared_heldout(tmp_path_factory):
     """A synthetic corpus with held-out patients: 'train' and 'test' splits (stage 2, evaluation)."""
-    from data_prep import prep, volume
-    from decipher_jax.data import synthetic
-
-    d = tmp_path_factory.mktemp("prepared_heldout")
-    m = synthetic.generate_corpus(str(d / "raw"), n_patients=28, seed=5, matrix=20)
-    res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(5.0,) * 3),
-                                                       split_fractions=(0.6, 0.0, 0.4), workers=2), progress=False)
-    return res.tfds_dir
+    return _prepare(tmp_path_factory.mktemp("prepared_heldout"), n_patients=28, seed=5, splits=(0.6, 0.0, 0.4),
+                    workers=2)

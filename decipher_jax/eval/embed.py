@@ -93,7 +93,7 @@ def embed_pairs(model, params, source, mesh, *, image_size, tokenizer: str, max_
     ``model`` is a :class:`decipher_jax.trainers.common.Model` of ``TwoTowers``; volumes are
     resized whole to the model's input grid (no crops).
     """
-    batch_size = _fit(batch_size, mesh)
+    batch_size = round_batch(batch_size, mesh)
     tf = [T.Decode(), T.Resize(tuple(image_size)), P.Tokenize(tokenizer, max_length), P.ToIds()]
     fn = functools.partial(_pair_encoder(model), params)
     out = apply(fn, scan_split(source, tf, batch_size), mesh, ["image", "input_ids", "attention_mask"])
@@ -103,7 +103,7 @@ def embed_pairs(model, params, source, mesh, *, image_size, tokenizer: str, max_
     return out
 
 
-def _fit(batch_size: int, mesh) -> int:
+def round_batch(batch_size: int, mesh) -> int:
     """Rounds a batch up to a multiple of the devices on the mesh's batch axes."""
     n = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
     return max(n, math.ceil(batch_size / n) * n)

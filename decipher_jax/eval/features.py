@@ -39,7 +39,7 @@ def extract(model, params, source, mesh, *, size, out_dir: str | None = None, la
             chunk_batches: int = 64) -> dict:
     """Features of every series in ``source`` (``model``: a ``common.Model`` of a ViT3D)."""
     fn = functools.partial(_encoder(model, tuple(layers)), params)
-    batches = embed.scan_split(source, [T.Decode(), T.Resize(tuple(size))], embed._fit(batch_size, mesh))
+    batches = embed.scan_split(source, [T.Decode(), T.Resize(tuple(size))], embed.round_batch(batch_size, mesh))
     if out_dir is None:
         return embed.apply(fn, batches, mesh, ["image"])
     os.makedirs(out_dir, exist_ok=True)

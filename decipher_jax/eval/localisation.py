@@ -70,7 +70,7 @@ def evaluate_split(zs, data_dir: str, split: str, prompts: dict = PROMPTS, out: 
     grid = tuple(s // p for s, p in zip(size, zs.spec["vit"]["patch_size"]))
     fn = functools.partial(_patches(zs.model), zs.params)
     tf = [T.Decode(keep_label=True), T.Resize(size)]
-    res = embed.apply(fn, embed.scan_split(source, tf, embed._fit(zs.batch_size, zs.mesh)), zs.mesh, ["image", "label"])
+    res = embed.apply(fn, embed.scan_split(source, tf, embed.round_batch(zs.batch_size, zs.mesh)), zs.mesh, ["image", "label"])
     findings = [str(f).split(";") for f in res["findings"]]
     query = [next((f for f in fs if f in prompts), None) for fs in findings]
     keep = np.array([q is not None and lab.any() for q, lab in zip(query, res["label"])])

@@ -240,6 +240,15 @@ def subset_mask(y, fraction: float, seed: int, *, min_per_class: int = 1) -> np.
     return keep
 
 
+def metadata_labels(train_values, test_values) -> tuple[np.ndarray, np.ndarray, int]:
+    """String metadata -> class ids (classes seen in training, sorted; "" is no label) and the
+    class count; rows without a known class get -1."""
+    classes = sorted(set(train_values) - {""})
+    index = {c: i for i, c in enumerate(classes)}
+    ids = lambda vals: np.array([index.get(v, -1) for v in vals])  # noqa: E731
+    return ids(train_values), ids(test_values), len(classes)
+
+
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed + 10_000).permutation(n) % folds
 
@@ -293,38 +302,26 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
     n, k_max = len(xtr), max(t.num_classes for t in tasks)
     groups = list(itertools.product(range(len(tasks)), fractions, seeds))
-    ys, ws, cs, ms, meta = [], [], [], [], []
-    for gi, (ti, frac, seed) in enumerate(groups):
-        t = tasks[ti]
-        sub = subset_mask(t.train_y, frac, seed)
-        fid = fold_ids(n, folds, seed)
-        mask = np.arange(k_max) < t.num_classes
-        for ci, c in enumerate(inv_regs):
-            for f in range(folds):
-                ys.append(t.train_y)
-                ws.append((sub & (fid != f)).astype(np.float32))
-                cs.append(c)
-                ms.append(mask)
-                meta.append((gi, ci, f))
-    params = fit_many(xtr, np.stack(ys), np.stack(ws), np.asarray(cs), np.stack(ms), iters=iters)
-    logits = np.asarray(_APPLY(params, jnp.asarray(xtr), jnp.asarray(np.stack(ms))))
+    # Per (task, fraction, seed): its label subset, CV folds and class mask, computed once.
+    subs = [subset_mask(tasks[ti].train_y, frac, seed) for ti, frac, seed in groups]
+    fids = [fold_ids(n, folds, seed) for _, _, seed in groups]
+    cmask = [np.arange(k_max) < tasks[ti].num_classes for ti, _, _ in groups]
+    meta = [(gi, ci, f) for gi in range(len(groups)) for ci in range(len(inv_regs)) for f in range(folds)]
+    params = fit_many(xtr, np.stack([tasks[groups[gi][0]].train_y for gi, _, _ in meta]),
+                      np.stack([(subs[gi] & (fids[gi] != f)).astype(np.float32) for gi, _, f in meta]),
+                      np.asarray([inv_regs[ci] for _, ci, _ in meta]), np.stack([cmask[gi] for gi, _, _ in meta]),
+                      iters=iters)
+    logits = np.asarray(_APPLY(params, jnp.asarray(xtr), jnp.asarray(np.stack([cmask[gi] for gi, _, _ in meta]))))
     cv = np.zeros((len(groups), len(inv_regs)))
     for p, (gi, ci, f) in enumerate(meta):
-        ti, frac, seed = groups[gi]
-        t = tasks[ti]
-        val = subset_mask(t.train_y, frac, seed) & (fold_ids(n, folds, seed) == f)
+        y = tasks[groups[gi][0]].train_y
+        val = subs[gi] & (fids[gi] == f)
         if val.any():
-            cv[gi, ci] += np.mean(logits[p][val].argmax(1) == t.train_y[val]) / folds
+            cv[gi, ci] += np.mean(logits[p][val].argmax(1) == y[val]) / folds
     best = cv.argmax(1)
-    ys, ws, cs, ms = [], [], [], []
-    for gi, (ti, frac, seed) in enumerate(groups):
-        t = tasks[ti]
-        ys.append(t.train_y)
-        ws.append(subset_mask(t.train_y, frac, seed).astype(np.float32))
-        cs.append(inv_regs[best[gi]])
-        ms.append(np.arange(k_max) < t.num_classes)
-    params = fit_many(xtr, np.stack(ys), np.stack(ws), np.asarray(cs), np.stack(ms), iters=iters)
-    logits = np.asarray(_APPLY(params, jnp.asarray(xte), jnp.asarray(np.stack(ms))))
+    params = fit_many(xtr, np.stack([tasks[ti].train_y for ti, _, _ in groups]), np.stack(subs).astype(np.float32),
+                      np.asarray([inv_regs[b] for b in best]), np.stack(cmask), iters=iters)
+    logits = np.asarray(_APPLY(params, jnp.asarray(xte), jnp.asarray(np.stack(cmask))))
     rows = []
     for gi, (ti, frac, seed) in enumerate(groups):
         t = tasks[ti]
@@ -333,7 +330,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
         probs /= probs.sum(1, keepdims=True)
         rows.append({"task": t.name, "head": "logistic", "fraction": frac, "seed": seed,
                      "C": float(inv_regs[best[gi]]), "cv_accuracy": float(cv[gi, best[gi]]),
-                     "n_train": int(ws[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
+                     "n_train": int(subs[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
                      "balanced_accuracy": balanced_accuracy(lg.argmax(1), t.test_y),
                      "accuracy": float(np.mean(lg.argmax(1) == t.test_y))})
     return rows

@@ -29,7 +29,7 @@ def scores(sim, pos, ks=(1, 5, 10), prefix: str = "") -> dict:
     return out
 
 
-def _normalise(x):
+def normalise(x):
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -39,10 +39,10 @@ def group_mean(emb, groups):
     groups = np.asarray(groups)
     uniq, first, inv = np.unique(groups, return_index=True, return_inverse=True)
     order = np.argsort(first)  # first-appearance order
-    emb = _normalise(emb)
+    emb = normalise(emb)
     sums = np.zeros((len(uniq), emb.shape[1]))
     np.add.at(sums, inv, emb)
-    return _normalise(sums[order]), uniq[order]
+    return normalise(sums[order]), uniq[order]
 
 
 def evaluate_pairs(image, text, study_ids, ks=(1, 5, 10)) -> dict:
@@ -57,7 +57,7 @@ def evaluate_pairs(image, text, study_ids, ks=(1, 5, 10)) -> dict:
     uniq, first = np.unique(study_ids, return_index=True)
     order = np.argsort(first)
     uniq, first = uniq[order], first[order]
-    img, txt = _normalise(image), _normalise(np.asarray(text)[first])
+    img, txt = normalise(image), normalise(np.asarray(text)[first])
     pos = study_ids[:, None] == uniq[None, :]
     sim = img @ txt.T
     out = {"n_series": int(len(study_ids)), "n_studies": int(len(uniq))}
@@ -83,7 +83,7 @@ def examples(image, text, study_ids, reports, n: int = 6, k: int = 3, **meta) ->
     uniq, first = np.unique(study_ids, return_index=True)
     order = np.argsort(first)
     uniq, first = uniq[order], first[order]
-    sim = _normalise(image) @ _normalise(np.asarray(text)[first]).T
+    sim = normalise(image) @ normalise(np.asarray(text)[first]).T
     out = []
     for i in np.unique(np.linspace(0, len(study_ids) - 1, n).astype(int)):
         top = np.argsort(-sim[i])[:k]

@@ -27,15 +27,16 @@ from decipher_jax.trainers import common
 TASKS = ("body_region", "sequence", "sex")
 
 
-def encoders(workdir: str, mesh) -> dict:
-    """``{name: (model, params)}`` for the stage-2 image tower, the stage-1 teacher and a random init."""
+def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
+    """``({name: (model, params)}, vit config)`` for the stage-2 image tower, the stage-1 teacher
+    and a random init."""
     from decipher_jax.trainers import clip_align
 
     out = {}
     mesh = mesh or sh.make_mesh({"data": -1})
     s2 = os.path.join(workdir, "stage2")
-    model2, params2, spec = clip_align.load(s2, mesh=mesh)
-    vit = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["vit"].items()})
+    _, params2, spec = clip_align.load(s2, mesh=mesh)
+    vit = ViTConfig(**clip_align.from_json(spec["vit"]))
     model = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
     out["stage 2 (CLIP)"] = (model, params2["image"])
     s1 = os.path.join(workdir, "stage1_vision", "checkpoints")
@@ -53,13 +54,9 @@ def _tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
     for name in TASKS:
         if name not in train:
             continue
-        classes = sorted(set(train[name]) - {""})
-        if len(classes) < 2:
-            continue
-        index = {c: i for i, c in enumerate(classes)}
-        ytr = np.array([index.get(v, -1) for v in train[name]])
-        yte = np.array([index.get(v, -1) for v in test[name]])
-        tasks.append((name, ytr, yte))
+        ytr, yte, k = probes.metadata_labels(train[name], test[name])
+        if k >= 2:
+            tasks.append((name, ytr, yte))
     return tasks
 
 
@@ -70,11 +67,11 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     rows = []
     out_dir = os.path.join(workdir, "eval")
     for name, (model, params) in encs.items():
-        tag = name.split(" ")[0] + ("_" + name.split(" ")[1] if " " in name else "")
+        tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
         feats = {}
         for split in ("train", "test"):
             feats[split] = features.extract(model, params, P.data_source(prep_dir, split), mesh, size=vit.img_size,
-                                            out_dir=os.path.join(out_dir, "features", tag.replace(" ", "_"), split))
+                                            out_dir=os.path.join(out_dir, "features", tag, split))
         for tname, ytr, yte in _tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = ytr >= 0, yte >= 0  # rows with a known label, one task at a time
             task = probes.Task(tname, ytr[tr_ok], yte[te_ok])

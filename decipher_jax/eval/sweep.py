@@ -59,14 +59,6 @@ def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
     return sets
 
 
-def _labels(train, test, field):
-    classes = sorted(set(train[field]) - {""})
-    index = {c: i for i, c in enumerate(classes)}
-    ytr = np.array([index.get(v, -1) for v in train[field]])
-    yte = np.array([index.get(v, -1) for v in test[field]])
-    return ytr, yte, len(classes)
-
-
 def run(sw: dict, workdir: str) -> list[dict]:
     rows = []
     sets = _feature_sets(sw, workdir)
@@ -76,7 +68,7 @@ def run(sw: dict, workdir: str) -> list[dict]:
             for field in sw["tasks"]:
                 if field not in fs["train"]:
                     raise KeyError(f"task {field!r} is not a metadata field of feature set {set_name!r}")
-                ytr, yte, k = _labels(fs["train"], fs["test"], field)
+                ytr, yte, k = probes.metadata_labels(fs["train"][field], fs["test"][field])
                 if k < 2:
                     continue
                 tr, te = ytr >= 0, yte >= 0

@@ -58,7 +58,7 @@ class TowersConfig:
         return -10.0 if self.objective == "siglip" else 0.0
 
 
-def _normalise(x):
+def normalise(x):
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
@@ -114,8 +114,8 @@ class TwoTowers(nnx.Module):
     def encode_image(self, x, *, patches: bool = False, **kw):
         """L2-normalised image embeddings ``(B, d)`` (and per-patch embeddings ``(B, N, d)``)."""
         pooled, patch = self.image_features(x, **kw)
-        z = _normalise(self.project_image(pooled))
-        return (z, _normalise(self.project_image(patch))) if patches else z
+        z = normalise(self.project_image(pooled))
+        return (z, normalise(self.project_image(patch))) if patches else z
 
     def encode_text(self, input_ids, attention_mask, **kw):
-        return _normalise(self.project_text(self.text_features(input_ids, attention_mask, **kw)))
+        return normalise(self.project_text(self.text_features(input_ids, attention_mask, **kw)))

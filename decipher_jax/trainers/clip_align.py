@@ -33,7 +33,7 @@ from decipher_jax import losses, optim
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
 from decipher_jax.models import bert
-from decipher_jax.models.towers import TowersConfig, TwoTowers
+from decipher_jax.models.towers import TowersConfig, TwoTowers, normalise
 from decipher_jax.models.vit3d import ViTConfig
 from decipher_jax.trainers import common
 
@@ -58,7 +58,12 @@ def vit_config(cfg) -> ViTConfig:
         with open(spec) as f:
             d = json.load(f)["config"]["model"]["vit"]
     d.update(dict(cfg.model.get("vit_overrides", {})))
-    return ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return ViTConfig(**from_json(d))
+
+
+def from_json(d: dict) -> dict:
+    """Dataclass fields read back from JSON (lists become the tuples the configs declare)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def bert_config(cfg) -> bert.BertConfig:
@@ -83,15 +88,14 @@ def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression:
     ft = m.text_features(batch["input_ids"], batch["attention_mask"],
                          freeze=frozen.get("text", False) or objective == "regress")
     zi, zt = m.project_image(fi), m.project_text(ft)
-    if objective == "regress":
-        loss = losses.regression_loss(zi, zt, regression)
-    zi_n = zi / jnp.maximum(jnp.linalg.norm(zi, axis=-1, keepdims=True), 1e-6)
-    zt_n = zt / jnp.maximum(jnp.linalg.norm(zt, axis=-1, keepdims=True), 1e-6)
+    zi_n, zt_n = normalise(zi), normalise(zt)
     pos = losses.positives(batch["study_id_hash"])
     if objective == "clip":
         loss = losses.clip_loss(zi_n, zt_n, m.logit_scale[...], pos)
     elif objective == "siglip":
         loss = losses.siglip_loss(zi_n, zt_n, m.logit_scale[...], m.logit_bias[...], pos)
+    else:  # regress: the raw projection against the frozen text embedding
+        loss = losses.regression_loss(zi, zt, regression)
     sim = zi_n @ zt_n.T
     hit = jnp.take_along_axis(pos, jnp.argmax(sim, axis=1)[:, None], axis=1)[:, 0]
     aux = {"i2t_acc": hit.mean(), "positives_per_row": pos.sum(1).mean(),
@@ -167,10 +171,9 @@ def initial_params(cfg, b: dict) -> dict:
     return params
 
 
-def _pipeline(cfg, split: str, *, train: bool, loader: P.LoaderConfig):
-    vit = vit_config(cfg)
-    return P.pairs(P.data_source(cfg.data.dir, split), loader, vit.img_size, text_path(cfg) or cfg.data.tokenizer,
-                   max_length=cfg.data.max_length, train=train, crop_scale=tuple(cfg.data.crop_scale))
+def tokenizer_path(cfg) -> str:
+    """The text tower's tokenizer: its checkpoint directory, else ``data.tokenizer`` (random tower)."""
+    return text_path(cfg) or cfg.data.tokenizer
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ def train(cfg, workdir: str) -> dict:
     b = build(cfg, mesh)
     shardings = b["shardings"]
     loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
-    iterator = iter(_pipeline(cfg, "train", train=True, loader=loader))
+    iterator = iter(P.pairs(P.data_source(cfg.data.dir, "train"), loader, b["vit"].img_size, tokenizer_path(cfg),
+                            max_length=cfg.data.max_length, train=True, crop_scale=tuple(cfg.data.crop_scale)))
     if b["frozen"]["image"] or b["frozen"]["text"]:
         print(f"clip_align: frozen towers {[t for t, f in b['frozen'].items() if f]}", flush=True)
 
@@ -227,14 +231,17 @@ def _evaluator(cfg, b, mesh, workdir):
                 print(f"clip_align: no {split!r} split to evaluate ({e})", flush=True)
                 continue
             e = embed.embed_pairs(b["model"], params, source, mesh, image_size=b["vit"].img_size,
-                                  tokenizer=text_path(cfg) or cfg.data.tokenizer, max_length=cfg.data.max_length,
+                                  tokenizer=tokenizer_path(cfg), max_length=cfg.data.max_length,
                                   batch_size=cfg.eval.batch_size)
             m = retrieval.evaluate_pairs(e["image"], e["text"], e["study_id"])
             if "report" in e:
                 m["examples"] = retrieval.examples(e["image"], e["text"], e["study_id"], e["report"],
                                                    series_id=e["series_id"], body_region=e["body_region"])
             path = os.path.join(workdir, f"eval_{split}.json")
-            prev = json.load(open(path)) if os.path.exists(path) else {}
+            prev = {}
+            if os.path.exists(path):
+                with open(path) as f:
+                    prev = json.load(f)
             prev[tag] = m
             if jax.process_index() == 0:
                 with open(path, "w") as f:
@@ -250,7 +257,7 @@ def _write_spec(cfg, workdir, b):
     """Everything needed to rebuild the model from this workdir (zero-shot, evaluation)."""
     import dataclasses
 
-    tok = str(text_path(cfg) or cfg.data.tokenizer)
+    tok = str(tokenizer_path(cfg))
     if tok and "://" not in tok and os.path.exists(tok):
         tok = os.path.abspath(tok)  # the workdir is read later from other working directories
     spec = {"config": cfg.to_dict(), "vit": dataclasses.asdict(b["vit"]), "bert": dataclasses.asdict(b["bert"]),
@@ -264,8 +271,8 @@ def load(workdir: str, mesh=None, step: int | None = None):
     """``(model, params, spec)`` of a stage-2 workdir's latest (or given) checkpoint on ``mesh``."""
     with open(os.path.join(workdir, "run_spec.json")) as f:
         spec = json.load(f)
-    fix = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
-    vit, bcfg, tcfg = ViTConfig(**fix(spec["vit"])), bert.BertConfig(**fix(spec["bert"])), TowersConfig(**spec["towers"])
+    vit, bcfg = ViTConfig(**from_json(spec["vit"])), bert.BertConfig(**from_json(spec["bert"]))
+    tcfg = TowersConfig(**spec["towers"])
     mesh = mesh or sh.make_mesh({"data": -1})
     model = common.Model(lambda r: TwoTowers(vit, bcfg, tcfg, rngs=r), mesh)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
