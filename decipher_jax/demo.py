@@ -152,17 +152,43 @@ def run(workdir: str, devices: int = 8) -> int:
             f"{loc['voxel_auroc']:.2f} (random 0.50), pointing game {loc['pointing_game']:.2f} "
             f"(random point {loc['pointing_game_random']:.3f})")
 
-    # -- evaluation: linear probes of frozen encoders, then the HTML report ---------------------
-    from decipher_jax.eval import suite
+    from decipher_jax.eval import retrieval
 
     t0 = time.perf_counter()
-    rows = suite.probe_encoders(workdir, prep_dir)
+    rr = retrieval.tune_rerank(zs.embed_pairs(prep_dir, "val", tokens=True), zs.embed_pairs(prep_dir, "test", tokens=True))
+    with open(os.path.join(s2, "rerank_test.json"), "w") as f:
+        json.dump(rr, f, indent=1)
+    a, b = rr["test"]["first_stage"], rr["test"]["reranked"]
+    say(f"token-level re-ranking of the top {rr['test']['k']} (patch-to-word, weight {rr['weight']} chosen on val) in "
+        f"{time.perf_counter() - t0:.0f} s: held-out series image->report R@1 {a['i2t_series/R@1']:.2f} -> "
+        f"{b['i2t_series/R@1']:.2f}, MRR {a['i2t_series/MRR']:.2f} -> {b['i2t_series/MRR']:.2f}")
+
+    # -- evaluation: linear probes and segmentation heads on frozen encoders, then the report ---
+    from decipher_jax.eval import segtasks, suite
+
+    encs = suite.encoders(workdir, mesh)
+    t0 = time.perf_counter()
+    rows = suite.probe_encoders(workdir, prep_dir, mesh=mesh, encs=encs)
     s = suite.summarise(rows)
-    encs = sorted({k[0] for k in s})
+    names = sorted({k[0] for k in s})
     say(f"linear probes (logistic, C by 3-fold CV, {len(rows)} fits of fractions x seeds) in "
         f"{time.perf_counter() - t0:.0f} s; balanced accuracy on the test split with all labels:")
     for task in sorted({k[1] for k in s}):
-        say(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in encs if (e, task, 1.0) in s))
+        say(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in names if (e, task, 1.0) in s))
+    t0 = time.perf_counter()
+    # Pretrained (stage 2) against random init; the heads' full grid is the library's default.
+    seg_encs = {k: v for k, v in encs[0].items() if k != "stage 1 (DINO teacher)"}
+    seg = segtasks.run(seg_encs, prep_dir, mesh, size=encs[1].img_size, out=os.path.join(workdir, "segmentation"),
+                       steps=150, batch=4, lrs=(1e-2, 3e-2), seeds=(0,))
+    say(f"segmentation heads on frozen tokens (linear, decoder, unetr with an image skip; lr x seed grids vmapped) in "
+        f"{time.perf_counter() - t0:.0f} s; foreground Dice on held-out voxels:")
+    for task, r in seg.items():
+        if r:
+            best = {}
+            for row in r["rows"]:
+                if row["dice_mean_fg"] > best.get(row["encoder"], {"dice_mean_fg": -1})["dice_mean_fg"]:
+                    best[row["encoder"]] = row
+            say(f"  {task}: " + ", ".join(f"{e} {row['dice_mean_fg']:.2f} ({row['head']})" for e, row in best.items()))
     rc = _write_summary(workdir, lines)
     from decipher_jax import report
 

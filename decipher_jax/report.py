@@ -4,7 +4,9 @@ Reads what the pipeline wrote and skips what is absent:
 - ``stage1_vision/``, ``stage1_text/``, ``stage2/`` ``metrics.jsonl``: training curves;
 - ``stage2/eval_test.json``: held-out retrieval before / after stage 2, with examples;
 - ``eval/probes.json``: probe score against label fraction, per task and encoder;
+- ``stage2/rerank_test.json``: token-level re-ranking of the top k;
 - ``zeroshot.json``: zero-shot results; ``localisation/``: heatmap metrics and example slices;
+- ``segmentation/``: Dice / HD95 per task, encoder and head, and overlay slices;
 - ``summary.md``: the run's summary lines.
 """
 
@@ -107,6 +109,73 @@ def retrieval(workdir: str) -> str:
     return "\n".join(out)
 
 
+def rerank_section(workdir: str) -> str:
+    path = os.path.join(workdir, "stage2", "rerank_test.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        rr = json.load(f)
+    t = rr["test"]
+    keys = [k for k in t["first_stage"]]
+    rows = [[name, *(f"{t[tag][k]:.2f}" for k in keys)] for name, tag in (("first stage (global cosine)", "first_stage"),
+                                                                           ("re-ranked top k", "reranked"))]
+    return ("<h3>Re-ranking</h3>"
+            f'<p class="note">Each series\' top {t["k"]} reports re-scored by global cosine + {rr["weight"]} x '
+            "patch-to-word similarity (every report word piece\'s best-matching patch, averaged); the weight "
+            f'was chosen on the validation split. {t["n_series"]} held-out series, {t["n_studies"]} reports.</p>'
+            + _table(["ranking"] + keys, rows))
+
+
+def segmentation_section(workdir: str) -> str:
+    d = os.path.join(workdir, "segmentation")
+    if not os.path.exists(os.path.join(d, "segmentation.json")):
+        return ""
+    with open(os.path.join(d, "segmentation.json")) as f:
+        seg = json.load(f)
+    fmt = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    out = ["<h2>Segmentation on frozen encoders</h2>",
+           '<p class="note">Heads on frozen patch tokens: <i>linear</i> (per token, upsampled), <i>decoder</i> '
+           "(two x2 transposed-conv stages) and <i>unetr</i> (the decoder fused with a 3x3x3 convolution of the "
+           "image itself). For each, an lr x seed grid trains in one vmapped call; the lr is chosen on training "
+           "voxels (tissue) or the validation split (lesions); Dice and HD95 (mm) are means over seeds on "
+           "held-out voxels.</p>"]
+    notes = {"brain_tissue": lambda r: (f"Real MNI152 template ({'x'.join(map(str, r['shape']))} voxels at "
+                                        f"{r['spacing_mm'][0]:g} mm): heads learn on the left hemisphere (random "
+                                        f"{'x'.join(map(str, r['window']))} windows, loss masked), are scored on the "
+                                        f"right one, predicted by sliding windows (overlap 0.5)."
+                                        + (" Colin27 column: grey-matter Dice of the same heads on a second "
+                                           "subject (AAL regions as grey matter)." if r.get("transfer") else "")),
+             "lesions": lambda r: (f"Synthetic corpus: {r['n_train']} training series, {r['n_test']} held-out series "
+                                   f"with a lesion (lesions are {100 * r['lesion_fraction_test']:.1f}% of their voxels).")}
+    for task, r in seg.items():
+        if not r:
+            continue
+        cols = [k for k in r["rows"][0] if k not in ("task", "seeds")]
+        out.append(f"<h3>{html.escape(task.replace('_', ' '))}</h3><p class=\"note\">{html.escape(notes[task](r))}</p>")
+        out.append(_table(cols, [[fmt(row.get(c)) for c in cols] for row in r["rows"]], left=2))
+    ex_path = os.path.join(d, "examples.npz")
+    if os.path.exists(ex_path):
+        plt = _pyplot()
+
+        ex = np.load(ex_path)
+        tasks = [t for t in ("brain_tissue", "lesions") if f"{t}_image" in ex]
+        panels = [(t, i) for t in tasks for i in range(len(ex[f"{t}_image"]))]
+        fig, axes = plt.subplots(2, len(panels), figsize=(3.0 * len(panels), 6.0), squeeze=False)
+        for j, (t, i) in enumerate(panels):
+            img, lab, pred = ex[f"{t}_image"][i], ex[f"{t}_label"][i], ex[f"{t}_pred"][i]
+            for row, (m, name) in enumerate(((lab, "ground truth"), (pred, str(ex[f"{t}_title"])))):
+                ax = axes[row, j]
+                ax.imshow(img.T, cmap="gray", origin="lower")
+                ax.imshow(np.ma.masked_equal(m.T, 0), cmap="autumn" if t == "lesions" else "viridis", alpha=0.5,
+                          origin="lower", vmin=0, vmax=max(int(m.max()), 1))
+                ax.set_title(f"{t.replace('_', ' ')}: {name}", fontsize=7)
+                ax.axis("off")
+        fig.tight_layout()
+        out.append(_png(fig) + '<p class="note">Axial slices: ground truth (top) and the best head\'s prediction '
+                   "(bottom). Brain tissue: grey / white matter; lesions: the slice through each lesion.</p>")
+    return "\n".join(out)
+
+
 def probes_section(workdir: str) -> str:
     path = os.path.join(workdir, "eval", "probes.json")
     if not os.path.exists(path):
@@ -191,7 +260,8 @@ def build(workdir: str, out: str | None = None) -> str:
     if os.path.exists(summary):
         with open(summary) as f:
             parts.append("<h2>Summary</h2><pre>" + html.escape(f.read()) + "</pre>")
-    for section in (training_curves, retrieval, probes_section, zeroshot_section, localisation_section):
+    for section in (training_curves, retrieval, rerank_section, probes_section, zeroshot_section,
+                    localisation_section, segmentation_section):
         parts.append(section(workdir))
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>decipher_jax report</title><style>{CSS}</style>" \
            f"</head><body>{''.join(p for p in parts if p)}</body></html>"

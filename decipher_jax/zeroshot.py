@@ -118,6 +118,16 @@ class ZeroShot:
         return normalise(np.asarray(a, np.float64)) @ normalise(np.asarray(b, np.float64)).T
 
     # -- a prepared split ---------------------------------------------------------------------------
+    def embed_pairs(self, data_dir: str, split: str, *, tokens: bool = False) -> dict:
+        """Image and report embeddings of every series with a report (and, with ``tokens``, the
+        per-patch and per-word embeddings that token-level re-ranking reads)."""
+        from decipher_jax.data import pipelines as P
+        from decipher_jax.eval import embed
+
+        return embed.embed_pairs(self.model, self.params, P.data_source(data_dir, split), self.mesh,
+                                 image_size=self.image_size, tokenizer=self.spec["tokenizer"],
+                                 max_length=self.max_length, batch_size=self.batch_size, tokens=tokens)
+
     def embed_split(self, data_dir: str, split: str) -> dict:
         """Image embeddings and metadata of every series of a prepared split."""
         from decipher_jax.data import pipelines as P

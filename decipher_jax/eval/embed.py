@@ -13,6 +13,7 @@ import math
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from decipher_jax.data import pipelines as P
@@ -78,24 +79,34 @@ def apply(fn, batches, mesh, array_keys, meta_keys=META) -> dict[str, np.ndarray
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_encoder(model):
+def _pair_encoder(model, tokens: bool = False):
     def f(params, batch):
         m = model(params)
-        return {"image": m.encode_image(batch["image"]), "text": m.encode_text(batch["input_ids"], batch["attention_mask"])}
+        if not tokens:
+            return {"image": m.encode_image(batch["image"]),
+                    "text": m.encode_text(batch["input_ids"], batch["attention_mask"])}
+        img, patch = m.encode_image(batch["image"], patches=True)
+        txt, tok = m.encode_text(batch["input_ids"], batch["attention_mask"], tokens=True)
+        # Token-level embeddings for re-ranking: real word pieces only ([CLS]/[SEP]/padding out).
+        ids = batch["input_ids"]
+        keep = batch["attention_mask"].astype(bool) & (jnp.cumsum(batch["attention_mask"], 1) > 1)
+        keep &= jnp.arange(ids.shape[1])[None] < batch["attention_mask"].sum(1, keepdims=True) - 1
+        return {"image": img, "text": txt, "patch": patch, "tokens": tok, "token_mask": keep}
 
     return jax.jit(f)
 
 
 def embed_pairs(model, params, source, mesh, *, image_size, tokenizer: str, max_length: int = 128,
-                batch_size: int = 16) -> dict:
-    """Image and report embeddings (L2-normalised, shared space) of every series with a report.
+                batch_size: int = 16, tokens: bool = False) -> dict:
+    """Image and report embeddings (L2-normalised, shared space) of every series with a report;
+    with ``tokens`` also per-patch and per-token embeddings (``patch``, ``tokens``, ``token_mask``).
 
     ``model`` is a :class:`decipher_jax.trainers.common.Model` of ``TwoTowers``; volumes are
     resized whole to the model's input grid (no crops).
     """
     batch_size = round_batch(batch_size, mesh)
     tf = [T.Decode(), T.Resize(tuple(image_size)), P.Tokenize(tokenizer, max_length), P.ToIds()]
-    fn = functools.partial(_pair_encoder(model), params)
+    fn = functools.partial(_pair_encoder(model, tokens), params)
     out = apply(fn, scan_split(source, tf, batch_size), mesh, ["image", "input_ids", "attention_mask"])
     if "report" in out:
         keep = np.char.strip(out["report"].astype(str)) != ""

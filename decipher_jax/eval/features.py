@@ -6,7 +6,13 @@ intermediate layers, extracted in sharded batches and streamed to disk chunk by 
 
 A chunk file is written atomically every ``chunk_batches`` batches, so a long extraction keeps
 little in memory and an interrupted one leaves only complete chunks. Volumes are resized
-whole to the encoder's grid (the training crop size).
+whole to the encoder's grid (the training crop size), or, with ``window=`` (the crop size),
+kept at their prepared spacing and tiled by overlapping windows (MONAI's sliding-window scan,
+zero-padded where a side is shorter): each window is encoded and a series' features are the
+mean over its windows. The windows of one series are spread over the mesh's batch axes (and
+over the processes), so every host steps in lockstep whatever the volume's size.
+
+    feats = extract(model, params, source, mesh, size=(32, 32, 32), window=(32, 32, 32), overlap=0.5)
 """
 
 from __future__ import annotations
@@ -35,10 +41,54 @@ def _encoder(model, layers: tuple[int, ...]):
     return jax.jit(f)
 
 
+def _series_windows(source, window, overlap: float, batch_size: int):
+    """Per series: ``(meta, host batches of its windows)``; windows padded to whole global
+    batches, each process supplying its rows of each."""
+    from decipher_jax.eval import seghead
+
+    pi, pc = jax.process_index(), jax.process_count()
+    per = batch_size // pc
+    decode = T.Decode()
+    for i in range(len(source)):
+        ex = decode.map(source[i])
+        vol = seghead.pad_to_window(np.asarray(ex["image"], np.float32)[None], window)[0]
+        corners = seghead.window_corners(vol.shape[:3], window, overlap)
+        wins = np.stack([vol[x : x + window[0], y : y + window[1], z : z + window[2]] for x, y, z in corners])
+        n = len(wins)
+        total = -(-n // batch_size) * batch_size
+        wins = np.concatenate([wins, np.repeat(wins[:1], total - n, 0)])
+        batches = []
+        for b in range(0, total, batch_size):
+            lo = b + pi * per
+            batches.append(({"image": wins[lo : lo + per]}, int(np.clip(n - lo, 0, per))))
+        yield {k: v for k, v in ex.items() if k in embed.META}, batches
+
+
+def _extract_windows(fn, source, mesh, window, overlap, batch_size):
+    rows: dict[str, list] = {}
+    for meta, batches in _series_windows(source, tuple(window), overlap, batch_size):
+        out = embed.apply(fn, iter(batches), mesh, ["image"], meta_keys=())
+        for k, v in out.items():
+            rows.setdefault(k, []).append(v.mean(0))  # mean over the series' windows
+        for k, v in meta.items():
+            rows.setdefault(k, []).append(v)
+    return {k: np.stack(v) if not isinstance(v[0], str) else np.asarray(v) for k, v in rows.items()}
+
+
 def extract(model, params, source, mesh, *, size, out_dir: str | None = None, layers=(), batch_size: int = 16,
-            chunk_batches: int = 64) -> dict:
+            chunk_batches: int = 64, window=None, overlap: float = 0.5) -> dict:
     """Features of every series in ``source`` (``model``: a ``common.Model`` of a ViT3D)."""
     fn = functools.partial(_encoder(model, tuple(layers)), params)
+    if window is not None:
+        feats = _extract_windows(fn, source, mesh, window, overlap, embed.round_batch(batch_size, mesh))
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            for old in glob.glob(os.path.join(out_dir, "part-*.npz")):
+                os.remove(old)
+            tmp = os.path.join(out_dir, ".part-00000.npz")
+            np.savez(tmp, **feats)
+            os.replace(tmp, os.path.join(out_dir, "part-00000.npz"))
+        return feats
     batches = embed.scan_split(source, [T.Decode(), T.Resize(tuple(size))], embed.round_batch(batch_size, mesh))
     if out_dir is None:
         return embed.apply(fn, batches, mesh, ["image"])

@@ -61,9 +61,10 @@ def _tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2), mesh=None,
-                   feature: str = "mean") -> list[dict]:
+                   feature: str = "mean", encs: tuple[dict, ViTConfig] | None = None) -> list[dict]:
+    """``encs``: the output of :func:`encoders` when the caller already holds it."""
     mesh = mesh or sh.make_mesh({"data": -1})
-    encs, vit = encoders(workdir, mesh)
+    encs, vit = encs or encoders(workdir, mesh)
     rows = []
     out_dir = os.path.join(workdir, "eval")
     for name, (model, params) in encs.items():

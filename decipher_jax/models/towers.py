@@ -92,15 +92,17 @@ class TwoTowers(nnx.Module):
             return pooled, patch
         return pooled, out["patch"]
 
-    def text_features(self, input_ids, attention_mask, *, freeze: bool = False):
-        """Pooled report features ``(B, Dt)``."""
+    def text_features(self, input_ids, attention_mask, *, freeze: bool = False, tokens: bool = False):
+        """Pooled report features ``(B, Dt)`` (and the token states ``(B, T, Dt)``)."""
         h = self.text(input_ids, attention_mask)
         if self.cfg.text_pool == "cls":
             pooled = h[:, 0]
         else:
             m = attention_mask.astype(h.dtype)[..., None]
             pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-        return jax.lax.stop_gradient(pooled) if freeze else pooled
+        if freeze:
+            pooled, h = jax.lax.stop_gradient((pooled, h))
+        return (pooled, h) if tokens else pooled
 
     # -- shared space --------------------------------------------------------------------------
     def project_image(self, feats):
@@ -117,5 +119,10 @@ class TwoTowers(nnx.Module):
         z = normalise(self.project_image(pooled))
         return (z, normalise(self.project_image(patch))) if patches else z
 
-    def encode_text(self, input_ids, attention_mask, **kw):
-        return normalise(self.project_text(self.text_features(input_ids, attention_mask, **kw)))
+    def encode_text(self, input_ids, attention_mask, *, tokens: bool = False, **kw):
+        """L2-normalised report embeddings ``(B, d)`` (and per-token embeddings ``(B, T, d)``,
+        for token-level re-ranking)."""
+        if not tokens:
+            return normalise(self.project_text(self.text_features(input_ids, attention_mask, **kw)))
+        pooled, h = self.text_features(input_ids, attention_mask, tokens=True, **kw)
+        return normalise(self.project_text(pooled)), normalise(self.project_text(h))
