@@ -68,12 +68,13 @@ STAGES = (("stage1_vision", "Stage 1 vision (DINO + iBOT + KoLeo)", ("loss", "di
 def training_curves(workdir: str) -> str:
     plt = _pyplot()
 
-    present = [s for s in STAGES if os.path.exists(os.path.join(workdir, s[0], "metrics.jsonl"))]
+    logs = {s[0]: _read_jsonl(p) for s in STAGES if os.path.exists(p := os.path.join(workdir, s[0], "metrics.jsonl"))}
+    present = [s for s in STAGES if logs.get(s[0])]  # a run shorter than its log interval has no rows
     if not present:
         return ""
     fig, axes = plt.subplots(2, len(present), figsize=(4.2 * len(present), 5.5), squeeze=False)
     for j, (d, title, top, bottom) in enumerate(present):
-        rows = _read_jsonl(os.path.join(workdir, d, "metrics.jsonl"))
+        rows = logs[d]
         steps = [r["step"] for r in rows]
         for ax, keys in ((axes[0, j], top), (axes[1, j], bottom)):
             for k in keys:

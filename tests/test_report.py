@@ -46,3 +46,14 @@ def test_report_renders_with_figures(tmp_path):
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "&lt;b&gt;No effusion&lt;/b&gt;" in page and "✓ MRI knee" in page  # report text is escaped
     assert "0.80" in page and "0.10" in page
+
+
+def test_report_skips_a_stage_without_logged_rows(tmp_path):
+    """A run shorter than its log interval leaves an empty metrics.jsonl: no curve, no crash."""
+    from decipher_jax import report
+
+    w = tmp_path / "run"
+    _write_jsonl(str(w / "stage1_vision" / "metrics.jsonl"), [{"step": 1, "loss": 3.0, "teacher_entropy": 1.0}])
+    _write_jsonl(str(w / "stage1_text" / "metrics.jsonl"), [])
+    html = open(report.build(str(w))).read()
+    assert "Training curves" in html and "Stage 1 text" not in html
