@@ -54,6 +54,15 @@ def _table(header, rows, left=1) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
+def _load_json(workdir: str, *parts):
+    """A section's JSON input under ``workdir``, or None when the pipeline did not write it."""
+    path = os.path.join(workdir, *parts)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -88,11 +97,9 @@ def training_curves(workdir: str) -> str:
 
 
 def retrieval(workdir: str) -> str:
-    path = os.path.join(workdir, "stage2", "eval_test.json")
-    if not os.path.exists(path):
+    ev = _load_json(workdir, "stage2", "eval_test.json")
+    if ev is None:
         return ""
-    with open(path) as f:
-        ev = json.load(f)
     keys = ["i2t_study/R@1", "i2t_study/R@5", "i2t_study/R@10", "i2t_series/R@5", "t2i_series/R@5", "i2t_series/MRR"]
     rows = [[tag, *(f"{ev[tag][k]:.2f}" for k in keys)] for tag in ("before", "after") if tag in ev]
     any_ev = ev.get("after") or ev.get("before")
@@ -111,11 +118,9 @@ def retrieval(workdir: str) -> str:
 
 
 def rerank_section(workdir: str) -> str:
-    path = os.path.join(workdir, "stage2", "rerank_test.json")
-    if not os.path.exists(path):
+    rr = _load_json(workdir, "stage2", "rerank_test.json")
+    if rr is None:
         return ""
-    with open(path) as f:
-        rr = json.load(f)
     t = rr["test"]
     keys = [k for k in t["first_stage"]]
     rows = [[name, *(f"{t[tag][k]:.2f}" for k in keys)] for name, tag in (("first stage (global cosine)", "first_stage"),
@@ -129,10 +134,9 @@ def rerank_section(workdir: str) -> str:
 
 def segmentation_section(workdir: str) -> str:
     d = os.path.join(workdir, "segmentation")
-    if not os.path.exists(os.path.join(d, "segmentation.json")):
+    seg = _load_json(d, "segmentation.json")
+    if seg is None:
         return ""
-    with open(os.path.join(d, "segmentation.json")) as f:
-        seg = json.load(f)
     fmt = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     out = ["<h2>Segmentation on frozen encoders</h2>",
            '<p class="note">Heads on frozen patch tokens: <i>linear</i> (per token, upsampled), <i>decoder</i> '
@@ -178,15 +182,13 @@ def segmentation_section(workdir: str) -> str:
 
 
 def probes_section(workdir: str) -> str:
-    path = os.path.join(workdir, "eval", "probes.json")
-    if not os.path.exists(path):
+    rows = _load_json(workdir, "eval", "probes.json")
+    if rows is None:
         return ""
     plt = _pyplot()
 
     from decipher_jax.eval.suite import summarise
 
-    with open(path) as f:
-        rows = json.load(f)
     s = summarise(rows)
     tasks = sorted({k[1] for k in s})
     encs = sorted({k[0] for k in s})
@@ -212,10 +214,9 @@ def probes_section(workdir: str) -> str:
 
 def localisation_section(workdir: str) -> str:
     d = os.path.join(workdir, "localisation")
-    if not os.path.exists(os.path.join(d, "localisation.json")):
+    m = _load_json(d, "localisation.json")
+    if m is None:
         return ""
-    with open(os.path.join(d, "localisation.json")) as f:
-        m = json.load(f)
     out = ["<h2>Text-guided localisation</h2>",
            f'<p class="note">Cosine of the finding\'s query sentence with every patch embedding, upsampled '
            f'trilinearly; {m["n_series"]} held-out series with a lesion mask. Pointing game: the heatmap maximum '
@@ -245,11 +246,9 @@ def localisation_section(workdir: str) -> str:
 
 
 def zeroshot_section(workdir: str) -> str:
-    path = os.path.join(workdir, "zeroshot.json")
-    if not os.path.exists(path):
+    z = _load_json(workdir, "zeroshot.json")
+    if z is None:
         return ""
-    with open(path) as f:
-        z = json.load(f)
     return "<h2>Zero-shot</h2>" + _table(["query", "result"], [[k, v] for k, v in z.items()], left=2)
 
 

@@ -82,28 +82,19 @@ def extract(model, params, source, mesh, *, size, out_dir: str | None = None, la
     if window is not None:
         feats = _extract_windows(fn, source, mesh, window, overlap, embed.round_batch(batch_size, mesh))
         if out_dir is not None:
-            os.makedirs(out_dir, exist_ok=True)
-            for old in glob.glob(os.path.join(out_dir, "part-*.npz")):
-                os.remove(old)
-            tmp = os.path.join(out_dir, ".part-00000.npz")
-            np.savez(tmp, **feats)
-            os.replace(tmp, os.path.join(out_dir, "part-00000.npz"))
+            _clear(out_dir)
+            _write_chunk(out_dir, 0, feats)
         return feats
     batches = embed.scan_split(source, [T.Decode(), T.Resize(tuple(size))], embed.round_batch(batch_size, mesh))
     if out_dir is None:
         return embed.apply(fn, batches, mesh, ["image"])
-    os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "part-*.npz")):
-        os.remove(old)
+    _clear(out_dir)
     part, buf = 0, []
 
     def flush():
         nonlocal part, buf
         if buf:
-            chunk = embed.apply(fn, iter(buf), mesh, ["image"])
-            tmp = os.path.join(out_dir, f".part-{part:05d}.npz")
-            np.savez(tmp, **chunk)
-            os.replace(tmp, os.path.join(out_dir, f"part-{part:05d}.npz"))
+            _write_chunk(out_dir, part, embed.apply(fn, iter(buf), mesh, ["image"]))
             part, buf = part + 1, []
 
     for b in batches:
@@ -112,6 +103,19 @@ def extract(model, params, source, mesh, *, size, out_dir: str | None = None, la
             flush()
     flush()
     return load(out_dir)
+
+
+def _clear(out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(out_dir, "part-*.npz")):
+        os.remove(old)
+
+
+def _write_chunk(out_dir: str, part: int, chunk: dict) -> None:
+    """Atomically: an interrupted extraction leaves only complete chunks."""
+    tmp = os.path.join(out_dir, f".part-{part:05d}.npz")
+    np.savez(tmp, **chunk)
+    os.replace(tmp, os.path.join(out_dir, f"part-{part:05d}.npz"))
 
 
 def load(out_dir: str) -> dict:

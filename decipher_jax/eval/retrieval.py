@@ -49,6 +49,13 @@ def group_mean(emb, groups):
     return normalise(sums[order]), uniq[order]
 
 
+def studies(study_ids) -> tuple[np.ndarray, np.ndarray]:
+    """The report gallery: each study once, in first-appearance order, and its first row."""
+    uniq, first = np.unique(np.asarray(study_ids), return_index=True)
+    order = np.argsort(first)
+    return uniq[order], first[order]
+
+
 def evaluate_pairs(image, text, study_ids, ks=(1, 5, 10)) -> dict:
     """Retrieval between series embeddings ``image`` (N, d) and their reports ``text`` (N, d).
 
@@ -58,9 +65,7 @@ def evaluate_pairs(image, text, study_ids, ks=(1, 5, 10)) -> dict:
     study, one positive each. Chance for R@k at study level is k / n_studies.
     """
     study_ids = np.asarray(study_ids)
-    uniq, first = np.unique(study_ids, return_index=True)
-    order = np.argsort(first)
-    uniq, first = uniq[order], first[order]
+    uniq, first = studies(study_ids)
     img, txt = normalise(image), normalise(np.asarray(text)[first])
     pos = study_ids[:, None] == uniq[None, :]
     sim = img @ txt.T
@@ -108,9 +113,7 @@ def evaluate_rerank(pairs: dict, k: int = 5, weight: float = 1.0, ks=(1, 5)) -> 
     """Series-level image->report retrieval before and after token-level re-ranking of the top
     ``k``; ``pairs`` from :func:`decipher_jax.eval.embed.embed_pairs` with ``tokens=True``."""
     study_ids = np.asarray(pairs["study_id"])
-    uniq, first = np.unique(study_ids, return_index=True)
-    order = np.argsort(first)
-    uniq, first = uniq[order], first[order]
+    uniq, first = studies(study_ids)
     pos = study_ids[:, None] == uniq[None, :]
     sim = normalise(pairs["image"]) @ normalise(np.asarray(pairs["text"])[first]).T
     new = np.asarray(rerank(jnp.asarray(sim, jnp.float32), jnp.asarray(pairs["patch"], jnp.float32),
@@ -140,9 +143,7 @@ def summary(m: dict) -> str:
 def examples(image, text, study_ids, reports, n: int = 6, k: int = 3, **meta) -> list[dict]:
     """The top-``k`` reports retrieved for ``n`` series spread over the split (for reports)."""
     study_ids = np.asarray(study_ids)
-    uniq, first = np.unique(study_ids, return_index=True)
-    order = np.argsort(first)
-    uniq, first = uniq[order], first[order]
+    uniq, first = studies(study_ids)
     sim = normalise(image) @ normalise(np.asarray(text)[first]).T
     out = []
     for i in np.unique(np.linspace(0, len(study_ids) - 1, n).astype(int)):
