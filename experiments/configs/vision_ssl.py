@@ -43,15 +43,18 @@ def get_config(arg=None):
     c.model = mlc.ConfigDict()
     if tiny:
         vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32))
-        head = dict(out_dim=256, hidden=128, bottleneck=64, n_layers=3)
+        head = dict(out_dim=256, hidden=128, bottleneck=64, n_layers=3, batch_norm=True)
     else:
         vit = dict(dim=768, depth=12, heads=12, mlp_dim=3072, patch_size=(16, 16, 16), img_size=(96, 96, 96),
                    dtype="bfloat16", remat="dots", scan=True)
-        head = dict(out_dim=65536, hidden=2048, bottleneck=256, n_layers=3, dtype="bfloat16")
+        head = dict(out_dim=65536, hidden=2048, bottleneck=256, n_layers=3, dtype="bfloat16", batch_norm=False)
     # LayerScale 1e-5 starts every residual branch at ~0: the CLS token does not see the image
     # until the gammas grow, which takes far longer than a tiny run (CLS std across samples
     # was 2e-6 at init). Tiny runs use no LayerScale.
     c.model.vit = dict(vit, num_registers=0 if tiny else 4, layerscale=None if tiny else 1e-5, pos_embed="learned")
+    # Tiny runs put BN in the head's MLP (DINO's use_bn_in_head): the tiny ViT's CLS features
+    # have a mean cosine of 0.95 across images at init, so without it the centred teacher
+    # logits barely depend on the image and the teacher drifts to uniform.
     c.model.head = head
     c.model.drop_path = 0.0 if tiny else 0.3
 
@@ -59,11 +62,14 @@ def get_config(arg=None):
     c.ssl.steps = 30 if tiny else 125_000
     c.ssl.centering = "centering"  # or "sinkhorn"
     c.ssl.student_temp = 0.1
-    c.ssl.teacher_temp = 0.07
+    # Tiny runs: a flat 0.04 teacher and a slow EMA teacher (0.99 -> 1). With the 0.04 -> 0.07
+    # warm-up or a fast teacher (0.9) the teacher's per-sample entropy climbs to log K within
+    # 30-90 steps (the uniform collapse); see BENCHMARKS.md, "Stage 1 at tiny scale".
+    c.ssl.teacher_temp = 0.04 if tiny else 0.07
     c.ssl.teacher_temp_start = 0.04
     c.ssl.teacher_temp_warmup_steps = 10 if tiny else 37_500
     c.ssl.center_momentum = 0.9
-    c.ssl.momentum_start = 0.992 if not tiny else 0.9
+    c.ssl.momentum_start = 0.99 if tiny else 0.992
     c.ssl.dino_weight = 1.0
     c.ssl.ibot_weight = 1.0
     c.ssl.koleo_weight = 0.1
