@@ -47,6 +47,15 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def random_batch(spec: dict, rng):
+    """Host arrays for a ``batch_spec`` ({name: (shape, dtype)}): uniform [0, 1) values, and
+    booleans (masks) True with probability 0.3."""
+    import numpy as np
+
+    return {k: (rng.random(shape) < 0.3 if np.dtype(dt) == np.bool_ else rng.random(shape)).astype(dt)
+            for k, (shape, dt) in spec.items()}
+
+
 def prepared_corpus(workdir: str, n_patients: int, spacing: float) -> tuple[str, str]:
     """(manifest, prep dir) of the embedded corpus, built once per workdir."""
     from absl import flags

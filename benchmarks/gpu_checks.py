@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import table  # noqa: E402
+from benchmarks.common import random_batch, table  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -101,7 +101,7 @@ def ssl_checks(rng):
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "vision_ssl.py") + ":tiny"
     rows = []
 
-    def one_step(cfg, devices, batch, steps=1):
+    def run_steps(cfg, devices, batch, steps):
         mesh = sh.make_mesh({"data": -1}, devices=devices)
         with jax.set_mesh(mesh):
             b = vision_ssl.build(cfg, mesh)
@@ -115,18 +115,17 @@ def ssl_checks(rng):
             return losses, jax.tree.map(np.asarray, state)
 
     cfg = common.load_config(path)
-    batch = {k: (rng.random(shape) < 0.3 if dt == jnp.bool_ else rng.random(shape)).astype(dt)
-             for k, (shape, dt) in vision_ssl.batch_spec(cfg).items()}
+    batch = random_batch(vision_ssl.batch_spec(cfg), rng)
     with jax.default_matmul_precision("highest"):
-        lc, sc = one_step(cfg, jax.devices("cpu")[:1], batch, steps=5)
-        lg, sg = one_step(cfg, jax.devices()[:1], batch, steps=5)
+        lc, sc = run_steps(cfg, jax.devices("cpu")[:1], batch, steps=5)
+        lg, sg = run_steps(cfg, jax.devices()[:1], batch, steps=5)
     e_loss = max(abs(g - c) / abs(c) for g, c in zip(lg, lc))
     e_par = max(rel(a, b) for a, b in zip(jax.tree.leaves(sg), jax.tree.leaves(sc))
                 if np.issubdtype(np.asarray(b).dtype, np.floating) and np.linalg.norm(b) > 0)
     rows.append(["stage-1 SSL, 5 fp32 steps, GPU vs CPU: worst loss", f"{e_loss:.2e}", "1e-3", e_loss < 1e-3])
     rows.append(["stage-1 SSL, 5 fp32 steps, GPU vs CPU: worst state leaf", f"{e_par:.2e}", "1e-3", e_par < 1e-3])
     cfg.model.vit.dtype = "bfloat16"
-    lb, _ = one_step(cfg, jax.devices()[:1], batch, steps=5)
+    lb, _ = run_steps(cfg, jax.devices()[:1], batch, steps=5)
     e16 = max(abs(g - c) / abs(c) for g, c in zip(lb, lc))
     ok = bool(np.all(np.isfinite(lb)) and e16 < 5e-2)
     rows.append(["stage-1 SSL, 5 bf16 steps on the GPU vs CPU fp32: worst loss", f"{e16:.2e}", "5e-2, finite", ok])

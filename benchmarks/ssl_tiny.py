@@ -24,23 +24,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def probe(model, params, prep, mesh, size, out_dir) -> dict:
-    import numpy as np
-
-    from decipher_jax.data import pipelines as P
-    from decipher_jax.eval import features, probes, suite
-
-    feats = {s: features.extract(model, params, P.data_source(prep, s), mesh, size=size,
-                                 out_dir=os.path.join(out_dir, s)) for s in ("train", "test")}
-    out = {}
-    for name, ytr, yte in suite._tasks(feats["train"], feats["test"]):
-        a, b = ytr >= 0, yte >= 0
-        res = probes.logistic_sweep(feats["train"]["mean"][a], feats["test"]["mean"][b],
-                                    [probes.Task(name, ytr[a], yte[b])], fractions=(1.0,), seeds=(0, 1, 2), iters=100)
-        out[name] = float(np.mean([r["balanced_accuracy"] for r in res]))
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prep", required=True, help="a prepared corpus (decipher prep output)")
@@ -55,8 +38,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from benchmarks.common import table
-    from decipher_jax import checkpoint as ckpt
     from decipher_jax import sharding as sh
+    from decipher_jax.eval import suite
     from decipher_jax.models.vit3d import ViT3D, ViTConfig
     from decipher_jax.trainers import common, vision_ssl
 
@@ -75,19 +58,21 @@ def main(argv=None) -> int:
         kl = [r["dino"] - r["teacher_entropy"] for r in log]
         vit = ViTConfig(**cfg.model.vit.to_dict())
         model = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-        _, part = ckpt.restore_subtree(os.path.join(wd, "checkpoints"),
-                                       {"teacher": {"backbone": common.abstract(shapes, model.shardings)}})
-        scores = probe(model, part["teacher"]["backbone"], prep, mesh, vit.img_size, os.path.join(wd, "features"))
+        encs = {"stage 1": (model, suite.stage1_teacher(wd, model))}
+        if tasks is None:  # the random-init baseline once, beside the first run
+            encs["random init"] = (model, model.init(jax.random.key(123)))
+        scores = {}  # {(encoder, task): balanced accuracy, mean over seeds}
+        for r in suite.probe_encoders(wd, prep, fractions=(1.0,), seeds=(0, 1, 2), mesh=mesh, encs=(encs, vit)):
+            scores.setdefault((r["encoder"], r["task"]), []).append(r["balanced_accuracy"])
+        scores = {k: float(np.mean(v)) for k, v in scores.items()}
         if tasks is None:
-            tasks = sorted(scores)
-            rand = probe(model, model.init(jax.random.key(123)), prep, mesh, vit.img_size,
-                         os.path.join(root, "random_features"))
-            rows.append(["random init", "-", "-", "-", "-", "-"] + [f"{rand[t]:.3f}" for t in tasks])
+            tasks = sorted({t for _, t in scores})
+            rows.append(["random init", "-", "-", "-", "-", "-"]
+                        + [f"{scores[('random init', t)]:.3f}" for t in tasks])
         e = log[-1]
         rows.append([name, len(log), f"{e['teacher_entropy']:.2f}", f"{e['teacher_entropy_of_mean']:.2f}",
                      f"{np.mean(kl[:5]):.2f} -> {np.mean(kl[-5:]):.2f}", f"{e['feature_std']:.3f}"]
-                    + [f"{scores.get(t, float('nan')):.3f}" for t in tasks])
+                    + [f"{scores.get(('stage 1', t), float('nan')):.3f}" for t in tasks])
         print(rows[-1], flush=True)
     print(table(["run", "steps", "teacher entropy", "entropy of batch mean", "KL first -> last", "CLS std"]
                 + [f"probe {t}" for t in tasks], rows))

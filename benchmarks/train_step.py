@@ -27,7 +27,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import machine, table  # noqa: E402
+from common import machine, random_batch, table  # noqa: E402
 
 VARIANTS = {"Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096)}
 
@@ -116,7 +116,7 @@ def ours_backbone(args, batch, dim, depth, heads, mlp):
     return dt, vit_train_flops(cfg, batch, (args.size,) * 3), float(cost.get("flops", np.nan))
 
 
-def monai_backbone(args, batch, dim, depth, heads, mlp, flash=False):
+def monai_backbone(args, batch, dim, depth, heads, mlp, *, compile=False, flash=False):
     import torch
     from monai.networks.nets import ViT
 
@@ -127,7 +127,7 @@ def monai_backbone(args, batch, dim, depth, heads, mlp, flash=False):
     for blk in m.blocks:  # MONAI's own switch to torch's fused SDPA kernels (off by default in ViT)
         blk.attn.use_flash_attention = flash
     opt = torch.optim.AdamW(m.parameters(), 1e-4)
-    fwd = torch.compile(m) if args.compile else m
+    fwd = torch.compile(m) if compile else m
     x = torch.randn(batch, 1, args.size, args.size, args.size, device=dev)
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
@@ -157,9 +157,7 @@ def ssl_step(args):
     mesh = sh.make_mesh({"data": -1})
     b = vision_ssl.build(cfg, mesh)
     state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
-    r = np.random.default_rng(0)
-    batch = {k: jnp.asarray(r.random(shape) < 0.3 if dt == jnp.bool_ else r.random(shape), dt)
-             for k, (shape, dt) in vision_ssl.batch_spec(cfg).items()}
+    batch = jax.device_put(random_batch(vision_ssl.batch_spec(cfg), np.random.default_rng(0)))
     f = jax.jit(b["step"], donate_argnums=(0,))
     box = [state]
 
@@ -207,8 +205,7 @@ def main(argv=None):
             variants += [("MONAI ViT (torch.compile)", True, False), ("MONAI ViT (torch.compile + SDPA)", True, True)]
         best = None
         for name, comp, flash in variants:
-            args_c = argparse.Namespace(**{**vars(args), "compile": comp})
-            mdt = monai_backbone(args_c, batch, *dims, flash=flash)
+            mdt = monai_backbone(args, batch, *dims, compile=comp, flash=flash)
             best = mdt if best is None else min(best, mdt)
             rows.append(["", name, f"{1 / mdt:.2f}", f"{batch / mdt:.1f}", f"{flops / mdt / peak:.1%}", ""])
             print(rows[-1], flush=True)

@@ -39,13 +39,20 @@ def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
     vit = ViTConfig(**clip_align.from_json(spec["vit"]))
     model = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
     out["stage 2 (CLIP)"] = (model, params2["image"])
-    s1 = os.path.join(workdir, "stage1_vision", "checkpoints")
-    if os.path.isdir(s1):
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-        _, part = ckpt.restore_subtree(s1, {"teacher": {"backbone": common.abstract(shapes, model.shardings)}})
-        out["stage 1 (DINO teacher)"] = (model, part["teacher"]["backbone"])
+    s1 = os.path.join(workdir, "stage1_vision")
+    if os.path.isdir(os.path.join(s1, "checkpoints")):
+        out["stage 1 (DINO teacher)"] = (model, stage1_teacher(s1, model))
     out["random init"] = (model, model.init(jax.random.key(123)))
     return out, vit
+
+
+def stage1_teacher(ssl_workdir: str, model: common.Model):
+    """The EMA teacher's backbone from a ``vision_ssl`` workdir's latest checkpoint, on ``model``'s
+    shardings (a ViT3D of the same config)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    _, part = ckpt.restore_subtree(os.path.join(ssl_workdir, "checkpoints"),
+                                   {"teacher": {"backbone": common.abstract(shapes, model.shardings)}})
+    return part["teacher"]["backbone"]
 
 
 def _tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
