@@ -12,6 +12,7 @@ Prints volumes/s (single crop), multi-crop samples/s and peak RSS (process + wor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -120,6 +121,21 @@ def measure(make_iter, batches, warmup=2):
     return dt, rss.peak
 
 
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def measure_one(prep_dir, n, name, kind, args):
+    """One (loader, pipeline) measurement; run in a fresh process so that allocator settings
+    (ours, or MONAI's with the same settings) cannot leak from one row into the next."""
+    if name == "ours":
+        return measure(lambda: run_ours(prep_dir, kind, args), args.batches)
+    if name == "monai+malloc":  # MONAI with the allocator settings our loader applies
+        from decipher_jax.data.pipelines import tune_malloc
+
+        tune_malloc()
+    return measure(lambda: run_monai(prep_dir, n, kind, args), args.batches)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/decipher_bench_data")
@@ -131,22 +147,37 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--n-local", type=int, default=4)
     p.add_argument("--read-threads", type=int, default=None, help="Grain reader threads per process (default: auto)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "name,kind" in a child process
     args = p.parse_args(argv)
     _, prep_dir = prepared_corpus(args.workdir, args.patients, args.spacing)
     from decipher_jax.data.pipelines import data_source
 
     n = len(data_source(prep_dir, "train"))
+    if args.one:
+        name, kind = args.one.split(",")
+        dt, peak = measure_one(prep_dir, n, name, kind, args)
+        print("RESULT " + json.dumps({"dt": dt, "peak": peak}))
+        return
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     rows = []
+    labels = {"ours": "decipher_jax (Grain)", "monai": "MONAI + DataLoader", "monai+malloc": "MONAI + DataLoader, our malloc settings"}
     for kind in ("single", "multicrop"):
         res = {}
-        for name, mk in (("decipher_jax (Grain)", lambda: run_ours(prep_dir, kind, args)),
-                         ("MONAI + DataLoader", lambda: run_monai(prep_dir, n, kind, args))):
-            dt, peak = measure(mk, args.batches)
-            res[name] = args.batches * args.batch / dt
-            rows.append([kind, name, f"{res[name]:.1f}", f"{peak / 2**20:.0f}"])
-        rows.append([kind, "speed-up", f"{res['decipher_jax (Grain)'] / res['MONAI + DataLoader']:.2f}x", ""])
+        for name in ("ours", "monai", "monai+malloc"):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--one", f"{name},{kind}"],
+                                 env=env, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                raise SystemExit(f"{name} {kind} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[0][7:])
+            res[name] = args.batches * args.batch / r["dt"]
+            rows.append([kind, labels[name], f"{res[name]:.1f}", f"{r['peak'] / 2**20:.0f}"])
+        rows.append([kind, "speed-up over MONAI (over MONAI with our malloc settings)",
+                     f"{res['ours'] / res['monai']:.2f}x ({res['ours'] / res['monai+malloc']:.2f}x)", ""])
     print(f"# loader: {n} train series at {args.spacing} mm, crops {args.size}^3 (+{args.n_local} local "
-          f"{args.size // 2}^3), batch {args.batch}, {args.workers} workers; {machine()}")
+          f"{args.size // 2}^3), batch {args.batch}, {args.workers} workers; each row in a fresh process; {machine()}")
     print(table(["pipeline", "loader", "samples/s", "peak RSS MiB"], rows))
 
 

@@ -9,7 +9,7 @@ then fits logistic probes (C by 3-fold CV, 3 seeds, all labels) on the teacher b
 mean-pooled patch tokens, beside a random-init ViT of the same shape. Prints one table: the
 teacher's per-sample entropy and that of the batch mean at the end, the student's KL to the
 teacher (DINO loss minus teacher entropy; mean of the first 5 and the last 5 steps), the CLS
-feature spread, and held-out balanced accuracy per probe task.
+feature spread, and held-out AUROC per probe task (the finding probes grouped into their mean).
 """
 
 from __future__ import annotations
@@ -61,10 +61,9 @@ def main(argv=None) -> int:
         encs = {"stage 1": (model, suite.stage1_teacher(wd, model))}
         if tasks is None:  # the random-init baseline once, beside the first run
             encs["random init"] = (model, model.init(jax.random.key(123)))
-        scores = {}  # {(encoder, task): balanced accuracy, mean over seeds}
-        for r in suite.probe_encoders(wd, prep, fractions=(1.0,), seeds=(0, 1, 2), mesh=mesh, encs=(encs, vit)):
-            scores.setdefault((r["encoder"], r["task"]), []).append(r["balanced_accuracy"])
-        scores = {k: float(np.mean(v)) for k, v in scores.items()}
+        rows_p = suite.probe_encoders(wd, prep, fractions=(1.0,), seeds=(0, 1, 2), mesh=mesh, encs=(encs, vit))
+        # {(encoder, task): test AUROC, mean over seeds}; the finding probes grouped into their mean
+        scores = {k[:2]: v[0] for k, v in suite.summarise(rows_p, "auroc", group_findings=True).items()}
         if tasks is None:
             tasks = sorted({t for _, t in scores})
             rows.append(["random init", "-", "-", "-", "-", "-"]

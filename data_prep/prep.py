@@ -40,7 +40,9 @@ class PrepConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
     workers: int = 0  # 0: one per CPU core; 1: in-process
-    compression: str = "none"  # record encoding of volumes: "none" (fast reads) or "zlib" (half the size)
+    # "none": raw volumes in uncompressed ArrayRecord chunks (fast reads); "zlib": zlib volumes in
+    # TFDS's zstd chunks (about half the disk, slower reads; BENCHMARKS.md)
+    compression: str = "none"
 
     def cache_key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self.volume), sort_keys=True)

@@ -18,6 +18,9 @@ _TEXT = ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex"
 
 
 ENCODINGS = {"none": tfds.features.Encoding.BYTES, "zlib": tfds.features.Encoding.ZLIB}
+# ArrayRecord chunk options per setting. TFDS writes zstd:3 chunks, so even "raw" volumes were
+# decompressed on every read (3.6 ms for a 2 M-voxel record, against 1.4 ms uncompressed).
+RECORD_OPTIONS = {"none": "group_size:1,uncompressed"}
 
 
 def features(compression: str = "none") -> tfds.features.FeaturesDict:
@@ -75,4 +78,27 @@ def build(data_dir: str, cache_dir: str, rows_by_split: dict, compression: str =
                     file_format="array_record")
     assert b.name == DATASET_NAME
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    if compression in RECORD_OPTIONS:
+        for f in sorted(os.listdir(b.data_dir)):
+            if ".array_record-" in f:
+                rewrite_records(os.path.join(b.data_dir, f), RECORD_OPTIONS[compression])
     return b.data_dir
+
+
+def rewrite_records(path: str, options: str, chunk: int = 16) -> None:
+    """Rewrites an ArrayRecord file with new writer ``options`` (same records, same order),
+    streaming ``chunk`` records at a time; the file is replaced only once the copy is whole."""
+    from array_record.python import array_record_module as arm
+
+    reader = arm.ArrayRecordReader(path)
+    tmp = path + ".rewrite"
+    writer = arm.ArrayRecordWriter(tmp, options)
+    try:
+        n = reader.num_records()
+        for start in range(0, n, chunk):
+            for rec in reader.read(start, min(start + chunk, n)):
+                writer.write(rec)
+    finally:
+        reader.close()
+        writer.close()
+    os.replace(tmp, path)

@@ -50,7 +50,7 @@ def run(workdir: str, devices: int = 8) -> int:
 
     # -- data: the embedded corpus through the same `decipher prep` path as real data --------
     t0 = time.perf_counter()
-    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=60, seed=0, matrix=40)
+    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=150, seed=0, matrix=40)
     prep_dir = os.path.join(workdir, "data", "prep")
     rc = cli.main(["prep", "--manifest", manifest, "--out", prep_dir, "--spacing", "4", "4", "4", "--quiet"])
     if rc:
@@ -169,11 +169,12 @@ def run(workdir: str, devices: int = 8) -> int:
     encs = suite.encoders(workdir, mesh)
     t0 = time.perf_counter()
     rows = suite.probe_encoders(workdir, prep_dir, mesh=mesh, encs=encs)
-    s = suite.summarise(rows)
+    s = suite.summarise(rows, "auroc", group_findings=True)
     names = sorted({k[0] for k in s})
-    say(f"linear probes (logistic, C by 3-fold CV, {len(rows)} fits of fractions x seeds) in "
-        f"{time.perf_counter() - t0:.0f} s; balanced accuracy on the test split with all labels:")
-    for task in sorted({k[1] for k in s}):
+    say(f"linear probes (logistic, C by 3-fold CV, {len(rows)} fits of tasks x fractions x seeds) in "
+        f"{time.perf_counter() - t0:.0f} s; test AUROC with all labels (findings: the mean over the per-finding "
+        f"probes, each on its body regions):")
+    for task in sorted({k[1] for k in s}, key=lambda t: (t.startswith("findings"), t)):
         say(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in names if (e, task, 1.0) in s))
     t0 = time.perf_counter()
     # Pretrained (stage 2) against random init; the heads' full grid is the library's default.

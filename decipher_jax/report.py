@@ -189,8 +189,8 @@ def probes_section(workdir: str) -> str:
 
     from decipher_jax.eval.suite import summarise
 
-    s = summarise(rows)
-    tasks = sorted({k[1] for k in s})
+    s = summarise(rows, "auroc", group_findings=True)
+    tasks = sorted({k[1] for k in s}, key=lambda t: (t.startswith("findings"), t))
     encs = sorted({k[0] for k in s})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
@@ -200,16 +200,22 @@ def probes_section(workdir: str) -> str:
             sd = [s[(e, t, f)][1] for f in fr]
             ax.errorbar(fr, m, yerr=sd, marker="o", capsize=3, label=e)
         ax.set_xscale("log")
-        ax.set_title(t, fontsize=10)
+        ax.set_title(t if not t.startswith("findings") else f"{t}: mean over tasks", fontsize=10)
         ax.set_xlabel("label fraction")
-        ax.set_ylabel("balanced accuracy (test)")
+        ax.set_ylabel("AUROC (test)")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    full = [[e, t, f"{s[(e, t, 1.0)][0]:.3f}"] for e in encs for t in tasks if (e, t, 1.0) in s]
+    ba = summarise(rows)
+    au = summarise(rows, "auroc")
+    full = [[e, t, f"{au[(e, t, 1.0)][0]:.3f}" if (e, t, 1.0) in au else "n/a", f"{ba[(e, t, 1.0)][0]:.3f}"]
+            for t in sorted({k[1] for k in ba}, key=lambda t: (t.startswith("finding"), t)) for e in encs
+            if (e, t, 1.0) in ba]
     return ("<h2>Linear probes on frozen features</h2>"
             '<p class="note">Logistic probes (C by 3-fold CV) on mean-pooled patch tokens; mean and std over '
-            "seeds of the label subsets. Scores on the held-out split.</p>" + _png(fig)
-            + _table(["encoder", "task", "balanced accuracy, all labels"], full, left=2))
+            "seeds of the label subsets. Scores on the held-out split. A finding probe is fitted and scored on "
+            "the body regions where the finding occurs; the last panel averages them (one-vs-rest AUROC for "
+            "the multi-class attributes).</p>" + _png(fig)
+            + _table(["encoder", "task", "AUROC, all labels", "balanced accuracy, all labels"], full, left=2))
 
 
 def localisation_section(workdir: str) -> str:

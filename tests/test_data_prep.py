@@ -219,6 +219,21 @@ def test_patient_level_splits_and_card(small_corpus, tmp_path):
             owners.setdefault(ex["patient_id"], set()).add(split)
             assert ex["volume"].dtype == np.float16 and ex["affine"].shape == (4, 4)
     assert all(len(s) == 1 for s in owners.values())  # no patient in two splits
+    # Shards are uncompressed ArrayRecord chunks (reads are copies); a rewrite keeps every record.
+    from array_record.python import array_record_module as arm
+
+    from data_prep.tfds_builder import rewrite_records
+
+    shards = [os.path.join(res.tfds_dir, f) for f in os.listdir(res.tfds_dir) if ".array_record-" in f]
+    assert shards
+    for f in shards:
+        r = arm.ArrayRecordReader(f)
+        assert "uncompressed" in r.writer_options_string(), r.writer_options_string()
+        r.close()
+    before = arm.ArrayRecordReader(shards[0]).read_all()
+    rewrite_records(shards[0], "group_size:1,zstd:3", chunk=3)
+    r = arm.ArrayRecordReader(shards[0])
+    assert "zstd:3" in r.writer_options_string() and r.read_all() == before
     assert len(owners) == 8 and {s for v in owners.values() for s in v} == set(prep.SPLITS)
     with open(os.path.join(out, "dataset_card.json")) as f:
         card = json.load(f)
@@ -277,3 +292,34 @@ def test_relative_corpus_paths_resolve_from_any_working_directory(tmp_path, monk
     monkeypatch.chdir(tmp_path / "elsewhere")
     res = prep.run(os.path.join("..", manifest), "../rel/prep", prep.PrepConfig(volume=CFG, workers=1), progress=False)
     assert res.ok and sum(c["series"] for c in res.counts.values()) == len(manifest_lib.read(os.path.join("..", manifest)))
+
+
+def test_synthetic_anatomy_shows_sex_and_age():
+    """Men's phantoms are larger (every region), and with age the brain's CSF grows (ventricles,
+    atrophy) while knee cartilage thins; the rest of a patient's draws do not change."""
+    m = [synthetic.body_scale("M", 0, p) for p in range(40)]
+    f = [synthetic.body_scale("F", 0, p) for p in range(40)]
+    assert min(m) > 1.0 > max(f) and 0.08 < np.mean(m) - np.mean(f) < 0.16
+
+    aff, shape = np.diag([3.0, 3.0, 3.0, 1.0]), (60, 70, 57)
+    aff[:3, 3] = -np.array([(s - 1) * 1.5 for s in shape])
+
+    def volume_of(region, tissue, age):
+        parts = synthetic.BUILDERS[region](np.random.default_rng(4), set(), {}, age=age)
+        seq = "T2" if tissue == "csf" else "T1"
+        img, _, _ = synthetic.render(parts, aff, shape, seq)
+        return np.sum(np.isclose(img, synthetic.TISSUE[tissue][synthetic.SEQUENCES.index(seq)]))
+
+    assert volume_of("brain", "csf", 85) > 1.3 * volume_of("brain", "csf", 20)
+    assert volume_of("knee", "cartilage", 85) < 0.8 * volume_of("knee", "cartilage", 20)
+    scaled = synthetic.scale_body(synthetic.BUILDERS["brain"](np.random.default_rng(4), {"mass"}, facts := {}), facts, 1.1)
+    assert abs(facts["mass"]["size_mm"] - 2 * scaled[-1].radii[0]) <= 1  # the report states the scaled size
+
+
+def test_tune_malloc_applies_to_this_process_and_workers(monkeypatch):
+    from decipher_jax.data import pipelines as P
+
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+    assert P.tune_malloc() is True  # glibc (Linux CI)
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(64 << 20)

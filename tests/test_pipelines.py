@@ -189,3 +189,28 @@ def test_checkpoint_manager_accepts_relative_paths(tmp_path, monkeypatch):
     assert (tmp_path / "relative" / "ckpt" / "1").is_dir()
     step, restored = ckpt.restore(ckpt.manager("relative/ckpt"), {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
     assert step == 1 and float(restored["w"].sum()) == 3.0
+
+
+def test_gaussian_noise_is_standard_normal_and_augment_in_place():
+    """Box-Muller noise: moments and a KS test against N(0, 1); odd sizes; deterministic by rng.
+    Augment's in-place chain equals the plain expression of its steps."""
+    from scipy import stats
+
+    z = T.gaussian(np.random.default_rng(0), (201, 1001))
+    assert z.dtype == np.float32 and z.shape == (201, 1001) and np.isfinite(z).all()
+    x = z.ravel().astype(np.float64)
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01 and abs(stats.skew(x)) < 0.02
+    assert abs(stats.kurtosis(x)) < 0.03 and stats.kstest(x[:100_000], "norm").pvalue > 1e-3
+    np.testing.assert_array_equal(T.gaussian(np.random.default_rng(3), (7,)), T.gaussian(np.random.default_rng(3), (7,)))
+
+    vol = np.random.default_rng(1).normal(0.3, 0.3, (9, 8, 7, 1)).astype(np.float16)
+    aug = T.Augment(flip_p=0.5, noise=0.02)
+    for seed in range(4):
+        out = aug(vol, np.random.default_rng(seed))
+        r = np.random.default_rng(seed)
+        flips = [ax for ax in range(3) if r.random() < 0.5]
+        ref = np.clip(np.flip(vol, flips).astype(np.float32), 0, None) ** np.float32(np.exp(r.uniform(-0.2, 0.2)))
+        ref = ref * np.float32(1 + r.uniform(-0.1, 0.1)) + np.float32(r.uniform(-0.1, 0.1))
+        ref = ref + np.float32(0.02) * T.gaussian(r, vol.shape)
+        assert out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)

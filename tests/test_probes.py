@@ -102,3 +102,21 @@ def test_logistic_sweep_rows():
     few = [r for r in rows if r["fraction"] == 0.05]
     assert all(r["n_train"] < 0.1 * len(ytr) for r in few)
     assert np.mean([r["accuracy"] for r in few]) < np.mean([r["accuracy"] for r in rows if r["fraction"] == 1.0])
+
+
+def test_finding_tasks_are_binary_per_body_region():
+    """One task per finding seen in training, over the regions where it occurs; other rows -1."""
+    from decipher_jax.eval import suite
+
+    train = {"body_region": np.array(["brain"] * 4 + ["knee"] * 4),
+             "findings": np.array(["infarct", "", "infarct;mass", "mass", "effusion", "", "effusion", ""]),
+             "sex": np.array(["M", "F"] * 4)}
+    test = {"body_region": np.array(["brain", "brain", "knee", "spine"]),
+            "findings": np.array(["", "infarct", "effusion", ""]), "sex": np.array(["M", "F", "", "M"])}
+    tasks = {name: (ytr, yte) for name, ytr, yte in suite.tasks(train, test)}
+    assert list(tasks) == ["body_region", "sex", "finding: effusion", "finding: infarct", "finding: mass"]
+    np.testing.assert_array_equal(tasks["finding: infarct"][0], [1, 0, 1, 0, -1, -1, -1, -1])
+    np.testing.assert_array_equal(tasks["finding: infarct"][1], [0, 1, -1, -1])
+    np.testing.assert_array_equal(tasks["finding: effusion"][1], [-1, -1, 1, -1])
+    np.testing.assert_array_equal(tasks["sex"][1], [1, 0, -1, 1])  # unseen "" class -> -1
+    assert [t[0] for t in suite.tasks(train, test, names=("findings",))] == list(tasks)[2:]

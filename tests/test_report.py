@@ -5,7 +5,10 @@ import json
 import os
 import re
 
+import pytest
+
 from decipher_jax import cli
+from decipher_jax.eval import suite
 
 
 def _write_jsonl(path, rows):
@@ -28,8 +31,10 @@ def test_report_renders_with_figures(tmp_path):
                           "top_reports": ["MRI knee. <b>No effusion</b>.", "MRI brain."]}]
     with open(w / "stage2" / "eval_test.json", "w") as f:
         json.dump({"before": before, "after": after}, f)
-    rows = [{"encoder": e, "task": "body_region", "fraction": fr, "seed": s, "balanced_accuracy": 0.5 + 0.1 * s}
-            for e in ("random init", "stage 2 (CLIP)") for fr in (0.1, 1.0) for s in (0, 1)]
+    rows = [{"encoder": e, "task": t, "fraction": fr, "seed": s, "balanced_accuracy": 0.5 + 0.1 * s,
+             "auroc": 0.6 + 0.1 * s + 0.05 * (t == "finding: mass")}
+            for e in ("random init", "stage 2 (CLIP)") for t in ("body_region", "finding: infarct", "finding: mass")
+            for fr in (0.1, 1.0) for s in (0, 1)]
     os.makedirs(w / "eval")
     with open(w / "eval" / "probes.json", "w") as f:
         json.dump(rows, f)
@@ -46,6 +51,11 @@ def test_report_renders_with_figures(tmp_path):
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "&lt;b&gt;No effusion&lt;/b&gt;" in page and "✓ MRI knee" in page  # report text is escaped
     assert "0.80" in page and "0.10" in page
+    # Probes: every task in the table, the finding tasks also grouped (mean over tasks, then seeds).
+    assert "finding: mass" in page and "finding: infarct" in page
+    s = suite.summarise(rows, "auroc", group_findings=True)
+    assert set(k[1] for k in s) == {"body_region", "findings (2)"}
+    assert s[("random init", "findings (2)", 1.0)] == pytest.approx((0.675, 0.05))
 
 
 def test_report_skips_a_stage_without_logged_rows(tmp_path):

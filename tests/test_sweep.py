@@ -16,26 +16,31 @@ def _write_features(d, rng, n, shift):
     centre = {"brain": 0, "knee": 1, "spine": 2}
     mean = rng.normal(size=(n, 16)).astype(np.float32)
     mean[np.arange(n), [centre[r] for r in region]] += shift  # one direction per region
+    infarct = (region == "brain") & (rng.random(n) < 0.5)  # a finding of brain series only
+    mean[infarct, 5] += shift
+    findings = np.where(infarct, "infarct", "")
     np.savez(os.path.join(d, "part-00000.npz"), mean=mean, cls=rng.normal(size=(n, 16)).astype(np.float32),
-             body_region=region, sequence=seq, series_id=np.array([f"s{i}" for i in range(n)]))
+             body_region=region, sequence=seq, findings=findings, series_id=np.array([f"s{i}" for i in range(n)]))
+    return region
 
 
 def test_sweep_runs_a_grid_from_a_file(tmp_path, rng):
+    regions = {}
     for name, shift in (("good", 4.0), ("random", 0.0)):
         for split, n in (("train", 120), ("test", 60)):
-            _write_features(str(tmp_path / name / split), rng, n, shift)
+            regions[name, split] = _write_features(str(tmp_path / name / split), rng, n, shift)
     sweep_file = tmp_path / "s.py"
     sweep_file.write_text(
         "def get_sweep():\n"
         f"    return {{'features': {{'good': {str(tmp_path / 'good')!r}, 'random': {str(tmp_path / 'random')!r}}},\n"
-        "            'tasks': ['body_region', 'sequence'], 'pool': ['mean', 'cls'],\n"
+        "            'tasks': ['body_region', 'sequence', 'findings'], 'pool': ['mean', 'cls'],\n"
         "            'heads': {'logistic': {'C': [0.01, 1.0], 'fractions': [0.2, 1.0], 'seeds': [0, 1], 'iters': 30},\n"
         "                      'knn': {'k': [5, 10]}}}\n")
     out = tmp_path / "w"
     assert cli.main(["sweep", "--sweep", str(sweep_file), "--workdir", str(out)]) == 0
     rows = json.loads((out / "eval" / "sweep.json").read_text())
-    # 2 feature sets x 2 pools x 2 tasks x (2 fractions x 2 seeds logistic + 2 kNN)
-    assert len(rows) == 2 * 2 * 2 * (4 + 2)
+    # 2 feature sets x 2 pools x 3 tasks (the one finding) x (2 fractions x 2 seeds logistic + 2 kNN)
+    assert len(rows) == 2 * 2 * 3 * (4 + 2)
     with open(out / "eval" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     pick = {(r["features"], r["pool"], r["task"], r["head"], r["fraction"], r["seed"]): r for r in rows}
@@ -43,3 +48,7 @@ def test_sweep_runs_a_grid_from_a_file(tmp_path, rng):
     assert pick[("good", "mean", "body_region", "logistic", 1.0, 0)]["balanced_accuracy"] > 0.9
     assert pick[("random", "mean", "body_region", "logistic", 1.0, 0)]["balanced_accuracy"] < 0.6
     assert pick[("good", "mean", "body_region", "knn k=10", 1.0, 0)]["balanced_accuracy"] > 0.9
+    # The finding probe is fitted on brain series only and reads its direction.
+    inf = pick[("good", "mean", "finding: infarct", "logistic", 1.0, 0)]
+    assert inf["n_train"] == np.sum(regions["good", "train"] == "brain") and inf["auroc"] > 0.9
+    assert pick[("random", "mean", "finding: infarct", "logistic", 1.0, 0)]["auroc"] < 0.75

@@ -7,6 +7,11 @@ shows the same anatomy at the same world position. Four body regions, four seque
 field and Rician noise; radiology-style reports state the findings with varied wording and
 negations. Several series of one study share one report (multiple positives in stage 2).
 
+Age and sex show in the anatomy, so that probes for them measure something: the body is
+about 6 % larger in men than in women (every region, with 2 % spread), and with age the
+ventricles widen and the brain shrinks from the skull, and knee cartilage and spinal discs
+thin (:func:`age_fraction`).
+
     manifest = generate_corpus("data/synthetic", n_patients=40, seed=0)
 """
 
@@ -75,16 +80,23 @@ def _e(tissue, c, r, lesion=False):
     return Ellipsoid(tissue, np.asarray(c, float), np.asarray(r, float), lesion)
 
 
-def _brain(r: np.random.Generator, findings: set[str], facts: dict) -> list[Ellipsoid]:
+def age_fraction(age) -> float:
+    """0 at 18 years, 1 at 90: how far age-related changes have gone."""
+    return float(np.clip((float(age) - 18.0) / 72.0, 0.0, 1.0))
+
+
+def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float = 50) -> list[Ellipsoid]:
+    a = age_fraction(age)
     s = r.uniform(0.92, 1.08)  # head size
+    shrink = 1.0 - 0.08 * a  # atrophy: the brain pulls away from the skull, CSF fills the gap
     parts = [
         _e("skin", (0, 0, 0), np.array([78, 98, 75]) * s),
         _e("bone", (0, 0, 0), np.array([74, 94, 71]) * s),
         _e("csf", (0, 0, 0), np.array([70, 90, 67]) * s),
-        _e("gm", (0, 0, 0), np.array([67, 87, 64]) * s),
-        _e("wm", (0, 0, 2), np.array([55, 74, 50]) * s),
+        _e("gm", (0, 0, 0), np.array([67, 87, 64]) * s * shrink),
+        _e("wm", (0, 0, 2), np.array([55, 74, 50]) * s * shrink),
     ]
-    vent = r.uniform(0.8, 1.6)  # ventricle size varies with age
+    vent = 0.8 + 0.8 * (0.75 * a + 0.25 * (r.uniform(0.8, 1.6) - 0.8) / 0.8)  # ventricles widen with age
     parts += [_e("csf", (sx * 9, 5, 10), np.array([6, 25, 9]) * vent) for sx in (-1, 1)]
     for f, tissue in (("infarct", "infarct"), ("mass", "mass")):
         if f in findings:
@@ -97,12 +109,13 @@ def _brain(r: np.random.Generator, findings: set[str], facts: dict) -> list[Elli
     return parts
 
 
-def _knee(r, findings, facts):
+def _knee(r, findings, facts, age=50):
+    cart = 6.0 - 3.0 * age_fraction(age)  # cartilage thins with age
     parts = [
         _e("skin", (0, 0, 0), (62, 62, 90)), _e("fat", (0, 0, 0), (58, 58, 88)), _e("muscle", (0, 5, 0), (48, 48, 86)),
         _e("bone", (0, 0, 45), (32, 30, 48)), _e("marrow", (0, 0, 45), (28, 26, 44)),  # femur
         _e("bone", (0, 0, -45), (30, 28, 46)), _e("marrow", (0, 0, -45), (26, 24, 42)),  # tibia
-        _e("cartilage", (0, 0, 0), (30, 28, 5)),
+        _e("cartilage", (0, 0, 0), (30, 28, cart)),
     ]
     if "effusion" in findings:
         parts.append(_e("fluid", (0, 30, 20), (26, 10, 24), True))
@@ -114,12 +127,13 @@ def _knee(r, findings, facts):
     return parts
 
 
-def _spine(r, findings, facts):
+def _spine(r, findings, facts, age=50):
+    disc = 6.0 - 3.0 * age_fraction(age)  # discs lose height with age
     parts = [_e("skin", (0, 0, 0), (58, 68, 140)), _e("fat", (0, 0, 0), (54, 64, 138)), _e("muscle", (0, -20, 0), (48, 40, 136))]
     levels = ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
     for i in range(5):
         z = -100 + i * 45
-        parts += [_e("bone", (0, 20, z), (22, 18, 17)), _e("marrow", (0, 20, z), (19, 15, 14)), _e("disc", (0, 20, z + 22), (20, 16, 5))]
+        parts += [_e("bone", (0, 20, z), (22, 18, 17)), _e("marrow", (0, 20, z), (19, 15, 14)), _e("disc", (0, 20, z + 22), (20, 16, disc))]
     parts += [_e("csf", (0, -8, 0), (9, 8, 130)), _e("cord", (0, -8, 20), (5, 5, 90))]
     if "herniation" in findings:
         i = int(r.integers(0, 5))
@@ -132,7 +146,7 @@ def _spine(r, findings, facts):
     return parts
 
 
-def _abdomen(r, findings, facts):
+def _abdomen(r, findings, facts, age=50):
     parts = [_e("skin", (0, 0, 0), (150, 110, 105)), _e("fat", (0, 0, 0), (146, 106, 103)), _e("muscle", (0, 0, 0), (130, 92, 100)),
              _e("liver", (-55, 20, 35), (60, 48, 45)), _e("spleen", (70, -10, 40), (22, 28, 30)), _e("bone", (0, -60, 0), (14, 14, 100))]
     absent = None
@@ -150,6 +164,22 @@ def _abdomen(r, findings, facts):
 
 
 BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen}
+
+
+def scale_body(parts: list[Ellipsoid], facts: dict, scale: float) -> list[Ellipsoid]:
+    """The whole phantom scaled about the world origin (body size); lesion sizes in ``facts``
+    follow, so the report states what the image shows."""
+    for f in facts.values():
+        if "size_mm" in f:
+            f["size_mm"] = int(round(f["size_mm"] * scale))
+    return [dataclasses.replace(p, center=p.center * scale, radii=p.radii * scale) for p in parts]
+
+
+def body_scale(sex: str, seed: int, patient: int) -> float:
+    """Men about 6 % larger than women, 2 % spread; its own random stream, so the rest of a
+    patient's draws do not depend on it."""
+    r = np.random.default_rng([seed, patient, 1])
+    return float((1.06 if sex == "M" else 0.94) * np.exp(0.02 * r.standard_normal()))
 
 
 def render(parts: list[Ellipsoid], affine: np.ndarray, shape, sequence: str):
@@ -284,7 +314,7 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             fov, possible = REGIONS[region]
             findings = {f for f in possible if r.random() < 0.45}
             facts: dict = {}
-            parts = BUILDERS[region](r, findings, facts)
+            parts = scale_body(BUILDERS[region](r, findings, facts, age=age), facts, body_scale(sex, seed, p))
             findings = set(facts) | findings  # facts may be richer (e.g. sizes)
             seqs = sorted(r.choice(SEQUENCES, size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
             study = f"P{p:04d}_S{s}"

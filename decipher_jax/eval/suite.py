@@ -3,9 +3,18 @@ randomly initialised image encoders on the metadata tasks of a prepared dataset.
 
     rows = probe_encoders("outputs/demo", "outputs/demo/data/prep")   # also writes eval/probes.{csv,json}
 
-Tasks come from the records' metadata: body region, sequence and sex (classes seen in the
-training split; test rows of unseen classes are dropped). Probes: logistic, C chosen by
-3-fold CV, over label fractions x seeds, all in batched calls (:mod:`decipher_jax.eval.probes`).
+Tasks come from the records' metadata:
+
+- attributes: body region, sequence and sex (classes seen in the training split; test rows of
+  unseen classes are dropped);
+- findings (the disease probes): one binary task per finding seen in training, "finding:
+  infarct", over the series of the body regions where that finding occurs in training (an
+  infarct probe is fitted and scored on brain series only). An empty finding list is a normal
+  study.
+
+Probes: logistic, C chosen by 3-fold CV, over label fractions x seeds, all in batched calls
+(:mod:`decipher_jax.eval.probes`). :func:`summarise` groups the finding tasks into one score
+("findings": the mean over them), the figure a reader looks at first.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from decipher_jax.eval import features, probes
 from decipher_jax.models.vit3d import ViT3D, ViTConfig
 from decipher_jax.trainers import common
 
-TASKS = ("body_region", "sequence", "sex")
+TASKS = ("body_region", "sequence", "sex", "findings")
+FINDING = "finding: "
 
 
 def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
@@ -55,16 +65,33 @@ def stage1_teacher(ssl_workdir: str, model: common.Model):
     return part["teacher"]["backbone"]
 
 
-def _tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, train ids, test ids) per metadata task; -1 marks a class unseen in training."""
-    tasks = []
-    for name in TASKS:
-        if name not in train:
-            continue
-        ytr, yte, k = probes.metadata_labels(train[name], test[name])
-        if k >= 2:
-            tasks.append((name, ytr, yte))
-    return tasks
+def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, train ids, test ids) per task; -1 marks a row outside the task (a class unseen in
+    training, or a body region where the finding does not occur). ``names``: metadata fields,
+    and "findings" for the per-finding binary tasks."""
+    out = []
+    for name in names:
+        if name == "findings":
+            out += _finding_tasks(train, test)
+        elif name in train:
+            ytr, yte, k = probes.metadata_labels(train[name], test[name])
+            if k >= 2:
+                out.append((name, ytr, yte))
+    return out
+
+
+def _finding_tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    if "findings" not in train or "body_region" not in train:
+        return []
+    out = []
+    sets = {sp: [set(str(v).split(";")) - {""} for v in d["findings"]] for sp, d in (("train", train), ("test", test))}
+    for f in sorted(set().union(*sets["train"])):
+        regions = {r for r, fs in zip(train["body_region"], sets["train"]) if f in fs}
+        ys = [np.where(np.isin(d["body_region"], list(regions)), [int(f in fs) for fs in sets[sp]], -1)
+              for sp, d in (("train", train), ("test", test))]
+        if min(np.sum(ys[0] == 1), np.sum(ys[0] == 0)) >= 2:  # both classes in training
+            out.append((FINDING + f, ys[0], ys[1]))
+    return out
 
 
 def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2), mesh=None,
@@ -80,8 +107,10 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         for split in ("train", "test"):
             feats[split] = features.extract(model, params, P.data_source(prep_dir, split), mesh, size=vit.img_size,
                                             out_dir=os.path.join(out_dir, "features", tag, split))
-        for tname, ytr, yte in _tasks(feats["train"], feats["test"]):
+        for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = ytr >= 0, yte >= 0  # rows with a known label, one task at a time
+            if not te_ok.any():
+                continue
             task = probes.Task(tname, ytr[tr_ok], yte[te_ok])
             for r in probes.logistic_sweep(feats["train"][feature][tr_ok], feats["test"][feature][te_ok], [task],
                                            fractions=fractions, seeds=seeds, iters=100):
@@ -96,9 +125,21 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     return rows
 
 
-def summarise(rows: list[dict], metric: str = "balanced_accuracy") -> dict:
-    """``{(encoder, task, fraction): (mean, std over seeds)}``."""
-    groups: dict = {}
+def summarise(rows: list[dict], metric: str = "balanced_accuracy", group_findings: bool = False) -> dict:
+    """``{(encoder, task, fraction): (mean, std over seeds)}``. With ``group_findings`` the
+    finding tasks become one task, "findings (K)": per seed, the mean over the K finding tasks
+    that have a score (a test split may lack one class of a task)."""
+    n_find = len({r["task"] for r in rows if r["task"].startswith(FINDING)})
+    per_seed: dict = {}
     for r in rows:
-        groups.setdefault((r["encoder"], r["task"], r["fraction"]), []).append(r[metric])
-    return {k: (float(np.mean(v)), float(np.std(v))) for k, v in groups.items()}
+        v = r.get(metric)
+        if v is None or not np.isfinite(v):
+            continue
+        task = r["task"]
+        if group_findings and task.startswith(FINDING):
+            task = f"findings ({n_find})"
+        per_seed.setdefault((r["encoder"], task, r["fraction"], r["seed"]), []).append(v)
+    groups: dict = {}
+    for (enc, task, frac, _), v in per_seed.items():
+        groups.setdefault((enc, task, frac), []).append(float(np.mean(v)))
+    return {key: (float(np.mean(v)), float(np.std(v))) for key, v in groups.items()}

@@ -7,7 +7,8 @@ A sweep file defines ``get_sweep() -> dict`` (see ``experiments/sweeps/probes.py
     features:  {name: dir}        dirs with train/ and test/ feature chunks (features.extract), or
     pipeline:  "outputs/demo"     extract the stage-2 / stage-1 / random-init encoders of a run
     data:      prepared data dir  (with ``pipeline``)
-    tasks:     metadata fields used as labels ("body_region", "sequence", ...)
+    tasks:     metadata fields used as labels ("body_region", "sequence", ...), and "findings":
+               one binary probe per finding, on the body regions where it occurs (eval.suite)
     pool:      ["mean", "cls"]    which feature vector
     heads:     {"logistic": {"C": [...], "fractions": [...], "seeds": [...], "folds": 3},
                 "knn": {"k": [...], "temperature": 0.07}}
@@ -60,41 +61,45 @@ def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
 
 
 def run(sw: dict, workdir: str) -> list[dict]:
+    from decipher_jax.eval import suite
+
     rows = []
     sets = _feature_sets(sw, workdir)
     heads = sw.get("heads", {"logistic": {}})
     for set_name, fs in sets.items():
         for pool in sw.get("pool", ["mean"]):
             for field in sw["tasks"]:
-                if field not in fs["train"]:
+                if field not in fs["train"] and field != "findings":
                     raise KeyError(f"task {field!r} is not a metadata field of feature set {set_name!r}")
-                ytr, yte, k = probes.metadata_labels(fs["train"][field], fs["test"][field])
-                if k < 2:
-                    continue
-                tr, te = ytr >= 0, yte >= 0
-                xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
-                base = {"features": set_name, "pool": pool, "task": field}
-                if "logistic" in heads:
-                    h = heads["logistic"]
-                    t0 = time.perf_counter()
-                    res = probes.logistic_sweep(xtr, xte, [probes.Task(field, ytr[tr], yte[te])],
-                                                inv_regs=tuple(h.get("C", 10.0 ** np.arange(-3, 3))),
-                                                fractions=tuple(h.get("fractions", (1.0,))),
-                                                seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
-                                                iters=h.get("iters", 100))
-                    dt = time.perf_counter() - t0
-                    rows += [base | r | {"seconds": dt / len(res)} for r in res]
-                if "knn" in heads:
-                    h = heads["knn"]
-                    for kk in h.get("k", (10, 20)):
-                        s = probes.knn_scores(jnp.asarray(xtr), jnp.asarray(ytr[tr]), jnp.asarray(xte), k, k=kk,
-                                              temperature=h.get("temperature", 0.07))
-                        s = np.asarray(s)
-                        probs = s / np.maximum(s.sum(1, keepdims=True), 1e-12)
-                        rows.append(base | {"head": f"knn k={kk}", "fraction": 1.0, "seed": 0,
-                                            "auroc": probes.macro_auroc(probs, yte[te], k),
-                                            "balanced_accuracy": probes.balanced_accuracy(s.argmax(1), yte[te]),
-                                            "accuracy": float(np.mean(s.argmax(1) == yte[te]))})
+                for name, ytr, yte in suite.tasks(fs["train"], fs["test"], names=(field,)):
+                    tr, te = ytr >= 0, yte >= 0
+                    if not te.any():
+                        continue
+                    xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
+                    task = probes.Task(name, ytr[tr], yte[te])
+                    k = task.num_classes
+                    base = {"features": set_name, "pool": pool, "task": name}
+                    if "logistic" in heads:
+                        h = heads["logistic"]
+                        t0 = time.perf_counter()
+                        res = probes.logistic_sweep(xtr, xte, [task],
+                                                    inv_regs=tuple(h.get("C", 10.0 ** np.arange(-3, 3))),
+                                                    fractions=tuple(h.get("fractions", (1.0,))),
+                                                    seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
+                                                    iters=h.get("iters", 100))
+                        dt = time.perf_counter() - t0
+                        rows += [base | r | {"seconds": dt / len(res)} for r in res]
+                    if "knn" in heads:
+                        h = heads["knn"]
+                        for kk in h.get("k", (10, 20)):
+                            s = probes.knn_scores(jnp.asarray(xtr), jnp.asarray(ytr[tr]), jnp.asarray(xte), k, k=kk,
+                                                  temperature=h.get("temperature", 0.07))
+                            s = np.asarray(s)
+                            probs = s / np.maximum(s.sum(1, keepdims=True), 1e-12)
+                            rows.append(base | {"head": f"knn k={kk}", "fraction": 1.0, "seed": 0,
+                                                "auroc": probes.macro_auroc(probs, yte[te], k),
+                                                "balanced_accuracy": probes.balanced_accuracy(s.argmax(1), yte[te]),
+                                                "accuracy": float(np.mean(s.argmax(1) == yte[te]))})
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sweep.json"), "w") as f:

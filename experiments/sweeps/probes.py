@@ -12,7 +12,7 @@ def get_sweep():
         "data": "outputs/demo/data/prep",
         # Or precomputed features: {"name": "dir with train/ and test/ chunks"} (eval.features.extract)
         "features": {},
-        "tasks": ["body_region", "sequence"],
+        "tasks": ["body_region", "sequence", "sex", "findings"],  # findings: one probe per finding
         "pool": ["mean", "cls"],
         "heads": {
             "logistic": {"C": [0.001, 0.01, 0.1, 1.0, 10.0], "fractions": [0.1, 0.3, 1.0], "seeds": [0, 1, 2],
