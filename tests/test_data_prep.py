@@ -321,5 +321,7 @@ def test_tune_malloc_applies_to_this_process_and_workers(monkeypatch):
 
     for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(256 << 20))  # a user's own setting wins
     assert P.tune_malloc() is True  # glibc (Linux CI)
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(64 << 20)
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(256 << 20)

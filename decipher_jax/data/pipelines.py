@@ -48,8 +48,9 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20)
     fresh ``mmap`` pages on every record (a 2 M-voxel record read went 7 -> 3 ms on a 2-core VM,
     where page faults are dear). Applies to this process (``mallopt``) and, through the
     environment, to worker processes started after it. Returns whether glibc took it."""
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(mmap_threshold))
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(trim_threshold))
+    # Values a user already set in the environment win, here and in the workers.
+    mmap_threshold = int(os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(mmap_threshold)))
+    trim_threshold = int(os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(trim_threshold)))
     try:
         import ctypes
 
