@@ -174,7 +174,7 @@ def run(workdir: str, devices: int = 8) -> int:
     say(f"linear probes (logistic, C by 3-fold CV, {len(rows)} fits of tasks x fractions x seeds) in "
         f"{time.perf_counter() - t0:.0f} s; test AUROC with all labels (findings: the mean over the per-finding "
         f"probes, each on its body regions):")
-    for task in sorted({k[1] for k in s}, key=lambda t: (t.startswith("findings"), t)):
+    for task in sorted({k[1] for k in s}, key=suite.task_order):
         say(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in names if (e, task, 1.0) in s))
     t0 = time.perf_counter()
     # Pretrained (stage 2) against random init; the heads' full grid is the library's default.

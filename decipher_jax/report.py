@@ -187,10 +187,10 @@ def probes_section(workdir: str) -> str:
         return ""
     plt = _pyplot()
 
-    from decipher_jax.eval.suite import summarise
+    from decipher_jax.eval.suite import summarise, task_order
 
     s = summarise(rows, "auroc", group_findings=True)
-    tasks = sorted({k[1] for k in s}, key=lambda t: (t.startswith("findings"), t))
+    tasks = sorted({k[1] for k in s}, key=task_order)
     encs = sorted({k[0] for k in s})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
@@ -208,7 +208,7 @@ def probes_section(workdir: str) -> str:
     ba = summarise(rows)
     au = summarise(rows, "auroc")
     full = [[e, t, f"{au[(e, t, 1.0)][0]:.3f}" if (e, t, 1.0) in au else "n/a", f"{ba[(e, t, 1.0)][0]:.3f}"]
-            for t in sorted({k[1] for k in ba}, key=lambda t: (t.startswith("finding"), t)) for e in encs
+            for t in sorted({k[1] for k in ba}, key=task_order) for e in encs
             if (e, t, 1.0) in ba]
     return ("<h2>Linear probes on frozen features</h2>"
             '<p class="note">Logistic probes (C by 3-fold CV) on mean-pooled patch tokens; mean and std over '

@@ -120,3 +120,5 @@ def test_finding_tasks_are_binary_per_body_region():
     np.testing.assert_array_equal(tasks["finding: effusion"][1], [-1, -1, 1, -1])
     np.testing.assert_array_equal(tasks["sex"][1], [1, 0, -1, 1])  # unseen "" class -> -1
     assert [t[0] for t in suite.tasks(train, test, names=("findings",))] == list(tasks)[2:]
+    no_knee = {k: v[:2] for k, v in test.items()}  # a task without a test row is left out
+    assert [t[0] for t in suite.tasks(train, no_knee, names=("findings",))] == ["finding: infarct", "finding: mass"]

@@ -96,7 +96,7 @@ def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float =
         _e("gm", (0, 0, 0), np.array([67, 87, 64]) * s * shrink),
         _e("wm", (0, 0, 2), np.array([55, 74, 50]) * s * shrink),
     ]
-    vent = 0.8 + 0.8 * (0.75 * a + 0.25 * (r.uniform(0.8, 1.6) - 0.8) / 0.8)  # ventricles widen with age
+    vent = 0.8 + 0.6 * a + r.uniform(0.0, 0.2)  # ventricles widen with age (one draw, as before)
     parts += [_e("csf", (sx * 9, 5, 10), np.array([6, 25, 9]) * vent) for sx in (-1, 1)]
     for f, tissue in (("infarct", "infarct"), ("mass", "mass")):
         if f in findings:

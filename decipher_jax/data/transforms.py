@@ -151,7 +151,8 @@ class Augment:
 
 def gaussian(rng: np.random.Generator, shape) -> np.ndarray:
     """Standard normal float32 samples by Box-Muller over float32 uniforms: exact in
-    distribution, and 1.4x faster than ``rng.standard_normal(dtype=float32)`` (whose ziggurat
+    distribution up to float32 resolution (the 2^-24 uniform grid cuts the tails at 5.8 sigma),
+    and 1.4x faster than ``rng.standard_normal(dtype=float32)`` (whose ziggurat
     is scalar code): 1.6 against 2.2 ms for a 64^3 crop."""
     n = int(np.prod(shape))
     h = (n + 1) // 2

@@ -68,7 +68,7 @@ def stage1_teacher(ssl_workdir: str, model: common.Model):
 def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, train ids, test ids) per task; -1 marks a row outside the task (a class unseen in
     training, or a body region where the finding does not occur). ``names``: metadata fields,
-    and "findings" for the per-finding binary tasks."""
+    and "findings" for the per-finding binary tasks. Tasks without a test row are left out."""
     out = []
     for name in names:
         if name == "findings":
@@ -77,7 +77,12 @@ def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, n
             ytr, yte, k = probes.metadata_labels(train[name], test[name])
             if k >= 2:
                 out.append((name, ytr, yte))
-    return out
+    return [t for t in out if (t[2] >= 0).any()]
+
+
+def task_order(name: str):
+    """Sort key: attributes first, then the finding tasks (grouped or one by one)."""
+    return name.startswith("finding"), name
 
 
 def _finding_tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -109,8 +114,6 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
                                             out_dir=os.path.join(out_dir, "features", tag, split))
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = ytr >= 0, yte >= 0  # rows with a known label, one task at a time
-            if not te_ok.any():
-                continue
             task = probes.Task(tname, ytr[tr_ok], yte[te_ok])
             for r in probes.logistic_sweep(feats["train"][feature][tr_ok], feats["test"][feature][te_ok], [task],
                                            fractions=fractions, seeds=seeds, iters=100):

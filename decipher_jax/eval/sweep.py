@@ -73,8 +73,6 @@ def run(sw: dict, workdir: str) -> list[dict]:
                     raise KeyError(f"task {field!r} is not a metadata field of feature set {set_name!r}")
                 for name, ytr, yte in suite.tasks(fs["train"], fs["test"], names=(field,)):
                     tr, te = ytr >= 0, yte >= 0
-                    if not te.any():
-                        continue
                     xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
                     task = probes.Task(name, ytr[tr], yte[te])
                     k = task.num_classes
