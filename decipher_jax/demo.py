@@ -20,7 +20,8 @@ def _setup_devices(devices: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run(workdir: str, devices: int = 8) -> int:
+def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.7, 0.15, 0.15),
+        stage2: str = "tiny,locktext") -> int:
     _setup_devices(devices)
     import jax
     import jax.numpy as jnp
@@ -50,9 +51,10 @@ def run(workdir: str, devices: int = 8) -> int:
 
     # -- data: the embedded corpus through the same `decipher prep` path as real data --------
     t0 = time.perf_counter()
-    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=150, seed=0, matrix=40)
+    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=patients, seed=0, matrix=40)
     prep_dir = os.path.join(workdir, "data", "prep")
-    rc = cli.main(["prep", "--manifest", manifest, "--out", prep_dir, "--spacing", "4", "4", "4", "--quiet"])
+    rc = cli.main(["prep", "--manifest", manifest, "--out", prep_dir, "--spacing", "4", "4", "4", "--quiet",
+                   "--splits", *map(str, splits)])
     if rc:
         raise SystemExit(f"decipher prep failed (see {prep_dir}/errors.jsonl)")
     say(f"data: corpus + prep in {time.perf_counter() - t0:.1f} s -> {prep_dir} (card: dataset_card.json)")
@@ -125,11 +127,12 @@ def run(workdir: str, devices: int = 8) -> int:
 
     t0 = time.perf_counter()
     s2 = os.path.join(workdir, "stage2")
-    cfg = common.load_config(os.path.join(configs, "clip_align.py") + ":tiny", {
+    cfg = common.load_config(os.path.join(configs, "clip_align.py") + ":" + stage2, {
         "data.dir": prep_dir, "init.vision": os.path.join(workdir, "stage1_vision"),
         "init.text": os.path.join(workdir, "stage1_text", "hf_export")})
     m = clip_align.train(cfg, s2)
-    say(f"stage 2 (CLIP over the global batch, {cfg.steps} steps) in {time.perf_counter() - t0:.0f} s: "
+    say(f"stage 2 (CLIP over the global batch, {cfg.steps} steps"
+        f"{', report encoder locked' if 'locktext' in stage2 else ''}) in {time.perf_counter() - t0:.0f} s: "
         f"loss {m['loss']:.3f}, temperature {m['temperature']:.1f}")
     import json
 

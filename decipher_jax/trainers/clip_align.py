@@ -15,7 +15,8 @@ Towers start from stage 1: the vision tower from a ``vision_ssl`` workdir (the E
 backbone, as DINOv2 evaluates it; its architecture is read from the run's ``run_spec.json``),
 the text tower from a Hugging Face directory (a ``text_mlm`` run's ``hf_export``, PubMedBERT, or
 "minilm"). Freezing or slowing a tower is an optimiser rule (``("image/.*", None)``: LiT); a
-frozen tower's output is also cut from the backward pass. At the start and at the end the
+frozen tower's output is also cut from the backward pass, and a locked text tower's output for
+each training report is computed once and looked up by the step (:func:`text_cache`). At the start and at the end the
 run evaluates image<->report retrieval on the held-out split (``eval_<split>.json``).
 """
 
@@ -85,8 +86,11 @@ def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression:
                drop_path: float = 0.0, key=None):
     """``(loss, aux)`` of one global batch; used by the step and by the parity tests."""
     fi, _ = m.image_features(batch["image"], freeze=frozen.get("image", False), drop_path=drop_path, key=key)
-    ft = m.text_features(batch["input_ids"], batch["attention_mask"],
-                         freeze=frozen.get("text", False) or objective == "regress")
+    if "text_feats" in batch:  # a locked text tower's features, looked up (see text_cache)
+        ft = jax.lax.stop_gradient(batch["text_feats"])
+    else:
+        ft = m.text_features(batch["input_ids"], batch["attention_mask"],
+                             freeze=frozen.get("text", False) or objective == "regress")
     zi, zt = m.project_image(fi), m.project_text(ft)
     zi_n, zt_n = normalise(zi), normalise(zt)
     pos = losses.positives(batch["study_id_hash"])
@@ -108,8 +112,12 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
     objective = cfg.model.towers.objective
     seed_key = jax.random.key(cfg.seed + 1)
 
-    def step(state, batch):
+    def step(state, batch, cache=None):
+        """``cache``: :func:`text_cache`'s table of a locked text tower (else the tower runs)."""
         key = jax.random.fold_in(seed_key, state["step"])
+        if cache is not None:
+            idx = jnp.clip(jnp.searchsorted(cache["hash"], batch["study_id_hash"]), 0, cache["hash"].shape[0] - 1)
+            batch = {**batch, "text_feats": cache["feats"][idx]}
 
         def loss_fn(params):
             return batch_loss(model(params), batch, objective=objective, frozen=frozen,
@@ -171,6 +179,46 @@ def initial_params(cfg, b: dict) -> dict:
     return params
 
 
+def text_cache(cfg, b: dict, params, mesh, split: str = "train") -> dict | None:
+    """A locked text tower's pooled features of every report of ``split``, computed once:
+    ``{"hash": (R,) sorted study_id hashes, "feats": (R, Dt)}``, replicated; ``None`` when the
+    text tower trains or ``data.cache_text`` is off. The tower is deterministic and frozen, so
+    its output for a report never changes: the step looks it up by ``study_id_hash`` instead of
+    running the tower forward again (most of a tiny step's time)."""
+    locked = b["frozen"]["text"] or b["towers"].objective == "regress"
+    if not (locked and cfg.data.get("cache_text", True)):
+        return None
+    import numpy as np
+
+    from decipher_jax.data import transforms as T
+
+    source = P.data_source(cfg.data.dir, split)
+    reports: dict[int, str] = {}
+    decode, ids = T.Decode(), P.ToIds()
+    for i in range(len(source)):
+        ex = decode.map(source[i])
+        if not ex.get("report"):
+            continue
+        h = int(ids.map({"study_id": ex["study_id"]})["study_id_hash"])
+        if reports.setdefault(h, ex["report"]) != ex["report"]:
+            raise ValueError(f"{cfg.data.dir} ({split}): two studies with different reports share the study_id "
+                             f"hash {h} (study {ex['study_id']!r}); set data.cache_text=False")
+    hashes = np.array(sorted(reports), np.int32)
+    tok = P.Tokenize(tokenizer_path(cfg), cfg.data.max_length)
+    enc = [tok.map({"report": reports[int(h)]}) for h in hashes]
+    model = b["model"]
+    fn = jax.jit(lambda p, i, m: model(p).text_features(i, m))
+    feats, bs = [], 32
+    for lo in range(0, len(enc), bs):
+        chunk = enc[lo : lo + bs]
+        pad = chunk + [chunk[-1]] * (bs - len(chunk))
+        with jax.set_mesh(mesh):
+            out = fn(params, np.stack([e["input_ids"] for e in pad]), np.stack([e["attention_mask"] for e in pad]))
+        feats.append(np.asarray(jax.device_get(out), np.float32)[: len(chunk)])
+    rep = common.replicated(mesh)
+    return {"hash": jax.device_put(hashes, rep), "feats": jax.device_put(np.concatenate(feats), rep)}
+
+
 def tokenizer_path(cfg) -> str:
     """The text tower's tokenizer: its checkpoint directory, else ``data.tokenizer`` (random tower)."""
     return text_path(cfg) or cfg.data.tokenizer
@@ -208,8 +256,12 @@ def train(cfg, workdir: str) -> dict:
         if cfg.eval.before:
             evaluate(state["params"], "before")
 
-    step_fn = jax.jit(b["step"], in_shardings=(shardings, None), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
+    cache = text_cache(cfg, b, state["params"], mesh)
+    if cache is not None:
+        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training reports encoded once", flush=True)
+    jitted = jax.jit(b["step"], in_shardings=(shardings, None, None), out_shardings=(shardings, None),
+                     donate_argnums=(0,))
+    step_fn = lambda state, batch: jitted(state, batch, cache)  # noqa: E731
     state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
                                      workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
                                      stop_after=cfg.get("stop_after", 0))
