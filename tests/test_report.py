@@ -35,6 +35,9 @@ def test_report_renders_with_figures(tmp_path):
              "auroc": 0.6 + 0.1 * s + 0.05 * (t == "finding: mass")}
             for e in ("random init", "stage 2 (CLIP)") for t in ("body_region", "finding: infarct", "finding: mass")
             for fr in (0.1, 1.0) for s in (0, 1)]
+    rows += [{"encoder": e, "task": "age", "head": "ridge", "fraction": fr, "seed": s, "mae": 12.5 - 2 * s - fr,
+              "r2": 0.25, "mae_of_mean": 16.75} for e in ("random init", "stage 2 (CLIP)") for fr in (0.1, 1.0)
+             for s in (0, 1)]
     os.makedirs(w / "eval")
     with open(w / "eval" / "probes.json", "w") as f:
         json.dump(rows, f)
@@ -53,6 +56,8 @@ def test_report_renders_with_figures(tmp_path):
     assert "0.80" in page and "0.10" in page
     # Probes: every task in the table, the finding tasks also grouped (mean over tasks, then seeds).
     assert "finding: mass" in page and "finding: infarct" in page
+    # Age (ridge rows): its own table with MAE (mean over seeds: 12.5 - 1 - 1.0), R^2 and the floor.
+    assert "MAE of the training mean" in page and ">10.50</td>" in page and ">16.75</td>" in page
     s = suite.summarise(rows, "auroc", group_findings=True)
     assert set(k[1] for k in s) == {"body_region", "findings (2)"}
     assert s[("random init", "findings (2)", 1.0)] == pytest.approx((0.675, 0.05))

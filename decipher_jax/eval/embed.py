@@ -19,7 +19,7 @@ import numpy as np
 from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
 
-META = ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex", "findings", "report")
+META = ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex", "age", "findings", "report")
 
 
 def scan_split(source, transforms, batch_size: int, *, process_index: int | None = None,

@@ -6,14 +6,15 @@ randomly initialised image encoders on the metadata tasks of a prepared dataset.
 Tasks come from the records' metadata:
 
 - attributes: body region, sequence and sex (classes seen in the training split; test rows of
-  unseen classes are dropped);
+  unseen classes are dropped), and age, a regression (ridge probes, MAE; rows without an age
+  are dropped);
 - findings (the disease probes): one binary task per finding seen in training, "finding:
   infarct", over the series of the body regions where that finding occurs in training (an
   infarct probe is fitted and scored on brain series only). An empty finding list is a normal
   study.
 
-Probes: logistic, C chosen by 3-fold CV, over label fractions x seeds, all in batched calls
-(:mod:`decipher_jax.eval.probes`). :func:`summarise` groups the finding tasks into one score
+Probes: logistic (ridge for age), the penalty chosen by 3-fold CV, over label fractions x
+seeds, all in batched calls (:mod:`decipher_jax.eval.probes`). :func:`summarise` groups the finding tasks into one score
 ("findings": the mean over them), the figure a reader looks at first.
 """
 
@@ -33,8 +34,15 @@ from decipher_jax.eval import features, probes
 from decipher_jax.models.vit3d import ViT3D, ViTConfig
 from decipher_jax.trainers import common
 
-TASKS = ("body_region", "sequence", "sex", "findings")
+TASKS = ("body_region", "sequence", "sex", "age", "findings")
+REGRESSION = ("age",)  # real-valued targets: ridge probes, MAE
 FINDING = "finding: "
+
+
+def known(y) -> np.ndarray:
+    """Rows inside a task: class ids >= 0, or finite regression targets."""
+    y = np.asarray(y)
+    return np.isfinite(y) & (y >= 0) if y.dtype.kind == "f" else y >= 0
 
 
 def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
@@ -67,17 +75,22 @@ def stage1_teacher(ssl_workdir: str, model: common.Model):
 
 def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, train ids, test ids) per task; -1 marks a row outside the task (a class unseen in
-    training, or a body region where the finding does not occur). ``names``: metadata fields,
-    and "findings" for the per-finding binary tasks. Tasks without a test row are left out."""
+    training, or a body region where the finding does not occur), NaN a regression row without
+    a target (:func:`known`). ``names``: metadata fields, and "findings" for the per-finding
+    binary tasks. Tasks without a test row are left out."""
     out = []
     for name in names:
         if name == "findings":
             out += _finding_tasks(train, test)
+        elif name in REGRESSION and name in train:
+            ytr, yte = (np.asarray(d[name], np.float64) for d in (train, test))
+            if known(ytr).sum() >= 6 and np.ptp(ytr[known(ytr)]) > 0:
+                out.append((name, ytr, yte))
         elif name in train:
             ytr, yte, k = probes.metadata_labels(train[name], test[name])
             if k >= 2:
                 out.append((name, ytr, yte))
-    return [t for t in out if (t[2] >= 0).any()]
+    return [t for t in out if known(t[2]).any()]
 
 
 def task_order(name: str):
@@ -113,16 +126,19 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             feats[split] = features.extract(model, params, P.data_source(prep_dir, split), mesh, size=vit.img_size,
                                             out_dir=os.path.join(out_dir, "features", tag, split))
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
-            tr_ok, te_ok = ytr >= 0, yte >= 0  # rows with a known label, one task at a time
-            task = probes.Task(tname, ytr[tr_ok], yte[te_ok])
-            for r in probes.logistic_sweep(feats["train"][feature][tr_ok], feats["test"][feature][te_ok], [task],
-                                           fractions=fractions, seeds=seeds, iters=100):
-                rows.append({"encoder": name, "feature": feature, **r})
+            tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
+            xtr, xte = feats["train"][feature][tr_ok], feats["test"][feature][te_ok]
+            if tname in REGRESSION:
+                res = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions, seeds=seeds)
+            else:
+                res = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok])],
+                                            fractions=fractions, seeds=seeds, iters=100)
+            rows += [{"encoder": name, "feature": feature, **r} for r in res]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "probes.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(out_dir, "probes.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # ridge rows differ
         w.writeheader()
         w.writerows(rows)
     return rows

@@ -11,7 +11,8 @@ A sweep file defines ``get_sweep() -> dict`` (see ``experiments/sweeps/probes.py
                one binary probe per finding, on the body regions where it occurs (eval.suite)
     pool:      ["mean", "cls"]    which feature vector
     heads:     {"logistic": {"C": [...], "fractions": [...], "seeds": [...], "folds": 3},
-                "knn": {"k": [...], "temperature": 0.07}}
+                "knn": {"k": [...], "temperature": 0.07},
+                "ridge": {"lambda": [...], "fractions": [...], "seeds": [...]}}   # regression tasks (age)
 
 Every (feature set, pool, task) runs all logistic probes of its grid in two batched calls
 (CV, then refit) and all kNN settings from one similarity matrix; jitted functions are cached
@@ -72,11 +73,21 @@ def run(sw: dict, workdir: str) -> list[dict]:
                 if field not in fs["train"] and field != "findings":
                     raise KeyError(f"task {field!r} is not a metadata field of feature set {set_name!r}")
                 for name, ytr, yte in suite.tasks(fs["train"], fs["test"], names=(field,)):
-                    tr, te = ytr >= 0, yte >= 0
+                    tr, te = suite.known(ytr), suite.known(yte)
                     xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
+                    base = {"features": set_name, "pool": pool, "task": name}
+                    if name in suite.REGRESSION:  # age: ridge probes only
+                        h = heads.get("ridge", {})
+                        t0 = time.perf_counter()
+                        res = probes.ridge_sweep(xtr, xte, name, ytr[tr], yte[te],
+                                                 lams=tuple(h.get("lambda", 10.0 ** np.arange(-1, 5))),
+                                                 fractions=tuple(h.get("fractions", (1.0,))),
+                                                 seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3))
+                        dt = time.perf_counter() - t0
+                        rows += [base | r | {"seconds": dt / len(res)} for r in res]
+                        continue
                     task = probes.Task(name, ytr[tr], yte[te])
                     k = task.num_classes
-                    base = {"features": set_name, "pool": pool, "task": name}
                     if "logistic" in heads:
                         h = heads["logistic"]
                         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ def get_config(arg=None):
     c.seed = 0
     # FSDP: replicated parameters make every (simulated) device repeat the whole AdamW update.
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
-    c.steps = (200 if "locktext" in opts else 80) if tiny else 20_000
+    c.steps = (1000 if "locktext" in opts else 80) if tiny else 20_000
     c.stop_after = 0
     c.log_every = 5 if tiny else 50
     c.checkpoint_every = 40 if tiny else 1000
@@ -78,7 +78,7 @@ def get_config(arg=None):
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-3 if tiny else 5e-4
     c.optim.min_lr = 0.0
-    c.optim.warmup_steps = 6 if tiny else 600
+    c.optim.warmup_steps = (30 if "locktext" in opts else 6) if tiny else 600
     c.optim.total_steps = c.steps
     c.optim.b1, c.optim.b2 = 0.9, 0.98
     c.optim.weight_decay = 0.1 if not tiny else 0.01
