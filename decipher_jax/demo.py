@@ -182,6 +182,15 @@ def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.6, 0.1, 0
         f"probes, each on its body regions):")
     for task in sorted({k[1] for k in s}, key=suite.task_order):
         say(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in names if (e, task, 1.0) in s))
+    with open(os.path.join(workdir, "eval", "compare.json")) as f:
+        cmp = [c for c in json.load(f) if c["a"] == "stage 2 (CLIP)"]
+    if cmp:
+        say(f"  stage 2 minus random init, all labels, with 95% intervals over {cmp[0]['draws']} study-level "
+            f"bootstrap draws of the {cmp[0]['n_studies']} test studies (AUROC; age: MAE in years, positive = "
+            f"stage 2 better):")
+        for c in cmp:
+            if not c["task"].startswith(suite.FINDING):
+                say(f"    {c['task']}: {c['gain']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
     err, floor = suite.summarise(rows, "mae"), suite.summarise(rows, "mae_of_mean")
     for task in sorted({k[1] for k in err}):  # age: ridge probes
         say(f"  {task} (ridge; test MAE in years, predicting the training mean: "

@@ -224,6 +224,15 @@ def probes_section(workdir: str) -> str:
         reg = [[e, t, f"{err[(e, t, 1.0)][0]:.2f}", f"{r2[(e, t, 1.0)][0]:.3f}", f"{floor[(e, t, 1.0)][0]:.2f}"]
                for t in sorted({k[1] for k in err}) for e in encs if (e, t, 1.0) in err]
         html += _table(["encoder", "task", "MAE, all labels", "R^2", "MAE of the training mean"], reg, left=2)
+    cmp = _load_json(workdir, "eval", "compare.json")
+    if cmp:
+        html += ('<p class="note">Pretrained minus random init on the same test rows (all labels, first seed): '
+                 f"AUROC, or MAE in years for age, positive when the pretrained encoder is better; 95% interval "
+                 f"and the share of draws in which it is not better, over {cmp[0]['draws']} bootstrap draws of "
+                 f"the {cmp[0]['n_studies']} test studies (a study's series are resampled together).</p>"
+                 + _table(["encoder", "task", "gain", "95% interval", "P(not better)"],
+                          [[c["a"], c["task"], f"{c['gain']:+.3f}", f"[{c['lo']:+.3f}, {c['hi']:+.3f}]",
+                            f"{c['p_not_better']:.2f}"] for c in cmp], left=2))
     return html
 
 

@@ -164,3 +164,39 @@ def test_finding_tasks_are_binary_per_body_region():
     np.testing.assert_array_equal(suite.known(tasks["sex"][1]), [1, 1, 0, 1])  # class ids: -1 is outside
     test["age"][:] = np.nan
     assert suite.tasks(train, test, names=("age",)) == []  # no test row with an age
+
+
+def test_compare_is_a_paired_study_level_bootstrap(rng):
+    """Gains of encoder a over b with bootstrap intervals over studies: zero for identical
+    scores, clearly positive for a perfect encoder against noise, wider when the same rows come
+    from fewer studies (the series of a study are resampled together), and the finding tasks
+    grouped into their mean; regression gains are MAE differences (positive: a better)."""
+    from decipher_jax.eval import suite
+
+    y = np.tile([0, 1], 50)
+    noise = rng.random(100)
+    perfect = np.stack([1 - y, y], 1).astype(float)
+    rand = np.stack([1 - noise, noise], 1)
+    many, few = np.array([f"S{i}" for i in range(100)]), np.array([f"S{i // 10}" for i in range(100)])
+    preds = {("a", "finding: x"): (y, perfect, many), ("b", "finding: x"): (y, rand, many),
+             ("a", "finding: z"): (y, rand, many), ("b", "finding: z"): (y, rand, many),
+             ("a", "age"): (np.arange(100.0), np.arange(100.0) + 1, many),
+             ("b", "age"): (np.arange(100.0), np.arange(100.0) + 3, many)}
+    out = {r["task"]: r for r in suite.compare(preds, "a", "b", draws=300)}
+    assert list(out) == ["age", "finding: x", "finding: z", "findings (2)"]
+    x, z = out["finding: x"], out["finding: z"]
+    assert x["gain"] == pytest.approx(1.0 - probes.auroc(noise, y)) and x["lo"] > 0.2 and x["p_not_better"] == 0
+    assert z["gain"] == z["lo"] == z["hi"] == 0.0 and z["p_not_better"] == 1.0  # identical scores
+    assert out["findings (2)"]["gain"] == pytest.approx(x["gain"] / 2)
+    assert out["age"]["gain"] == pytest.approx(2.0) and out["age"]["metric"] == "MAE"
+    # Rows that repeat within studies (10 studies of 10 alike series): resampled by study, the
+    # interval is much wider than if the same rows were counted as 100 independent studies.
+    ys = np.tile([0, 1], 5)
+    yd, dup = np.repeat(ys, 10), np.repeat([0.1, 0.5, 0.4, 0.3, 0.6, 0.9, 0.2, 0.8, 0.7, 0.35], 10)  # AUROC 0.76
+    alike = {("a", "sex"): (yd, np.stack([1 - dup, dup], 1), few), ("b", "sex"): (yd, np.full((100, 2), 0.5), few)}
+    cx = suite.compare(alike, "a", "b", draws=300)[0]
+    nx = suite.compare({k: (v[0], v[1], many) for k, v in alike.items()}, "a", "b", draws=300)[0]
+    assert cx["n_studies"] == 10 and nx["n_studies"] == 100 and cx["gain"] == nx["gain"]
+    assert (cx["hi"] - cx["lo"]) > 2 * (nx["hi"] - nx["lo"])
+    with pytest.raises(ValueError, match="different test rows"):
+        suite.compare({("a", "sex"): (y, perfect, many), ("b", "sex"): (y[::-1], rand, many)}, "a", "b", draws=5)

@@ -41,6 +41,10 @@ def test_report_renders_with_figures(tmp_path):
     os.makedirs(w / "eval")
     with open(w / "eval" / "probes.json", "w") as f:
         json.dump(rows, f)
+    with open(w / "eval" / "compare.json", "w") as f:
+        json.dump([{"a": "stage 2 (CLIP)", "b": "random init", "task": "body_region", "metric": "AUROC",
+                    "gain": 0.0125, "lo": -0.005, "hi": 0.0325, "p_not_better": 0.11, "n_test": 20, "n_studies": 9,
+                    "draws": 1000}], f)
     with open(w / "summary.md", "w") as f:
         f.write("# demo\nstage 2 ok\n")
 
@@ -57,6 +61,7 @@ def test_report_renders_with_figures(tmp_path):
     # Probes: every task in the table, the finding tasks also grouped (mean over tasks, then seeds).
     assert "finding: mass" in page and "finding: infarct" in page
     # Age (ridge rows): its own table with MAE (mean over seeds: 12.5 - 1 - 1.0), R^2 and the floor.
+    assert "[-0.005, +0.033]" in page and "9 test studies" in page  # pretrained minus random, with its interval
     assert "MAE of the training mean" in page and ">10.50</td>" in page and ">16.75</td>" in page
     s = suite.summarise(rows, "auroc", group_findings=True)
     assert set(k[1] for k in s) == {"body_region", "findings (2)"}

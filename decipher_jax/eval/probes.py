@@ -299,12 +299,13 @@ _APPLY = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
 
 
 def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.0 ** np.arange(-3, 3)),
-                   fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100) -> list[dict]:
+                   fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False):
     """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV.
 
     Two vmapped calls in all: one fits every (task, fraction, seed, C, fold) probe for the CV,
     one refits the chosen C per (task, fraction, seed) on its whole subset. Returns one row
-    per (task, fraction, seed) with the chosen C, test AUROC and balanced accuracy.
+    per (task, fraction, seed) with the chosen C, test AUROC and balanced accuracy (and, with
+    ``return_scores``, also each row's test class probabilities: ``(rows, [(n_test, K), ...])``).
     """
     xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
     n, k_max = len(xtr), max(t.num_classes for t in tasks)
@@ -329,29 +330,31 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     params = fit_many(xtr, np.stack([tasks[ti].train_y for ti, _, _ in groups]), np.stack(subs).astype(np.float32),
                       np.asarray([inv_regs[b] for b in best]), np.stack(cmask), iters=iters)
     logits = np.asarray(_APPLY(params, jnp.asarray(xte), jnp.asarray(np.stack(cmask))))
-    rows = []
+    rows, scores = [], []
     for gi, (ti, frac, seed) in enumerate(groups):
         t = tasks[ti]
         lg = logits[gi][:, : t.num_classes]
         probs = np.exp(lg - lg.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
+        scores.append(probs)
         rows.append({"task": t.name, "head": "logistic", "fraction": frac, "seed": seed,
                      "C": float(inv_regs[best[gi]]), "cv_accuracy": float(cv[gi, best[gi]]),
                      "n_train": int(subs[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
                      "balanced_accuracy": balanced_accuracy(lg.argmax(1), t.test_y),
                      "accuracy": float(np.mean(lg.argmax(1) == t.test_y))})
-    return rows
+    return (rows, scores) if return_scores else rows
 
 
 _FIT_RIDGE = jax.jit(jax.vmap(fit_ridge, in_axes=(None, 0, 0, 0)))
 
 
 def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 5)),
-                fractions=(1.0,), seeds=(0,), folds: int = 3) -> list[dict]:
+                fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
     penalty chosen by ``folds``-fold CV (mean absolute error): two vmapped closed-form calls,
     as :func:`logistic_sweep`. Returns one row per (fraction, seed) with the chosen penalty,
-    test MAE and R^2 (and the MAE of predicting the training mean, the floor to beat)."""
+    test MAE and R^2 (and the MAE of predicting the training mean, the floor to beat); with
+    ``return_scores`` also each row's test predictions."""
     xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
     ytr, yte = np.asarray(train_y, np.float32), np.asarray(test_y, np.float32)
     n = len(xtr)
@@ -379,4 +382,4 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
                      "cv_mae": float(cv[gi, best[gi]]), "n_train": int(subs[gi].sum()), "mae": mae(pred[gi], yte),
                      "mae_of_mean": mae(np.full_like(yte, ytr[subs[gi]].mean()), yte),
                      "r2": float(1.0 - resid / max(np.sum((yte - yte.mean()) ** 2), 1e-12))})
-    return rows
+    return (rows, list(pred)) if return_scores else rows

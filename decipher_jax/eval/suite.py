@@ -117,7 +117,7 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     """``encs``: the output of :func:`encoders` when the caller already holds it."""
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)
-    rows = []
+    rows, preds = [], {}
     out_dir = os.path.join(workdir, "eval")
     for name, (model, params) in encs.items():
         tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
@@ -129,11 +129,14 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
             xtr, xte = feats["train"][feature][tr_ok], feats["test"][feature][te_ok]
             if tname in REGRESSION:
-                res = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions, seeds=seeds)
+                res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
+                                             seeds=seeds, return_scores=True)
             else:
-                res = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok])],
-                                            fractions=fractions, seeds=seeds, iters=100)
+                res, sc = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok])],
+                                                fractions=fractions, seeds=seeds, iters=100, return_scores=True)
             rows += [{"encoder": name, "feature": feature, **r} for r in res]
+            full = [i for i, r in enumerate(res) if r["fraction"] == max(fractions)][0]  # all labels, first seed
+            preds[(name, tname)] = (yte[te_ok], sc[full], feats["test"]["study_id"][te_ok])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "probes.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -141,7 +144,62 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # ridge rows differ
         w.writeheader()
         w.writerows(rows)
+    names = list(encs)
+    if len(names) >= 2 and "random init" in names:  # each pretrained encoder against random init
+        cmp = [c for a in names if a != "random init" for c in compare(preds, a, "random init")]
+        with open(os.path.join(out_dir, "compare.json"), "w") as f:
+            json.dump(cmp, f, indent=1)
     return rows
+
+
+def _score(task: str, y, s) -> float:
+    """Higher is better: AUROC (binary or one-vs-rest macro), or minus the MAE (regression)."""
+    if task in REGRESSION:
+        return -probes.mae(s, y)
+    return probes.auroc(s[:, 1], y) if s.shape[1] == 2 else probes.macro_auroc(s, y, s.shape[1])
+
+
+def compare(preds: dict, a: str, b: str, *, draws: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict]:
+    """Encoder ``a`` against ``b`` on the same test rows: per task the gain (AUROC of a minus
+    AUROC of b; for regression, MAE of b minus MAE of a, so positive always means a is
+    better), with a paired bootstrap over *studies* (the series of one study move together,
+    as they share a patient and a report): the ``level`` interval and the fraction of draws in
+    which a is not better. The finding tasks are also grouped into the mean gain ("findings
+    (K)"), resampled jointly. ``preds``: ``{(encoder, task): (y, scores, study_ids)}``."""
+    tasks_ = [t for (e, t) in preds if e == a and (b, t) in preds]
+    studies = np.unique(np.concatenate([np.asarray(preds[(a, t)][2]).astype(str) for t in tasks_])) if tasks_ else []
+    index = {s: i for i, s in enumerate(studies)}
+    rng = np.random.default_rng(seed)
+    counts = [np.bincount(rng.integers(0, len(studies), len(studies)), minlength=len(studies)) for _ in range(draws)]
+    gains, full = {}, {}
+    for t in tasks_:
+        (y, sa, st), (yb, sb, _) = preds[(a, t)], preds[(b, t)]
+        if len(y) != len(yb) or not np.array_equal(y, yb):
+            raise ValueError(f"task {t!r}: encoders {a!r} and {b!r} were scored on different test rows")
+        si = np.array([index[s] for s in np.asarray(st).astype(str)])
+        full[t] = _score(t, y, sa) - _score(t, y, sb)
+        g = []
+        for c in counts:
+            idx = np.repeat(np.arange(len(y)), c[si])
+            g.append(_score(t, y[idx], sa[idx]) - _score(t, y[idx], sb[idx]) if len(idx) else np.nan)
+        gains[t] = np.asarray(g)
+    finding = [t for t in tasks_ if t.startswith(FINDING)]
+    if finding:
+        name = f"findings ({len(finding)})"
+        with np.errstate(all="ignore"):
+            full[name] = float(np.nanmean([full[t] for t in finding]))
+            gains[name] = np.nanmean(np.stack([gains[t] for t in finding]), 0)
+    out = []
+    q = (1 - level) / 2
+    for t in sorted(gains, key=task_order):
+        g = gains[t][np.isfinite(gains[t])]
+        rows_t = len(preds[(a, t)][0]) if (a, t) in preds else sum(len(preds[(a, f)][0]) for f in finding)
+        out.append({"a": a, "b": b, "task": t, "metric": "MAE" if t in REGRESSION else "AUROC",
+                    "gain": float(full[t]), "lo": float(np.quantile(g, q)) if len(g) else float("nan"),
+                    "hi": float(np.quantile(g, 1 - q)) if len(g) else float("nan"),
+                    "p_not_better": float(np.mean(g <= 0)) if len(g) else float("nan"),
+                    "n_test": int(rows_t), "n_studies": len(studies), "draws": draws})
+    return out
 
 
 def summarise(rows: list[dict], metric: str = "balanced_accuracy", group_findings: bool = False) -> dict:
