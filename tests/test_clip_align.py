@@ -109,6 +109,11 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
         live, m_live = jax.jit(b["step"])(state(), g)
         cached, m_cached = jax.jit(b["step"])(state(), g, cache)
     assert float(m_cached["loss"]) == pytest.approx(float(m_live["loss"]), rel=1e-5)
+    assert int(m_cached["text_cache_misses"]) == 0 and "text_cache_misses" not in m_live
+    with jax.set_mesh(mesh):  # a study the table does not hold is counted, not hidden
+        odd = P.to_global({**batch, "study_id_hash": np.where(np.arange(8) < 3, 7, batch["study_id_hash"])}, mesh)
+        _, m_odd = jax.jit(b["step"])(state(), odd, cache)
+    assert int(m_odd["text_cache_misses"]) == 3
     assert float(m_cached["grad_norm_image"]) == pytest.approx(float(m_live["grad_norm_image"]), rel=1e-4)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6),
                  jax.device_get(cached["params"]), jax.device_get(live["params"]))

@@ -19,8 +19,11 @@ def _write_features(d, rng, n, shift):
     infarct = (region == "brain") & (rng.random(n) < 0.5)  # a finding of brain series only
     mean[infarct, 5] += shift
     findings = np.where(infarct, "infarct", "")
+    age = rng.uniform(20, 80, size=n).astype(np.float32)
+    mean[:, 7] += shift * (age - 50) / 15  # age along one direction
     np.savez(os.path.join(d, "part-00000.npz"), mean=mean, cls=rng.normal(size=(n, 16)).astype(np.float32),
-             body_region=region, sequence=seq, findings=findings, series_id=np.array([f"s{i}" for i in range(n)]))
+             body_region=region, sequence=seq, findings=findings, age=age,
+             series_id=np.array([f"s{i}" for i in range(n)]))
     return region
 
 
@@ -33,14 +36,19 @@ def test_sweep_runs_a_grid_from_a_file(tmp_path, rng):
     sweep_file.write_text(
         "def get_sweep():\n"
         f"    return {{'features': {{'good': {str(tmp_path / 'good')!r}, 'random': {str(tmp_path / 'random')!r}}},\n"
-        "            'tasks': ['body_region', 'sequence', 'findings'], 'pool': ['mean', 'cls'],\n"
+        "            'tasks': ['body_region', 'sequence', 'findings', 'age'], 'pool': ['mean', 'cls'],\n"
         "            'heads': {'logistic': {'C': [0.01, 1.0], 'fractions': [0.2, 1.0], 'seeds': [0, 1], 'iters': 30},\n"
-        "                      'knn': {'k': [5, 10]}}}\n")
+        "                      'knn': {'k': [5, 10]}, 'ridge': {'lambda': [1.0, 100.0], 'fractions': [0.2, 1.0],\n"
+        "                                                   'seeds': [0, 1]}}}\n")
     out = tmp_path / "w"
     assert cli.main(["sweep", "--sweep", str(sweep_file), "--workdir", str(out)]) == 0
     rows = json.loads((out / "eval" / "sweep.json").read_text())
     # 2 feature sets x 2 pools x 3 tasks (the one finding) x (2 fractions x 2 seeds logistic + 2 kNN)
-    assert len(rows) == 2 * 2 * 3 * (4 + 2)
+    # ... plus age: 2 feature sets x 2 pools x (2 fractions x 2 seeds) ridge probes
+    assert len(rows) == 2 * 2 * 3 * (4 + 2) + 2 * 2 * 4
+    age = {(r["features"], r["pool"]): r for r in rows if r["task"] == "age" and r["fraction"] == 1.0 and r["seed"] == 0}
+    assert age["good", "mean"]["head"] == "ridge" and age["good", "mean"]["r2"] > 0.5
+    assert age["good", "mean"]["mae"] < 0.6 * age["random", "mean"]["mae"]
     with open(out / "eval" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     pick = {(r["features"], r["pool"], r["task"], r["head"], r["fraction"], r["seed"]): r for r in rows}

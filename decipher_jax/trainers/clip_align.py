@@ -115,9 +115,12 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
     def step(state, batch, cache=None):
         """``cache``: :func:`text_cache`'s table of a locked text tower (else the tower runs)."""
         key = jax.random.fold_in(seed_key, state["step"])
+        extra = {}
         if cache is not None:
             idx = jnp.clip(jnp.searchsorted(cache["hash"], batch["study_id_hash"]), 0, cache["hash"].shape[0] - 1)
             batch = {**batch, "text_feats": cache["feats"][idx]}
+            # A report missing from the table would silently borrow a neighbour's: count them.
+            extra["text_cache_misses"] = jnp.sum(cache["hash"][idx] != batch["study_id_hash"])
 
         def loss_fn(params):
             return batch_loss(model(params), batch, objective=objective, frozen=frozen,
@@ -128,7 +131,7 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         new = common.keep_if_finite(loss, {"step": state["step"] + 1, "params": params, "opt": opt}, state)
         norms = {f"grad_norm_{t}": common.tree_norm(grads[t]) for t in TOWERS}
-        return new, {"loss": loss, **aux, **norms, "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
+        return new, {"loss": loss, **aux, **norms, **extra, "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
 
     return step
 
