@@ -96,7 +96,7 @@ def test_ridge_sweep_equals_a_sklearn_loop():
     assert [(r["fraction"], r["seed"]) for r in rows] == [(0.3, 0), (0.3, 1), (1.0, 0), (1.0, 1)]
     xtr, xte = probes.standardise(x[:n], x[n:])
     for r in rows:
-        sub = probes.random_subset(n, r["fraction"], r["seed"])
+        sub = probes.subset_mask(np.zeros(n), r["fraction"], r["seed"], min_per_class=2)
         folds = probes.fold_ids(n, 3, r["seed"])
         cv = []
         for lam in lams:

@@ -249,13 +249,6 @@ def metadata_labels(train_values, test_values) -> tuple[np.ndarray, np.ndarray, 
     return ids(train_values), ids(test_values), len(classes)
 
 
-def random_subset(n: int, fraction: float, seed: int, *, minimum: int = 2) -> np.ndarray:
-    """A random subset of ``fraction`` of ``n`` rows (at least ``minimum``): regression targets."""
-    keep = np.zeros(n, bool)
-    keep[np.random.default_rng(seed).choice(n, size=min(n, max(minimum, int(round(fraction * n)))), replace=False)] = True
-    return keep
-
-
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed + 10_000).permutation(n) % folds
 
@@ -346,6 +339,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
 
 
 _FIT_RIDGE = jax.jit(jax.vmap(fit_ridge, in_axes=(None, 0, 0, 0)))
+_PREDICT_RIDGE = jax.jit(jax.vmap(lambda p, x: x @ p["w"][:, 0] + p["b"][0], in_axes=(0, None)))  # (P, n)
 
 
 def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 5)),
@@ -359,14 +353,15 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     ytr, yte = np.asarray(train_y, np.float32), np.asarray(test_y, np.float32)
     n = len(xtr)
     groups = list(itertools.product(fractions, seeds))
-    subs = [random_subset(n, frac, seed) for frac, seed in groups]
+    # A regression target is one "class" to subset_mask: a plain random subset, at least 2 rows.
+    subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2) for frac, seed in groups]
     fids = [fold_ids(n, folds, seed) for _, seed in groups]
     meta = [(gi, li, f) for gi in range(len(groups)) for li in range(len(lams)) for f in range(folds)]
     targets = jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(meta), n, 1)))
     params = _FIT_RIDGE(jnp.asarray(xtr), targets,
                         jnp.asarray(np.stack([(subs[gi] & (fids[gi] != f)) for gi, _, f in meta]), jnp.float32),
                         jnp.asarray([lams[li] for _, li, _ in meta], jnp.float32))
-    pred = np.asarray(jnp.einsum("nd,pdk->pn", jnp.asarray(xtr), params["w"]) + params["b"][:, 0][:, None])
+    pred = np.asarray(_PREDICT_RIDGE(params, jnp.asarray(xtr)))
     cv = np.zeros((len(groups), len(lams)))
     for p, (gi, li, f) in enumerate(meta):
         val = subs[gi] & (fids[gi] == f)
@@ -374,7 +369,7 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     best = cv.argmin(1)
     params = _FIT_RIDGE(jnp.asarray(xtr), jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(groups), n, 1))),
                         jnp.asarray(np.stack(subs), jnp.float32), jnp.asarray([lams[b] for b in best], jnp.float32))
-    pred = np.asarray(jnp.einsum("nd,pdk->pn", jnp.asarray(xte), params["w"]) + params["b"][:, 0][:, None])
+    pred = np.asarray(_PREDICT_RIDGE(params, jnp.asarray(xte)))
     rows = []
     for gi, (frac, seed) in enumerate(groups):
         resid = np.sum((pred[gi] - yte) ** 2)
