@@ -118,3 +118,23 @@ def test_optimizer_state_shardings_follow_params_even_with_frozen_towers():
             assert s == (row if x.ndim == 2 else rep), (x.shape, s)
         n_moments = sum(x.ndim == 2 for x in jax.tree.leaves(state))
         assert n_moments == (2 if rules else 4)  # frozen backbone: no moments for its kernel
+
+
+
+def test_schedule_length_follows_a_steps_override():
+    """Overriding a trainer's step count (``--config.steps=3000``) stretches its lr schedule too:
+    a schedule left at the default length sits at lr 0 for the rest of the run (as it did for
+    2000 of the 3000 steps of an earlier benchmark). Setting ``optim.total_steps`` decouples."""
+    import os
+
+    from decipher_jax.trainers import common
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+    for spec, key in (("clip_align.py:tiny,locktext", "steps"), ("clip_align.py", "steps"),
+                      ("text_mlm.py:tiny", "steps"), ("vision_ssl.py:tiny", "ssl.steps")):
+        c = common.load_config(os.path.join(configs, spec), {key: 3000})
+        assert c.optim.total_steps == 3000, spec
+        lr = optim.warmup_cosine(c.optim.lr, c.optim.warmup_steps, c.optim.total_steps)
+        assert float(lr(2000)) > 0.1 * c.optim.lr, spec  # mid-run, not already decayed to 0
+        c = common.load_config(os.path.join(configs, spec), {key: 3000, "optim.total_steps": 500})
+        assert c.optim.total_steps == 500 and (c.ssl.steps if "ssl" in key else c.steps) == 3000, spec
