@@ -115,6 +115,34 @@ def test_ridge_sweep_equals_a_sklearn_loop():
     assert all(r["mae"] < 0.85 * r["mae_of_mean"] and r["r2"] > 0.3 for r in full)  # it learns the target
 
 
+def test_cv_folds_by_patient():
+    """Grouped folds keep each patient's rows together; row-wise folds let near-duplicate series
+    of one study sit on both sides of a fold, so memorising studies looks best and CV picks the
+    weakest penalty. Here the target is unrelated to anything but the study's identity."""
+    groups = np.repeat([f"P{i}" for i in range(40)], 4)
+    f = probes.fold_ids(len(groups), 3, 0, groups)
+    assert all(len(set(f[groups == g])) == 1 for g in set(groups))
+    assert sorted(np.bincount(f)) == [52, 52, 56]  # 13, 13, 14 patients
+    np.testing.assert_array_equal(probes.fold_ids(160, 3, 0), probes.fold_ids(160, 3, 0, None))
+    with pytest.raises(ValueError, match="3 ids for 160 rows"):
+        probes.fold_ids(160, 3, 0, groups[:3])
+
+    r = np.random.default_rng(0)
+    study = r.normal(size=(40, 30))
+    x = np.repeat(study, 4, 0) + 0.05 * r.normal(size=(160, 30))
+    y = np.repeat(r.normal(50, 15, 40), 4)
+    lams = (0.01, 1.0, 100.0, 1e4)
+    row = probes.ridge_sweep(x, x[:8], "age", y, y[:8], lams=lams)[0]
+    grouped = probes.ridge_sweep(x, x[:8], "age", y, y[:8], lams=lams, cv_groups=groups)[0]
+    assert row["lambda"] == 0.01 and grouped["lambda"] == 1e4
+    yc = (y > 50).astype(int)
+    task = [probes.Task("old", yc, yc[:8])]
+    Cs = (1e-3, 1e-1, 10.0)
+    row = probes.logistic_sweep(x, x[:8], task, inv_regs=Cs, iters=50)[0]
+    grouped = probes.logistic_sweep(x, x[:8], task, inv_regs=Cs, iters=50, cv_groups=groups)[0]
+    assert row["cv_accuracy"] > 0.95 and grouped["cv_accuracy"] < 0.75  # the leak, and its absence
+
+
 def test_knn_by_hand():
     train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1])

@@ -249,8 +249,19 @@ def metadata_labels(train_values, test_values) -> tuple[np.ndarray, np.ndarray, 
     return ids(train_values), ids(test_values), len(classes)
 
 
-def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed + 10_000).permutation(n) % folds
+def fold_ids(n: int, folds: int, seed: int, groups=None) -> np.ndarray:
+    """The CV fold of each of ``n`` rows. With ``groups`` (one id per row, e.g. the patient)
+    all rows of a group share a fold, so no validation fold holds a patient seen in training:
+    a study's series share their labels and much of their features, and folds that split them
+    reward memorising the study and pick too weak a penalty."""
+    rng = np.random.default_rng(seed + 10_000)
+    if groups is None:
+        return rng.permutation(n) % folds
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"cv groups: {len(groups)} ids for {n} rows")
+    _, inv = np.unique(groups.astype(str), return_inverse=True)
+    return (rng.permutation(int(inv.max()) + 1) % folds)[inv]
 
 
 # -- sweeps ------------------------------------------------------------------------------------------
@@ -292,8 +303,10 @@ _APPLY = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
 
 
 def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.0 ** np.arange(-3, 3)),
-                   fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False):
-    """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV.
+                   fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False,
+                   cv_groups=None):
+    """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV
+    (folds by ``cv_groups``, e.g. the patient of each training row, when given: :func:`fold_ids`).
 
     Two vmapped calls in all: one fits every (task, fraction, seed, C, fold) probe for the CV,
     one refits the chosen C per (task, fraction, seed) on its whole subset. Returns one row
@@ -305,7 +318,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     groups = list(itertools.product(range(len(tasks)), fractions, seeds))
     # Per (task, fraction, seed): its label subset, CV folds and class mask, computed once.
     subs = [subset_mask(tasks[ti].train_y, frac, seed) for ti, frac, seed in groups]
-    fids = [fold_ids(n, folds, seed) for _, _, seed in groups]
+    fids = [fold_ids(n, folds, seed, cv_groups) for _, _, seed in groups]
     cmask = [np.arange(k_max) < tasks[ti].num_classes for ti, _, _ in groups]
     meta = [(gi, ci, f) for gi in range(len(groups)) for ci in range(len(inv_regs)) for f in range(folds)]
     params = fit_many(xtr, np.stack([tasks[groups[gi][0]].train_y for gi, _, _ in meta]),
@@ -343,9 +356,10 @@ _PREDICT_RIDGE = jax.jit(jax.vmap(lambda p, x: x @ p["w"][:, 0] + p["b"][0], in_
 
 
 def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 5)),
-                fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False):
+                fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
-    penalty chosen by ``folds``-fold CV (mean absolute error): two vmapped closed-form calls,
+    penalty chosen by ``folds``-fold CV (mean absolute error; folds by ``cv_groups`` when given,
+    as :func:`logistic_sweep`): two vmapped closed-form calls,
     as :func:`logistic_sweep`. Returns one row per (fraction, seed) with the chosen penalty,
     test MAE and R^2 (and the MAE of predicting the training mean, the floor to beat); with
     ``return_scores`` also each row's test predictions."""
@@ -355,7 +369,7 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     groups = list(itertools.product(fractions, seeds))
     # A regression target is one "class" to subset_mask: a plain random subset, at least 2 rows.
     subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2) for frac, seed in groups]
-    fids = [fold_ids(n, folds, seed) for _, seed in groups]
+    fids = [fold_ids(n, folds, seed, cv_groups) for _, seed in groups]
     meta = [(gi, li, f) for gi in range(len(groups)) for li in range(len(lams)) for f in range(folds)]
     targets = jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(meta), n, 1)))
     params = _FIT_RIDGE(jnp.asarray(xtr), targets,

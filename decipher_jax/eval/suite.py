@@ -128,12 +128,14 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
             xtr, xte = feats["train"][feature][tr_ok], feats["test"][feature][te_ok]
+            cv = cv_groups(feats["train"], tr_ok)  # CV folds by patient, as the train/test split
             if tname in REGRESSION:
                 res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
-                                             seeds=seeds, return_scores=True)
+                                             seeds=seeds, return_scores=True, cv_groups=cv)
             else:
                 res, sc = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok])],
-                                                fractions=fractions, seeds=seeds, iters=100, return_scores=True)
+                                                fractions=fractions, seeds=seeds, iters=100, return_scores=True,
+                                                cv_groups=cv)
             rows += [{"encoder": name, "feature": feature, **r} for r in res]
             full = [i for i, r in enumerate(res) if r["fraction"] == max(fractions)][0]  # all labels, first seed
             preds[(name, tname)] = (yte[te_ok], sc[full], feats["test"]["study_id"][te_ok])
@@ -150,6 +152,16 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         with open(os.path.join(out_dir, "compare.json"), "w") as f:
             json.dump(cmp, f, indent=1)
     return rows
+
+
+def cv_groups(meta: dict, rows=slice(None)):
+    """The id that each of ``rows`` draws its CV fold by: its patient (a patient's studies share
+    age and sex), else its study; None (row-wise folds) when neither is known for every row."""
+    for k in ("patient_id", "study_id"):
+        ids = np.asarray(meta[k]).astype(str)[rows] if k in meta else None
+        if ids is not None and all(ids):
+            return ids
+    return None
 
 
 def _score(task: str, y, s) -> float:

@@ -75,6 +75,7 @@ def run(sw: dict, workdir: str) -> list[dict]:
                 for name, ytr, yte in suite.tasks(fs["train"], fs["test"], names=(field,)):
                     tr, te = suite.known(ytr), suite.known(yte)
                     xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
+                    cvg = suite.cv_groups(fs["train"], tr)  # CV folds by patient
                     base = {"features": set_name, "pool": pool, "task": name}
                     if name in suite.REGRESSION:  # age: ridge probes only
                         h = heads.get("ridge", {})
@@ -82,7 +83,8 @@ def run(sw: dict, workdir: str) -> list[dict]:
                         res = probes.ridge_sweep(xtr, xte, name, ytr[tr], yte[te],
                                                  lams=tuple(h.get("lambda", 10.0 ** np.arange(-1, 5))),
                                                  fractions=tuple(h.get("fractions", (1.0,))),
-                                                 seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3))
+                                                 seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
+                                                 cv_groups=cvg)
                         dt = time.perf_counter() - t0
                         rows += [base | r | {"seconds": dt / len(res)} for r in res]
                         continue
@@ -95,7 +97,7 @@ def run(sw: dict, workdir: str) -> list[dict]:
                                                     inv_regs=tuple(h.get("C", 10.0 ** np.arange(-3, 3))),
                                                     fractions=tuple(h.get("fractions", (1.0,))),
                                                     seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
-                                                    iters=h.get("iters", 100))
+                                                    iters=h.get("iters", 100), cv_groups=cvg)
                         dt = time.perf_counter() - t0
                         rows += [base | r | {"seconds": dt / len(res)} for r in res]
                     if "knn" in heads:
