@@ -23,7 +23,7 @@ import sys
 def _demo(args) -> int:
     from decipher_jax import demo
 
-    return demo.run(args.workdir, devices=args.devices)
+    return demo.run(args.workdir, devices=args.devices, seed=args.seed)
 
 
 def _corpus(args) -> int:
@@ -80,7 +80,7 @@ def _zeroshot(args) -> int:
     zs = zeroshot.ZeroShot.from_workdir(args.workdir)
     data = args.data or zs.spec["config"]["data"]["dir"]
     e = zs.embed_split(data, args.split)
-    cos = zs._cos(e["image"], zs.encode_sentences(args.sentences))
+    cos = zs.score(sentences=args.sentences, image_embeddings=e["image"])
     cols = {f"cos[{s}]": cos[:, i] for i, s in enumerate(args.sentences)}
     if args.negatives:
         cols["p_positive"] = zs.contrast(positive=args.sentences, negative=args.negatives, image_embeddings=e["image"])
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the whole pipeline at tiny scale on the embedded data")
     p.add_argument("--workdir", default="outputs/demo")
+    p.add_argument("--seed", type=int, default=0, help="the embedded corpus's generator seed")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices when running on the CPU")
     p.set_defaults(fn=_demo)
 

@@ -82,9 +82,12 @@ class ZeroShot:
         return np.asarray(jax.device_get(z))[: len(xs)]
 
     # -- scores -----------------------------------------------------------------------------------
-    def score(self, volumes, sentences: Sequence[str], templates: Sequence[str] = TEMPLATES) -> np.ndarray:
-        """(N, S) cosine similarities between volumes and sentences (each template-ensembled)."""
-        return self._cos(self.encode_volumes(volumes), self.encode_sentences(sentences, templates))
+    def score(self, volumes=None, sentences: Sequence[str] = (), templates: Sequence[str] = TEMPLATES, *,
+              image_embeddings=None) -> np.ndarray:
+        """(N, S) cosine similarities between volumes (or their ``image_embeddings``) and
+        sentences (each template-ensembled)."""
+        zi = self.encode_volumes(volumes) if image_embeddings is None else image_embeddings
+        return self._cos(zi, self.encode_sentences(sentences, templates))
 
     def classify(self, volumes=None, classes: dict[str, Sequence[str]] | None = None, *,
                  image_embeddings=None, templates: Sequence[str] = TEMPLATES) -> tuple[np.ndarray, list[str]]:

@@ -182,6 +182,8 @@ def test_tiny_stage2_lifts_heldout_retrieval(prepared_heldout, tmp_path):
     vols = [np.random.default_rng(0).normal(size=(20, 24, 18)).astype(np.float32) for _ in range(3)]
     sim = zs.score(vols, ["there is an acute infarct", "no acute infarct"])
     assert sim.shape == (3, 2) and np.all(np.abs(sim) <= 1 + 1e-6)
+    again = zs.score(sentences=["there is an acute infarct", "no acute infarct"], image_embeddings=zs.encode_volumes(vols))
+    np.testing.assert_allclose(again, sim, atol=1e-6)  # from embeddings (what `decipher zeroshot` passes)
     p = zs.contrast(vols, positive=["acute infarct"], negative=["no acute infarct"])
     assert p.shape == (3,) and np.all((p > 0) & (p < 1))
     csv = str(tmp_path / "zs.csv")
