@@ -21,7 +21,7 @@ def _setup_devices(devices: int) -> None:
 
 
 def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.6, 0.1, 0.3),
-        stage2: str = "tiny,locktext") -> int:
+        stage2: str = "tiny,locktext", seed: int = 0) -> int:
     _setup_devices(devices)
     import jax
     import jax.numpy as jnp
@@ -53,7 +53,7 @@ def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.6, 0.1, 0
     t0 = time.perf_counter()
     # 60/10/30 by patient: about 70 test studies, so each per-finding probe is scored on ~17
     # studies of its region rather than ~8 (at 70/15/15 its AUROC moved by +-0.2 between splits).
-    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=patients, seed=0, matrix=40)
+    manifest = corpus.build(os.path.join(workdir, "data", "raw"), n_patients=patients, seed=seed, matrix=40)
     prep_dir = os.path.join(workdir, "data", "prep")
     rc = cli.main(["prep", "--manifest", manifest, "--out", prep_dir, "--spacing", "4", "4", "4", "--quiet",
                    "--splits", *map(str, splits)])
