@@ -31,8 +31,15 @@ def sections(text: str) -> dict[str, str]:
     return out
 
 
-def clinical_text(text: str) -> str:
-    """Findings + impression when present (what the encoders learn from), else the whole text."""
+CLINICAL_SECTIONS = ("history", "indication", "findings", "impression")
+
+
+def clinical_text(text: str, keep: tuple[str, ...] = CLINICAL_SECTIONS) -> str:
+    """The ``keep`` sections in that order (what the encoders learn from: the history's age, sex
+    and reason, then findings and impression), or the whole text when the report has none of
+    findings / impression. Examination and technique lines are dropped: they name the protocol,
+    not what the images show."""
     s = sections(text)
-    parts = [s[k] for k in ("findings", "impression") if s.get(k)]
-    return " ".join(parts) if parts else normalise(text)
+    if not (s.get("findings") or s.get("impression")):
+        return normalise(text)
+    return " ".join(s[k] for k in keep if s.get(k))

@@ -263,6 +263,13 @@ def test_report_sections_and_normalisation():
     assert s["findings"] == "No acute infarct - normal." and s["impression"] == '"Normal" study.'
     assert reports.clinical_text(text) == 'No acute infarct - normal. "Normal" study.'
     assert reports.clinical_text("free text  only") == "free text only"
+    # History and indication come first (age, sex, reason); examination and technique are dropped;
+    # a report with neither findings nor impression is kept whole.
+    text = ("EXAMINATION: MRI knee.\nHISTORY: 79-year-old woman with knee pain.\nTECHNIQUE: T2 sequences.\n"
+            "FINDINGS:\nSmall effusion.\nIMPRESSION:\nEffusion.\n")
+    assert reports.clinical_text(text) == "79-year-old woman with knee pain. Small effusion. Effusion."
+    assert reports.clinical_text(text, keep=("findings",)) == "Small effusion."
+    assert reports.clinical_text("HISTORY: pain.\nTECHNIQUE: T1.") == "HISTORY: pain. TECHNIQUE: T1."
 
 
 def test_manifest_errors(tmp_path):
@@ -314,6 +321,20 @@ def test_synthetic_anatomy_shows_sex_and_age():
     assert volume_of("knee", "cartilage", 85) < 0.8 * volume_of("knee", "cartilage", 20)
     scaled = synthetic.scale_body(synthetic.BUILDERS["brain"](np.random.default_rng(4), {"mass"}, facts := {}), facts, 1.1)
     assert abs(facts["mass"]["size_mm"] - 2 * scaled[-1].radii[0]) <= 1  # the report states the scaled size
+
+
+def test_synthetic_reports_state_history_and_age_changes():
+    """A report's history gives the patient's age and sex, its findings the degree of the
+    age-related change its phantom shows."""
+    young = synthetic.write_report(np.random.default_rng(0), "brain", ["T1"], set(), {}, age=20, sex="F")
+    old = synthetic.write_report(np.random.default_rng(0), "brain", ["T1"], set(), {}, age=88, sex="M")
+    assert "20" in young and ("woman" in young or "female" in young)
+    assert "88" in old and (" man" in old or "male" in old)
+    assert any(t in reports.sections(young)["findings"] for t in synthetic._AGEING["brain"][0])
+    assert any(t in reports.sections(old)["findings"] for t in synthetic._AGEING["brain"][2])
+    assert "88" in reports.clinical_text(old)  # what the encoders learn from keeps the history
+    plain = synthetic.write_report(np.random.default_rng(0), "abdomen", ["T1"], set(), {})
+    assert "HISTORY" not in plain and "INDICATION" not in plain
 
 
 def test_tune_malloc_applies_to_this_process_and_workers(monkeypatch):

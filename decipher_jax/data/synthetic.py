@@ -10,7 +10,8 @@ negations. Several series of one study share one report (multiple positives in s
 Age and sex show in the anatomy, so that probes for them measure something: the body is
 about 6 % larger in men than in women (every region, with 2 % spread), and with age the
 ventricles widen and the brain shrinks from the skull, and knee cartilage and spinal discs
-thin (:func:`age_fraction`).
+thin (:func:`age_fraction`). The reports say so as a radiologist would: a history line with the
+patient's age and sex, and the degree of atrophy, cartilage or disc thinning among the findings.
 
     manifest = generate_corpus("data/synthetic", n_patients=40, seed=0)
 """
@@ -261,17 +262,51 @@ _NEG = {
     "absent_kidney": ["Both kidneys are present and normal in size.", "Kidneys are unremarkable."],
 }
 _NORMAL = {
-    "brain": ["The ventricles are normal in size.", "Gray-white matter differentiation is preserved."],
+    "brain": ["Gray-white matter differentiation is preserved."],
     "knee": ["The menisci are intact.", "Bone marrow signal is normal."],
     "spine": ["Vertebral body heights are maintained.", "Normal lumbar lordosis."],
     "abdomen": ["The spleen is normal.", "No free fluid."],
 }
 _IMPRESSION_NORMAL = ["No acute abnormality.", "Normal study.", "Unremarkable examination."]
+# What a radiologist writes about the age-related changes the phantoms show (``age_fraction``:
+# atrophy, cartilage and disc thinning), by degree: below 0.35, up to 0.7, above.
+_AGEING = {
+    "brain": (["The ventricles are normal in size.", "Brain volume is normal."],
+              ["Mild generalized volume loss.", "Mild prominence of the ventricles and sulci."],
+              ["Moderate generalized cerebral atrophy with ventricular enlargement.",
+               "Marked volume loss with enlarged ventricles."]),
+    "knee": (["Articular cartilage is preserved."], ["Mild cartilage thinning."],
+             ["Diffuse cartilage thinning, consistent with osteoarthritis."]),
+    "spine": (["Disc heights are preserved."], ["Mild loss of disc height at multiple levels."],
+              ["Multilevel degenerative disc disease with marked loss of disc height."]),
+}
+# The clinical-history line: the request's demographics and reason.
+_WHY = {
+    "brain": ["headache", "dizziness", "new neurological deficit", "follow-up"],
+    "knee": ["knee pain", "twisting injury", "swelling", "follow-up"],
+    "spine": ["low back pain", "radiculopathy", "leg weakness", "follow-up"],
+    "abdomen": ["abdominal pain", "abnormal liver function tests", "flank pain", "follow-up"],
+}
+_HISTORY = ["HISTORY: {age}-year-old {noun} with {why}.", "INDICATION: {Why}. {age} year old {noun}.",
+            "HISTORY: {Why} in a {age}-year-old {noun}."]
 
 
-def write_report(r: np.random.Generator, region: str, sequences, findings: set[str], facts: dict) -> str:
-    lines = [f"EXAMINATION: MRI {region}.", f"TECHNIQUE: {', '.join(sequences)} sequences.", "", "FINDINGS:"]
+def write_report(r: np.random.Generator, region: str, sequences, findings: set[str], facts: dict,
+                 age=None, sex: str | None = None) -> str:
+    """A radiology report: examination, history (when ``age`` is given), technique, findings
+    (the study's findings or their negations, age-related changes, normal statements) and the
+    impression."""
+    lines = [f"EXAMINATION: MRI {region}."]
+    if age is not None:
+        noun = {"M": ["man", "male"], "F": ["woman", "female"]}.get(sex or "", ["patient"])
+        why = str(r.choice(_WHY[region]))
+        t = str(r.choice(_HISTORY)).format(age=int(age), noun=str(r.choice(noun)), why=why, Why=why[0].upper() + why[1:])
+        lines.append(t)
+    lines += [f"TECHNIQUE: {', '.join(sequences)} sequences.", "", "FINDINGS:"]
     sentences = []
+    if age is not None and region in _AGEING:
+        degree = int(np.searchsorted([0.35, 0.7], age_fraction(age)))
+        sentences.append(str(r.choice(_AGEING[region][degree])))
     for f in REGIONS[region][1]:
         if f in findings:
             t = str(r.choice(_POS[f])).format(**facts.get(f, {}))
@@ -318,7 +353,8 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             findings = set(facts) | findings  # facts may be richer (e.g. sizes)
             seqs = sorted(r.choice(SEQUENCES, size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
             study = f"P{p:04d}_S{s}"
-            report = write_report(r, region, seqs, findings, facts)
+            # The report draws from its own stream, so its wording never shifts the images'.
+            report = write_report(np.random.default_rng([seed, p, 2, s]), region, seqs, findings, facts, age, sex)
             rep_file = os.path.join(out_dir, f"{study}_report.txt")
             with open(rep_file, "w") as f:
                 f.write(report)
