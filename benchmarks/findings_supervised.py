@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--task", choices=("findings", "region"), default="findings")
+    p.add_argument("--pool", choices=("mean", "max"), default="mean", help="how the head pools the patch tokens")
     args = p.parse_args(argv)
 
     import jax.numpy as jnp
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
             self.head = nnx.Linear(cfg.dim, len(names), rngs=rngs)
 
         def __call__(self, x):
-            return self.head(self.vit(x)["patch"].mean(1))
+            patch = self.vit(x)["patch"]
+            return self.head(patch.max(1) if args.pool == "max" else patch.mean(1))
 
     net = Net(nnx.Rngs(0))
     opt = nnx.Optimizer(net, optax.adamw(args.lr, weight_decay=0.01), wrt=nnx.Param)

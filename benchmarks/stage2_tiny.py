@@ -8,9 +8,11 @@
 Each run trains ``clip_align.py:<options>`` (plus the JSON overrides) from the demo's stage-1
 vision and text towers on its prepared corpus, then fits the demo's logistic probes (C by
 3-fold CV, 3 seeds, all labels) on the stage-2 image tower's mean-pooled patch tokens, beside a
-random-init ViT of the same shape. Prints one table: the trainer's logged steps/s (last window,
+random-init ViT of the same shape. Prints two tables: the trainer's logged steps/s (last window,
 compile excluded), the final loss, held-out study R@5, and test AUROC per probe task (the
-finding probes grouped into their mean).
+finding probes grouped into their mean); then each run's gain over random init per task with
+its 95% study-bootstrap interval (``suite.compare``). A ``steps`` override stretches the lr
+schedule with it (the configs derive ``optim.total_steps`` from ``steps``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     config = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "clip_align.py")
     root = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="stage2_tiny_"))
     mesh = sh.make_mesh({"data": -1, "fsdp": 2, "tensor": 2} if jax.device_count() % 4 == 0 else {"data": -1})
-    rows, tasks = [], None
+    rows, tasks, gains, gain_tasks = [], None, [], []
     for spec in args.run:
         name, opts, over = (spec.split("|") + ["", ""])[:3]
         base = {"data.dir": prep, "init.vision": os.path.join(demo, "stage1_vision"),
@@ -62,11 +64,15 @@ def main(argv=None) -> int:
         model, params2, spec2 = clip_align.load(os.path.join(wd, "stage2"), mesh=mesh)
         vit = ViTConfig(**clip_align.from_json(spec2["vit"]))
         image = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
-        encs = {"stage 2": (image, params2["image"])}
-        if tasks is None:  # the random-init baseline once, beside the first run
-            encs["random init"] = (image, image.init(jax.random.key(123)))
+        # The random-init baseline beside every run (the same init each time), so that each run
+        # gets its paired gains with study-bootstrap intervals (suite.compare -> eval/compare.json).
+        encs = {"stage 2": (image, params2["image"]), "random init": (image, image.init(jax.random.key(123)))}
         probe_rows = suite.probe_encoders(wd, prep, fractions=(1.0,), seeds=(0, 1, 2), mesh=mesh, encs=(encs, vit))
         scores = {k[:2]: v[0] for k, v in suite.summarise(probe_rows, "auroc", group_findings=True).items()}
+        with open(os.path.join(wd, "eval", "compare.json")) as f:
+            cmp = {c["task"]: c for c in json.load(f) if not c["task"].startswith(suite.FINDING)}
+        gains.append([name] + [f"{c['gain']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" for c in cmp.values()])
+        gain_tasks = list(cmp)
         if tasks is None:
             tasks = sorted({t for _, t in scores}, key=suite.task_order)
             rows.append(["random init", "-", "-", "-", "-", "-"] + [f"{scores[('random init', t)]:.3f}" for t in tasks])
@@ -75,6 +81,9 @@ def main(argv=None) -> int:
                     + [f"{scores.get(('stage 2', t), float('nan')):.3f}" for t in tasks])
         print(rows[-1], flush=True)
     print(table(["run", "config", "steps", "steps/s", "loss", "study R@5"] + [f"AUROC {t}" for t in tasks], rows))
+    print("stage 2 minus random init (AUROC; age: MAE in years, positive = stage 2 better), all labels, "
+          "95% study-bootstrap interval:")
+    print(table(["run"] + gain_tasks, gains))
     return 0
 
 
