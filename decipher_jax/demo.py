@@ -187,7 +187,7 @@ def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.6, 0.1, 0
     if cmp:
         say(f"  stage 2 minus random init, all labels, with 95% intervals over {cmp[0]['draws']} study-level "
             f"bootstrap draws of the {cmp[0]['n_studies']} test studies (AUROC; age: MAE in years, positive = "
-            f"stage 2 better):")
+            f"stage 2 better; one draw of corpus and training: benchmarks/demo_seeds.py repeats it on other seeds):")
         for c in cmp:
             if not c["task"].startswith(suite.FINDING):
                 say(f"    {c['task']}: {c['gain']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")

@@ -229,7 +229,9 @@ def probes_section(workdir: str) -> str:
         html += ('<p class="note">Pretrained minus random init on the same test rows (all labels, first seed): '
                  f"AUROC, or MAE in years for age, positive when the pretrained encoder is better; 95% interval "
                  f"and the share of draws in which it is not better, over {cmp[0]['draws']} bootstrap draws of "
-                 f"the {cmp[0]['n_studies']} test studies (a study's series are resampled together).</p>"
+                 f"the {cmp[0]['n_studies']} test studies (a study's series are resampled together). The "
+                 "interval covers the test sample only: the corpus, split and training run are one draw "
+                 "(<code>benchmarks/demo_seeds.py</code> repeats the demo on other corpus seeds).</p>"
                  + _table(["encoder", "task", "gain", "95% interval", "P(not better)"],
                           [[c["a"], c["task"], f"{c['gain']:+.3f}", f"[{c['lo']:+.3f}, {c['hi']:+.3f}]",
                             f"{c['p_not_better']:.2f}"] for c in cmp], left=2))
