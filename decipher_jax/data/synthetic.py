@@ -300,8 +300,8 @@ def write_report(r: np.random.Generator, region: str, sequences, findings: set[s
     if age is not None:
         noun = {"M": ["man", "male"], "F": ["woman", "female"]}.get(sex or "", ["patient"])
         why = str(r.choice(_WHY[region]))
-        t = str(r.choice(_HISTORY)).format(age=int(age), noun=str(r.choice(noun)), why=why, Why=why[0].upper() + why[1:])
-        lines.append(t)
+        form = str(r.choice(_HISTORY))
+        lines.append(form.format(age=int(age), noun=str(r.choice(noun)), why=why, Why=why[0].upper() + why[1:]))
     lines += [f"TECHNIQUE: {', '.join(sequences)} sequences.", "", "FINDINGS:"]
     sentences = []
     if age is not None and region in _AGEING:
