@@ -359,9 +359,9 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
                 fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
     penalty chosen by ``folds``-fold CV (mean absolute error; folds by ``cv_groups`` when given):
-    two vmapped closed-form calls, as :func:`logistic_sweep`. Returns one row per (fraction, seed) with the chosen penalty,
-    test MAE and R^2 (and the MAE of predicting the training mean, the floor to beat); with
-    ``return_scores`` also each row's test predictions."""
+    two vmapped closed-form calls, as :func:`logistic_sweep`. Returns one row per (fraction,
+    seed) with the chosen penalty, test MAE and R^2 (and the MAE of predicting the training
+    mean, the floor to beat); with ``return_scores`` also each row's test predictions."""
     xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
     ytr, yte = np.asarray(train_y, np.float32), np.asarray(test_y, np.float32)
     n = len(xtr)
