@@ -143,6 +143,27 @@ def test_cv_folds_by_patient():
     assert row["cv_accuracy"] > 0.95 and grouped["cv_accuracy"] < 0.75  # the leak, and its absence
 
 
+def test_label_fractions_by_patient():
+    """With groups, a label fraction is a fraction of the patients with all their rows; every
+    class keeps a row; the probe's n_train counts whole patients."""
+    r = np.random.default_rng(0)
+    groups = np.repeat([f"P{i}" for i in range(50)], 3)
+    y = np.tile([0, 1, 2], 50)  # each patient has every class (like a study's sequences)
+    y[groups == "P7"] = 3  # a rare class: one patient
+    keep = probes.subset_mask(y, 0.2, 1, groups=groups)
+    picked = set(groups[keep])
+    assert all(keep[groups == g].all() for g in picked)  # whole patients
+    assert 10 <= len(picked) <= 11 and "P7" in picked  # 20% of 50, plus the rare class's patient
+    assert probes.subset_mask(y, 1.0, 1, groups=groups).all()
+    rowwise = probes.subset_mask(y, 0.2, 1)
+    assert len(set(groups[rowwise])) > 20  # rows drawn alone scatter over most patients
+    x = r.normal(size=(150, 5))
+    task = [probes.Task("t", y, y[:6])]
+    row = probes.logistic_sweep(x, x[:6], task, fractions=(0.2,), iters=5, cv_groups=groups)[0]
+    assert row["n_train"] == probes.subset_mask(y, 0.2, 0, groups=groups).sum()  # the sweep draws by patient
+    assert row["n_train"] % 3 == 0
+
+
 def test_knn_by_hand():
     train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1])

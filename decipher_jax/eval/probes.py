@@ -228,15 +228,33 @@ def standardise(train_x, *others):
     return tuple((np.asarray(v, np.float32) - mu) / sd for v in (train_x,) + others)
 
 
-def subset_mask(y, fraction: float, seed: int, *, min_per_class: int = 1) -> np.ndarray:
-    """A stratified random subset of ``fraction`` of the rows (at least ``min_per_class`` each)."""
+def subset_mask(y, fraction: float, seed: int, *, min_per_class: int = 1, groups=None) -> np.ndarray:
+    """A stratified random subset of ``fraction`` of the rows (at least ``min_per_class`` each).
+
+    With ``groups`` (one id per row, e.g. the patient), whole groups are drawn: ``fraction`` of
+    the patients with all their rows, as labelling a patient labels all their series; a class
+    the draw leaves under ``min_per_class`` rows gets further patients that have it."""
     y = np.asarray(y)
     r = np.random.default_rng(seed)
-    keep = np.zeros(len(y), bool)
+    if groups is None:
+        keep = np.zeros(len(y), bool)
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            n = max(min_per_class, int(round(fraction * len(idx))))
+            keep[r.choice(idx, size=min(n, len(idx)), replace=False)] = True
+        return keep
+    groups = np.asarray(groups)
+    names = np.unique(groups)
+    chosen = set(r.choice(names, size=max(1, int(round(fraction * len(names)))), replace=False).tolist())
+    keep = np.isin(groups, list(chosen))
     for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        n = max(min_per_class, int(round(fraction * len(idx))))
-        keep[r.choice(idx, size=min(n, len(idx)), replace=False)] = True
+        while np.sum(keep & (y == c)) < min_per_class:
+            have = [g for g in np.unique(groups[y == c]).tolist() if g not in chosen]
+            if not have:
+                break
+            g = have[int(r.integers(len(have)))]
+            chosen.add(g)
+            keep |= groups == g
     return keep
 
 
@@ -305,8 +323,9 @@ _APPLY = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
 def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.0 ** np.arange(-3, 3)),
                    fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False,
                    cv_groups=None):
-    """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV
-    (folds by ``cv_groups``, e.g. the patient of each training row, when given: :func:`fold_ids`).
+    """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV.
+    ``cv_groups`` (e.g. the patient of each training row): CV folds and label-fraction subsets
+    are drawn by patient (:func:`fold_ids`, :func:`subset_mask`).
 
     Two vmapped calls in all: one fits every (task, fraction, seed, C, fold) probe for the CV,
     one refits the chosen C per (task, fraction, seed) on its whole subset. Returns one row
@@ -317,7 +336,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     n, k_max = len(xtr), max(t.num_classes for t in tasks)
     groups = list(itertools.product(range(len(tasks)), fractions, seeds))
     # Per (task, fraction, seed): its label subset, CV folds and class mask, computed once.
-    subs = [subset_mask(tasks[ti].train_y, frac, seed) for ti, frac, seed in groups]
+    subs = [subset_mask(tasks[ti].train_y, frac, seed, groups=cv_groups) for ti, frac, seed in groups]
     fids = [fold_ids(n, folds, seed, cv_groups) for _, _, seed in groups]
     cmask = [np.arange(k_max) < tasks[ti].num_classes for ti, _, _ in groups]
     meta = [(gi, ci, f) for gi in range(len(groups)) for ci in range(len(inv_regs)) for f in range(folds)]
@@ -355,19 +374,21 @@ _FIT_RIDGE = jax.jit(jax.vmap(fit_ridge, in_axes=(None, 0, 0, 0)))
 _PREDICT_RIDGE = jax.jit(jax.vmap(lambda p, x: x @ p["w"][:, 0] + p["b"][0], in_axes=(0, None)))  # (P, n)
 
 
-def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 5)),
+def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 7)),
                 fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
-    penalty chosen by ``folds``-fold CV (mean absolute error; folds by ``cv_groups`` when given):
+    penalty chosen by ``folds``-fold CV (mean absolute error; folds and subsets by ``cv_groups``):
     two vmapped closed-form calls, as :func:`logistic_sweep`. Returns one row per (fraction,
     seed) with the chosen penalty, test MAE and R^2 (and the MAE of predicting the training
-    mean, the floor to beat); with ``return_scores`` also each row's test predictions."""
+    mean, the floor to beat); with ``return_scores`` also each row's test predictions. The
+    default grid ends at penalties that leave little but the intercept (the training mean), so
+    CV can fall back to the floor when the features carry no signal of the target."""
     xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
     ytr, yte = np.asarray(train_y, np.float32), np.asarray(test_y, np.float32)
     n = len(xtr)
     groups = list(itertools.product(fractions, seeds))
     # A regression target is one "class" to subset_mask: a plain random subset, at least 2 rows.
-    subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2) for frac, seed in groups]
+    subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2, groups=cv_groups) for frac, seed in groups]
     fids = [fold_ids(n, folds, seed, cv_groups) for _, seed in groups]
     meta = [(gi, li, f) for gi in range(len(groups)) for li in range(len(lams)) for f in range(folds)]
     targets = jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(meta), n, 1)))

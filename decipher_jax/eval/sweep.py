@@ -81,7 +81,7 @@ def run(sw: dict, workdir: str) -> list[dict]:
                         h = heads.get("ridge", {})
                         t0 = time.perf_counter()
                         res = probes.ridge_sweep(xtr, xte, name, ytr[tr], yte[te],
-                                                 lams=tuple(h.get("lambda", 10.0 ** np.arange(-1, 5))),
+                                                 lams=tuple(h.get("lambda", 10.0 ** np.arange(-1, 7))),
                                                  fractions=tuple(h.get("fractions", (1.0,))),
                                                  seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
                                                  cv_groups=cvg)

@@ -19,7 +19,7 @@ def get_sweep():
             "logistic": {"C": [0.001, 0.01, 0.1, 1.0, 10.0], "fractions": [0.1, 0.3, 1.0], "seeds": [0, 1, 2],
                          "folds": 3, "iters": 100},
             "knn": {"k": [5, 10, 20], "temperature": 0.07},
-            "ridge": {"lambda": [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], "fractions": [0.1, 0.3, 1.0],
+            "ridge": {"lambda": [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 1e5, 1e6], "fractions": [0.1, 0.3, 1.0],
                       "seeds": [0, 1, 2]},  # regression tasks (age): MAE
         },
     }
