@@ -1,8 +1,10 @@
 """Reading the prep manifest (CSV or JSONL), one row per series.
 
 Required: ``series_id, study_id, patient_id, image``. Optional: ``label`` (label-map path),
-``report`` (text) or ``report_file`` (path), ``sequence``, ``body_region``, ``age``, ``sex``,
-``findings`` (``;``-separated labels). Relative paths are relative to the manifest's folder.
+``report`` (text) or ``report_file`` (path), ``series_description`` (the DICOM
+SeriesDescription as the scanner wrote it, e.g. "AX T2 FLAIR"; stage 2 can pair each series with
+it and its study's report), ``sequence``, ``body_region``, ``age``, ``sex``, ``findings``
+(``;``-separated labels). Relative paths are relative to the manifest's folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class SeriesRow:
     label: str = ""
     report: str = ""
     report_file: str = ""
+    series_description: str = ""
     sequence: str = ""
     body_region: str = ""
     age: float = float("nan")

@@ -31,7 +31,7 @@ from data_prep import volume as volume_lib
 
 SPLITS = ("train", "val", "test")
 DATASET_NAME = "decipher_mri"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"  # 1.1: series_description
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 
 from data_prep.prep import DATASET_NAME, FORMAT_VERSION
 
-_TEXT = ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex", "findings", "report", "report_full")
+_TEXT = ("series_id", "study_id", "patient_id", "series_description", "sequence", "body_region", "sex", "findings",
+         "report", "report_full")
 
 
 ENCODINGS = {"none": tfds.features.Encoding.BYTES, "zlib": tfds.features.Encoding.ZLIB}
@@ -67,7 +68,8 @@ class DecipherMri(tfds.core.GeneratorBasedBuilder):
                     "orig_spacing": z["orig_spacing"], "report": str(z["report"]), "report_full": str(z["report_full"]),
                 }
             ex.update({"age": np.float32(r.age), "series_id": r.series_id, "study_id": r.study_id,
-                       "patient_id": r.patient_id, "sequence": r.sequence, "body_region": r.body_region,
+                       "patient_id": r.patient_id, "series_description": r.series_description,
+                       "sequence": r.sequence, "body_region": r.body_region,
                        "sex": r.sex, "findings": r.findings})
             yield r.series_id, ex
 

@@ -133,7 +133,9 @@ def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.6, 0.1, 0
         "data.dir": prep_dir, "init.vision": os.path.join(workdir, "stage1_vision"),
         "init.text": os.path.join(workdir, "stage1_text", "hf_export")})
     m = clip_align.train(cfg, s2)
-    say(f"stage 2 (CLIP over the global batch, {cfg.steps} steps"
+    text = {"description+report": "each series paired with its description and its study's report",
+            "report": "each series paired with its study's report"}[cfg.data.text]
+    say(f"stage 2 (CLIP over the global batch, {cfg.steps} steps, {text}"
         f"{', report encoder locked' if 'locktext' in stage2 else ''}) in {time.perf_counter() - t0:.0f} s: "
         f"loss {m['loss']:.3f}, temperature {m['temperature']:.1f}")
     import json

@@ -123,8 +123,9 @@ LOG_MAX_SCALE = math.log(100.0)  # open_clip clamps the learnt temperature at 10
 
 
 def positives(ids_a, ids_b=None):
-    """(B, B') bool matrix of positive pairs: same study id. Several series of one study share
-    one report, so one batch can hold several positives per row."""
+    """(B, B') bool matrix of positive pairs: same text id (stage 2's ``pair_id_hash``). Series
+    that share a text (a study's series, paired with its report alone) are all positives, so
+    one batch can hold several positives per row."""
     ids_b = ids_a if ids_b is None else ids_b
     return ids_a[:, None] == ids_b[None, :]
 

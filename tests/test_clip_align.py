@@ -31,7 +31,8 @@ def _batch(rng, n=8):
     return {"image": rng.normal(size=(n, 16, 16, 16, 1)).astype(np.float32),
             "input_ids": rng.integers(1000, 2000, size=(n, 32)).astype(np.int32),
             "attention_mask": (np.arange(32)[None] < rng.integers(8, 32, size=(n, 1))).astype(np.int32),
-            # Several series of one study share a report: studies 11 and 33 have 2 and 3 series.
+            # Several series of one study share a text: studies 11 and 33 have 2 and 3 series.
+            "pair_id_hash": np.array([11, 11, 22, 33, 33, 33, 44, 55][:n], np.int32),
             "study_id_hash": np.array([11, 11, 22, 33, 33, 33, 44, 55][:n], np.int32)}
 
 
@@ -89,8 +90,64 @@ def test_frozen_towers_get_no_update(rng):
         assert not np.array_equal(after["image_proj"], before["image_proj"])
 
 
+def test_text_center_is_the_training_texts_mean_and_stays_fixed(prepared_heldout, minilm_path):
+    """center_text: the projection sees text features minus the training texts' mean (set once,
+    never trained), so the projected training texts average to zero; zero-shot uses the same."""
+    cfg = _cfg("tiny,locktext", **{"data.dir": prepared_heldout, "init.text": str(minilm_path),
+                                   "data.max_length": 64, "optim.warmup_steps": 1})
+    assert cfg.model.towers.center_text
+    mesh = sh.make_mesh({"data": 2, "fsdp": 4})
+    b = clip_align.build(cfg, mesh)
+    params = clip_align.initial_params(cfg, b)
+    np.testing.assert_array_equal(np.asarray(params["text_center"]), 0.0)
+    hashes, feats = clip_align.text_table(cfg, b, params, mesh)
+    cos = feats @ feats.T / np.outer(np.linalg.norm(feats, axis=1), np.linalg.norm(feats, axis=1))
+    assert cos[np.triu_indices(len(feats), 1)].mean() > 0.3  # the anisotropy that centring removes
+    centred = clip_align.set_text_center(cfg, b, params, mesh, (hashes, feats))
+    np.testing.assert_allclose(np.asarray(centred["text_center"]), feats.mean(0), rtol=1e-5, atol=1e-6)
+    z = np.asarray(b["model"](centred).project_text(jnp.asarray(feats)))
+    z_raw = np.asarray(b["model"](params).project_text(jnp.asarray(feats)))
+    assert np.abs(z.mean(0)).max() < 1e-4 * np.abs(z).max() and np.abs(z_raw.mean(0)).max() > 0.1 * np.abs(z_raw).max()
+    cache = clip_align.text_cache(cfg, b, centred, mesh, table=(hashes, feats))
+    batch = next(iter(P.pairs(P.data_source(prepared_heldout, "train"), P.LoaderConfig(batch_size=8, seed=0),
+                              b["vit"].img_size, str(minilm_path), max_length=64, text=cfg.data.text)))
+    with jax.set_mesh(mesh):
+        state = {"step": jnp.ones([], jnp.int32), "params": centred, "opt": b["tx"].init(centred)}
+        step = jax.jit(b["step"])
+        new, _ = step(state, P.to_global(batch, mesh), cache)  # the warm-up's first lr is 0
+        new, m = step(new, P.to_global(batch, mesh), cache)
+    assert float(m["lr"]) > 0
+    np.testing.assert_array_equal(np.asarray(new["params"]["text_center"]), np.asarray(centred["text_center"]))
+    assert not np.array_equal(np.asarray(new["params"]["text_proj"]), np.asarray(centred["text_proj"]))
+
+
+def test_pair_text_features_weigh_the_description(minilm_path):
+    """A series with a description: (1 - w) * pool(description + report) + w * pool(description);
+    without one (has_desc 0) or with w = 0: the pooled text alone."""
+    from decipher_jax.models.bert import load_tokenizer
+
+    tok = load_tokenizer(str(minilm_path))
+    full = tok(["SERIES: AX T2 FLAIR.\nFINDINGS: Acute infarct.", "FINDINGS: Normal."], max_length=32,
+               padding="max_length", return_tensors="np")
+    desc = tok(["SERIES: AX T2 FLAIR.", ""], max_length=16, padding="max_length", return_tensors="np")
+    has = np.array([1.0, 0.0], np.float32)
+    for w in (0.0, 0.5):
+        cfg = _cfg("tiny,locktext", **{"init.text": str(minilm_path), "model.towers.description_weight": w})
+        mesh = sh.make_mesh(None, jax.devices()[:1])
+        b = clip_align.build(cfg, mesh)
+        m = b["model"](clip_align.initial_params(cfg, b))
+        got = np.asarray(m.pair_text_features(full["input_ids"], full["attention_mask"], desc["input_ids"],
+                                              desc["attention_mask"], has))
+        alone = np.asarray(m.text_features(full["input_ids"], full["attention_mask"]))
+        line = np.asarray(m.text_features(desc["input_ids"], desc["attention_mask"]))
+        np.testing.assert_allclose(got[1], alone[1], rtol=1e-6)
+        np.testing.assert_allclose(got[0], (1 - w) * alone[0] + w * line[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(alone[0], line[0], atol=1e-2)
+
+
 def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_path):
-    """A locked text tower's reports are encoded once and looked up: the step is the same step."""
+    """A locked text tower's texts (series description + report) are encoded once and looked
+    up: the step is the same step."""
     cfg = _cfg("tiny,locktext", **{"data.dir": prepared_heldout, "init.text": str(minilm_path),
                                    "data.max_length": 64, "optim.warmup_steps": 1})
     mesh = sh.make_mesh({"data": 2, "fsdp": 4})
@@ -98,10 +155,13 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
     params = clip_align.initial_params(cfg, b)
     cache = clip_align.text_cache(cfg, b, params, mesh)
     src = P.data_source(prepared_heldout, "train")
-    studies = {P.ToIds().map({"study_id": str(m)})["study_id_hash"] for m in _split_meta(src, "study_id")}
-    assert sorted(studies) == list(np.asarray(cache["hash"]))  # every training report, once, sorted
+    assert cfg.data.text == "description+report"
+    texts = {P.ToIds().map({"pair_id": f"{st}\x1f{d}"})["pair_id_hash"]
+             for st, d in _split_meta(src, "study_id", "series_description")}
+    assert sorted(texts) == list(np.asarray(cache["hash"]))  # every training text, once, sorted
+    assert len(texts) > len(_split_meta(src, "study_id"))  # a study's series have their own texts
     batch = next(iter(P.pairs(src, P.LoaderConfig(batch_size=8, seed=0), b["vit"].img_size, str(minilm_path),
-                              max_length=64, crop_scale=(0.6, 1.0))))
+                              max_length=64, crop_scale=(0.6, 1.0), text=cfg.data.text)))
     with jax.set_mesh(mesh):
         g = P.to_global(batch, mesh)
         state = lambda: {"step": jnp.ones([], jnp.int32), "params": params,  # noqa: E731
@@ -110,8 +170,8 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
         cached, m_cached = jax.jit(b["step"])(state(), g, cache)
     assert float(m_cached["loss"]) == pytest.approx(float(m_live["loss"]), rel=1e-5)
     assert int(m_cached["text_cache_misses"]) == 0 and "text_cache_misses" not in m_live
-    with jax.set_mesh(mesh):  # a study the table does not hold is counted, not hidden
-        odd = P.to_global({**batch, "study_id_hash": np.where(np.arange(8) < 3, 7, batch["study_id_hash"])}, mesh)
+    with jax.set_mesh(mesh):  # a text the table does not hold is counted, not hidden
+        odd = P.to_global({**batch, "pair_id_hash": np.where(np.arange(8) < 3, 7, batch["pair_id_hash"])}, mesh)
         _, m_odd = jax.jit(b["step"])(state(), odd, cache)
     assert int(m_odd["text_cache_misses"]) == 3
     assert float(m_cached["grad_norm_image"]) == pytest.approx(float(m_live["grad_norm_image"]), rel=1e-4)
@@ -122,10 +182,11 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
     assert clip_align.text_cache(trained, clip_align.build(trained, mesh), params, mesh) is None
 
 
-def _split_meta(source, key):
+def _split_meta(source, *keys):
     from decipher_jax.data import transforms as T
 
-    return {T.Decode().map(source[i])[key] for i in range(len(source))}
+    rows = [T.Decode().map(source[i]) for i in range(len(source))]
+    return {tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]] for r in rows}
 
 
 def _metrics(workdir):

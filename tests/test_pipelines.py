@@ -104,6 +104,35 @@ def test_text_and_pair_pipelines(prepared, minilm_path):
     expect = tok(src[0]["report"].decode(), max_length=64, truncation=True, padding="max_length")["input_ids"]
     np.testing.assert_array_equal(b["input_ids"][0], expect)
     assert b["image"].shape == (2, 16, 16, 16, 1) and b["study_id_hash"].shape == (2,)
+    np.testing.assert_array_equal(b["pair_id_hash"], b["study_id_hash"])  # the report: one text per study
+
+
+def test_pairs_with_series_descriptions(prepared, minilm_path):
+    """Stage 2's "description+report" text: each series is paired with its own description and
+    its study's report; the series of one study get different text ids, one study the same."""
+    from decipher_jax.models.bert import load_tokenizer
+
+    src = P.data_source(prepared, "train")
+    n = len(src)
+    loader = P.LoaderConfig(batch_size=n, shuffle=False, repeat=False, drop_remainder=False)
+    b = next(iter(P.pairs(src, loader, (16, 16, 16), minilm_path, max_length=64, train=False,
+                          text="description+report")))
+    tok = load_tokenizer(minilm_path)
+    descs = [src[i]["series_description"].decode() for i in range(n)]
+    assert all(descs) and len(set(descs)) > 4  # the generator writes scanner-style descriptions
+    text = f"SERIES: {descs[0]}.\n{src[0]['report'].decode()}"
+    expect = tok(text, max_length=64, truncation=True, padding="max_length")["input_ids"]
+    np.testing.assert_array_equal(b["input_ids"][0], expect)
+    line = tok(f"SERIES: {descs[0]}.", max_length=P.DESCRIPTION_LENGTH, truncation=True, padding="max_length")
+    np.testing.assert_array_equal(b["desc_ids"][0], line["input_ids"])
+    np.testing.assert_array_equal(b["desc_mask"][0], line["attention_mask"])
+    np.testing.assert_array_equal(b["has_desc"], 1.0)
+    pairs = {(int(s), int(p)) for s, p in zip(b["study_id_hash"], b["pair_id_hash"])}
+    per_study = {s: {p for s2, p in pairs if s2 == s} for s, _ in pairs}
+    assert max(len(v) for v in per_study.values()) >= 2  # a study's series: different texts
+    assert len({p for _, p in pairs}) == sum(len(v) for v in per_study.values())  # a text: one study
+    with pytest.raises(ValueError, match="data.text"):
+        P.PairText("description")
 
 
 def test_global_arrays_on_the_mesh(prepared):

@@ -130,13 +130,49 @@ def images(source, cfg: LoaderConfig, size, *, train: bool = False, keep_label: 
 
 @dataclasses.dataclass
 class ToIds(grain.transforms.Map):
-    """Stable integer ids for study / patient (CRC32), so they can travel as arrays."""
+    """Stable integer ids for study / patient / series / stage-2 text (CRC32), so they can travel
+    as arrays."""
 
     def map(self, ex):
         out = dict(ex)
-        for k in ("study_id", "patient_id", "series_id"):
+        for k in ("study_id", "patient_id", "series_id", "pair_id"):
             if k in ex:
                 out[k + "_hash"] = np.int32(zlib.crc32(ex[k].encode()) & 0x7FFFFFFF)
+        return out
+
+
+PAIR_TEXTS = ("report", "description+report")
+DESCRIPTION_LENGTH = 16  # tokens of the "SERIES: ..." line alone (desc_ids / desc_mask)
+
+
+@dataclasses.dataclass
+class PairText(grain.transforms.Map):
+    """Stage 2's text for a series (``text``) and the id of that text (``pair_id``): pairs
+    with equal ids are positives, and a locked text tower's cache is keyed by them.
+
+    ``"report"``: the study's report, shared by every series of the study (id: the study).
+    ``"description+report"``: the series description, then the report
+    ("SERIES: AX T2 FLAIR.\nEXAMINATION: ..."), so each series of a study has its own text and
+    the image tower is taught what tells them apart (id: study + description). The description
+    line alone is kept too (``desc_text``, ``has_desc``): the towers can weigh it apart from
+    the report (``TowersConfig.description_weight``). A series with no description falls back
+    to the report alone.
+    """
+
+    mode: str = "report"
+
+    def __post_init__(self):
+        if self.mode not in PAIR_TEXTS:
+            raise ValueError(f"data.text: unknown stage-2 text {self.mode!r}; expected one of {PAIR_TEXTS}")
+
+    def map(self, ex):
+        out = dict(ex)
+        text, pid, line = ex["report"], ex["study_id"], ""
+        desc = " ".join(ex.get("series_description", "").split())
+        if self.mode == "description+report" and desc:
+            line = f"SERIES: {desc}."
+            text, pid = f"{line}\n{text}", f"{pid}\x1f{desc}"
+        out["text"], out["pair_id"], out["desc_text"], out["has_desc"] = text, pid, line, np.float32(bool(line))
         return out
 
 
@@ -149,8 +185,9 @@ class Tokenize(grain.transforms.Map):
     The tokenizer loads lazily in each worker (it is not pickled).
     """
 
-    def __init__(self, tokenizer_path: str, max_length: int = 128, field: str = "report"):
-        self.tokenizer_path, self.max_length, self.field = tokenizer_path, max_length, field
+    def __init__(self, tokenizer_path: str, max_length: int = 128, field: str = "report",
+                 names: tuple[str, str] = ("input_ids", "attention_mask")):
+        self.tokenizer_path, self.max_length, self.field, self.names = tokenizer_path, max_length, field, names
         self._tok = None
 
     def __getstate__(self):
@@ -168,8 +205,8 @@ class Tokenize(grain.transforms.Map):
         enc = self._tok(ex[self.field], max_length=self.max_length, truncation=True, padding="max_length",
                         return_tensors="np")
         out = dict(ex)
-        out["input_ids"] = enc["input_ids"][0].astype(np.int32)
-        out["attention_mask"] = enc["attention_mask"][0].astype(np.int32)
+        out[self.names[0]] = enc["input_ids"][0].astype(np.int32)
+        out[self.names[1]] = enc["attention_mask"][0].astype(np.int32)
         return out
 
 
@@ -265,12 +302,17 @@ def _first_series_per_study(source) -> np.ndarray:
 
 
 def pairs(source, cfg: LoaderConfig, size, tokenizer_path: str, max_length: int = 128, *, train: bool = True,
-          crop_scale: tuple[float, float] = (0.5, 1.0), **shard):
-    """Stage 2: (series crop, report tokens, study hash) batches; series of one study share a report."""
+          crop_scale: tuple[float, float] = (0.5, 1.0), text: str = "report", **shard):
+    """Stage 2: (series crop, text tokens, ``pair_id_hash``, ``study_id_hash``) batches; the text
+    is the study's report, or the series description and the report (``text``, see PairText),
+    with then also the description line's tokens (``desc_ids``, ``desc_mask``, ``has_desc``)."""
     ds, per_host = _base(source, cfg, **shard)
     ds = ds.map(T.Decode()).filter(HasReport())
     ds = ds.random_map(T.SingleCrop(tuple(size), tuple(crop_scale))) if train else ds.map(T.Resize(tuple(size)))
-    ds = ds.map(Tokenize(tokenizer_path, max_length)).map(ToIds())
+    ds = ds.map(PairText(text)).map(Tokenize(tokenizer_path, max_length, field="text"))
+    if text == "description+report":
+        ds = ds.map(Tokenize(tokenizer_path, DESCRIPTION_LENGTH, field="desc_text", names=("desc_ids", "desc_mask")))
+    ds = ds.map(ToIds())
     return _finish(ds.map(DropStrings()), per_host, cfg)
 
 

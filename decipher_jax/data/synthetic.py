@@ -322,11 +322,29 @@ def write_report(r: np.random.Generator, region: str, sequences, findings: set[s
     return "\n".join(lines) + "\n"
 
 
+# Series descriptions as scanners write them (DICOM SeriesDescription): vendor conventions
+# differ, so one sequence has several spellings; the plane follows the body region.
+_PLANES = {"brain": ["AX", "AX", "SAG"], "knee": ["SAG", "COR"], "spine": ["SAG", "SAG", "AX"], "abdomen": ["AX", "COR"]}
+_SIEMENS_PLANE = {"AX": "tra", "SAG": "sag", "COR": "cor"}
+_DESCRIPTIONS = {
+    "T1": ["{P} T1", "{P} T1 SE", "t1_se_{p}", "T1W_SE {P}", "{P} T1 FSE"],
+    "T2": ["{P} T2", "{P} T2 FSE", "t2_tse_{p}", "T2W_TSE {P}", "{P} T2 FRFSE"],
+    "FLAIR": ["{P} T2 FLAIR", "{P} FLAIR", "t2_tirm_{p}_dark-fluid FLAIR", "FLAIR_longTR {P}"],
+    "DWI": ["{P} DWI B1000", "ep2d_diff_{p} DWI", "DWI_b1000 {P}", "{P} DIFFUSION"],
+}
+
+
+def series_description(r: np.random.Generator, region: str, sequence: str) -> str:
+    """A scanner-style series description of one series, e.g. "AX T2 FLAIR" or "t2_tse_sag"."""
+    plane = str(r.choice(_PLANES[region]))
+    return str(r.choice(_DESCRIPTIONS[sequence])).format(P=plane, p=_SIEMENS_PLANE[plane])
+
+
 # ---------------------------------------------------------------------------------------------
 # Corpus
 
-MANIFEST_FIELDS = ["series_id", "study_id", "patient_id", "image", "label", "report_file", "sequence",
-                   "body_region", "age", "sex", "findings"]
+MANIFEST_FIELDS = ["series_id", "study_id", "patient_id", "image", "label", "report_file", "series_description",
+                   "sequence", "body_region", "age", "sex", "findings"]
 
 
 def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40,
@@ -358,6 +376,8 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             rep_file = os.path.join(out_dir, f"{study}_report.txt")
             with open(rep_file, "w") as f:
                 f.write(report)
+            # Descriptions draw from their own stream too (the corpus before them is unchanged).
+            rd = np.random.default_rng([seed, p, 3, s])
             for seq in seqs:
                 shape = (matrix, matrix, max(16, int(matrix * r.uniform(0.5, 0.8))))
                 aff, vox_shape = random_affine(r, fov, shape)
@@ -371,7 +391,8 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
                 # Paths relative to the manifest's folder: the corpus folder can be moved.
                 rel = lambda f: os.path.relpath(f, out_dir)  # noqa: E731
                 rows.append({"series_id": sid, "study_id": study, "patient_id": f"P{p:04d}", "image": rel(ipath),
-                             "label": rel(lpath), "report_file": rel(rep_file), "sequence": seq, "body_region": region,
+                             "label": rel(lpath), "report_file": rel(rep_file),
+                             "series_description": series_description(rd, region, seq), "sequence": seq, "body_region": region,
                              "age": age, "sex": sex, "findings": ";".join(sorted(findings))})
     del root
     manifest = os.path.join(out_dir, "manifest.csv")

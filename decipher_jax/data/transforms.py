@@ -81,7 +81,8 @@ class Decode(grain.transforms.Map):
         out = {"image": np.asarray(ex["volume"])[..., None]}
         if self.keep_label:
             out["label"] = np.asarray(ex["label"], np.uint8)
-        for k in ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex", "findings", "report"):
+        for k in ("series_id", "study_id", "patient_id", "series_description", "sequence", "body_region", "sex",
+                  "findings", "report"):
             if k in ex:
                 v = ex[k]
                 out[k] = v.decode("utf-8") if isinstance(v, bytes) else str(v)

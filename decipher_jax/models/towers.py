@@ -6,6 +6,14 @@ Parameter tree (the optimiser's regex rules address the towers by these names)::
     image/...        the stage-1 ViT3D          text/...        the stage-1 BERT (no MLM head)
     image_proj       (vit.dim, d)               text_proj       (bert.hidden, d)
     logit_scale      log t (CLIP / SigLIP)      logit_bias      b (SigLIP)
+                                                text_center     (bert.hidden,) (``center_text``)
+
+``center_text``: the pooled text features are centred on a fixed vector before the projection,
+the mean feature of the training texts (set once when training starts, never trained). A
+BERT's pooled sentence features are anisotropic: any two synthetic reports have cosine
+~0.99, so after a bias-free projection and L2 normalisation every text sits near one point
+until the projection learns to cancel the shared direction. Centring removes it up front; it
+is part of the model, so zero-shot and retrieval apply it too.
 
 For the NeuroBERT-style objective (``objective="regress"``) the image projection maps into the
 text encoder's own space (d = bert.hidden) and there is no text projection: the target is the
@@ -37,6 +45,10 @@ class TowersConfig:
     # open_clip: t = 1/0.07; SigLIP: t' = log 10 and b = -10.
     logit_scale_init: float | None = None
     logit_bias_init: float | None = None
+    center_text: bool = False  # a fixed ``text_center`` subtracted before the text projection
+    # Stage 2's text of a series with a description: (1 - w) * pool(description + report)
+    # + w * pool(description alone); see TwoTowers.pair_text_features.
+    description_weight: float = 0.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -78,6 +90,8 @@ class TwoTowers(nnx.Module):
         self.image_proj = param(rngs.params(), _xavier, (vit.dim, out), ("embed", None))
         if cfg.objective != "regress":
             self.text_proj = param(rngs.params(), _xavier, (bert.hidden_size, out), ("embed", None))
+            if cfg.center_text:
+                self.text_center = param(rngs.params(), jax.nn.initializers.zeros, (bert.hidden_size,), ("embed",))
         const = lambda v: lambda k, s, d: jnp.full(s, v, d)  # noqa: E731
         self.logit_scale = param(rngs.params(), const(cfg.scale_init), (), ())
         self.logit_bias = param(rngs.params(), const(cfg.bias_init), (), ())
@@ -104,6 +118,20 @@ class TwoTowers(nnx.Module):
             pooled, h = jax.lax.stop_gradient((pooled, h))
         return (pooled, h) if tokens else pooled
 
+    def pair_text_features(self, input_ids, attention_mask, desc_ids=None, desc_mask=None, has_desc=None, *,
+                           freeze: bool = False):
+        """Stage 2's pooled text features of a series ``(B, Dt)``: its text (the series
+        description then the report), mixed with the description line alone at
+        ``description_weight`` where the series has one (``has_desc``). A mean over the tokens of
+        a long report leaves a short description a few percent of the pool, too little for the
+        image tower to learn what tells a study's series apart."""
+        ft = self.text_features(input_ids, attention_mask, freeze=freeze)
+        w = self.cfg.description_weight
+        if w and desc_ids is not None:
+            fd = self.text_features(desc_ids, desc_mask, freeze=freeze)
+            ft = jnp.where(has_desc[:, None] > 0, (1.0 - w) * ft + w * fd.astype(ft.dtype), ft)
+        return ft
+
     # -- shared space --------------------------------------------------------------------------
     def project_image(self, feats):
         return feats.astype(jnp.float32) @ self.image_proj[...]
@@ -111,6 +139,8 @@ class TwoTowers(nnx.Module):
     def project_text(self, feats):
         if self.cfg.objective == "regress":
             return feats.astype(jnp.float32)
+        if self.cfg.center_text:
+            feats = feats.astype(jnp.float32) - self.text_center[...]
         return feats.astype(jnp.float32) @ self.text_proj[...]
 
     def encode_image(self, x, *, patches: bool = False, **kw):

@@ -8,8 +8,13 @@
 Objectives (``model.towers.objective``): ``clip`` (symmetric InfoNCE, learnt temperature),
 ``siglip`` (sigmoid, learnt temperature and bias) and ``regress`` (the image embedding regresses
 the frozen pooled text embedding of its report, MSE or cosine). Negatives are the whole global
-batch: the loss is computed on the global (sharded) arrays, never per device. Series of one
-study share a report; pairs with equal ``study_id_hash`` are all positives.
+batch: the loss is computed on the global (sharded) arrays, never per device. The text of a
+series (``data.text``) is its study's report, or its series description followed by the report
+(the default; a series without a description gets the report alone); pairs with equal text
+ids (``pair_id_hash``: the study, or study + description) are all positives. The pooled text
+of a series with a description mixes in the description line alone
+(``model.towers.description_weight``), so a few description tokens are not lost in the mean
+over a long report.
 
 Towers start from stage 1: the vision tower from a ``vision_ssl`` workdir (the EMA teacher's
 backbone, as DINOv2 evaluates it; its architecture is read from the run's ``run_spec.json``),
@@ -89,11 +94,12 @@ def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression:
     if "text_feats" in batch:  # a locked text tower's features, looked up (see text_cache)
         ft = jax.lax.stop_gradient(batch["text_feats"])
     else:
-        ft = m.text_features(batch["input_ids"], batch["attention_mask"],
-                             freeze=frozen.get("text", False) or objective == "regress")
+        ft = m.pair_text_features(batch["input_ids"], batch["attention_mask"], batch.get("desc_ids"),
+                                  batch.get("desc_mask"), batch.get("has_desc"),
+                                  freeze=frozen.get("text", False) or objective == "regress")
     zi, zt = m.project_image(fi), m.project_text(ft)
     zi_n, zt_n = normalise(zi), normalise(zt)
-    pos = losses.positives(batch["study_id_hash"])
+    pos = losses.positives(batch["pair_id_hash"])
     if objective == "clip":
         loss = losses.clip_loss(zi_n, zt_n, m.logit_scale[...], pos)
     elif objective == "siglip":
@@ -117,10 +123,10 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
         key = jax.random.fold_in(seed_key, state["step"])
         extra = {}
         if cache is not None:
-            idx = jnp.clip(jnp.searchsorted(cache["hash"], batch["study_id_hash"]), 0, cache["hash"].shape[0] - 1)
+            idx = jnp.clip(jnp.searchsorted(cache["hash"], batch["pair_id_hash"]), 0, cache["hash"].shape[0] - 1)
             batch = {**batch, "text_feats": cache["feats"][idx]}
-            # A report missing from the table would silently borrow a neighbour's: count them.
-            extra["text_cache_misses"] = jnp.sum(cache["hash"][idx] != batch["study_id_hash"])
+            # A text missing from the table would silently borrow a neighbour's: count them.
+            extra["text_cache_misses"] = jnp.sum(cache["hash"][idx] != batch["pair_id_hash"])
 
         def loss_fn(params):
             return batch_loss(model(params), batch, objective=objective, frozen=frozen,
@@ -145,6 +151,8 @@ def build(cfg, mesh) -> dict:
     rules = [tuple(r) for r in oc.get("lr_rules", ())]
     if tcfg.objective == "regress":
         rules.insert(0, ("text/.*", None))  # the regression target is the frozen text embedding
+    if tcfg.center_text:
+        rules.insert(0, ("text_center", None))  # a fixed statistic (set_text_center), never trained
     oc.lr_rules = rules
     tx = optim.build(oc, params_shape)
     frozen = optim.frozen_towers(oc, params_shape, TOWERS)
@@ -159,8 +167,13 @@ def build(cfg, mesh) -> dict:
 
 def batch_spec(cfg, vit: ViTConfig) -> dict:
     b, t = cfg.data.batch_size, cfg.data.max_length
-    return {"image": ((b, *vit.img_size, vit.in_channels), jnp.float32), "input_ids": ((b, t), jnp.int32),
-            "attention_mask": ((b, t), jnp.int32), "study_id_hash": ((b,), jnp.int32)}
+    spec = {"image": ((b, *vit.img_size, vit.in_channels), jnp.float32), "input_ids": ((b, t), jnp.int32),
+            "attention_mask": ((b, t), jnp.int32), "pair_id_hash": ((b,), jnp.int32),
+            "study_id_hash": ((b,), jnp.int32)}
+    if cfg.data.get("text", "report") == "description+report":
+        d = P.DESCRIPTION_LENGTH
+        spec |= {"desc_ids": ((b, d), jnp.int32), "desc_mask": ((b, d), jnp.int32), "has_desc": ((b,), jnp.float32)}
+    return spec
 
 
 def initial_params(cfg, b: dict) -> dict:
@@ -182,44 +195,65 @@ def initial_params(cfg, b: dict) -> dict:
     return params
 
 
-def text_cache(cfg, b: dict, params, mesh, split: str = "train") -> dict | None:
-    """A locked text tower's pooled features of every report of ``split``, computed once:
-    ``{"hash": (R,) sorted study_id hashes, "feats": (R, Dt)}``, replicated; ``None`` when the
-    text tower trains or ``data.cache_text`` is off. The tower is deterministic and frozen, so
-    its output for a report never changes: the step looks it up by ``study_id_hash`` instead of
-    running the tower forward again (most of a tiny step's time)."""
+def text_cache(cfg, b: dict, params, mesh, split: str = "train", table=None) -> dict | None:
+    """A locked text tower's pooled features of every stage-2 text of ``split`` (PairText),
+    computed once: ``{"hash": (R,) sorted pair_id hashes, "feats": (R, Dt)}``, replicated;
+    ``None`` when the text tower trains or ``data.cache_text`` is off. The tower is
+    deterministic and frozen, so its output for a text never changes: the step looks it up by
+    ``pair_id_hash`` instead of running the tower forward again (most of a tiny step's time).
+    ``table``: :func:`text_table`'s output for these params when already computed."""
     locked = b["frozen"]["text"] or b["towers"].objective == "regress"
     if not (locked and cfg.data.get("cache_text", True)):
         return None
+    hashes, feats = table if table is not None else text_table(cfg, b, params, mesh, split)
+    rep = common.replicated(mesh)
+    return {"hash": jax.device_put(hashes, rep), "feats": jax.device_put(feats, rep)}
+
+
+def text_table(cfg, b: dict, params, mesh, split: str = "train"):
+    """``(hashes, feats)``: the text tower's pooled features ``(R, Dt)`` (NumPy) of every distinct
+    stage-2 text of ``split`` (``TwoTowers.pair_text_features``), sorted by ``pair_id`` hash."""
     import numpy as np
 
     from decipher_jax.data import transforms as T
 
     source = P.data_source(cfg.data.dir, split)
-    reports: dict[int, str] = {}
-    decode, ids = T.Decode(), P.ToIds()
+    texts: dict[int, tuple[str, str]] = {}
+    decode, pair, ids = T.Decode(), P.PairText(cfg.data.get("text", "report")), P.ToIds()
     for i in range(len(source)):
         ex = decode.map(source[i])
-        if not ex.get("report"):
+        if not ex.get("report", "").strip():
             continue
-        h = int(ids.map({"study_id": ex["study_id"]})["study_id_hash"])
-        if reports.setdefault(h, ex["report"]) != ex["report"]:
-            raise ValueError(f"{cfg.data.dir} ({split}): two studies with different reports share the study_id "
-                             f"hash {h} (study {ex['study_id']!r}); set data.cache_text=False")
-    hashes = np.array(sorted(reports), np.int32)
-    tok = P.Tokenize(tokenizer_path(cfg), cfg.data.max_length)
-    enc = [tok.map({"report": reports[int(h)]}) for h in hashes]
+        ex = pair.map(ex)
+        h = int(ids.map({"pair_id": ex["pair_id"]})["pair_id_hash"])
+        if texts.setdefault(h, (ex["text"], ex["desc_text"]))[0] != ex["text"]:
+            raise ValueError(f"{cfg.data.dir} ({split}): two different stage-2 texts share the pair_id hash {h} "
+                             f"(study {ex['study_id']!r}); set data.cache_text=False")
+    hashes = np.array(sorted(texts), np.int32)
+    tok = P.Tokenize(tokenizer_path(cfg), cfg.data.max_length, field="text")
+    dtok = P.Tokenize(tokenizer_path(cfg), P.DESCRIPTION_LENGTH, field="desc_text", names=("desc_ids", "desc_mask"))
+    enc = [dtok.map(tok.map({"text": texts[int(h)][0], "desc_text": texts[int(h)][1],
+                             "has_desc": np.float32(bool(texts[int(h)][1]))})) for h in hashes]
     model = b["model"]
-    fn = jax.jit(lambda p, i, m: model(p).text_features(i, m))
+    fn = jax.jit(lambda p, e: model(p).pair_text_features(e["input_ids"], e["attention_mask"], e["desc_ids"],
+                                                          e["desc_mask"], e["has_desc"]))
+    keys = ("input_ids", "attention_mask", "desc_ids", "desc_mask", "has_desc")
     feats, bs = [], 32
     for lo in range(0, len(enc), bs):
         chunk = enc[lo : lo + bs]
         pad = chunk + [chunk[-1]] * (bs - len(chunk))
         with jax.set_mesh(mesh):
-            out = fn(params, np.stack([e["input_ids"] for e in pad]), np.stack([e["attention_mask"] for e in pad]))
+            out = fn(params, {k: np.stack([e[k] for e in pad]) for k in keys})
         feats.append(np.asarray(jax.device_get(out), np.float32)[: len(chunk)])
-    rep = common.replicated(mesh)
-    return {"hash": jax.device_put(hashes, rep), "feats": jax.device_put(np.concatenate(feats), rep)}
+    return hashes, np.concatenate(feats)
+
+
+def set_text_center(cfg, b: dict, params, mesh, table=None) -> dict:
+    """``params`` with ``text_center`` = the mean pooled feature of the distinct training texts
+    (``table``: :func:`text_table`'s output when already computed). See ``TowersConfig.center_text``."""
+    _, feats = table if table is not None else text_table(cfg, b, params, mesh)
+    center = feats.mean(0).astype(params["text_center"].dtype)
+    return {**params, "text_center": jax.device_put(center, b["model"].shardings["text_center"])}
 
 
 def tokenizer_path(cfg) -> str:
@@ -240,7 +274,8 @@ def train(cfg, workdir: str) -> dict:
     shardings = b["shardings"]
     loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     iterator = iter(P.pairs(P.data_source(cfg.data.dir, "train"), loader, b["vit"].img_size, tokenizer_path(cfg),
-                            max_length=cfg.data.max_length, train=True, crop_scale=tuple(cfg.data.crop_scale)))
+                            max_length=cfg.data.max_length, train=True, crop_scale=tuple(cfg.data.crop_scale),
+                            text=cfg.data.get("text", "report")))
     if b["frozen"]["image"] or b["frozen"]["text"]:
         print(f"clip_align: frozen towers {[t for t, f in b['frozen'].items() if f]}", flush=True)
 
@@ -249,19 +284,24 @@ def train(cfg, workdir: str) -> dict:
     restored = ckpt.restore(mngr, common.abstract(b["shapes"], shardings), iterator)
     _write_spec(cfg, workdir, b)
     evaluate = _evaluator(cfg, b, mesh, workdir)
+    table = None  # the training texts' features: for the centre, and reused as a locked tower's cache
     if restored:
         start, state = restored
         print(f"resumed from step {start}", flush=True)
     else:
         params = initial_params(cfg, b)
+        if b["towers"].center_text:
+            table = text_table(cfg, b, params, mesh)
+            params = set_text_center(cfg, b, params, mesh, table)
+            print(f"clip_align: text features centred on the mean of {len(table[0])} training texts", flush=True)
         opt = jax.jit(b["tx"].init, out_shardings=shardings["opt"])(params)
         state, start = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}, 0
         if cfg.eval.before:
             evaluate(state["params"], "before")
 
-    cache = text_cache(cfg, b, state["params"], mesh)
+    cache = text_cache(cfg, b, state["params"], mesh, table=table)
     if cache is not None:
-        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training reports encoded once", flush=True)
+        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training texts encoded once", flush=True)
     jitted = jax.jit(b["step"], in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                      donate_argnums=(0,))
     step_fn = lambda state, batch: jitted(state, batch, cache)  # noqa: E731

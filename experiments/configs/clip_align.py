@@ -50,6 +50,9 @@ def get_config(arg=None):
     c.data.num_workers = 0 if tiny else 8
     c.data.max_length = 64 if tiny else 256
     c.data.crop_scale = (0.6, 1.0)  # stage 2 sees most of the series: its report describes all of it
+    # A series' text: its description then its study's report, or "report" alone (shared by the
+    # study's series, which then teaches the image tower to ignore what tells them apart).
+    c.data.text = "description+report"
     c.data.tokenizer = ""  # only needed when init.text is "" (random text tower)
     c.data.cache_text = True  # a locked text tower encodes each training report once (clip_align.text_cache)
 
@@ -69,7 +72,11 @@ def get_config(arg=None):
     # (held-out R@5 0.79-0.87 against 0.67-0.83 with CLS, 60 steps; BENCHMARKS.md / issue notes).
     c.model.towers = dict(objective=objective, embed_dim=128 if tiny else 512, image_pool="mean" if tiny else "cls",
                           # MiniLM (tiny) was trained with mean pooling; BERT-style CLS otherwise.
-                          text_pool="mean" if tiny else "cls")
+                          text_pool="mean" if tiny else "cls",
+                          # Centre the pooled text features on the training texts' mean (anisotropy).
+                          center_text=True,
+                          # A series' description weighs this much of its pooled text (data.text).
+                          description_weight=0.5)
     c.model.drop_path = 0.0 if tiny else 0.1
 
     c.loss = mlc.ConfigDict()
