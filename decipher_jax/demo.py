@@ -178,7 +178,9 @@ def run(workdir: str, devices: int = 8, patients: int = 150, splits=(0.6, 0.1, 0
     rows = suite.probe_encoders(workdir, prep_dir, mesh=mesh, encs=encs)
     s = suite.summarise(rows, "auroc", group_findings=True)
     names = sorted({r["encoder"] for r in rows})
-    say(f"linear probes (logistic, and ridge for age; the penalty by 3-fold CV; {len(rows)} fits of tasks x "
+    sel = sorted({"the val split" if r.get("selection") == "val" else r.get("selection", "CV") for r in rows})
+    say(f"linear probes (logistic, and ridge for age; the penalty chosen by {' or '.join(sel)}; {len(rows)} fits "
+        f"of tasks x "
         f"fractions x seeds) in "
         f"{time.perf_counter() - t0:.0f} s; test AUROC with all labels (findings: the mean over the per-finding "
         f"probes, each on its body regions):")

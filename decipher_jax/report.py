@@ -38,6 +38,15 @@ def _pyplot():
     return plt
 
 
+def _selection_note(rows) -> str:
+    """How the probes' penalties were chosen (``selection`` of the probe rows)."""
+    kinds = sorted({r.get("selection", "3-fold CV") for r in rows})
+    if kinds == ["val"]:
+        return ("the penalty chosen on the val split (patients that no encoder was trained on: CV inside the "
+                "training split would reward what the pretrained encoders memorised of its reports)")
+    return "the penalty chosen by " + " or ".join(k if k != "val" else "the val split" for k in kinds)
+
+
 def _png(fig) -> str:
     plt = _pyplot()
 
@@ -213,10 +222,11 @@ def probes_section(workdir: str) -> str:
             for t in sorted({k[1] for k in ba}, key=task_order) for e in encs
             if (e, t, 1.0) in ba]
     html = ("<h2>Linear probes on frozen features</h2>"
-            '<p class="note">Logistic probes (C by 3-fold CV) on mean-pooled patch tokens; mean and std over '
-            "seeds of the label subsets. Scores on the held-out split. A finding probe is fitted and scored on "
-            "the body regions where the finding occurs; the findings panel averages them (one-vs-rest AUROC for "
-            "the multi-class attributes). Age: ridge probes (penalty by 3-fold CV), mean absolute error in "
+            f'<p class="note">Logistic probes on mean-pooled patch tokens, fitted on the training split; '
+            f"{_selection_note(rows)}. Mean and std over "
+            "seeds of the label subsets (drawn by patient). Scores on the test split. A finding probe is fitted "
+            "and scored on the body regions where the finding occurs; the findings panel averages them "
+            "(one-vs-rest AUROC for the multi-class attributes). Age: ridge probes, mean absolute error in "
             "years.</p>" + _png(fig)
             + _table(["encoder", "task", "AUROC, all labels", "balanced accuracy, all labels"], full, left=2))
     if err:

@@ -164,6 +164,32 @@ def test_label_fractions_by_patient():
     assert row["n_train"] % 3 == 0
 
 
+def test_held_out_selection_against_memorised_training_features():
+    """Features that memorised the training rows' targets (as a text-supervised encoder's can,
+    pretrained on those rows' reports) fool CV inside the training rows; a held-out val split
+    picks the penalty that generalises (the floor, for a target the images do not carry)."""
+    r = np.random.default_rng(0)
+    groups = np.repeat([f"P{i}" for i in range(60)], 3)
+    ytr = np.repeat(r.normal(50, 15, 60), 3).astype(np.float32)
+    xtr = np.concatenate([r.normal(size=(180, 8)), ytr[:, None] / 15 + 0.1 * r.normal(size=(180, 1))], 1)
+    yva, yte = r.normal(50, 15, 40).astype(np.float32), r.normal(50, 15, 60).astype(np.float32)
+    xva, xte = r.normal(size=(40, 9)), r.normal(size=(60, 9))  # held-out rows: nothing memorised
+    yva[:3] = np.nan  # rows without a target are left out of the choice
+    lams = (0.1, 10.0, 1e3, 1e6)
+    cv = probes.ridge_sweep(xtr, xte, "age", ytr, yte, lams=lams, cv_groups=groups)[0]
+    held = probes.ridge_sweep(xtr, xte, "age", ytr, yte, lams=lams, cv_groups=groups, val_x=xva, val_y=yva)[0]
+    assert cv["lambda"] <= 10.0 and cv["selection"] == "3-fold CV" and cv["mae"] > cv["mae_of_mean"] + 1
+    assert held["lambda"] >= 1e3 and held["selection"] == "val"
+    assert held["mae"] < cv["mae"] - 1 and held["mae"] < held["mae_of_mean"] + 2
+    # Logistic: the val rows' labels decide; -1 rows (outside the task) are not scored.
+    yc_tr, yc_va = (ytr > 50).astype(int), np.where(np.isnan(yva), -1, yva > 50).astype(int)
+    task = probes.Task("old", yc_tr, (yte > 50).astype(int), yc_va)
+    Cs = (1e-3, 1.0, 100.0)
+    row = probes.logistic_sweep(xtr, xte, [task], inv_regs=Cs, iters=50, cv_groups=groups, val_x=xva)[0]
+    assert row["selection"] == "val" and row["cv_accuracy"] < 0.8  # held-out accuracy, not the leak's ~1
+    assert probes.logistic_sweep(xtr, xte, [task], inv_regs=Cs, iters=50, cv_groups=groups)[0]["cv_accuracy"] > 0.9
+
+
 def test_knn_by_hand():
     train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1])

@@ -289,6 +289,7 @@ class Task:
     name: str
     train_y: np.ndarray  # (n,) int class ids
     test_y: np.ndarray
+    val_y: np.ndarray | None = None  # (n_val,) class ids of the sweep's ``val_x`` rows, -1 = not in the task
 
     @property
     def num_classes(self) -> int:
@@ -322,33 +323,47 @@ _APPLY = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
 
 def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.0 ** np.arange(-3, 3)),
                    fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False,
-                   cv_groups=None):
-    """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV.
+                   cv_groups=None, val_x=None):
+    """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV, or
+    with ``val_x`` (and each task's ``val_y``) by accuracy on those held-out rows.
     ``cv_groups`` (e.g. the patient of each training row): CV folds and label-fraction subsets
     are drawn by patient (:func:`fold_ids`, :func:`subset_mask`).
+
+    Held-out selection is the protocol for an encoder pretrained on the probes' training rows:
+    its features of those rows can hold what their reports said (age, findings), which CV on
+    them reads as signal and the test rows do not have (``eval.suite``).
 
     Two vmapped calls in all: one fits every (task, fraction, seed, C, fold) probe for the CV,
     one refits the chosen C per (task, fraction, seed) on its whole subset. Returns one row
     per (task, fraction, seed) with the chosen C, test AUROC and balanced accuracy (and, with
     ``return_scores``, also each row's test class probabilities: ``(rows, [(n_test, K), ...])``).
     """
-    xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
+    held = val_x is not None
+    xtr, xte, *xva = standardise(np.asarray(train_x), np.asarray(test_x), *([np.asarray(val_x)] if held else []))
     n, k_max = len(xtr), max(t.num_classes for t in tasks)
     groups = list(itertools.product(range(len(tasks)), fractions, seeds))
-    # Per (task, fraction, seed): its label subset, CV folds and class mask, computed once.
+    # Per (task, fraction, seed): its label subset, selection folds and class mask, computed once.
     subs = [subset_mask(tasks[ti].train_y, frac, seed, groups=cv_groups) for ti, frac, seed in groups]
-    fids = [fold_ids(n, folds, seed, cv_groups) for _, _, seed in groups]
     cmask = [np.arange(k_max) < tasks[ti].num_classes for ti, _, _ in groups]
+    if held:  # one "fold": fit on the subset, score on the held-out rows (appended, weight 0 in the fit)
+        x_sel, folds, n_va = np.concatenate([xtr, xva[0]]), 1, len(xva[0])
+        y_sel = [np.concatenate([t.train_y, np.maximum(t.val_y, 0)]) for t in tasks]
+        fit_w = lambda gi, f: np.concatenate([subs[gi], np.zeros(n_va, bool)])  # noqa: E731
+        val_w = lambda gi, f: np.concatenate([np.zeros(n, bool), tasks[groups[gi][0]].val_y >= 0])  # noqa: E731
+    else:
+        x_sel, y_sel = xtr, [t.train_y for t in tasks]
+        fids = [fold_ids(n, folds, seed, cv_groups) for _, _, seed in groups]
+        fit_w = lambda gi, f: subs[gi] & (fids[gi] != f)  # noqa: E731
+        val_w = lambda gi, f: subs[gi] & (fids[gi] == f)  # noqa: E731
     meta = [(gi, ci, f) for gi in range(len(groups)) for ci in range(len(inv_regs)) for f in range(folds)]
-    params = fit_many(xtr, np.stack([tasks[groups[gi][0]].train_y for gi, _, _ in meta]),
-                      np.stack([(subs[gi] & (fids[gi] != f)).astype(np.float32) for gi, _, f in meta]),
+    params = fit_many(x_sel, np.stack([y_sel[groups[gi][0]] for gi, _, _ in meta]),
+                      np.stack([fit_w(gi, f).astype(np.float32) for gi, _, f in meta]),
                       np.asarray([inv_regs[ci] for _, ci, _ in meta]), np.stack([cmask[gi] for gi, _, _ in meta]),
                       iters=iters)
-    logits = np.asarray(_APPLY(params, jnp.asarray(xtr), jnp.asarray(np.stack([cmask[gi] for gi, _, _ in meta]))))
+    logits = np.asarray(_APPLY(params, jnp.asarray(x_sel), jnp.asarray(np.stack([cmask[gi] for gi, _, _ in meta]))))
     cv = np.zeros((len(groups), len(inv_regs)))
     for p, (gi, ci, f) in enumerate(meta):
-        y = tasks[groups[gi][0]].train_y
-        val = subs[gi] & (fids[gi] == f)
+        y, val = y_sel[groups[gi][0]], val_w(gi, f)
         if val.any():
             cv[gi, ci] += np.mean(logits[p][val].argmax(1) == y[val]) / folds
     best = cv.argmax(1)
@@ -364,6 +379,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
         scores.append(probs)
         rows.append({"task": t.name, "head": "logistic", "fraction": frac, "seed": seed,
                      "C": float(inv_regs[best[gi]]), "cv_accuracy": float(cv[gi, best[gi]]),
+                     "selection": "val" if held else f"{folds}-fold CV",
                      "n_train": int(subs[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
                      "balanced_accuracy": balanced_accuracy(lg.argmax(1), t.test_y),
                      "accuracy": float(np.mean(lg.argmax(1) == t.test_y))})
@@ -375,31 +391,43 @@ _PREDICT_RIDGE = jax.jit(jax.vmap(lambda p, x: x @ p["w"][:, 0] + p["b"][0], in_
 
 
 def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 7)),
-                fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None):
+                fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None,
+                val_x=None, val_y=None):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
-    penalty chosen by ``folds``-fold CV (mean absolute error; folds and subsets by ``cv_groups``):
+    penalty chosen by ``folds``-fold CV (mean absolute error; folds and subsets by ``cv_groups``)
+    or, with ``val_x`` / ``val_y`` (NaN = no target), on those held-out rows:
     two vmapped closed-form calls, as :func:`logistic_sweep`. Returns one row per (fraction,
     seed) with the chosen penalty, test MAE and R^2 (and the MAE of predicting the training
     mean, the floor to beat); with ``return_scores`` also each row's test predictions. The
     default grid ends at penalties that leave little but the intercept (the training mean), so
     CV can fall back to the floor when the features carry no signal of the target."""
-    xtr, xte = standardise(np.asarray(train_x), np.asarray(test_x))
+    held = val_x is not None
+    xtr, xte, *xva = standardise(np.asarray(train_x), np.asarray(test_x), *([np.asarray(val_x)] if held else []))
     ytr, yte = np.asarray(train_y, np.float32), np.asarray(test_y, np.float32)
     n = len(xtr)
     groups = list(itertools.product(fractions, seeds))
     # A regression target is one "class" to subset_mask: a plain random subset, at least 2 rows.
     subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2, groups=cv_groups) for frac, seed in groups]
-    fids = [fold_ids(n, folds, seed, cv_groups) for _, seed in groups]
+    if held:  # one "fold": fit on the subset, score on the held-out rows
+        yva = np.asarray(val_y, np.float32)
+        x_sel, y_sel, folds = np.concatenate([xtr, xva[0]]), np.concatenate([ytr, np.nan_to_num(yva)]), 1
+        fit_w = lambda gi, f: np.concatenate([subs[gi], np.zeros(len(yva), bool)])  # noqa: E731
+        val_w = lambda gi, f: np.concatenate([np.zeros(n, bool), np.isfinite(yva)])  # noqa: E731
+    else:
+        x_sel, y_sel = xtr, ytr
+        fids = [fold_ids(n, folds, seed, cv_groups) for _, seed in groups]
+        fit_w = lambda gi, f: subs[gi] & (fids[gi] != f)  # noqa: E731
+        val_w = lambda gi, f: subs[gi] & (fids[gi] == f)  # noqa: E731
     meta = [(gi, li, f) for gi in range(len(groups)) for li in range(len(lams)) for f in range(folds)]
-    targets = jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(meta), n, 1)))
-    params = _FIT_RIDGE(jnp.asarray(xtr), targets,
-                        jnp.asarray(np.stack([(subs[gi] & (fids[gi] != f)) for gi, _, f in meta]), jnp.float32),
+    targets = jnp.asarray(np.broadcast_to(y_sel[None, :, None], (len(meta), len(y_sel), 1)))
+    params = _FIT_RIDGE(jnp.asarray(x_sel), targets,
+                        jnp.asarray(np.stack([fit_w(gi, f) for gi, _, f in meta]), jnp.float32),
                         jnp.asarray([lams[li] for _, li, _ in meta], jnp.float32))
-    pred = np.asarray(_PREDICT_RIDGE(params, jnp.asarray(xtr)))
+    pred = np.asarray(_PREDICT_RIDGE(params, jnp.asarray(x_sel)))
     cv = np.zeros((len(groups), len(lams)))
     for p, (gi, li, f) in enumerate(meta):
-        val = subs[gi] & (fids[gi] == f)
-        cv[gi, li] += (np.mean(np.abs(pred[p][val] - ytr[val])) if val.any() else np.inf) / folds
+        val = val_w(gi, f)
+        cv[gi, li] += (np.mean(np.abs(pred[p][val] - y_sel[val])) if val.any() else np.inf) / folds
     best = cv.argmin(1)
     params = _FIT_RIDGE(jnp.asarray(xtr), jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(groups), n, 1))),
                         jnp.asarray(np.stack(subs), jnp.float32), jnp.asarray([lams[b] for b in best], jnp.float32))
@@ -408,7 +436,8 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     for gi, (frac, seed) in enumerate(groups):
         resid = np.sum((pred[gi] - yte) ** 2)
         rows.append({"task": name, "head": "ridge", "fraction": frac, "seed": seed, "lambda": float(lams[best[gi]]),
-                     "cv_mae": float(cv[gi, best[gi]]), "n_train": int(subs[gi].sum()), "mae": mae(pred[gi], yte),
+                     "cv_mae": float(cv[gi, best[gi]]), "selection": "val" if held else f"{folds}-fold CV",
+                     "n_train": int(subs[gi].sum()), "mae": mae(pred[gi], yte),
                      "mae_of_mean": mae(np.full_like(yte, ytr[subs[gi]].mean()), yte),
                      "r2": float(1.0 - resid / max(np.sum((yte - yte.mean()) ** 2), 1e-12))})
     return (rows, list(pred)) if return_scores else rows
