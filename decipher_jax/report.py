@@ -41,10 +41,12 @@ def _pyplot():
 def _selection_note(rows) -> str:
     """How the probes' penalties were chosen (``selection`` of the probe rows)."""
     kinds = sorted({r.get("selection", "3-fold CV") for r in rows})
-    if kinds == ["val"]:
-        return ("the penalty chosen on the val split (patients that no encoder was trained on: CV inside the "
-                "training split would reward what the pretrained encoders memorised of its reports)")
-    return "the penalty chosen by " + " or ".join(k if k != "val" else "the val split" for k in kinds)
+    other = [k for k in kinds if k != "val"]
+    if "val" not in kinds:
+        return "the penalty chosen by " + " or ".join(other)
+    note = ("the penalty chosen on the val split (patients that no encoder was trained on: CV inside the "
+            "training split would reward what the pretrained encoders memorised of its reports)")
+    return note + (f", or by {' / '.join(other)} for a task the val split lacks" if other else "")
 
 
 def _png(fig) -> str:

@@ -39,5 +39,8 @@ def test_quickstart_notebook_executes(tmp_path, minilm_path):
         assert os.path.isdir(work / sub / "checkpoints"), sub
     with open(work / "stage2" / "eval_test.json") as f:
         assert set(json.load(f)) >= {"before", "after"}
+    with open(work / "eval" / "probes.json") as f:
+        selection = {r["task"]: r["selection"] for r in json.load(f)}
+    assert selection["body_region"] == "val"  # penalties chosen on patients no encoder trained on
     html = (work / "report.html").read_text()
-    assert "<img" in html and "probe" in html.lower()
+    assert "<img" in html and "probe" in html.lower() and "chosen on the val split" in html
