@@ -30,7 +30,8 @@ def _write_features(d, rng, n, shift):
 def test_sweep_runs_a_grid_from_a_file(tmp_path, rng):
     regions = {}
     for name, shift in (("good", 4.0), ("random", 0.0)):
-        for split, n in (("train", 120), ("test", 60)):
+        # Only "good" has a val split: its penalties are chosen there, "random"'s by CV.
+        for split, n in (("train", 120), ("test", 60)) + ((("val", 40),) if name == "good" else ()):
             regions[name, split] = _write_features(str(tmp_path / name / split), rng, n, shift)
     sweep_file = tmp_path / "s.py"
     sweep_file.write_text(
@@ -51,6 +52,9 @@ def test_sweep_runs_a_grid_from_a_file(tmp_path, rng):
     assert age["good", "mean"]["mae"] < 0.6 * age["random", "mean"]["mae"]
     with open(out / "eval" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    fitted = [r for r in rows if r["head"] in ("logistic", "ridge")]
+    assert {r["selection"] for r in fitted if r["features"] == "good"} == {"val"}
+    assert {r["selection"] for r in fitted if r["features"] == "random"} == {"3-fold CV"}
     pick = {(r["features"], r["pool"], r["task"], r["head"], r["fraction"], r["seed"]): r for r in rows}
     # The informative features separate regions; the same task on noise is at chance.
     assert pick[("good", "mean", "body_region", "logistic", 1.0, 0)]["balanced_accuracy"] > 0.9

@@ -135,14 +135,12 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
                 continue
             feats[split] = features.extract(model, params, source, mesh, size=vit.img_size,
                                             out_dir=os.path.join(out_dir, "features", tag, split))
-        held = {t: y for t, _, y in tasks(feats["train"], feats["val"])} if "val" in feats else {}
+        held = val_targets(feats["train"], feats.get("val"))
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
             xtr, xte = feats["train"][feature][tr_ok], feats["test"][feature][te_ok]
             cv = cv_groups(feats["train"], tr_ok)  # label subsets (and CV folds) by patient
             yva = held.get(tname)
-            if yva is not None and not _selectable(tname, yva):
-                yva = None
             xva = feats["val"][feature] if yva is not None else None
             if tname in REGRESSION:
                 res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
@@ -167,6 +165,14 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         with open(os.path.join(out_dir, "compare.json"), "w") as f:
             json.dump(cmp, f, indent=1)
     return rows
+
+
+def val_targets(train: dict, val: dict | None, names=TASKS) -> dict[str, np.ndarray]:
+    """Per task, the val split's targets (class ids, -1 outside the task; or values, NaN) where
+    the val split can choose the task's penalty; ``{}`` without a val split."""
+    if not val:
+        return {}
+    return {t: y for t, _, y in tasks(train, val, names) if _selectable(t, y)}
 
 
 def _selectable(task: str, y_val) -> bool:

@@ -4,7 +4,7 @@
 
 A sweep file defines ``get_sweep() -> dict`` (see ``experiments/sweeps/probes.py``):
 
-    features:  {name: dir}        dirs with train/ and test/ feature chunks (features.extract), or
+    features:  {name: dir}        dirs with train/, test/ (and val/) feature chunks (features.extract), or
     pipeline:  "outputs/demo"     extract the stage-2 / stage-1 / random-init encoders of a run
     data:      prepared data dir  (with ``pipeline``)
     tasks:     metadata fields used as labels ("body_region", "sequence", ...), and "findings":
@@ -15,9 +15,10 @@ A sweep file defines ``get_sweep() -> dict`` (see ``experiments/sweeps/probes.py
                 "ridge": {"lambda": [...], "fractions": [...], "seeds": [...]}}   # regression tasks (age)
 
 Every (feature set, pool, task) runs all logistic probes of its grid in two batched calls
-(CV, then refit) and all kNN settings from one similarity matrix; jitted functions are cached
+(penalty selection, then refit) and all kNN settings from one similarity matrix; jitted functions are cached
 by shape, so later cells reuse the compilations of the first. Results: ``sweep.csv`` and
-``sweep.json`` in ``workdir/eval``.
+``sweep.json`` in ``workdir/eval``. Penalties are chosen on the val split where the feature
+set has one holding the task (as in ``eval.suite``), else by CV folds drawn by patient.
 """
 
 from __future__ import annotations
@@ -47,15 +48,23 @@ def load_sweep(path: str) -> dict:
 def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
     sets = {}
     for name, d in sw.get("features", {}).items():
-        sets[name] = {split: F.load(os.path.join(d, split)) for split in ("train", "test")}
+        sets[name] = {split: F.load(os.path.join(d, split)) for split in ("train", "val", "test")
+                      if split != "val" or os.path.isdir(os.path.join(d, split))}
     if sw.get("pipeline"):
         from decipher_jax.data import pipelines as P
         from decipher_jax.eval import suite
 
         encs, vit = suite.encoders(sw["pipeline"], None)
+        splits = {}
+        for split in ("train", "val", "test"):
+            try:
+                splits[split] = P.data_source(sw["data"], split)
+            except (KeyError, ValueError, FileNotFoundError):  # no val split
+                if split != "val":
+                    raise
         for name, (model, params) in encs.items():
-            sets[name] = {split: F.extract(model, params, P.data_source(sw["data"], split), model.mesh,
-                                           size=vit.img_size) for split in ("train", "test")}
+            sets[name] = {split: F.extract(model, params, src, model.mesh, size=vit.img_size)
+                          for split, src in splits.items()}
     if not sets:
         raise ValueError("the sweep names no features and no pipeline workdir")
     return sets
@@ -72,10 +81,13 @@ def run(sw: dict, workdir: str) -> list[dict]:
             for field in sw["tasks"]:
                 if field not in fs["train"] and field != "findings":
                     raise KeyError(f"task {field!r} is not a metadata field of feature set {set_name!r}")
+                held = suite.val_targets(fs["train"], fs.get("val"), names=(field,))
                 for name, ytr, yte in suite.tasks(fs["train"], fs["test"], names=(field,)):
                     tr, te = suite.known(ytr), suite.known(yte)
                     xtr, xte = fs["train"][pool][tr], fs["test"][pool][te]
-                    cvg = suite.cv_groups(fs["train"], tr)  # CV folds by patient
+                    cvg = suite.cv_groups(fs["train"], tr)  # label subsets (and CV folds) by patient
+                    yva = held.get(name)  # the val split chooses the penalty where it has the task
+                    xva = fs["val"][pool] if yva is not None else None
                     base = {"features": set_name, "pool": pool, "task": name}
                     if name in suite.REGRESSION:  # age: ridge probes only
                         h = heads.get("ridge", {})
@@ -84,11 +96,11 @@ def run(sw: dict, workdir: str) -> list[dict]:
                                                  lams=tuple(h.get("lambda", 10.0 ** np.arange(-1, 7))),
                                                  fractions=tuple(h.get("fractions", (1.0,))),
                                                  seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
-                                                 cv_groups=cvg)
+                                                 cv_groups=cvg, val_x=xva, val_y=yva)
                         dt = time.perf_counter() - t0
                         rows += [base | r | {"seconds": dt / len(res)} for r in res]
                         continue
-                    task = probes.Task(name, ytr[tr], yte[te])
+                    task = probes.Task(name, ytr[tr], yte[te], yva)
                     k = task.num_classes
                     if "logistic" in heads:
                         h = heads["logistic"]
@@ -97,7 +109,7 @@ def run(sw: dict, workdir: str) -> list[dict]:
                                                     inv_regs=tuple(h.get("C", 10.0 ** np.arange(-3, 3))),
                                                     fractions=tuple(h.get("fractions", (1.0,))),
                                                     seeds=tuple(h.get("seeds", (0,))), folds=h.get("folds", 3),
-                                                    iters=h.get("iters", 100), cv_groups=cvg)
+                                                    iters=h.get("iters", 100), cv_groups=cvg, val_x=xva)
                         dt = time.perf_counter() - t0
                         rows += [base | r | {"seconds": dt / len(res)} for r in res]
                     if "knn" in heads:
