@@ -42,11 +42,13 @@ def _selection_note(rows) -> str:
     """How the probes' penalties were chosen (``selection`` of the probe rows)."""
     kinds = sorted({r.get("selection", "3-fold CV") for r in rows})
     other = [k for k in kinds if k != "val"]
+    rule = (" (the strongest penalty within one standard error of the best score)"
+            if any(r.get("rule") == "1-SE" for r in rows) else "")
     if "val" not in kinds:
-        return "the penalty chosen by " + " or ".join(other)
+        return "the penalty chosen by " + " or ".join(other) + rule
     note = ("the penalty chosen on the val split (patients that no encoder was trained on: CV inside the "
             "training split would reward what the pretrained encoders memorised of its reports)")
-    return note + (f", or by {' / '.join(other)} for a task the val split lacks" if other else "")
+    return note + (f", or by {' / '.join(other)} for a task the val split lacks" if other else "") + rule
 
 
 def _png(fig) -> str:

@@ -86,7 +86,8 @@ def test_ridge_matches_sklearn_with_sample_weights(rng):
 
 def test_ridge_sweep_equals_a_sklearn_loop():
     """The vmapped CV + refit of ridge probes (age) against scikit-learn's Ridge in a loop, on
-    real packaged data (the diabetes regression set): same chosen penalty, same test MAE."""
+    real packaged data (the diabetes regression set): same chosen penalty (the largest within one
+    standard error of the best pooled CV error), same test MAE."""
     from sklearn.datasets import load_diabetes
 
     x, y = load_diabetes(return_X_y=True)
@@ -98,16 +99,19 @@ def test_ridge_sweep_equals_a_sklearn_loop():
     for r in rows:
         sub = probes.subset_mask(np.zeros(n), r["fraction"], r["seed"], min_per_class=2)
         folds = probes.fold_ids(n, 3, r["seed"])
-        cv = []
+        cv, se = [], []
         for lam in lams:
             errs = []
             for f in range(3):
                 fit, val = sub & (folds != f), sub & (folds == f)
                 sk = Ridge(alpha=lam).fit(xtr[fit], y[:n][fit])
-                errs.append(np.mean(np.abs(sk.predict(xtr[val]) - y[:n][val])))
+                errs += list(np.abs(sk.predict(xtr[val]) - y[:n][val]))
             cv.append(np.mean(errs))
-        best = lams[int(np.argmin(cv))]
-        assert r["lambda"] == best and r["cv_mae"] == pytest.approx(min(cv), rel=1e-4)
+            se.append(np.std(errs, ddof=1) / np.sqrt(len(errs)))
+        i = int(np.argmin(cv))
+        pick = max(j for j in range(len(lams)) if cv[j] <= cv[i] + se[i])  # the 1-SE rule
+        best = lams[pick]
+        assert r["lambda"] == best and r["cv_mae"] == pytest.approx(cv[pick], rel=1e-4) and r["rule"] == "1-SE"
         sk = Ridge(alpha=best).fit(xtr[sub], y[:n][sub])
         assert r["mae"] == pytest.approx(np.mean(np.abs(sk.predict(xte) - y[n:])), rel=1e-4)
         assert r["n_train"] == sub.sum()
@@ -132,8 +136,8 @@ def test_cv_folds_by_patient():
     x = np.repeat(study, 4, 0) + 0.05 * r.normal(size=(160, 30))
     y = np.repeat(r.normal(50, 15, 40), 4)
     lams = (0.01, 1.0, 100.0, 1e4)
-    row = probes.ridge_sweep(x, x[:8], "age", y, y[:8], lams=lams)[0]
-    grouped = probes.ridge_sweep(x, x[:8], "age", y, y[:8], lams=lams, cv_groups=groups)[0]
+    row = probes.ridge_sweep(x, x[:8], "age", y, y[:8], lams=lams, one_se=False)[0]  # the best CV error
+    grouped = probes.ridge_sweep(x, x[:8], "age", y, y[:8], lams=lams, cv_groups=groups, one_se=False)[0]
     assert row["lambda"] == 0.01 and grouped["lambda"] == 1e4
     yc = (y > 50).astype(int)
     task = [probes.Task("old", yc, yc[:8])]
@@ -188,6 +192,29 @@ def test_held_out_selection_against_memorised_training_features():
     row = probes.logistic_sweep(xtr, xte, [task], inv_regs=Cs, iters=50, cv_groups=groups, val_x=xva)[0]
     assert row["selection"] == "val" and row["cv_accuracy"] < 0.8  # held-out accuracy, not the leak's ~1
     assert probes.logistic_sweep(xtr, xte, [task], inv_regs=Cs, iters=50, cv_groups=groups)[0]["cv_accuracy"] > 0.9
+
+
+def test_one_se_rule_falls_back_to_the_strongest_penalty_on_noise():
+    """Pure-noise features: the best penalty of a small selection set is luck; the 1-SE rule
+    takes the strongest penalty within one standard error (glmnet's lambda.1se) and lands on
+    the floor (the training mean), where the best-score rule does not."""
+    picks = {True: [], False: []}
+    for seed in range(6):
+        r = np.random.default_rng(seed)
+        x, y = r.normal(size=(60, 40)), r.normal(50, 15, 60)
+        xv, yv, xt, yt = r.normal(size=(20, 40)), r.normal(50, 15, 20), r.normal(size=(40, 40)), r.normal(50, 15, 40)
+        for one_se in (True, False):
+            row = probes.ridge_sweep(x, xt, "age", y, yt, lams=(0.1, 10.0, 1e3, 1e6), val_x=xv, val_y=yv,
+                                     one_se=one_se)[0]
+            picks[one_se].append(row["lambda"])
+    assert picks[True] == [1e6] * 6 and min(picks[False]) < 1e6
+    # By hand: two groups x (strong, weak) C; the weak C's accuracy 0.8 has SE 0.2, so 0.75 is
+    # within one SE (the strong C is taken) and 0.25 is not.
+    hits = [[[1, 1, 1, 0], [1, 1, 1, 0, 1]], [[1, 0, 0, 0], [1, 1, 1, 0, 1]]]
+    mean, best = probes._choose(hits, higher_better=True, one_se=True, strongest_first=True)
+    np.testing.assert_allclose(mean, [[0.75, 0.8], [0.25, 0.8]])
+    assert list(best) == [0, 1]
+    assert list(probes._choose(hits, higher_better=True, one_se=False, strongest_first=True)[1]) == [1, 1]
 
 
 def test_knn_by_hand():

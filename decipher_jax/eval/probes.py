@@ -321,15 +321,43 @@ def fit_many(x, ys, weights, inv_regs, class_masks, *, iters: int = 100):
 _APPLY = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
 
 
+def _choose(scores, *, higher_better: bool, one_se: bool, strongest_first: bool):
+    """``(mean score (G, P), chosen index (G,))`` from per-row validation scores ``scores[g][p]``
+    (correctness or absolute error of every scored row, pooled over folds; grid ``p`` ordered
+    from the strongest penalty when ``strongest_first``, else from the weakest). The best mean,
+    or with ``one_se`` the strongest penalty whose mean is within one standard error of the
+    best (glmnet's ``lambda.1se``): a small validation set's best is partly its noise, and a
+    target the features do not carry should fall back to the strongest penalty, not to a
+    lucky weak one."""
+    g, p = len(scores), len(scores[0])
+    mean = np.full((g, p), -np.inf if higher_better else np.inf)
+    se = np.zeros((g, p))
+    for i in range(g):
+        for j in range(p):
+            v = np.asarray(scores[i][j], np.float64)
+            if v.size:
+                mean[i, j], se[i, j] = v.mean(), v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
+    signed = mean if higher_better else -mean
+    best = signed.argmax(1)
+    if one_se:
+        order = range(p) if strongest_first else range(p - 1, -1, -1)
+        for i in range(g):
+            floor = signed[i, best[i]] - se[i, best[i]]
+            best[i] = next(j for j in order if signed[i, j] >= floor)
+    return mean, best
+
+
 def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.0 ** np.arange(-3, 3)),
                    fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False,
-                   cv_groups=None, val_x=None):
+                   cv_groups=None, val_x=None, one_se: bool = True):
     """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV, or
     with ``val_x`` (and each task's ``val_y``) by accuracy on those held-out rows.
     ``cv_groups`` (e.g. the patient of each training row): CV folds and label-fraction subsets
     are drawn by patient (:func:`fold_ids`, :func:`subset_mask`).
 
-    Held-out selection is the protocol for an encoder pretrained on the probes' training rows:
+    ``one_se``: the smallest C whose selection accuracy is within one standard error of the
+    best (see ``_choose``), else the best. Held-out selection is the protocol for an encoder
+    pretrained on the probes' training rows:
     its features of those rows can hold what their reports said (age, findings), which CV on
     them reads as signal and the test rows do not have (``eval.suite``).
 
@@ -361,12 +389,11 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
                       np.asarray([inv_regs[ci] for _, ci, _ in meta]), np.stack([cmask[gi] for gi, _, _ in meta]),
                       iters=iters)
     logits = np.asarray(_APPLY(params, jnp.asarray(x_sel), jnp.asarray(np.stack([cmask[gi] for gi, _, _ in meta]))))
-    cv = np.zeros((len(groups), len(inv_regs)))
+    hits = [[[] for _ in inv_regs] for _ in groups]  # per (group, C): 0/1 correctness of every scored row
     for p, (gi, ci, f) in enumerate(meta):
         y, val = y_sel[groups[gi][0]], val_w(gi, f)
-        if val.any():
-            cv[gi, ci] += np.mean(logits[p][val].argmax(1) == y[val]) / folds
-    best = cv.argmax(1)
+        hits[gi][ci] += list(logits[p][val].argmax(1) == y[val])
+    cv, best = _choose(hits, higher_better=True, one_se=one_se, strongest_first=True)
     params = fit_many(xtr, np.stack([tasks[ti].train_y for ti, _, _ in groups]), np.stack(subs).astype(np.float32),
                       np.asarray([inv_regs[b] for b in best]), np.stack(cmask), iters=iters)
     logits = np.asarray(_APPLY(params, jnp.asarray(xte), jnp.asarray(np.stack(cmask))))
@@ -379,7 +406,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
         scores.append(probs)
         rows.append({"task": t.name, "head": "logistic", "fraction": frac, "seed": seed,
                      "C": float(inv_regs[best[gi]]), "cv_accuracy": float(cv[gi, best[gi]]),
-                     "selection": "val" if held else f"{folds}-fold CV",
+                     "selection": "val" if held else f"{folds}-fold CV", "rule": "1-SE" if one_se else "best",
                      "n_train": int(subs[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
                      "balanced_accuracy": balanced_accuracy(lg.argmax(1), t.test_y),
                      "accuracy": float(np.mean(lg.argmax(1) == t.test_y))})
@@ -392,10 +419,11 @@ _PREDICT_RIDGE = jax.jit(jax.vmap(lambda p, x: x @ p["w"][:, 0] + p["b"][0], in_
 
 def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 7)),
                 fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None,
-                val_x=None, val_y=None):
+                val_x=None, val_y=None, one_se: bool = True):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
     penalty chosen by ``folds``-fold CV (mean absolute error; folds and subsets by ``cv_groups``)
-    or, with ``val_x`` / ``val_y`` (NaN = no target), on those held-out rows:
+    or, with ``val_x`` / ``val_y`` (NaN = no target), on those held-out rows; with ``one_se`` the
+    largest penalty within one standard error of the best MAE:
     two vmapped closed-form calls, as :func:`logistic_sweep`. Returns one row per (fraction,
     seed) with the chosen penalty, test MAE and R^2 (and the MAE of predicting the training
     mean, the floor to beat); with ``return_scores`` also each row's test predictions. The
@@ -424,11 +452,11 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
                         jnp.asarray(np.stack([fit_w(gi, f) for gi, _, f in meta]), jnp.float32),
                         jnp.asarray([lams[li] for _, li, _ in meta], jnp.float32))
     pred = np.asarray(_PREDICT_RIDGE(params, jnp.asarray(x_sel)))
-    cv = np.zeros((len(groups), len(lams)))
+    errs = [[[] for _ in lams] for _ in groups]  # per (group, penalty): absolute error of every scored row
     for p, (gi, li, f) in enumerate(meta):
         val = val_w(gi, f)
-        cv[gi, li] += (np.mean(np.abs(pred[p][val] - y_sel[val])) if val.any() else np.inf) / folds
-    best = cv.argmin(1)
+        errs[gi][li] += list(np.abs(pred[p][val] - y_sel[val]))
+    cv, best = _choose(errs, higher_better=False, one_se=one_se, strongest_first=False)
     params = _FIT_RIDGE(jnp.asarray(xtr), jnp.asarray(np.broadcast_to(ytr[None, :, None], (len(groups), n, 1))),
                         jnp.asarray(np.stack(subs), jnp.float32), jnp.asarray([lams[b] for b in best], jnp.float32))
     pred = np.asarray(_PREDICT_RIDGE(params, jnp.asarray(xte)))
@@ -437,6 +465,7 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
         resid = np.sum((pred[gi] - yte) ** 2)
         rows.append({"task": name, "head": "ridge", "fraction": frac, "seed": seed, "lambda": float(lams[best[gi]]),
                      "cv_mae": float(cv[gi, best[gi]]), "selection": "val" if held else f"{folds}-fold CV",
+                     "rule": "1-SE" if one_se else "best",
                      "n_train": int(subs[gi].sum()), "mae": mae(pred[gi], yte),
                      "mae_of_mean": mae(np.full_like(yte, ytr[subs[gi]].mean()), yte),
                      "r2": float(1.0 - resid / max(np.sum((yte - yte.mean()) ** 2), 1e-12))})

@@ -15,7 +15,9 @@ Tasks come from the records' metadata:
 
 Probes: logistic (ridge for age), fitted on the training split over label fractions x seeds,
 all in batched calls (:mod:`decipher_jax.eval.probes`). The penalty is chosen on the val split
-(patients no encoder was trained on) where it has the task, else by 3-fold CV by patient. The
+(patients no encoder was trained on) where it has the task, else by 3-fold CV by patient: the
+strongest penalty within one standard error of the best score (a 15-patient val split's best
+is partly noise). The
 pretrained encoders learnt from the training split's reports, which state age, sex and the
 findings: their features of those series can carry the report's answer, which CV inside the
 training split reads as signal and held-out patients do not have (on one demo draw, CV picked
