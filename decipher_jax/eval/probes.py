@@ -355,8 +355,9 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     ``cv_groups`` (e.g. the patient of each training row): CV folds and label-fraction subsets
     are drawn by patient (:func:`fold_ids`, :func:`subset_mask`).
 
-    ``one_se``: the smallest C whose selection accuracy is within one standard error of the
-    best (see ``_choose``), else the best. Held-out selection is the protocol for an encoder
+    The selection score is the held-out log-likelihood (multinomial deviance, as glmnet's
+    ``cv.glmnet``), with ``one_se`` the smallest C within one standard error of the best (see
+    ``_choose``), else the best. Held-out selection is the protocol for an encoder
     pretrained on the probes' training rows:
     its features of those rows can hold what their reports said (age, findings), which CV on
     them reads as signal and the test rows do not have (``eval.suite``).
@@ -389,11 +390,19 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
                       np.asarray([inv_regs[ci] for _, ci, _ in meta]), np.stack([cmask[gi] for gi, _, _ in meta]),
                       iters=iters)
     logits = np.asarray(_APPLY(params, jnp.asarray(x_sel), jnp.asarray(np.stack([cmask[gi] for gi, _, _ in meta]))))
-    hits = [[[] for _ in inv_regs] for _ in groups]  # per (group, C): 0/1 correctness of every scored row
+    # Per (group, C), every scored row's log-likelihood of its class (the selection score:
+    # glmnet's multinomial deviance) and its correctness (reported).
+    loglik = [[[] for _ in inv_regs] for _ in groups]
+    hits = [[[] for _ in inv_regs] for _ in groups]
     for p, (gi, ci, f) in enumerate(meta):
         y, val = y_sel[groups[gi][0]], val_w(gi, f)
-        hits[gi][ci] += list(logits[p][val].argmax(1) == y[val])
-    cv, best = _choose(hits, higher_better=True, one_se=one_se, strongest_first=True)
+        lg = logits[p][val]
+        logp = lg - lg.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        loglik[gi][ci] += list(logp[np.arange(len(lg)), y[val]])
+        hits[gi][ci] += list(lg.argmax(1) == y[val])
+    cv_ll, best = _choose(loglik, higher_better=True, one_se=one_se, strongest_first=True)
+    cv = _choose(hits, higher_better=True, one_se=False, strongest_first=True)[0]
     params = fit_many(xtr, np.stack([tasks[ti].train_y for ti, _, _ in groups]), np.stack(subs).astype(np.float32),
                       np.asarray([inv_regs[b] for b in best]), np.stack(cmask), iters=iters)
     logits = np.asarray(_APPLY(params, jnp.asarray(xte), jnp.asarray(np.stack(cmask))))
@@ -406,6 +415,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
         scores.append(probs)
         rows.append({"task": t.name, "head": "logistic", "fraction": frac, "seed": seed,
                      "C": float(inv_regs[best[gi]]), "cv_accuracy": float(cv[gi, best[gi]]),
+                     "cv_log_loss": float(-cv_ll[gi, best[gi]]),
                      "selection": "val" if held else f"{folds}-fold CV", "rule": "1-SE" if one_se else "best",
                      "n_train": int(subs[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
                      "balanced_accuracy": balanced_accuracy(lg.argmax(1), t.test_y),
