@@ -121,6 +121,18 @@ def test_text_center_is_the_training_texts_mean_and_stays_fixed(prepared_heldout
     assert not np.array_equal(np.asarray(new["params"]["text_proj"]), np.asarray(centred["text_proj"]))
 
 
+def test_regress_trains_without_a_text_center(prepared_heldout, minilm_path, tmp_path):
+    """center_text is on in every config; "regress" has no text projection, so no centre to
+    set (the run must not look for one)."""
+    cfg = _cfg("tiny,regress", **{"data.dir": prepared_heldout, "init.text": str(minilm_path), "steps": 2,
+                                  "data.max_length": 64, "eval.before": False, "eval.splits": ()})
+    assert cfg.model.towers.center_text
+    m = clip_align.train(cfg, str(tmp_path / "w"))
+    assert np.isfinite(m["loss"])
+    _, params, _ = clip_align.load(str(tmp_path / "w"))
+    assert "text_center" not in params and "text_proj" not in params
+
+
 def test_pair_text_features_weigh_the_description(minilm_path):
     """A series with a description: (1 - w) * pool(description + report) + w * pool(description);
     without one (has_desc 0) or with w = 0: the pooled text alone."""

@@ -290,7 +290,7 @@ def train(cfg, workdir: str) -> dict:
         print(f"resumed from step {start}", flush=True)
     else:
         params = initial_params(cfg, b)
-        if b["towers"].center_text:
+        if "text_center" in params:  # towers.center_text (no text projection, so no centre, with "regress")
             table = text_table(cfg, b, params, mesh)
             params = set_text_center(cfg, b, params, mesh, table)
             print(f"clip_align: text features centred on the mean of {len(table[0])} training texts", flush=True)
