@@ -321,6 +321,21 @@ def fit_many(x, ys, weights, inv_regs, class_masks, *, iters: int = 100):
 _APPLY = jax.jit(jax.vmap(apply, in_axes=(0, None, 0)))
 
 
+def _selection_rows(xtr, xva, subs, seeds, folds: int, cv_groups, val_ok):
+    """Where each group's probes are fitted and scored when its penalty is chosen:
+    ``(x, folds, fit(g, f), scored(g, f))`` with boolean row masks over ``x``. Without ``xva``,
+    ``folds`` CV folds inside group ``g``'s subset ``subs[g]`` (drawn by ``cv_groups``, seed
+    ``seeds[g]``). With it, one "fold": the subset fits, and the held-out rows ``val_ok(g)``,
+    appended after the training rows with weight 0 in the fit, are scored."""
+    n = len(xtr)
+    if xva is not None:
+        pad, none = np.zeros(len(xva), bool), np.zeros(n, bool)
+        return (np.concatenate([xtr, xva]), 1, lambda g, f: np.concatenate([subs[g], pad]),
+                lambda g, f: np.concatenate([none, val_ok(g)]))
+    fids = [fold_ids(n, folds, seed, cv_groups) for seed in seeds]
+    return xtr, folds, lambda g, f: subs[g] & (fids[g] != f), lambda g, f: subs[g] & (fids[g] == f)
+
+
 def _choose(scores, *, higher_better: bool, one_se: bool, strongest_first: bool):
     """``(mean score (G, P), chosen index (G,))`` from per-row validation scores ``scores[g][p]``
     (correctness or absolute error of every scored row, pooled over folds; grid ``p`` ordered
@@ -351,7 +366,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
                    fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False,
                    cv_groups=None, val_x=None, one_se: bool = True):
     """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV, or
-    with ``val_x`` (and each task's ``val_y``) by accuracy on those held-out rows.
+    with ``val_x`` (and each task's ``val_y``) on those held-out rows.
     ``cv_groups`` (e.g. the patient of each training row): CV folds and label-fraction subsets
     are drawn by patient (:func:`fold_ids`, :func:`subset_mask`).
 
@@ -369,21 +384,15 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     """
     held = val_x is not None
     xtr, xte, *xva = standardise(np.asarray(train_x), np.asarray(test_x), *([np.asarray(val_x)] if held else []))
-    n, k_max = len(xtr), max(t.num_classes for t in tasks)
+    k_max = max(t.num_classes for t in tasks)
     groups = list(itertools.product(range(len(tasks)), fractions, seeds))
     # Per (task, fraction, seed): its label subset, selection folds and class mask, computed once.
     subs = [subset_mask(tasks[ti].train_y, frac, seed, groups=cv_groups) for ti, frac, seed in groups]
     cmask = [np.arange(k_max) < tasks[ti].num_classes for ti, _, _ in groups]
-    if held:  # one "fold": fit on the subset, score on the held-out rows (appended, weight 0 in the fit)
-        x_sel, folds, n_va = np.concatenate([xtr, xva[0]]), 1, len(xva[0])
-        y_sel = [np.concatenate([t.train_y, np.maximum(t.val_y, 0)]) for t in tasks]
-        fit_w = lambda gi, f: np.concatenate([subs[gi], np.zeros(n_va, bool)])  # noqa: E731
-        val_w = lambda gi, f: np.concatenate([np.zeros(n, bool), tasks[groups[gi][0]].val_y >= 0])  # noqa: E731
-    else:
-        x_sel, y_sel = xtr, [t.train_y for t in tasks]
-        fids = [fold_ids(n, folds, seed, cv_groups) for _, _, seed in groups]
-        fit_w = lambda gi, f: subs[gi] & (fids[gi] != f)  # noqa: E731
-        val_w = lambda gi, f: subs[gi] & (fids[gi] == f)  # noqa: E731
+    x_sel, folds, fit_w, val_w = _selection_rows(xtr, xva[0] if held else None, subs, [sd for _, _, sd in groups],
+                                                 folds, cv_groups, lambda gi: tasks[groups[gi][0]].val_y >= 0)
+    # Labels of the selection rows (held-out rows outside a task are never scored: any id will do).
+    y_sel = [np.concatenate([t.train_y, np.maximum(t.val_y, 0)]) if held else t.train_y for t in tasks]
     meta = [(gi, ci, f) for gi in range(len(groups)) for ci in range(len(inv_regs)) for f in range(folds)]
     params = fit_many(x_sel, np.stack([y_sel[groups[gi][0]] for gi, _, _ in meta]),
                       np.stack([fit_w(gi, f).astype(np.float32) for gi, _, f in meta]),
@@ -446,16 +455,10 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     groups = list(itertools.product(fractions, seeds))
     # A regression target is one "class" to subset_mask: a plain random subset, at least 2 rows.
     subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2, groups=cv_groups) for frac, seed in groups]
-    if held:  # one "fold": fit on the subset, score on the held-out rows
-        yva = np.asarray(val_y, np.float32)
-        x_sel, y_sel, folds = np.concatenate([xtr, xva[0]]), np.concatenate([ytr, np.nan_to_num(yva)]), 1
-        fit_w = lambda gi, f: np.concatenate([subs[gi], np.zeros(len(yva), bool)])  # noqa: E731
-        val_w = lambda gi, f: np.concatenate([np.zeros(n, bool), np.isfinite(yva)])  # noqa: E731
-    else:
-        x_sel, y_sel = xtr, ytr
-        fids = [fold_ids(n, folds, seed, cv_groups) for _, seed in groups]
-        fit_w = lambda gi, f: subs[gi] & (fids[gi] != f)  # noqa: E731
-        val_w = lambda gi, f: subs[gi] & (fids[gi] == f)  # noqa: E731
+    yva = np.asarray(val_y, np.float32) if held else None
+    x_sel, folds, fit_w, val_w = _selection_rows(xtr, xva[0] if held else None, subs, [sd for _, sd in groups],
+                                                 folds, cv_groups, lambda gi: np.isfinite(yva))
+    y_sel = np.concatenate([ytr, np.nan_to_num(yva)]) if held else ytr  # NaN rows are never scored
     meta = [(gi, li, f) for gi in range(len(groups)) for li in range(len(lams)) for f in range(folds)]
     targets = jnp.asarray(np.broadcast_to(y_sel[None, :, None], (len(meta), len(y_sel), 1)))
     params = _FIT_RIDGE(jnp.asarray(x_sel), targets,
