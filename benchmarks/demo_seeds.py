@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -6,11 +6,11 @@
         --run 'locktext|tiny,locktext|{}'
 
 Each run trains ``clip_align.py:<options>`` (plus the JSON overrides) from the demo's stage-1
-vision and text towers on its prepared corpus, then fits the demo's logistic probes (C by
-3-fold CV, 3 seeds, all labels) on the stage-2 image tower's mean-pooled patch tokens, beside a
-random-init ViT of the same shape. Prints two tables: the trainer's logged steps/s (last window,
-compile excluded), the final loss, held-out study R@5, and test AUROC per probe task (the
-finding probes grouped into their mean); then each run's gain over random init per task with
+vision and text towers on its prepared corpus, then fits the demo's logistic probes
+(``suite.probe_encoders``: C chosen on the val split, 3 seeds, all labels) on the stage-2
+image tower's mean-pooled patch tokens, beside a random-init ViT of the same shape. Prints two
+tables: the trainer's logged steps/s (last window, compile excluded), the final loss,
+held-out study R@5, and test AUROC per probe task (the finding probes grouped into their mean); then each run's gain over random init per task with
 its 95% study-bootstrap interval (``suite.compare``). A ``steps`` override stretches the lr
 schedule with it (the configs derive ``optim.total_steps`` from ``steps``).
 """

@@ -127,14 +127,11 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     encs, vit = encs or encoders(workdir, mesh)
     rows, preds = [], {}
     out_dir = os.path.join(workdir, "eval")
+    sources = split_sources(prep_dir)
     for name, (model, params) in encs.items():
         tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
         feats = {}
-        for split in ("train", "val", "test"):
-            try:
-                source = P.data_source(prep_dir, split)
-            except (KeyError, ValueError, FileNotFoundError):  # a corpus without a val split
-                continue
+        for split, source in sources.items():
             feats[split] = features.extract(model, params, source, mesh, size=vit.img_size,
                                             out_dir=os.path.join(out_dir, "features", tag, split))
         held = val_targets(feats["train"], feats.get("val"))
@@ -167,6 +164,19 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         with open(os.path.join(out_dir, "compare.json"), "w") as f:
             json.dump(cmp, f, indent=1)
     return rows
+
+
+def split_sources(prep_dir: str, splits=("train", "val", "test"), optional=("val",)) -> dict:
+    """``{split: data source}`` of a prepared dataset; an ``optional`` split it lacks is left out
+    (a corpus prepared without a val split), any other raises."""
+    out = {}
+    for split in splits:
+        try:
+            out[split] = P.data_source(prep_dir, split)
+        except (KeyError, ValueError, FileNotFoundError):
+            if split not in optional:
+                raise
+    return out
 
 
 def val_targets(train: dict, val: dict | None, names=TASKS) -> dict[str, np.ndarray]:

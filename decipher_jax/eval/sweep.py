@@ -51,17 +51,10 @@ def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
         sets[name] = {split: F.load(os.path.join(d, split)) for split in ("train", "val", "test")
                       if split != "val" or os.path.isdir(os.path.join(d, split))}
     if sw.get("pipeline"):
-        from decipher_jax.data import pipelines as P
         from decipher_jax.eval import suite
 
         encs, vit = suite.encoders(sw["pipeline"], None)
-        splits = {}
-        for split in ("train", "val", "test"):
-            try:
-                splits[split] = P.data_source(sw["data"], split)
-            except (KeyError, ValueError, FileNotFoundError):  # no val split
-                if split != "val":
-                    raise
+        splits = suite.split_sources(sw["data"])  # val when the data has one
         for name, (model, params) in encs.items():
             sets[name] = {split: F.extract(model, params, src, model.mesh, size=vit.img_size)
                           for split, src in splits.items()}
