@@ -217,6 +217,16 @@ def test_one_se_rule_falls_back_to_the_strongest_penalty_on_noise():
     assert list(probes._choose(hits, higher_better=True, one_se=False, strongest_first=True)[1]) == [1, 1]
 
 
+def test_split_sources_leave_out_only_an_optional_split(prepared):
+    """A corpus prepared without val / test splits: val (optional) is left out, test raises."""
+    from decipher_jax.eval import suite
+
+    got = suite.split_sources(prepared, splits=("train", "val"))
+    assert list(got) == ["train"] and len(got["train"]) > 0
+    with pytest.raises((KeyError, ValueError, FileNotFoundError)):
+        suite.split_sources(prepared)
+
+
 def test_knn_by_hand():
     train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1])
