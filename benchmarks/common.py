@@ -58,9 +58,9 @@ def random_batch(spec: dict, rng):
 
 def prepared_corpus(workdir: str, n_patients: int, spacing: float) -> tuple[str, str]:
     """(manifest, prep dir) of the embedded corpus, built once per workdir."""
-    from absl import flags
+    from decipher_jax import env
 
-    flags.FLAGS.mark_as_parsed()
+    env.setup()  # absl flags parsed (grain)
     from data_prep import prep, volume
     from decipher_jax.data import corpus
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
                 continue
             print(f"seed {seed}: demo in {time.perf_counter() - t0:.0f} s", flush=True)
         with open(os.path.join(wd, "eval", "compare.json")) as f:
-            cmp = {c["task"]: c for c in json.load(f) if c["a"].startswith("stage 2") and ":" not in c["task"]}
+            cmp = {c["task"]: c for c in json.load(f) if c.get("a_id") == "align" and ":" not in c["task"]}
         tasks = tasks or list(cmp)
         for t in tasks:
             if t in cmp:

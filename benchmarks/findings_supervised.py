@@ -18,8 +18,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from decipher_jax import env  # noqa: E402
+
+env.setup(devices=1)  # before jax: one CPU device (unless XLA_FLAGS sets a count)
 
 
 def main(argv=None) -> int:

@@ -154,9 +154,9 @@ def probe_check(rng, gpu, cpu):
 
 
 def main() -> int:
-    from absl import flags
+    from decipher_jax import env
 
-    flags.FLAGS.mark_as_parsed()
+    env.setup()  # absl flags parsed (grain), offline
     gpu, cpu = jax.devices()[0], jax.devices("cpu")[0]
     print(f"# accelerator: {gpu.device_kind} ({gpu.platform}); jax {jax.__version__}")
     rows = []

@@ -20,8 +20,10 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from decipher_jax import env  # noqa: E402
+
+env.setup(devices=8)  # before jax: 8 simulated CPU devices (unless XLA_FLAGS sets a count), offline, absl
 
 
 def main(argv=None) -> int:
@@ -31,9 +33,6 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
     import jax
     import numpy as np
 
@@ -41,6 +40,7 @@ def main(argv=None) -> int:
     from decipher_jax import sharding as sh
     from decipher_jax.eval import suite
     from decipher_jax.models.vit3d import ViT3D, ViTConfig
+    from decipher_jax.state import Model
     from decipher_jax.trainers import common, vision_ssl
 
     config = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "vision_ssl.py") + ":tiny"
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             log = [json.loads(line) for line in f]
         kl = [r["dino"] - r["teacher_entropy"] for r in log]
         vit = ViTConfig(**cfg.model.vit.to_dict())
-        model = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
+        model = Model(lambda r: ViT3D(vit, rngs=r), mesh)
         encs = {"stage 1": (model, suite.stage1_teacher(wd, model))}
         if tasks is None:  # the random-init baseline once, beside the first run
             encs["random init"] = (model, model.init(jax.random.key(123)))

@@ -23,9 +23,10 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from decipher_jax import env  # noqa: E402
+
+env.setup(devices=8)  # before jax: 8 simulated CPU devices (unless XLA_FLAGS sets a count), offline, absl
 
 
 def main(argv=None) -> int:
@@ -35,15 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
     import jax
 
     from benchmarks.common import table
+    from decipher_jax import runs
     from decipher_jax import sharding as sh
     from decipher_jax.eval import suite
-    from decipher_jax.models.vit3d import ViT3D, ViTConfig
+    from decipher_jax.models.vit3d import ViT3D
+    from decipher_jax.state import Model
     from decipher_jax.trainers import clip_align, common
 
     demo = os.path.abspath(args.demo)
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
         m = clip_align.train(cfg, os.path.join(wd, "stage2"))
         with open(os.path.join(wd, "stage2", "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
-        model, params2, spec2 = clip_align.load(os.path.join(wd, "stage2"), mesh=mesh)
-        vit = ViTConfig(**clip_align.from_json(spec2["vit"]))
-        image = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
+        model, params2, spec2 = runs.load_align(os.path.join(wd, "stage2"), mesh=mesh)
+        vit = runs.align_vit_config(spec2)
+        image = Model(lambda r: ViT3D(vit, rngs=r), mesh)
         # The random-init baseline beside every run (the same init each time), so that each run
         # gets its paired gains with study-bootstrap intervals (suite.compare -> eval/compare.json).
         encs = {"stage 2": (image, params2["image"]), "random init": (image, image.init(jax.random.key(123)))}

@@ -82,7 +82,7 @@ def ours_backbone(args, batch, dim, depth, heads, mlp):
 
     from decipher_jax.aot import vit_train_flops
     from decipher_jax.models.vit3d import ViT3D, ViTConfig
-    from decipher_jax.trainers.common import merge_pure
+    from decipher_jax.state import merge_pure
 
     p = int(args.variant.split("/")[1])
     cfg = ViTConfig(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, patch_size=p, img_size=args.size, cls_token=False,

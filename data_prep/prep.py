@@ -3,8 +3,8 @@
 Stages, each safe to interrupt:
 1. Per series, in parallel: load, validate, RAS + resample, normalise; the result is written
    atomically to ``cache/<config-hash>/<series>.npz``. A rerun skips cached series, so a
-   crash loses nothing already written. Bad inputs are skipped and recorded, one JSON line
-   each, in ``errors.jsonl`` (file + reason); the rest is processed.
+   crash loses nothing already written. Bad inputs (and unusable manifest rows) are skipped and
+   recorded, one JSON line each, in ``errors.jsonl`` (file + reason); the rest is processed.
 2. Patient-level split (no patient in two splits), deterministic in the seed.
 3. A TFDS builder writes ``tfds/decipher_mri/<version>/`` ArrayRecord shards, read back with
    ``tfds.builder_from_directory(path).as_data_source(split)`` (no TensorFlow needed).
@@ -28,10 +28,9 @@ import numpy as np
 from data_prep import manifest as manifest_lib
 from data_prep import reports as reports_lib
 from data_prep import volume as volume_lib
+from data_prep.schema import DATASET_NAME, FORMAT_VERSION
 
 SPLITS = ("train", "val", "test")
-DATASET_NAME = "decipher_mri"
-FORMAT_VERSION = "1.1.0"  # 1.1: series_description
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,39 +63,55 @@ class PrepResult:
 
 
 def _read_report(row: manifest_lib.SeriesRow) -> tuple[str, bool]:
-    """(text, has_report). A named report file that is missing or empty is a bad input."""
+    """(text, has_report). A named report file that is missing, empty or not UTF-8 is a bad input."""
     if row.report_file:
-        if not os.path.exists(row.report_file):
-            raise volume_lib.BadInput(f"{row.report_file}: report file not found")
-        with open(row.report_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        volume_lib.check_file(row.report_file, "report")
+        with open(row.report_file, "rb") as f:
+            raw = f.read()
+        try:
+            text = reports_lib.decode_utf8(raw, "report")
+        except ValueError as e:
+            raise volume_lib.BadInput(row.report_file, str(e)) from None
         if not text.strip():
-            raise volume_lib.BadInput(f"{row.report_file}: report is empty")
+            raise volume_lib.BadInput(row.report_file, "report is empty")
         return text, True
     if row.report.strip():
         return row.report, True
     return "", False
 
 
+def _error(series_id: str, path: str, reason: str, **extra) -> dict:
+    return {"series_id": series_id, "status": "error", "file": path, "reason": reason, **extra}
+
+
 def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache_dir: str) -> dict:
-    """Processes one series into ``cache_dir``; returns a status dict (never raises BadInput)."""
+    """Processes one series into ``cache_dir``; returns a status dict and never raises: any failure
+    of one series (MemoryError included) is that series' error, not the run's."""
     out = os.path.join(cache_dir, f"{row.series_id}.npz")
+    # The manifest refuses unsafe ids; this guards any other caller (the id is a file name).
+    if os.path.dirname(os.path.realpath(out)) != os.path.realpath(cache_dir):
+        return _error(row.series_id, row.image, f"series_id {row.series_id!r} would write outside the cache folder")
     if os.path.exists(out):
         return {"series_id": row.series_id, "status": "reused"}
     try:
         text, has_report = _read_report(row)
         res = volume_lib.process(row.image, row.label or None, cfg)
+        label = res.pop("label")
+        tmp = out + ".tmp.npz"
+        np.savez(
+            tmp, volume=res.pop("volume").astype(np.float16),
+            # No label map: a placeholder of 2**3 voxels, since TFDS cuts a bytes tensor's shape to its
+            # byte count on decode (a 1-voxel record could not be read back).
+            label=label if label is not None else np.zeros((2, 2, 2), np.uint8),
+            has_label=label is not None, report_full=reports_lib.normalise(text),
+            report=reports_lib.clinical_text(text) if has_report else "", has_report=has_report,
+            **{k: np.asarray(v) for k, v in res.items()},
+        )
+        os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache entry
     except volume_lib.BadInput as e:
-        return {"series_id": row.series_id, "status": "error", "file": str(e).split(": ")[0], "reason": str(e)}
-    label = res.pop("label")
-    tmp = out + ".tmp.npz"
-    np.savez(
-        tmp, volume=res.pop("volume").astype(np.float16), label=label if label is not None else np.zeros((1, 1, 1), np.uint8),
-        has_label=label is not None, report_full=reports_lib.normalise(text),
-        report=reports_lib.clinical_text(text) if has_report else "", has_report=has_report,
-        **{k: np.asarray(v) for k, v in res.items()},
-    )
-    os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache entry
+        return _error(row.series_id, e.path, str(e))
+    except Exception as e:  # noqa: BLE001 - a bug or resource limit on one series must not end the run
+        return _error(row.series_id, row.image, f"{row.image}: {type(e).__name__}: {e}")
     return {"series_id": row.series_id, "status": "processed"}
 
 
@@ -123,7 +138,8 @@ def _summ(values) -> dict:
 
 
 def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progress: bool = True) -> PrepResult:
-    rows = manifest_lib.read(manifest_path)
+    row_errors: list[manifest_lib.ManifestError] = []
+    rows = manifest_lib.read(manifest_path, row_errors)
     os.makedirs(out_dir, exist_ok=True)
     cache_dir = os.path.join(out_dir, "cache", cfg.cache_key())
     os.makedirs(cache_dir, exist_ok=True)
@@ -140,6 +156,8 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
             else:
                 statuses[res["status"]] += 1
 
+        for e in row_errors:  # skipped manifest rows: recorded like bad series, named by line and field
+            record(_error(e.series_id, e.path, str(e), line=e.line, field=e.field))
         bar = _progress(len(rows), progress)
         if workers == 1:
             for row in rows:
@@ -147,9 +165,15 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
                 bar.update(1)
         else:
             with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                futs = [ex.submit(process_row, row, cfg.volume, cache_dir) for row in rows]
+                futs = {ex.submit(process_row, row, cfg.volume, cache_dir): row for row in rows}
                 for fut in cf.as_completed(futs):
-                    record(fut.result())
+                    try:
+                        res = fut.result()
+                    except Exception as e:  # noqa: BLE001 - the worker died (e.g. killed by the OOM killer)
+                        row = futs[fut]
+                        res = _error(row.series_id, row.image, f"{row.image}: worker failed ({type(e).__name__}: {e}); "
+                                                               "rerun to retry")
+                    record(res)
                     bar.update(1)
         bar.close()
     bad = {e["series_id"] for e in errors}

@@ -13,6 +13,16 @@ _SECTION = re.compile(r"^\s*(findings|impression|conclusion|technique|examinatio
                       re.IGNORECASE | re.MULTILINE)
 
 
+def decode_utf8(raw: bytes, what: str) -> str:
+    """Strict UTF-8 (a leading BOM dropped). Mis-encoded text is refused, never stored as U+FFFD:
+    guessing a legacy code page would silently change words."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 at byte {e.start}; re-save the {what} as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
 def normalise(text: str) -> str:
     """NFKC unicode, unified quotes/dashes, collapsed whitespace."""
     text = unicodedata.normalize("NFKC", text)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.prep import DATASET_NAME, FORMAT_VERSION
+from data_prep.schema import DATASET_NAME, FORMAT_VERSION, LABEL_DTYPE
 
 _TEXT = ("series_id", "study_id", "patient_id", "series_description", "sequence", "body_region", "sex", "findings",
          "report", "report_full")
@@ -30,7 +30,7 @@ def features(compression: str = "none") -> tfds.features.FeaturesDict:
     vol = dict(shape=(None, None, None), encoding=ENCODINGS[compression])
     return tfds.features.FeaturesDict({
         "volume": tfds.features.Tensor(dtype=np.float16, **vol),
-        "label": tfds.features.Tensor(dtype=np.uint8, **vol),
+        "label": tfds.features.Tensor(dtype=LABEL_DTYPE, **vol),
         "has_label": tfds.features.Scalar(dtype=np.bool_),
         "has_report": tfds.features.Scalar(dtype=np.bool_),
         "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
@@ -63,7 +63,7 @@ class DecipherMri(tfds.core.GeneratorBasedBuilder):
         for r in rows:
             with np.load(os.path.join(self._cache_dir, f"{r.series_id}.npz")) as z:
                 ex = {
-                    "volume": z["volume"], "label": z["label"], "has_label": bool(z["has_label"]),
+                    "volume": z["volume"], "label": z["label"].astype(LABEL_DTYPE), "has_label": bool(z["has_label"]),
                     "has_report": bool(z["has_report"]), "affine": z["affine"], "spacing": z["spacing"],
                     "orig_spacing": z["orig_spacing"], "report": str(z["report"]), "report_full": str(z["report_full"]),
                 }

@@ -13,8 +13,11 @@ Geometry policy (recorded in the dataset card and every record):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
+import math
 import os
+import stat
 import zlib
 
 import nibabel as nib
@@ -23,7 +26,16 @@ from scipy import ndimage
 
 
 class BadInput(ValueError):
-    """A series that cannot be used; the message names the file and the reason."""
+    """A series that cannot be used: ``path`` is the offending file, ``reason`` says why.
+
+    The path is an attribute, not parsed back out of the message (paths may contain ": ")."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)  # both in args: the exception pickles across processes
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,26 +49,101 @@ class VolumeConfig:
     crop_threshold: float = 0.05  # on the normalised [0, 1] scale
     crop_margin: int = 2
     max_affine_scale: float = 20.0  # mm per voxel beyond which an affine is not sane
+    # Voxels (all axes) a file's header may claim; checked before any data is read, so a gzip bomb
+    # or a corrupt dim[] is refused instead of exhausting memory (512**3 float32 is 512 MiB).
+    max_voxels: int = 512**3
+
+
+def check_file(path: str, what: str) -> None:
+    """Refuses a path that is missing, a broken or looping symlink, or not a regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(path, f"{what} file not found" + (" (broken symlink)" if os.path.islink(path) else "")) from None
+    except OSError as e:
+        raise BadInput(path, f"symlink loop in the {what} path" if e.errno == errno.ELOOP
+                       else f"cannot access the {what} file ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block the worker or never end
+        raise BadInput(path, f"{what} path is not a regular file")
+
+
+MAX_EXTENSION_BYTES = 16 << 20  # NIfTI header extensions (AFNI, DICOM dumps) are kilobytes
+
+
+def _stored_header(path: str, what: str):
+    """The NIfTI header as stored, or None if the file is not NIfTI. Read before nibabel, which
+    reads each header extension whole whatever size it claims (a gzip bomb), and "fixes" pixdim
+    on load (0 -> 1 mm, negative -> positive)."""
+    with nib.openers.ImageOpener(path) as f:
+        head = f.read(544)
+        klass = next((k for k in (nib.Nifti2Header, nib.Nifti1Header) if k.may_contain_header(head)), None)
+        if klass is None:
+            return None
+        n = klass.template_dtype.itemsize
+        hdr = klass(head[:n], check=False)
+        if len(head) < n + 4 or head[n] == 0:  # no extensions
+            return hdr
+        size = float(hdr["vox_offset"]) - (n + 4)  # nibabel reads extensions up to vox_offset ...
+        if size > MAX_EXTENSION_BYTES:
+            raise BadInput(path, f"{what} header extensions claim {size:,.0f} bytes, over {MAX_EXTENSION_BYTES:,}")
+        f.seek(n + 4)
+        while size >= 16:  # ... but each one whole: walk them without reading their content
+            ext = f.read(8)
+            esize = int(np.frombuffer(ext, hdr.endianness + "i4", 1)[0]) if len(ext) == 8 else 0
+            if not 8 <= esize <= size:
+                raise BadInput(path, f"{what} header extension size {esize:,} does not fit before vox_offset")
+            f.seek(esize - 8, 1)
+            size -= esize
+        return hdr
+
+
+def _check_header(path: str, img, stored, cfg: VolumeConfig, what: str) -> None:
+    """Header sanity, before any voxel is read or the affine is used (reorienting reads the data,
+    and a NaN or singular affine makes its SVD fail)."""
+    hdr = img.header
+    shape = tuple(int(d) for d in hdr.get_data_shape())
+    if not shape or min(shape) < 1:
+        raise BadInput(path, f"{what} header has dimension sizes {shape}; each must be >= 1")
+    n, dtype = math.prod(shape), hdr.get_data_dtype()
+    if n > cfg.max_voxels:
+        raise BadInput(path, f"{what} header claims shape {shape} ({n:,} voxels, {n * dtype.itemsize / 2**30:.1f} GiB "
+                             f"uncompressed), over the voxel limit max_voxels={cfg.max_voxels:,}")
+    if dtype.kind == "c" or dtype.fields:
+        raise BadInput(path, f"{what} data type {hdr.get_value_label('datatype')} is not real scalar (complex or RGB)")
+    need = int(hdr.get_data_offset()) + n * dtype.itemsize
+    if path.endswith(".nii") and os.path.getsize(path) < need:  # a short memory map fails obscurely later
+        raise BadInput(path, f"cannot read {what} (truncated or corrupt file: {os.path.getsize(path):,} bytes, "
+                             f"the header claims {need:,})")
+    # As stored: with no sform/qform, nibabel's fixed-up pixdim would become the affine.
+    zooms = np.asarray((hdr if stored is None else stored)["pixdim"][1: 1 + min(len(shape), 3)], float)
+    if not np.all(np.isfinite(zooms) & (zooms > 0)):
+        raise BadInput(path, f"{what} header pixdim {zooms.tolist()}: voxel sizes must be finite and positive")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    lin = affine[:3, :3]
+    zooms = np.linalg.norm(lin, axis=0)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(lin)) < 1e-6 or zooms.max() > cfg.max_affine_scale:
+        raise BadInput(path, f"affine is not sane (voxel sizes {np.round(zooms, 3).tolist()} mm)")
 
 
 def load(path: str, cfg: VolumeConfig, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Loads and validates a NIfTI file: (float32 data in RAS, RAS affine), pre-resampling."""
-    if not os.path.exists(path):
-        raise BadInput(f"{path}: {what} file not found")
+    check_file(path, what)
     if os.path.getsize(path) == 0:
-        raise BadInput(f"{path}: {what} file is empty (0 bytes)")
+        raise BadInput(path, f"{what} file is empty (0 bytes)")
     try:
+        stored = _stored_header(path, what)
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise BadInput(f"{path}: not a NIfTI image ({type(img).__name__})")
+            raise BadInput(path, f"not a NIfTI image ({type(img).__name__})")
+        _check_header(path, img, stored, cfg, what)
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
     except BadInput:
         raise
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
-        raise BadInput(f"{path}: cannot read {what} (truncated or corrupt file: {e})") from e
+        raise BadInput(path, f"cannot read {what} (truncated or corrupt file: {e})") from e
     except Exception as e:  # nibabel raises several types for non-NIfTI content
-        raise BadInput(f"{path}: not a readable NIfTI {what} ({type(e).__name__}: {e})") from e
+        raise BadInput(path, f"not a readable NIfTI {what} ({type(e).__name__}: {e})") from e
     if data.ndim == 4:
         if data.shape[3] == 1:
             data = data[..., 0]
@@ -65,22 +152,31 @@ def load(path: str, cfg: VolumeConfig, *, what: str = "image") -> tuple[np.ndarr
         elif cfg.four_d == "mean":
             data = data.mean(axis=3)
         else:
-            raise BadInput(f"{path}: 4D {what} with {data.shape[3]} volumes (four_d='error')")
+            raise BadInput(path, f"4D {what} with {data.shape[3]} volumes (four_d='error')")
     if data.ndim != 3:
-        raise BadInput(f"{path}: {what} is {data.ndim}D with shape {data.shape}; a 3D volume is required")
+        raise BadInput(path, f"{what} is {data.ndim}D with shape {data.shape}; a 3D volume is required")
     if min(data.shape) < cfg.min_size:
-        raise BadInput(f"{path}: {what} shape {data.shape} is below the minimum size {cfg.min_size} per axis")
+        raise BadInput(path, f"{what} shape {data.shape} is below the minimum size {cfg.min_size} per axis")
     affine = np.asarray(img.affine, dtype=np.float64)
-    lin = affine[:3, :3]
-    zooms = np.linalg.norm(lin, axis=0)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(lin)) < 1e-6 or zooms.max() > cfg.max_affine_scale:
-        raise BadInput(f"{path}: affine is not sane (voxel sizes {np.round(zooms, 3).tolist()} mm)")
     finite = np.isfinite(data)
     if not finite.any():
-        raise BadInput(f"{path}: {what} has no finite values (all NaN/inf)")
+        raise BadInput(path, f"{what} has no finite values (all NaN/inf)")
     if not finite.all():
         data = np.where(finite, data, 0.0).astype(np.float32)
     return data, affine
+
+
+def label_dtype(labels: np.ndarray, path: str) -> type:
+    """uint8 when the labels fit, else uint16 (FreeSurfer aseg goes to 2035); never wrapped."""
+    lo, hi = float(labels.min()), float(labels.max())
+    off = np.abs(labels - np.rint(labels)) > 1e-3  # float32 storage of integer ids is exact to far less
+    if off.any():
+        raise BadInput(path, f"label map has non-integer values (e.g. {labels[off].flat[0]:g}); labels are class ids")
+    if lo < 0:
+        raise BadInput(path, f"label map has negative values (min {lo:g}); labels must be >= 0")
+    if hi > np.iinfo(np.uint16).max:
+        raise BadInput(path, f"label map values up to {hi:g} do not fit uint16")
+    return np.uint8 if hi <= np.iinfo(np.uint8).max else np.uint16
 
 
 def is_axis_aligned(affine: np.ndarray, tol: float = 1e-4) -> bool:
@@ -137,6 +233,8 @@ def foreground_box(data: np.ndarray, threshold: float, margin: int) -> tuple[sli
 def process(image_path: str, label_path: str | None, cfg: VolumeConfig) -> dict:
     """The whole per-series geometry + intensity chain. Raises :class:`BadInput`."""
     data, affine = load(image_path, cfg)
+    if data.min() == data.max():  # nothing to learn from; normalising it would store zeros
+        raise BadInput(image_path, f"image is constant (all voxels = {float(data.flat[0]):g})")
     orig_spacing = np.linalg.norm(affine[:3, :3], axis=0)
     raw_stats = {"raw_p01": float(np.percentile(data, 1)), "raw_p99": float(np.percentile(data, 99))}
     out_affine, out_shape = ras_grid(affine, data.shape, cfg.target_spacing)
@@ -145,8 +243,9 @@ def process(image_path: str, label_path: str | None, cfg: VolumeConfig) -> dict:
     if label_path:
         ldata, laff = load(label_path, cfg, what="label map")
         if ldata.shape != data.shape or not np.allclose(laff, affine, atol=1e-3):
-            raise BadInput(f"{label_path}: label map grid {ldata.shape} does not match image {image_path} grid {data.shape}")
-        label = resample(np.rint(ldata), laff, out_affine, out_shape, order=0).astype(np.uint8)
+            raise BadInput(label_path,
+                           f"label map grid {ldata.shape} does not match image {image_path} grid {data.shape}")
+        label = resample(np.rint(ldata), laff, out_affine, out_shape, order=0).astype(label_dtype(ldata, label_path))
     vol, norm_stats = normalise(vol, cfg)
     if cfg.crop_foreground:
         box = foreground_box(vol, cfg.crop_threshold, cfg.crop_margin)

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from decipher_jax import sharding as sh
-from decipher_jax.trainers.common import Model, opt_shardings
+from decipher_jax.state import Model, opt_shardings
 
 # Per-chip HBM in GiB (public spec sheets).
 HBM_GIB = {"v4": 32, "v5 lite": 16, "v5e": 16, "v5p": 95, "v5": 95, "v6 lite": 32, "v6e": 32}

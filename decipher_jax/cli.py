@@ -4,12 +4,14 @@
     decipher corpus --out data/embedded      # write the embedded default corpus + manifest.csv
     decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
+    decipher eval --config experiments/configs/eval.py[:arg] --workdir W [--config.runs.align=R]
     decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...
     decipher report --workdir W              # HTML page with the run's tables and figures
     decipher sweep --sweep experiments/sweeps/probes.py --workdir W
 
 Subcommands import their dependencies lazily so that ``--help`` is instant and environment
-variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax starts.
+variables (XLA_FLAGS, JAX_PLATFORMS) set by the caller take effect before jax starts; the
+environment is set once, by :func:`decipher_jax.env.setup`, before any subcommand runs.
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ def _corpus(args) -> int:
 
 
 def _prep(args) -> int:
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
-    from data_prep import prep, volume
+    from data_prep import manifest, prep, volume
 
     vcfg = volume.VolumeConfig(target_spacing=tuple(args.spacing), four_d=args.four_d,
                                clip_percentiles=tuple(args.clip), crop_foreground=args.crop_foreground)
     cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers,
                           compression=args.compression)
-    res = prep.run(args.manifest, args.out, cfg, progress=not args.quiet)
+    try:
+        res = prep.run(args.manifest, args.out, cfg, progress=not args.quiet)
+    except manifest.ManifestError as e:  # the manifest as a whole is unusable (row problems are skipped)
+        print(f"prep: error: {e}", file=sys.stderr)
+        return 2
     c = res.counts
     print(f"prep: {res.processed} processed, {res.reused} reused, {len(res.errors)} failed -> {res.tfds_dir}")
     print("  " + ", ".join(f"{s}: {v['series']} series / {v['patients']} patients" for s, v in c.items()))
@@ -56,9 +59,6 @@ def _prep(args) -> int:
 
 
 def _train(args, extra) -> int:
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
     from decipher_jax.trainers import common
 
     cfg = common.load_config(args.config, common.parse_overrides(extra))
@@ -68,13 +68,46 @@ def _train(args, extra) -> int:
     if name not in trainers and "trainer" not in cfg:
         raise SystemExit(f"no trainer for config {name}; set config.trainer to a module with train(config, workdir)")
     module = importlib.import_module(cfg.get("trainer", trainers.get(name)))
-    module.train(cfg, args.workdir)
+    from decipher_jax import runspec
+
+    try:
+        module.train(cfg, args.workdir)
+    except common.Preempted as e:  # a checkpoint was written; 143 = 128 + SIGTERM, as schedulers expect
+        print(f"decipher train: {e}", file=sys.stderr)
+        return 143
+    except (common.WorkdirLocked, common.Diverged, runspec.ConfigMismatch) as e:
+        print(f"decipher train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
-def _zeroshot(args) -> int:
-    from absl import flags
+def _eval(args, extra) -> int:
+    from decipher_jax import runs
+    from decipher_jax import sharding as sh
+    from decipher_jax.eval import evaluators
+    from decipher_jax.trainers.common import load_config, parse_overrides
 
-    flags.FLAGS.mark_as_parsed()
+    cfg = load_config(args.config, parse_overrides(extra))
+    run_dirs = {}
+    for role, path in cfg.runs.items():
+        path = path.format(workdir=args.workdir) if path else ""
+        if path and os.path.exists(os.path.join(path, "run_spec.json")):
+            run_dirs[role] = path
+        elif path:
+            print(f"eval: no run at {path} (runs.{role}); left out")
+    if not run_dirs:
+        print("eval: error: no run to evaluate (set --config.runs.align=WORKDIR and/or --config.runs.ssl_teacher)",
+              file=sys.stderr)
+        return 2
+    data = cfg.data or runs.read_spec(run_dirs.get("align") or run_dirs["ssl_teacher"])["config"]["data"]["dir"]
+    ctx = evaluators.Context(out=args.workdir, data=data, runs=run_dirs, random=cfg.random,
+                             mesh=sh.make_mesh(dict(cfg.mesh)))
+    results = evaluators.run_all(evaluators.from_config(cfg.evals, cfg.get("order")), ctx)
+    print(f"eval: {len(results)} evaluator(s) of {', '.join(f'{k} {v}' for k, v in run_dirs.items())} on {data} -> "
+          f"{ctx.eval_dir}/{{{','.join(results)}}}.json")
+    return 0
+
+
+def _zeroshot(args) -> int:
     from decipher_jax import zeroshot
 
     zs = zeroshot.ZeroShot.from_workdir(args.workdir)
@@ -118,9 +151,6 @@ def _report(args) -> int:
 
 
 def _sweep(args) -> int:
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
     from decipher_jax.eval import sweep
 
     rows = sweep.run(sweep.load_sweep(args.sweep), args.workdir)
@@ -165,6 +195,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.set_defaults(fn=_train, takes_extra=True)
 
+    p = sub.add_parser("eval", help="evaluate trained runs: --config experiments/configs/eval.py[:args] [--config.a.b=v]")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True, help="results go to WORKDIR/eval/<evaluator>.json")
+    p.set_defaults(fn=_eval, takes_extra=True)
+
     p = sub.add_parser("zeroshot", help="score the series of a prepared split against query sentences")
     p.add_argument("--workdir", required=True, help="a stage-2 (clip_align) workdir")
     p.add_argument("--split", default="test")
@@ -186,6 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="default: WORKDIR/report.html")
     p.set_defaults(fn=_report)
     args, extra = parser.parse_known_args(argv)
+    from decipher_jax import env
+
+    env.setup()  # offline, absl flags parsed (grain); never imports jax (the demo adds its devices)
     if getattr(args, "takes_extra", False):
         return int(args.fn(args, extra) or 0)
     if extra:

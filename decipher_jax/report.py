@@ -1,13 +1,15 @@
 """``decipher report``: one self-contained HTML page (figures embedded as PNG) for a workdir.
 
-Reads what the pipeline wrote and skips what is absent:
-- ``stage1_vision/``, ``stage1_text/``, ``stage2/`` ``metrics.jsonl``: training curves;
-- ``stage2/eval_test.json``: held-out retrieval before / after stage 2, with examples;
-- ``eval/probes.json``: probe score against label fraction, per task and encoder;
-- ``stage2/rerank_test.json``: token-level re-ranking of the top k;
-- ``zeroshot.json``: zero-shot results; ``localisation/``: heatmap metrics and example slices;
-- ``segmentation/``: Dice / HD95 per task, encoder and head, and overlay slices;
-- ``summary.md``: the run's summary lines.
+One section per evaluator file that ``decipher eval`` (or the demo) wrote, by the evaluator's
+name (:mod:`decipher_jax.eval.evaluators`), skipping what is absent:
+- ``eval/retrieval.json``: held-out retrieval (before / after stage 2), with examples;
+- ``eval/rerank.json``: token-level re-ranking of the top k;
+- ``eval/probes.json`` (and ``eval/compare.json``): probe score against label fraction;
+- ``eval/zeroshot.json``; ``eval/localisation.json`` (+ ``eval/localisation/examples.npz``);
+- ``eval/segmentation.json`` (+ ``eval/segmentation/examples.npz``): Dice / HD95 per task,
+  encoder and head, and overlay slices;
+and the training curves of the runs under the workdir (``stage1_vision/``, ``stage1_text/``,
+``stage2/`` ``metrics.jsonl``) and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -110,9 +112,11 @@ def training_curves(workdir: str) -> str:
 
 
 def retrieval(workdir: str) -> str:
-    ev = _load_json(workdir, "stage2", "eval_test.json")
-    if ev is None:
+    r = _load_json(workdir, "eval", "retrieval.json")
+    if r is None or "splits" not in r or "test" not in r["splits"]:
         return ""
+    ev = {"before": r.get("before", {}).get("test"), "after": r["splits"]["test"]}
+    ev = {k: v for k, v in ev.items() if v}
     keys = ["i2t_study/R@1", "i2t_study/R@5", "i2t_study/R@10", "i2t_series/R@5", "t2i_series/R@5", "i2t_series/MRR"]
     rows = [[tag, *(f"{ev[tag][k]:.2f}" for k in keys)] for tag in ("before", "after") if tag in ev]
     any_ev = ev.get("after") or ev.get("before")
@@ -131,8 +135,8 @@ def retrieval(workdir: str) -> str:
 
 
 def rerank_section(workdir: str) -> str:
-    rr = _load_json(workdir, "stage2", "rerank_test.json")
-    if rr is None:
+    rr = _load_json(workdir, "eval", "rerank.json")
+    if rr is None or "test" not in rr:
         return ""
     t = rr["test"]
     keys = [k for k in t["first_stage"]]
@@ -146,9 +150,9 @@ def rerank_section(workdir: str) -> str:
 
 
 def segmentation_section(workdir: str) -> str:
-    d = os.path.join(workdir, "segmentation")
-    seg = _load_json(d, "segmentation.json")
-    if seg is None:
+    d = os.path.join(workdir, "eval", "segmentation")
+    seg = _load_json(workdir, "eval", "segmentation.json")
+    if seg is None or "skipped" in seg:
         return ""
     fmt = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     out = ["<h2>Segmentation on frozen encoders</h2>",
@@ -196,7 +200,7 @@ def segmentation_section(workdir: str) -> str:
 
 def probes_section(workdir: str) -> str:
     rows = _load_json(workdir, "eval", "probes.json")
-    if rows is None:
+    if not isinstance(rows, list) or not rows:
         return ""
     plt = _pyplot()
 
@@ -253,9 +257,9 @@ def probes_section(workdir: str) -> str:
 
 
 def localisation_section(workdir: str) -> str:
-    d = os.path.join(workdir, "localisation")
-    m = _load_json(d, "localisation.json")
-    if m is None:
+    d = os.path.join(workdir, "eval", "localisation")
+    m = _load_json(workdir, "eval", "localisation.json")
+    if m is None or not m.get("n_series"):
         return ""
     out = ["<h2>Text-guided localisation</h2>",
            f'<p class="note">Cosine of the finding\'s query sentence with every patch embedding, upsampled '
@@ -286,10 +290,15 @@ def localisation_section(workdir: str) -> str:
 
 
 def zeroshot_section(workdir: str) -> str:
-    z = _load_json(workdir, "zeroshot.json")
-    if z is None:
+    z = _load_json(workdir, "eval", "zeroshot.json")
+    if z is None or "table" not in z:
         return ""
-    return "<h2>Zero-shot</h2>" + _table(["query", "result"], [[k, v] for k, v in z.items()], left=2)
+    return "<h2>Zero-shot</h2>" + _table(["query", "result"], [[k, v] for k, v in z["table"].items()], left=2)
+
+
+# Evaluator name (its eval/<name>.json) -> section, in page order.
+SECTIONS = {"retrieval": retrieval, "rerank": rerank_section, "probes": probes_section, "zeroshot": zeroshot_section,
+            "localisation": localisation_section, "segmentation": segmentation_section}
 
 
 def build(workdir: str, out: str | None = None) -> str:
@@ -300,9 +309,13 @@ def build(workdir: str, out: str | None = None) -> str:
     if os.path.exists(summary):
         with open(summary) as f:
             parts.append("<h2>Summary</h2><pre>" + html.escape(f.read()) + "</pre>")
-    for section in (training_curves, retrieval, rerank_section, probes_section, zeroshot_section,
-                    localisation_section, segmentation_section):
-        parts.append(section(workdir))
+    parts.append(training_curves(workdir))
+    for name, section in SECTIONS.items():
+        skipped = _load_json(workdir, "eval", f"{name}.json")
+        if isinstance(skipped, dict) and "skipped" in skipped:
+            parts.append(f'<h2>{html.escape(name)}</h2><p class="note">skipped: {html.escape(skipped["skipped"])}</p>')
+        else:
+            parts.append(section(workdir))
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>decipher_jax report</title><style>{CSS}</style>" \
            f"</head><body>{''.join(p for p in parts if p)}</body></html>"
     tmp = out + ".tmp"

@@ -46,9 +46,9 @@ class ZeroShot:
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, mesh=None, **kw) -> ZeroShot:
-        from decipher_jax.trainers import clip_align
+        from decipher_jax import runs
 
-        model, params, spec = clip_align.load(workdir, mesh=mesh, step=step)
+        model, params, spec = runs.load_align(workdir, mesh=mesh, step=step)
         return cls(model, params, spec, model.mesh, **kw)
 
     # -- embeddings ------------------------------------------------------------------------------

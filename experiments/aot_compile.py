@@ -10,7 +10,9 @@ Steps (``--step``): ``vit`` (a ViT forward / backward + AdamW on an objective ov
 tokens) and ``vision_ssl`` (the real stage-1 step of ``experiments/configs/vision_ssl.py``:
 student + EMA teacher, DINO / iBOT heads with 65536 prototypes, 2 global + 8 local crops) and
 ``clip_align`` (the real stage-2 step of ``experiments/configs/clip_align.py``: ViT + BERT-base
-towers, the contrastive loss over the whole global batch, AdamW with the towers' lr rules).
+towers, the contrastive loss over the whole global batch, AdamW with the towers' lr rules) and
+``text_mlm`` (the real stage-1 text step of ``experiments/configs/text_mlm.py``: BERT-base MLM with
+the tied decoder at the masked slots, AdamW; ``--text-layers`` shrinks it for a quick check).
 """
 
 from __future__ import annotations
@@ -127,7 +129,34 @@ def clip_align_step(args, topology: str) -> aot.AotResult:
     return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), analytic)
 
 
-STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step}
+def text_mlm_step(args, topology: str) -> aot.AotResult:
+    """The real stage-1 text step (BERT-base MLM with the tied decoder at the masked slots, AdamW)."""
+    import jax
+
+    from decipher_jax import sharding as sh
+    from decipher_jax.trainers import common, text_mlm
+
+    cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "text_mlm.py"), {"model.path": ""})
+    cfg.model.update(remat=args.remat, scan=args.scan)
+    cfg.model.bert["num_hidden_layers"] = args.text_layers
+    chips = len(aot.topology_mesh(topology, {"data": -1})[1])
+    cfg.data.batch_size = args.per_chip_batch * chips
+    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, cfg.model.bert["hidden_size"]))
+    b = text_mlm.build(cfg, mesh)
+    state = common.abstract(b["shapes"], b["shardings"])
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
+             for k, (shape, dt) in text_mlm.batch_spec(cfg).items()}
+    jitted = jax.jit(b["step"], in_shardings=(b["shardings"], None), out_shardings=(b["shardings"], None),
+                     donate_argnums=(0,))
+    n, t, bc = cfg.data.batch_size, cfg.data.max_length, b["bert"]
+    encoder = 3.0 * n * bc.num_layers * (2 * t * bc.hidden_size * 4 * bc.hidden_size + 4 * t * t * bc.hidden_size
+                                         + 4 * t * bc.hidden_size * bc.intermediate_size)
+    decoder = 3.0 * 2 * n * cfg.data.max_predictions * bc.hidden_size * (bc.hidden_size + bc.vocab_size)
+    name = f"stage-1 text MLM BERT-base ({bc.num_layers} layers) {t} tokens, {cfg.data.max_predictions} predictions, b{n}"
+    return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), encoder + decoder)
+
+
+STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step, "text_mlm": text_mlm_step}
 
 
 def main(argv=None) -> int:
@@ -136,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="B/16")
     p.add_argument("--objective", default="clip", choices=["clip", "siglip"], help="clip_align step only")
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=12, help="text_mlm step only: BERT layers")
     p.add_argument("--per-chip-batch", type=int, default=4)
     p.add_argument("--remat", default="dots", choices=["none", "dots", "full"])
     # XLA's cost analysis counts a while-loop body once: with --scan its FLOPs are per layer.

@@ -35,3 +35,27 @@ def randomise_torch(module, seed: int = 0, scale: float = 0.05):
             noise = torch.randn(p.shape, generator=g) * scale
             p.copy_(1.0 + noise if (name.endswith("weight") and p.ndim == 1) else noise)
     return module
+
+
+MODELS_OF = {"vision_ssl": {"vit"}, "text_mlm": {"bert"}, "clip_align": {"vit", "bert", "towers"}}
+
+
+def assert_run_spec(workdir: str, kind: str, starts: int = 1) -> dict:
+    """``run_spec.json`` in the one schema every trainer writes: the same fields, the model
+    configs of its kind (null for the others), a history entry per start."""
+    import dataclasses
+    import json
+    import os
+
+    from decipher_jax import runspec
+
+    with open(os.path.join(workdir, "run_spec.json")) as f:
+        d = json.load(f)
+    assert set(d) == {f.name for f in dataclasses.fields(runspec.RunSpec)}, sorted(d)
+    assert d["schema"] == runspec.SCHEMA and d["kind"] == kind
+    assert {m for m in runspec.MODELS if d[m] is not None} == MODELS_OF[kind]
+    assert isinstance(d["config"], dict) and d["config"]["steps" if "steps" in d["config"] else "ssl"]
+    assert bool(d["tokenizer"]) == (kind != "vision_ssl")
+    assert d["preprocessing"] and d["preprocessing"]["orientation"].startswith("RAS")
+    assert len(d["history"]) == starts and d["history"][0]["step"] == 0
+    return d

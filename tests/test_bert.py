@@ -20,7 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm(minilm_path):
-    return bert.from_pretrained(minilm_path), bert.load_tokenizer(minilm_path)
+    return hf_bert.from_pretrained(minilm_path), bert.load_tokenizer(minilm_path)
 
 
 def test_tokenizer_ids_match_transformers_and_wordpiece(minilm_path, minilm):
@@ -78,7 +78,7 @@ def test_export_round_trip_through_transformers(tmp_path, rng):
     np.testing.assert_allclose(np.asarray(h)[valid], out.hidden_states[-1].numpy()[valid], atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits[valid], out.logits.numpy()[valid], atol=1e-4, rtol=0)
     # And back: loading the exported directory restores identical parameters.
-    back = bert.from_pretrained(str(tmp_path))
+    back = hf_bert.from_pretrained(str(tmp_path))
     from decipher_jax.interop.common import flat_arrays
 
     a, b = flat_arrays(nnx.state(ours)), flat_arrays(nnx.state(back))
@@ -88,7 +88,7 @@ def test_export_round_trip_through_transformers(tmp_path, rng):
 
 def test_bad_checkpoint_directory_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        bert.from_pretrained(str(tmp_path))
+        hf_bert.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "roberta"}')
     with pytest.raises(ValueError, match="not a BERT"):
-        bert.from_pretrained(str(tmp_path))
+        hf_bert.from_pretrained(str(tmp_path))

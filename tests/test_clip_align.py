@@ -13,6 +13,7 @@ import pytest
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
 from decipher_jax.trainers import clip_align, common
+from helpers import assert_run_spec
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
 SMALL_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -218,6 +219,8 @@ def test_kill_and_resume_matches_uninterrupted_run(prepared_heldout, minilm_path
     for s in (3, 4):
         for k in ("loss", "grad_norm", "i2t_acc"):
             assert resumed[s][k] == pytest.approx(ref[s][k], rel=1e-6, abs=1e-7), (s, k)
+    spec = assert_run_spec(killed, "clip_align", starts=2)
+    assert spec["history"][1]["step"] == 2 and "changed" in spec["history"][1]  # stop_after 2 -> 0
 
 
 def test_tiny_stage2_lifts_heldout_retrieval(prepared_heldout, tmp_path):

@@ -9,20 +9,20 @@ from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
 from decipher_jax.eval import features, seghead
 from decipher_jax.models.vit3d import ViT3D, ViTConfig
-from decipher_jax.trainers import common
+from decipher_jax.state import Model
 
 CFG = ViTConfig(dim=16, depth=2, heads=2, mlp_dim=32, patch_size=(4, 4, 4), img_size=(8, 8, 8))
 
 
 def _model(mesh):
-    model = common.Model(lambda r: ViT3D(CFG, rngs=r), mesh)
+    model = Model(lambda r: ViT3D(CFG, rngs=r), mesh)
     return model, model.init(jax.random.key(0))
 
 
 def _direct(params, vols):
     """Single-device reference: the ViT applied to (B, X, Y, Z, 1) volumes, mean patch token."""
     one = sh.make_mesh(None, jax.devices()[:1])
-    model = common.Model(lambda r: ViT3D(CFG, rngs=r), one)
+    model = Model(lambda r: ViT3D(CFG, rngs=r), one)
     rep = jax.NamedSharding(one, jax.P())
     p1 = jax.device_put(jax.device_get(params), rep)
     with jax.set_mesh(one):

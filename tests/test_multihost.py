@@ -7,12 +7,14 @@ import sys
 
 import portpicker
 
+from decipher_jax import env as env_lib
+
 HERE = os.path.dirname(__file__)
 
 
 def test_two_processes_train_together(prepared, tmp_path):
     port = portpicker.pick_unused_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env = env_lib.subprocess_env(drop=("XLA_FLAGS",))  # not the session's 8 devices: each worker sets 2
     cmd = [sys.executable, os.path.join(HERE, "scripts", "multihost_worker.py")]
     args = [str(port), prepared, str(tmp_path / "run"), os.path.join(HERE, "..", "experiments", "configs", "vision_ssl.py")]
     procs = [subprocess.Popen(cmd[:1] + [cmd[1], str(i)] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

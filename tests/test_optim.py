@@ -100,7 +100,7 @@ def test_current_hparams_are_reported():
 def test_optimizer_state_shardings_follow_params_even_with_frozen_towers():
     """Regression: a frozen tower (multi_transform) broke optax.tree_map_params-based shardings."""
     from decipher_jax import sharding as sh
-    from decipher_jax.trainers.common import opt_shardings
+    from decipher_jax.state import opt_shardings
 
     mesh = sh.make_mesh({"fsdp": 2, "data": -1})
     p = {"backbone": {"w": jnp.ones((4, 6)), "b": jnp.ones((6,))}, "head": {"w": jnp.ones((4, 2))}}

@@ -29,8 +29,9 @@ def test_report_renders_with_figures(tmp_path):
     before, after = ev | dict.fromkeys(keys, 0.1), ev | dict.fromkeys(keys, 0.8)
     after["examples"] = [{"series_id": "P1_T1", "study_id": "P1", "body_region": "knee", "top_studies": ["P1", "P2"],
                           "top_reports": ["MRI knee. <b>No effusion</b>.", "MRI brain."]}]
-    with open(w / "stage2" / "eval_test.json", "w") as f:
-        json.dump({"before": before, "after": after}, f)
+    os.makedirs(w / "eval")
+    with open(w / "eval" / "retrieval.json", "w") as f:  # the retrieval evaluator's file
+        json.dump({"splits": {"test": after}, "before": {"test": before}}, f)
     rows = [{"encoder": e, "task": t, "fraction": fr, "seed": s, "balanced_accuracy": 0.5 + 0.1 * s,
              "auroc": 0.6 + 0.1 * s + 0.05 * (t == "finding: mass")}
             for e in ("random init", "stage 2 (CLIP)") for t in ("body_region", "finding: infarct", "finding: mass")
@@ -38,7 +39,6 @@ def test_report_renders_with_figures(tmp_path):
     rows += [{"encoder": e, "task": "age", "head": "ridge", "fraction": fr, "seed": s, "mae": 12.5 - 2 * s - fr,
               "r2": 0.25, "mae_of_mean": 16.75} for e in ("random init", "stage 2 (CLIP)") for fr in (0.1, 1.0)
              for s in (0, 1)]
-    os.makedirs(w / "eval")
     with open(w / "eval" / "probes.json", "w") as f:
         json.dump(rows, f)
     with open(w / "eval" / "compare.json", "w") as f:

@@ -12,7 +12,7 @@ import pytest
 from decipher_jax import report
 from decipher_jax import sharding as sh
 from decipher_jax.models.vit3d import ViT3D, ViTConfig
-from decipher_jax.trainers import common
+from decipher_jax.state import Model
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_grey_white_matter_on_the_held_out_hemisphere(mni_prep, tmp_path):
 
     mesh = sh.make_mesh({"data": -1})
     cfg = ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=(4, 4, 4), img_size=(16, 16, 16))
-    model = common.Model(lambda r: ViT3D(cfg, rngs=r), mesh)
+    model = Model(lambda r: ViT3D(cfg, rngs=r), mesh)
     encs = {"random init": (model, model.init(jax.random.key(0)))}
     res = segtasks.brain_tissue(encs, mni_prep, mesh, window=cfg.img_size, steps=120, batch=8, lrs=(1e-2,),
                                 seeds=(0,), n_random=32)
@@ -53,14 +53,14 @@ def test_grey_white_matter_on_the_held_out_hemisphere(mni_prep, tmp_path):
     assert np.isfinite(rows["unetr"]["hd95_grey_matter_mm"])
     # Written out and rendered with an overlay figure.
     w = tmp_path / "run"
-    os.makedirs(w / "segmentation")
+    os.makedirs(w / "eval" / "segmentation")  # the segmentation evaluator's files
     ex = res.pop("example")
     pred = ex["preds"][("random init", "unetr")]
     z = ex["image"].shape[2] // 2
-    np.savez(w / "segmentation" / "examples.npz", brain_tissue_image=ex["image"][None, :, :, z],
+    np.savez(w / "eval" / "segmentation" / "examples.npz", brain_tissue_image=ex["image"][None, :, :, z],
              brain_tissue_label=ex["label"][None, :, :, z], brain_tissue_pred=pred[None, :, :, z],
              brain_tissue_title=np.asarray("random init, unetr head"))
-    with open(w / "segmentation" / "segmentation.json", "w") as f:
+    with open(w / "eval" / "segmentation.json", "w") as f:
         json.dump({"brain_tissue": res, "lesions": {}}, f)
     html = open(report.build(str(w))).read()
     assert "Segmentation on frozen encoders" in html and "dice_grey_matter" in html and "<img" in html

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from decipher_jax.trainers import common, text_mlm
+from helpers import assert_run_spec
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "text_mlm.py")
 
@@ -25,3 +26,5 @@ def test_mlm_lowers_loss_and_exports(prepared, minilm_path, tmp_path):
     from transformers import BertForMaskedLM
 
     BertForMaskedLM.from_pretrained(os.path.join(out, "hf_export"), local_files_only=True)
+    spec = assert_run_spec(out, "text_mlm")
+    assert spec["bert"]["hidden_size"] == 384  # MiniLM

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from decipher_jax.trainers import common, vision_ssl
+from helpers import assert_run_spec
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "vision_ssl.py")
 
@@ -43,6 +44,7 @@ def test_kill_and_resume_matches_uninterrupted_run(prepared, tmp_path):
     shutil.copytree(killed, str(tmp_path / "killed_copy"))
     vision_ssl.train(_cfg(prepared), killed)  # resumes from the step-3 checkpoint and data position
     resumed = _losses(killed)
+    assert_run_spec(killed, "vision_ssl", starts=2)
     for s in (4, 5, 6):
         for k in ("loss", "dino", "ibot", "koleo", "grad_norm"):
             assert resumed[s][k] == pytest.approx(ref[s][k], rel=1e-6, abs=1e-7), (s, k)

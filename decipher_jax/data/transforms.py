@@ -80,7 +80,7 @@ class Decode(grain.transforms.Map):
     def map(self, ex):
         out = {"image": np.asarray(ex["volume"])[..., None]}
         if self.keep_label:
-            out["label"] = np.asarray(ex["label"], np.uint8)
+            out["label"] = np.asarray(ex["label"])  # as stored: uint16 since format 1.2 (ids above 255), never wrapped
         for k in ("series_id", "study_id", "patient_id", "series_description", "sequence", "body_region", "sex",
                   "findings", "report"):
             if k in ex:

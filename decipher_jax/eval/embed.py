@@ -101,7 +101,7 @@ def embed_pairs(model, params, source, mesh, *, image_size, tokenizer: str, max_
     """Image and report embeddings (L2-normalised, shared space) of every series with a report;
     with ``tokens`` also per-patch and per-token embeddings (``patch``, ``tokens``, ``token_mask``).
 
-    ``model`` is a :class:`decipher_jax.trainers.common.Model` of ``TwoTowers``; volumes are
+    ``model`` is a :class:`decipher_jax.state.Model` of ``TwoTowers``; volumes are
     resized whole to the model's input grid (no crops).
     """
     batch_size = round_batch(batch_size, mesh)

@@ -77,7 +77,7 @@ def _extract_windows(fn, source, mesh, window, overlap, batch_size):
 
 def extract(model, params, source, mesh, *, size, out_dir: str | None = None, layers=(), batch_size: int = 16,
             chunk_batches: int = 64, window=None, overlap: float = 0.5) -> dict:
-    """Features of every series in ``source`` (``model``: a ``common.Model`` of a ViT3D)."""
+    """Features of every series in ``source`` (``model``: a :class:`decipher_jax.state.Model` of a ViT3D)."""
     fn = functools.partial(_encoder(model, tuple(layers)), params)
     if window is not None:
         feats = _extract_windows(fn, source, mesh, window, overlap, embed.round_batch(batch_size, mesh))

@@ -32,15 +32,13 @@ import csv
 import json
 import os
 
-import jax
 import numpy as np
 
-from decipher_jax import checkpoint as ckpt
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
 from decipher_jax.eval import features, probes
-from decipher_jax.models.vit3d import ViT3D, ViTConfig
-from decipher_jax.trainers import common
+from decipher_jax.models.vit3d import ViTConfig
+from decipher_jax.state import Model
 
 TASKS = ("body_region", "sequence", "sex", "age", "findings")
 REGRESSION = ("age",)  # real-valued targets: ridge probes, MAE
@@ -54,31 +52,21 @@ def known(y) -> np.ndarray:
 
 
 def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
-    """``({name: (model, params)}, vit config)`` for the stage-2 image tower, the stage-1 teacher
-    and a random init."""
-    from decipher_jax.trainers import clip_align
+    """``({name: (model, params)}, vit config)`` of a pipeline workdir: the stage-2 image tower,
+    the stage-1 teacher (when trained) and a random init (:func:`decipher_jax.runs.encoders`)."""
+    from decipher_jax import runs
 
-    out = {}
-    mesh = mesh or sh.make_mesh({"data": -1})
-    s2 = os.path.join(workdir, "stage2")
-    _, params2, spec = clip_align.load(s2, mesh=mesh)
-    vit = ViTConfig(**clip_align.from_json(spec["vit"]))
-    model = common.Model(lambda r: ViT3D(vit, rngs=r), mesh)
-    out["stage 2 (CLIP)"] = (model, params2["image"])
     s1 = os.path.join(workdir, "stage1_vision")
-    if os.path.isdir(os.path.join(s1, "checkpoints")):
-        out["stage 1 (DINO teacher)"] = (model, stage1_teacher(s1, model))
-    out["random init"] = (model, model.init(jax.random.key(123)))
-    return out, vit
+    encs = runs.encoders(align=os.path.join(workdir, "stage2"), mesh=mesh,
+                         ssl_teacher=s1 if os.path.isdir(os.path.join(s1, "checkpoints")) else "")
+    return {e.name: (e.model, e.params) for e in encs.values()}, encs["align"].vit
 
 
-def stage1_teacher(ssl_workdir: str, model: common.Model):
-    """The EMA teacher's backbone from a ``vision_ssl`` workdir's latest checkpoint, on ``model``'s
-    shardings (a ViT3D of the same config)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    _, part = ckpt.restore_subtree(os.path.join(ssl_workdir, "checkpoints"),
-                                   {"teacher": {"backbone": common.abstract(shapes, model.shardings)}})
-    return part["teacher"]["backbone"]
+def stage1_teacher(ssl_workdir: str, model: Model):
+    """The EMA teacher's backbone of a ``vision_ssl`` workdir (:func:`decipher_jax.runs.ssl_teacher_params`)."""
+    from decipher_jax import runs
+
+    return runs.ssl_teacher_params(ssl_workdir, model)
 
 
 def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, np.ndarray]]:

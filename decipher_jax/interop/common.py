@@ -69,9 +69,13 @@ def read_torch_weights(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except (SafetensorError, OSError) as e:  # their messages do not name the file
+            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is optional at run time

@@ -1,5 +1,8 @@
 """Hugging Face BERT checkpoints <-> :class:`decipher_jax.models.bert.Bert`.
 
+    model = hf_bert.from_pretrained(path)          # a HF BERT directory -> Bert (with MLM head)
+    hf_bert.save_pretrained(model, out, tokenizer_dir=path)
+
 Torch ``Linear.weight`` is ``(out, in)``: our kernels are its transpose. Query/key/value are
 fused into one ``(E, 3, heads, head_dim)`` kernel per layer and layers are stacked. Both the
 ``bert.``-prefixed (``BertForMaskedLM``) and bare (``BertModel``) layouts load, as do the old
@@ -17,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from decipher_jax.interop.common import fill_state, flat_arrays, read_torch_weights
-from decipher_jax.models.bert import Bert, BertConfig
+from decipher_jax.models.bert import Bert, BertConfig, read_config
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,14 @@ def load_into(model: Bert, path: str) -> list[str]:
         log.warning("%s has no MLM head; %s keep their random initialisation", wfile, missing)
     nnx.update(model, state)
     return missing
+
+
+def from_pretrained(path: str, *, mlm_head: bool = True, seed: int = 0, **overrides) -> Bert:
+    """Builds a :class:`Bert` from a Hugging Face BERT directory (no network access)."""
+    config = read_config(path, mlm_head=mlm_head, **overrides)
+    model = Bert(config, rngs=nnx.Rngs(seed))
+    load_into(model, path)
+    return model
 
 
 def save_pretrained(model: Bert, path: str, tokenizer_dir: str | None = None) -> str:

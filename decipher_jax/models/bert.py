@@ -2,9 +2,10 @@
 
 Loads any standard Hugging Face BERT directory (``config.json`` + ``model.safetensors`` or
 ``pytorch_model.bin``; the PubMedBERT / BiomedBERT layout) without Flax support from
-transformers: the weights are converted by :mod:`decipher_jax.interop.hf_bert`.
+transformers: the weights are converted by :mod:`decipher_jax.interop.hf_bert` (models never
+import interop; the converter imports the model).
 
-    model = bert.from_pretrained(path)            # Bert with MLM head
+    model = hf_bert.from_pretrained(path)         # Bert with MLM head (decipher_jax.interop)
     tok = bert.load_tokenizer(path)
     hidden = model(input_ids, attention_mask)     # (B, T, E) last hidden states
     logits = model.mlm_logits(hidden)             # (B, T, vocab), tied to word embeddings
@@ -150,19 +151,11 @@ def read_config(path: str, **overrides) -> BertConfig:
         return BertConfig.from_hf(json.load(f), **overrides)
 
 
-def from_pretrained(path: str, *, mlm_head: bool = True, seed: int = 0, **overrides) -> Bert:
-    """Builds a :class:`Bert` from a Hugging Face BERT directory (no network access)."""
-    from decipher_jax.interop import hf_bert
-
-    config = read_config(path, mlm_head=mlm_head, **overrides)
-    model = Bert(config, rngs=nnx.Rngs(seed))
-    hf_bert.load_into(model, path)
-    return model
-
-
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer, through transformers, strictly offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from decipher_jax import env
+
+    env.prepare(os.environ)  # HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unless set
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -35,12 +35,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decipher_jax import checkpoint as ckpt
-from decipher_jax import losses, optim
+from decipher_jax import losses, optim, runs, runspec
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
+from decipher_jax.interop import hf_bert
 from decipher_jax.models import bert
 from decipher_jax.models.towers import TowersConfig, TwoTowers, normalise
 from decipher_jax.models.vit3d import ViTConfig
+from decipher_jax.runs import from_json
 from decipher_jax.trainers import common
 
 TOWERS = ("image", "text")
@@ -62,14 +64,10 @@ def vit_config(cfg) -> ViTConfig:
         if not os.path.exists(spec):
             raise FileNotFoundError(f"{spec}: not found; init.vision must be a vision_ssl workdir")
         with open(spec) as f:
-            d = json.load(f)["config"]["model"]["vit"]
+            stage1 = json.load(f)
+        d = stage1.get("vit") or stage1["config"]["model"]["vit"]  # (run specs before the shared schema)
     d.update(dict(cfg.model.get("vit_overrides", {})))
     return ViTConfig(**from_json(d))
-
-
-def from_json(d: dict) -> dict:
-    """Dataclass fields read back from JSON (lists become the tuples the configs declare)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def bert_config(cfg) -> bert.BertConfig:
@@ -135,9 +133,13 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        new = common.keep_if_finite(loss, {"step": state["step"] + 1, "params": params, "opt": opt}, state)
+        live = lambda tree: {k: v for k, v in tree.items() if not frozen.get(k)}  # noqa: E731  (locked towers)
+        new, guard = common.guard_update(loss, {"step": state["step"] + 1, "params": params, "opt": opt}, state,
+                                         params=live(state["params"]), new_params=live(params),
+                                         check={"params": live(params), "opt": opt},
+                                         max_update_ratio=cfg.guard_update_ratio)
         norms = {f"grad_norm_{t}": common.tree_norm(grads[t]) for t in TOWERS}
-        return new, {"loss": loss, **aux, **norms, **extra, "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
+        return new, {"loss": loss, **aux, **guard, **norms, **extra, "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
 
     return step
 
@@ -156,11 +158,7 @@ def build(cfg, mesh) -> dict:
     oc.lr_rules = rules
     tx = optim.build(oc, params_shape)
     frozen = optim.frozen_towers(oc, params_shape, TOWERS)
-    rep = common.replicated(mesh)
-    shardings = {"step": rep, "params": model.shardings,
-                 "opt": common.opt_shardings(tx, params_shape, model.shardings, mesh)}
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
-              "opt": jax.eval_shape(tx.init, params_shape)}
+    shardings, shapes = common.params_state(model, tx, mesh, params_shape)
     return {"model": model, "tx": tx, "frozen": frozen, "shardings": shardings, "shapes": shapes,
             "step": make_step(cfg, model, tx, frozen), "vit": vit, "bert": bcfg, "towers": tcfg}
 
@@ -189,7 +187,7 @@ def initial_params(cfg, b: dict) -> dict:
         print(f"clip_align: image tower <- {cfg.init.vision} ({src} backbone, step {step})", flush=True)
     path = text_path(cfg)
     if path:
-        host = bert.from_pretrained(path, mlm_head=False, seed=cfg.seed, **dict(cfg.model.get("text_overrides", {})))
+        host = hf_bert.from_pretrained(path, mlm_head=False, seed=cfg.seed, **dict(cfg.model.get("text_overrides", {})))
         params["text"] = jax.device_put(nnx.to_pure_dict(nnx.state(host)), model.shardings["text"])
         print(f"clip_align: text tower <- {path}", flush=True)
     return params
@@ -263,6 +261,7 @@ def tokenizer_path(cfg) -> str:
 
 # -- training -----------------------------------------------------------------------------------
 
+@common.locked
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) stage 2; returns the last metrics plus held-out retrieval (``eval/...``)."""
     os.makedirs(workdir, exist_ok=True)
@@ -281,8 +280,8 @@ def train(cfg, workdir: str) -> dict:
 
     mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
+    _write_spec(cfg, workdir, b, mngr.latest_step())
     restored = ckpt.restore(mngr, common.abstract(b["shapes"], shardings), iterator)
-    _write_spec(cfg, workdir, b)
     evaluate = _evaluator(cfg, b, mesh, workdir)
     table = None  # the training texts' features: for the centre, and reused as a locked tower's cache
     if restored:
@@ -307,31 +306,29 @@ def train(cfg, workdir: str) -> dict:
     step_fn = lambda state, batch: jitted(state, batch, cache)  # noqa: E731
     state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
                                      workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
-                                     stop_after=cfg.get("stop_after", 0))
+                                     stop_after=cfg.get("stop_after", 0), max_update_ratio=cfg.guard_update_ratio,
+                                     preemption_grace_s=cfg.preemption_grace_s)
     if int(state["step"]) == cfg.steps:
         metrics.update({f"eval/{k}": v for k, v in evaluate(state["params"], "after").items()})
     return metrics
 
 
 def _evaluator(cfg, b, mesh, workdir):
-    """Held-out retrieval at the start ("before") and the end ("after"); JSON per split."""
-    from decipher_jax.eval import embed, retrieval
+    """Held-out retrieval at the start ("before") and the end ("after"); JSON per split. The
+    metrics are the retrieval evaluator's (:func:`decipher_jax.eval.evaluators.pair_metrics`)."""
+    from decipher_jax.eval import evaluators, retrieval
 
     def run(params, tag: str) -> dict:
         out = {}
         for split in cfg.eval.splits:
             try:
-                source = P.data_source(cfg.data.dir, split)
-            except (KeyError, ValueError, FileNotFoundError) as e:  # a corpus without that split
+                source = evaluators.open_split(cfg.data.dir, split)
+            except evaluators.MissingSplit as e:  # a corpus without that split
                 print(f"clip_align: no {split!r} split to evaluate ({e})", flush=True)
                 continue
-            e = embed.embed_pairs(b["model"], params, source, mesh, image_size=b["vit"].img_size,
-                                  tokenizer=tokenizer_path(cfg), max_length=cfg.data.max_length,
-                                  batch_size=cfg.eval.batch_size)
-            m = retrieval.evaluate_pairs(e["image"], e["text"], e["study_id"])
-            if "report" in e:
-                m["examples"] = retrieval.examples(e["image"], e["text"], e["study_id"], e["report"],
-                                                   series_id=e["series_id"], body_region=e["body_region"])
+            m = evaluators.pair_metrics(b["model"], params, source, mesh, image_size=b["vit"].img_size,
+                                        tokenizer=tokenizer_path(cfg), max_length=cfg.data.max_length,
+                                        batch_size=cfg.eval.batch_size)
             path = os.path.join(workdir, f"eval_{split}.json")
             prev = {}
             if os.path.exists(path):
@@ -348,30 +345,16 @@ def _evaluator(cfg, b, mesh, workdir):
     return run
 
 
-def _write_spec(cfg, workdir, b):
+def _write_spec(cfg, workdir, b, resume_step):
     """Everything needed to rebuild the model from this workdir (zero-shot, evaluation)."""
-    import dataclasses
-
     tok = str(tokenizer_path(cfg))
     if tok and "://" not in tok and os.path.exists(tok):
         tok = os.path.abspath(tok)  # the workdir is read later from other working directories
-    spec = {"config": cfg.to_dict(), "vit": dataclasses.asdict(b["vit"]), "bert": dataclasses.asdict(b["bert"]),
-            "towers": dataclasses.asdict(b["towers"]), "tokenizer": tok}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "run_spec.json"), "w") as f:
-            json.dump(spec, f, indent=1, default=str)
+    spec = runspec.RunSpec("clip_align", cfg, vit=b["vit"], bert=b["bert"], towers=b["towers"], tokenizer=tok,
+                           preprocessing=runspec.preprocessing(cfg.data.dir))
+    runspec.start(workdir, spec, resume_step=resume_step, is_main=jax.process_index() == 0)
 
 
-def load(workdir: str, mesh=None, step: int | None = None):
-    """``(model, params, spec)`` of a stage-2 workdir's latest (or given) checkpoint on ``mesh``."""
-    with open(os.path.join(workdir, "run_spec.json")) as f:
-        spec = json.load(f)
-    vit, bcfg = ViTConfig(**from_json(spec["vit"])), bert.BertConfig(**from_json(spec["bert"]))
-    tcfg = TowersConfig(**spec["towers"])
-    mesh = mesh or sh.make_mesh({"data": -1})
-    model = common.Model(lambda r: TwoTowers(vit, bcfg, tcfg, rngs=r), mesh)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    step, restored = ckpt.restore_subtree(os.path.join(workdir, "checkpoints"),
-                                          {"params": common.abstract(shapes, model.shardings)}, step=step)
-    return model, restored["params"], spec | {"step": step}
+# The stage-2 run loader lives in decipher_jax.runs (zero-shot and evaluation read runs there).
+load = runs.load_align
 

@@ -7,6 +7,8 @@ the jitted step from a graphdef + template with :func:`merge_pure`.
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -16,10 +18,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from decipher_jax import sharding as sh
+# Model state and its shardings live in decipher_jax.state (not training-specific); re-exported
+# so that the trainers keep calling common.Model, common.abstract, ...
+from decipher_jax.state import Model, _dict_path, abstract, merge_pure, opt_shardings, replicated, tree_norm  # noqa: F401
 
 
 # -- configs ----------------------------------------------------------------------------------
@@ -78,66 +80,13 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
-# -- modules as pure pytrees ------------------------------------------------------------------
-
-def merge_pure(graphdef, template, params):
-    """A module from a pure dict of arrays and its abstract template state."""
-    state = jax.tree.map(lambda v: v, template, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-class Model:
-    """graphdef + template + shardings of one nnx module family; params live outside."""
-
-    def __init__(self, factory, mesh, rules=sh.DEFAULT_RULES):
-        self.factory, self.mesh, self.rules = factory, mesh, rules
-        self.graphdef, self.template = sh.abstract_model(factory)
-        self.shardings = nnx.to_pure_dict(sh.state_shardings(self.template, mesh, rules))
-
-    def init(self, key):
-        """Parameters born sharded (jit with out_shardings)."""
-        f = lambda k: nnx.to_pure_dict(nnx.split(self.factory(nnx.Rngs(k)))[1])  # noqa: E731
-        return jax.jit(f, out_shardings=self.shardings)(key)
-
-    def __call__(self, params):
-        return merge_pure(self.graphdef, self.template, params)
-
-
-def opt_shardings(tx, params, param_shardings, mesh):
-    """Shardings of ``tx.init(params)``: each state leaf that mirrors a parameter (Adam moments,
-    also inside ``multi_transform`` / masked states) takes that parameter's sharding; counts,
-    hyperparameters and empty placeholders are replicated.
-
-    Matching is by the dict-key suffix of the leaf's path and its shape, which survives the
-    wrapper nodes optax adds (``optax.tree_map_params`` fails on masked states: frozen towers).
-    """
-    by_path = {}
-    jax.tree_util.tree_map_with_path(
-        lambda p, x, s: by_path.__setitem__(_dict_path(p), (x.shape, s)), params, param_shardings)
-    rep = NamedSharding(mesh, P())
-
-    def pick(path, leaf):
-        keys = _dict_path(path)
-        for n in range(len(keys), 0, -1):  # longest suffix first
-            hit = by_path.get(keys[-n:])
-            if hit and hit[0] == leaf.shape:
-                return hit[1]
-        return rep
-
-    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
-
-
-def _dict_path(path) -> tuple:
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def replicated(mesh):
-    return NamedSharding(mesh, P())
-
-
-def abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def params_state(model, tx, mesh, params_shape) -> tuple[dict, dict]:
+    """``(shardings, abstract shapes)`` of a ``{"step", "params", "opt"}`` train state."""
+    shardings = {"step": replicated(mesh), "params": model.shardings,
+                 "opt": opt_shardings(tx, params_shape, model.shardings, mesh)}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
+              "opt": jax.eval_shape(tx.init, params_shape)}
+    return shardings, shapes
 
 
 # -- logging ----------------------------------------------------------------------------------
@@ -181,48 +130,214 @@ class Logger:
             self.jsonl.close()
 
 
-def keep_if_finite(loss, new_state, old_state):
-    """Inside a step: a non-finite loss returns the old state, so the last good one can be saved."""
-    ok = jnp.isfinite(loss)
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, old_state)
+class Diverged(FloatingPointError):
+    """A step the guard refused; the last good state is checkpointed (``step``)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
-def check_finite(step: int, loss: float, workdir: str):
+class Preempted(Exception):
+    """SIGTERM arrived; the run stopped at ``step`` with a checkpoint of it (rerun to resume)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _float_sq_sum(tree):
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)
+                if jnp.issubdtype(x.dtype, jnp.inexact)), jnp.zeros([], jnp.float32))
+
+
+def guard_update(loss, new_state, old_state, *, params, new_params, max_update_ratio: float, check=None):
+    """Inside a step: ``(state, metrics)``, the old state unless the step is sound.
+
+    Sound means a finite loss, a finite new state (parameters, optimiser moments, EMA; or the
+    part of it named by ``check``) and an update ``new_params - params`` whose norm is at most
+    ``max_update_ratio`` times the parameters' norm. The loss alone is not enough: it is
+    computed before the update, so with lr 1e30 the step that took the weights to 2e29 had a
+    finite loss and only the next one was NaN; its state was then kept as "the last good step"
+    and could never train again. An AdamW update is about lr per element, so the ratio is about
+    lr / rms(parameter): 0.05 at lr 1e-3 for 0.02-scale weights.
+
+    Every norm reads arrays the step materialises anyway (its inputs and outputs), never the
+    optimiser's update itself: a second reader of that would change how XLA fuses the update
+    into the parameters (an FMA or not) and so the trained weights' last bits. ``params`` /
+    ``new_params`` / ``check`` may leave out frozen parameters (a locked tower never changes):
+    each norm costs a pass over what it covers.
+    """
+    delta = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), new_params, params)
+    ratio = jnp.sqrt(_float_sq_sum(delta)) / jnp.maximum(jnp.sqrt(_float_sq_sum(params)), 1e-12)
+    ok = jnp.isfinite(loss) & jnp.isfinite(_float_sq_sum(new_state if check is None else check))
+    ok = ok & (ratio <= max_update_ratio)
+    state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, old_state)
+    return state, {"step_ok": ok, "update_ratio": ratio}
+
+
+def _diverged(step: int, metrics: dict, max_update_ratio: float | None, ckpt_dir: str) -> Diverged:
+    loss, ratio = float(metrics["loss"]), float(metrics.get("update_ratio", 0.0))
     if not np.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss ({loss}) at step {step}; the parameters were left at the last good step and a "
-            f"checkpoint of it was written in {workdir}/checkpoints. Lower the learning rate or check the data.")
+        why = f"non-finite loss ({loss})"
+    elif max_update_ratio is not None and not ratio <= max_update_ratio:
+        why = (f"an update {ratio:.3g} times the parameters' norm (the limit is guard_update_ratio = "
+               f"{max_update_ratio:g})")
+    else:
+        why = "non-finite parameters or optimiser state after the update"
+    return Diverged(
+        f"step {step + 1} refused: {why}. The state was left at step {step}, checkpointed in {ckpt_dir}; "
+        f"rerunning the same command resumes there and retries the same batch: lower the learning rate "
+        f"(--config.optim.lr) or check the data.", step)
+
+
+class _Preemption:
+    """SIGTERM -> a flag the loop reads between steps; a watchdog ends the process if the
+    checkpoint is not written within ``grace_s`` seconds (the scheduler would kill it anyway)."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s, self.requested, self.timer, self.previous = grace_s, False, None, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+            self.previous = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum, frame):
+        import threading
+
+        if self.requested:
+            return
+        self.requested = True
+        print(f"SIGTERM: stopping after this step with a checkpoint (grace {self.grace_s:g} s)", flush=True)
+        self.timer = threading.Timer(self.grace_s, self._expired)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _expired(self):
+        print(f"SIGTERM: no checkpoint within the {self.grace_s:g} s grace period; exiting; resume from the "
+              f"last checkpoint written", file=sys.stderr, flush=True)
+        os._exit(143)
+
+    def any_host(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))  # stop together
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def run_loop(step_fn, state, iterator, mesh, mngr, *, start: int, steps: int, workdir: str, log_every: int,
-             samples_per_step: int, stop_after: int = 0):
+             samples_per_step: int, stop_after: int = 0, max_update_ratio: float | None = None,
+             preemption_grace_s: float = 30.0):
     """The training loop shared by the trainers; returns ``(state, last metrics)``.
 
     A checkpoint at step s is written after batch s was consumed (so resume continues with
-    batch s + 1). ``stop_after`` > 0 stops after that step as if pre-empted. A non-finite loss
-    (the step returns the previous state unchanged in that case) is checkpointed and raised.
+    batch s + 1). ``stop_after`` > 0 stops after that step as if pre-empted. A step the guard
+    refused (``metrics["step_ok"]`` false: the step returned the previous state) leaves a
+    checkpoint of that previous state, with the data position before the refused batch, and
+    raises :class:`Diverged`. SIGTERM stops the run after the current step with a checkpoint
+    and raises :class:`Preempted`.
     """
     from decipher_jax import checkpoint as ckpt
     from decipher_jax.data import pipelines as P
 
     logger = Logger(workdir, every=log_every)
     metrics = {}
-    with jax.set_mesh(mesh):
-        for step in range(start, steps):
-            state, metrics = step_fn(state, P.to_global(next(iterator), mesh))
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                ckpt.save(mngr, step, state, iterator, force=True)
-                mngr.wait_until_finished()
-                check_finite(step + 1, loss, workdir)
-            logger.log(step + 1, metrics, samples_per_step=samples_per_step)
-            stop = step + 1 == steps or step + 1 == stop_after
-            ckpt.save(mngr, step + 1, state, iterator, force=stop)
-            if stop:
-                break
-    mngr.wait_until_finished()
-    logger.close()
+    try:
+        with jax.set_mesh(mesh), _Preemption(preemption_grace_s) as term:
+            for step in range(start, steps):
+                before = iterator.get_state()
+                state, metrics = step_fn(state, P.to_global(next(iterator), mesh))
+                if not bool(metrics.get("step_ok", np.isfinite(float(metrics["loss"])))):
+                    iterator.set_state(before)  # the checkpoint's data position: the refused batch comes next
+                    mngr.wait_until_finished()
+                    if step not in (mngr.all_steps() or ()):  # it may exist already (saved after the last step)
+                        ckpt.save(mngr, step, state, iterator, force=True)
+                        mngr.wait_until_finished()
+                    raise _diverged(step, metrics, max_update_ratio, os.path.join(workdir, "checkpoints"))
+                logger.log(step + 1, metrics, samples_per_step=samples_per_step)
+                preempted = term.any_host()
+                stop = step + 1 == steps or step + 1 == stop_after or preempted
+                ckpt.save(mngr, step + 1, state, iterator, force=stop)
+                if stop:
+                    mngr.wait_until_finished()
+                    if preempted:
+                        raise Preempted(f"pre-empted (SIGTERM) after step {step + 1}; checkpoint written in "
+                                        f"{workdir}/checkpoints; rerun the same command to resume", step + 1)
+                    break
+        mngr.wait_until_finished()
+    finally:
+        logger.close()
     return state, {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+class WorkdirLocked(RuntimeError):
+    """Another trainer holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """An exclusive lock on ``workdir/.lock`` for one training run (process 0; local paths).
+
+    Two trainers on one workdir would interleave checkpoints and ``metrics.jsonl``. The lock
+    is ``flock``: the kernel drops it when the holder dies, even by ``kill -9``, so a stale
+    lock file never blocks a rerun. The file names its holder (pid, host, start time).
+    """
+    import fcntl
+    import socket
+
+    if "://" in workdir or _process_id() != 0:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
+            raise WorkdirLocked(f"{workdir} is in use by another trainer ({holder}); lock file {path}. "
+                                f"Wait for it to finish or stop it, or train in another workdir.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _process_id() -> int:
+    """This host's process index, from the environment: asking jax would start its backends
+    before ``jax.distributed.initialize`` (which must come first) has run."""
+    for var in ("DECIPHER_PROCESS_ID", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID"):
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def locked(train_fn):
+    """Decorates a trainer's ``train(cfg, workdir)`` with :func:`workdir_lock`."""
+
+    @functools.wraps(train_fn)
+    def wrapper(cfg, workdir: str, *args, **kwargs):
+        with workdir_lock(workdir):
+            return train_fn(cfg, workdir, *args, **kwargs)
+
+    return wrapper
 
 
 def initialize_distributed():
@@ -243,6 +358,3 @@ def initialize_distributed():
 def host_note() -> str:
     return f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices, python {sys.version.split()[0]}"
 
-
-def tree_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

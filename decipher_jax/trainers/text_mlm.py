@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decipher_jax import checkpoint as ckpt
-from decipher_jax import losses, optim
+from decipher_jax import losses, optim, runspec
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
+from decipher_jax.interop import hf_bert
 from decipher_jax.models import bert
 from decipher_jax.trainers import common
 
@@ -32,7 +33,7 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def make_step(model: common.Model, tx, max_predictions: int):
+def make_step(model: common.Model, tx, max_predictions: int, max_update_ratio: float = 1.0):
     def loss_fn(params, batch):
         m = model(params)
         hidden = m(batch["mlm_ids"], batch["attention_mask"])
@@ -48,13 +49,43 @@ def make_step(model: common.Model, tx, max_predictions: int):
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         new = {"step": state["step"] + 1, "params": params, "opt": opt}
-        new = common.keep_if_finite(loss, new, state)
-        return new, {"loss": loss, "mlm": loss, "acc": acc, "grad_norm": common.tree_norm(grads),
+        new, guard = common.guard_update(loss, new, state, params=state["params"], new_params=params,
+                                         max_update_ratio=max_update_ratio)
+        return new, {"loss": loss, "mlm": loss, "acc": acc, **guard, "grad_norm": common.tree_norm(grads),
                      **optim.current_hparams(opt)}
 
     return step
 
 
+def bert_config(cfg) -> bert.BertConfig:
+    """From the checkpoint's config.json, else (``model.path`` "") from ``model.bert`` (HF field
+    names): AOT compilation needs no weights."""
+    overrides = {k: v for k, v in cfg.model.items() if k in ("dtype", "remat", "scan")}
+    if cfg.model.path:
+        return bert.read_config(resolve_model_path(cfg.model.path), mlm_head=True, **overrides)
+    return bert.BertConfig.from_hf(dict(cfg.model.bert), mlm_head=True, **overrides)
+
+
+def build(cfg, mesh) -> dict:
+    """Model, optimiser, state shardings and shapes, and the (unjitted) step; no weights are read
+    (shared by :func:`train` and ``experiments/aot_compile.py``)."""
+    bcfg = bert_config(cfg)
+    model = common.Model(lambda r: bert.Bert(bcfg, rngs=r), mesh)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    tx = optim.build(cfg.optim, params_shape)
+    shardings, shapes = common.params_state(model, tx, mesh, params_shape)
+    return {"model": model, "tx": tx, "shardings": shardings, "shapes": shapes, "bert": bcfg,
+            "overrides": {k: v for k, v in cfg.model.items() if k in ("dtype", "remat", "scan")},
+            "step": make_step(model, tx, cfg.data.max_predictions, cfg.guard_update_ratio)}
+
+
+def batch_spec(cfg) -> dict:
+    """Shapes and dtypes of one MLM batch (:func:`decipher_jax.data.pipelines.reports`)."""
+    b, t = cfg.data.batch_size, cfg.data.max_length
+    return {k: ((b, t), jnp.int32) for k in ("input_ids", "attention_mask", "mlm_ids", "mlm_labels")}
+
+
+@common.locked
 def train(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     # -- mesh ----------------------------------------------------------------------------------
@@ -69,37 +100,31 @@ def train(cfg, workdir: str) -> dict:
                               max_predictions=cfg.data.max_predictions))
 
     # -- model and optimiser -------------------------------------------------------------------
-    overrides = {k: v for k, v in cfg.model.items() if k in ("dtype", "remat", "scan")}
-    bcfg = bert.read_config(path, mlm_head=True, **overrides)
-    model = common.Model(lambda r: bert.Bert(bcfg, rngs=r), mesh)
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    tx = optim.build(cfg.optim, params_shape)
-    rep = common.replicated(mesh)
-    shardings = {"step": rep, "params": model.shardings,
-                 "opt": common.opt_shardings(tx, params_shape, model.shardings, mesh)}
+    b = build(cfg, mesh)
+    model, tx, shardings, shapes, bcfg = b["model"], b["tx"], b["shardings"], b["shapes"], b["bert"]
     mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_shape,
-              "opt": jax.eval_shape(tx.init, params_shape)}
+    tok = os.path.abspath(path) if os.path.exists(path) else path
+    runspec.start(workdir, runspec.RunSpec("text_mlm", cfg, bert=bcfg, tokenizer=tok,
+                                           preprocessing=runspec.preprocessing(cfg.data.dir)),
+                  resume_step=mngr.latest_step(), is_main=jax.process_index() == 0)
     restored = ckpt.restore(mngr, common.abstract(shapes, shardings), iterator)
     if restored:
         start, state = restored
         print(f"resumed from step {start}", flush=True)
     else:
-        host = bert.from_pretrained(path, seed=cfg.seed, **overrides)  # converted HF weights
+        host = hf_bert.from_pretrained(path, seed=cfg.seed, **b["overrides"])  # converted HF weights
         params = jax.device_put(nnx.to_pure_dict(nnx.state(host)), model.shardings)
         opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
         state, start = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}, 0
 
     # -- step + loop ---------------------------------------------------------------------------
-    step_fn = jax.jit(make_step(model, tx, cfg.data.max_predictions), in_shardings=(shardings, None),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jax.jit(b["step"], in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
     state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
                                      workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
-                                     stop_after=cfg.get("stop_after", 0))
+                                     stop_after=cfg.get("stop_after", 0), max_update_ratio=cfg.guard_update_ratio,
+                                     preemption_grace_s=cfg.preemption_grace_s)
     if cfg.get("export_hf"):
-        from decipher_jax.interop import hf_bert
-
         m = model(jax.device_get(state["params"]))
         hf_bert.save_pretrained(m, os.path.join(workdir, "hf_export"), tokenizer_dir=path)
     return metrics

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from decipher_jax import checkpoint as ckpt
-from decipher_jax import losses, optim
+from decipher_jax import losses, optim, runspec
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
@@ -129,8 +129,9 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
         }
         new = {"step": state["step"] + 1, "student": student, "teacher": teacher, "opt": opt,
                "center": center, "rng": state["rng"]}
-        new = common.keep_if_finite(loss, new, state)
-        metrics = {"loss": loss, **aux, "teacher_temp": temp, "momentum": mom,
+        new, guard = common.guard_update(loss, new, state, params=state["student"], new_params=student,
+                                         max_update_ratio=cfg.guard_update_ratio)
+        metrics = {"loss": loss, **aux, **guard, "teacher_temp": temp, "momentum": mom,
                    "grad_norm": common.tree_norm(grads), **optim.current_hparams(opt)}
         return new, metrics
 
@@ -175,6 +176,7 @@ def batch_spec(cfg, per_process_batch: int | None = None) -> dict:
             "masks": ((b, 2, int(np.prod(grid))), jnp.bool_)}
 
 
+@common.locked
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) stage-1 vision pretraining; returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
@@ -200,6 +202,8 @@ def train(cfg, workdir: str) -> dict:
     # -- checkpoint: resume automatically ------------------------------------------------------
     mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
+    runspec.start(workdir, runspec.RunSpec("vision_ssl", cfg, vit=b["vit"], preprocessing=runspec.preprocessing(d.dir)),
+                  resume_step=mngr.latest_step(), is_main=jax.process_index() == 0)
     abstract_state = common.abstract(jax.eval_shape(init, jax.random.key(0)), state_shardings)
     restored = ckpt.restore(mngr, abstract_state, iterator)
     if restored:
@@ -208,7 +212,6 @@ def train(cfg, workdir: str) -> dict:
     else:
         state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(cfg.seed))
         start = 0
-    _write_preprocessing(cfg, workdir)
 
     # -- step ----------------------------------------------------------------------------------
     step_fn = jax.jit(b["step"], in_shardings=(state_shardings, None),
@@ -217,7 +220,8 @@ def train(cfg, workdir: str) -> dict:
     # -- loop ----------------------------------------------------------------------------------
     _, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.ssl.steps,
                                  workdir=workdir, log_every=cfg.log_every, samples_per_step=d.batch_size,
-                                 stop_after=cfg.get("stop_after", 0))
+                                 stop_after=cfg.get("stop_after", 0), max_update_ratio=cfg.guard_update_ratio,
+                                 preemption_grace_s=cfg.preemption_grace_s)
     return metrics
 
 
@@ -233,17 +237,3 @@ def _with_key(step):
         return new, m
 
     return f
-
-
-def _write_preprocessing(cfg, workdir):
-    """Records the data's preprocessing next to the checkpoints (the same code applies it)."""
-    import json
-
-    card = os.path.join(P._dataset_dir(cfg.data.dir), "..", "..", "..", "dataset_card.json")
-    card = os.path.normpath(card)
-    spec = {"config": cfg.to_dict()}
-    if os.path.exists(card):
-        with open(card) as f:
-            spec["preprocessing"] = json.load(f).get("preprocessing")
-    with open(os.path.join(workdir, "run_spec.json"), "w") as f:
-        json.dump(spec, f, indent=1, default=str)

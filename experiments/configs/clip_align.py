@@ -32,6 +32,11 @@ def get_config(arg=None):
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
     c.steps = (1000 if "locktext" in opts else 80) if tiny else 20_000
     c.stop_after = 0
+    # A step whose update exceeds this multiple of the parameters' norm (or leaves a non-finite
+    # state) is refused and the run stops with the last good state checkpointed (an AdamW
+    # update is ~lr per element: the ratio is ~lr / rms(weight), 0.05 at lr 1e-3).
+    c.guard_update_ratio = 1.0
+    c.preemption_grace_s = 30.0  # SIGTERM: checkpoint after the current step, within this many seconds
     c.log_every = 5 if tiny else 50
     c.checkpoint_every = 40 if tiny else 1000
     c.keep_checkpoints = 3

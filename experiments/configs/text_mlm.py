@@ -20,6 +20,11 @@ def get_config(arg=None):
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
     c.steps = 20 if tiny else 100_000
     c.stop_after = 0
+    # A step whose update exceeds this multiple of the parameters' norm (or leaves a non-finite
+    # state) is refused and the run stops with the last good state checkpointed (an AdamW
+    # update is ~lr per element: the ratio is ~lr / rms(weight), 0.05 at lr 1e-3).
+    c.guard_update_ratio = 1.0
+    c.preemption_grace_s = 30.0  # SIGTERM: checkpoint after the current step, within this many seconds
     c.log_every = 1 if tiny else 50
     c.checkpoint_every = 20 if tiny else 2000
     c.keep_checkpoints = 3
@@ -36,6 +41,9 @@ def get_config(arg=None):
     c.model = mlc.ConfigDict()
     c.model.path = "minilm" if tiny else "checkpoints/BiomedBERT-base-uncased-abstract-fulltext"
     c.model.dtype = "float32" if tiny else "bfloat16"
+    # Used when model.path is "" (AOT compilation without weights): HF config.json fields (PubMedBERT-base).
+    c.model.bert = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=512)
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 5e-4 if tiny else 1e-4

@@ -27,6 +27,11 @@ def get_config(arg=None):
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.stop_after = 0  # > 0: stop (as if pre-empted) after this step, with a checkpoint
+    # A step whose update exceeds this multiple of the parameters' norm (or leaves a non-finite
+    # state) is refused and the run stops with the last good state checkpointed (an AdamW
+    # update is ~lr per element: the ratio is ~lr / rms(weight), 0.05 at lr 1e-3).
+    c.guard_update_ratio = 1.0
+    c.preemption_grace_s = 30.0  # SIGTERM: checkpoint after the current step, within this many seconds
 
     c.data = mlc.ConfigDict()
     c.data.dir = "outputs/demo/data/prep" if tiny else "data/prep"

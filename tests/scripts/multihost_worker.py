@@ -5,14 +5,12 @@ import os
 import sys
 
 pid, port, data, out, config = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.update(DECIPHER_COORDINATOR=f"127.0.0.1:{port}", DECIPHER_NUM_PROCESSES="2", DECIPHER_PROCESS_ID=str(pid))
 
 if __name__ == "__main__":
-    from absl import flags
+    from decipher_jax import env
 
-    flags.FLAGS.mark_as_parsed()
+    env.setup(devices=2, platform="cpu")  # 2 CPU devices per process (the test drops its XLA_FLAGS)
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU

@@ -1,0 +1,44 @@
+"""Evaluation of trained runs: ``decipher eval --config experiments/configs/eval.py[:args] --workdir W``.
+
+Results go to ``W/eval/<name>.json`` (one file per evaluator; figures' arrays in ``W/eval/<name>/``),
+and ``decipher report --workdir W`` renders them. The runs are workdirs (``{workdir}`` is
+replaced by ``--workdir``): the default reads a pipeline workdir's ``stage2`` (the align run:
+its image tower, zero-shot and retrieval) and ``stage1_vision`` (its EMA teacher), as the demo
+writes them; point them elsewhere for any run, e.g. ``--config.runs.align=outputs/my_clip``
+``--config.runs.ssl_teacher=""``. ``data`` "" reads the align run's prepared data.
+
+Arguments (comma-separated): ``tiny`` (one probe seed, all labels; short segmentation heads:
+for tests), or names of evaluators to keep (``probes,zeroshot``); by default all of them with the
+demo's settings.
+"""
+
+import ml_collections as mlc
+
+ALL = ("retrieval", "zeroshot", "localisation", "rerank", "probes", "segmentation")
+
+
+def get_config(arg=None):
+    opts = [o for o in (arg or "").split(",") if o]
+    tiny = "tiny" in opts
+    keep = [o for o in opts if o not in ("tiny", "demo")] or list(ALL)
+    unknown = set(keep) - set(ALL)
+    if unknown:
+        raise ValueError(f"unknown evaluators {sorted(unknown)}; known: {list(ALL)}")
+    c = mlc.ConfigDict()
+    c.runs = {"align": "{workdir}/stage2", "ssl_teacher": "{workdir}/stage1_vision"}
+    c.random = True  # a random-init encoder of the same architecture: every score's floor
+    c.data = ""
+    c.mesh = {"data": -1}
+    evals = {
+        "retrieval": {"splits": ("test",)},
+        "zeroshot": {"split": "test"},
+        "localisation": {"split": "test"},
+        "rerank": {"k": 5, "select": "val", "split": "test"},
+        "probes": {"fractions": (1.0,) if tiny else (0.1, 0.3, 1.0), "seeds": (0,) if tiny else (0, 1, 2)},
+        # Pretrained (stage 2) against random init; the heads' full grid is the library's default.
+        "segmentation": {"encoders": ("align", "random"), "steps": 10 if tiny else 150, "batch": 4,
+                         "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,)},
+    }
+    c.evals = {k: evals[k] for k in ALL if k in keep}
+    c.order = tuple(k for k in ALL if k in keep)  # a ConfigDict sorts its keys: the run order
+    return c

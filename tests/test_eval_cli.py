@@ -1,0 +1,74 @@
+"""``decipher eval`` evaluates any run (here one the demo did not make) through the evaluator
+registry, and ``decipher report`` renders the evaluators' files."""
+
+import json
+import os
+
+import pytest
+
+from decipher_jax import cli
+from decipher_jax.eval import evaluators
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+
+
+def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
+    run, out = str(tmp_path / "my_siglip"), str(tmp_path / "evaluated")
+    assert cli.main(["train", "--config", os.path.join(CONFIGS, "clip_align.py") + ":tiny,locktext,siglip",
+                     "--workdir", run, f"--config.data.dir={prepared_heldout}", "--config.init.vision=",
+                     "--config.init.text=minilm", "--config.steps=6", "--config.optim.warmup_steps=2",
+                     "--config.eval.before=False", "--config.eval.splits=()", "--config.async_checkpoints=False"]) == 0
+    # All evaluators but segmentation (tests/test_segtasks.py); the corpus has no val split.
+    assert cli.main(["eval", "--config", os.path.join(CONFIGS, "eval.py") + ":tiny,retrieval,zeroshot,localisation,"
+                     "rerank,probes", "--workdir", out, f"--config.runs.align={run}"]) == 0
+    res = evaluators.load_results(out)
+    assert set(res) >= {"retrieval", "zeroshot", "localisation", "rerank", "probes", "compare"}
+    assert "'val' split" in res["rerank"]["skipped"]  # one way to handle a missing split
+    r = res["retrieval"]["splits"]["test"]
+    assert r["n_studies"] >= 10 and 0 <= r["i2t_study/R@5"] <= 1
+    assert "before" not in res["retrieval"]  # this run recorded no "before" evaluation
+    assert 0 <= res["zeroshot"]["body_region"]["accuracy"] <= 1
+    rows = res["probes"]
+    # Stable ids; the display name says how the run was trained (SigLIP, not "CLIP").
+    assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
+    assert {(c["a_id"], c["a"], c["b_id"]) for c in res["compare"]} == {("align", "stage 2 (SigLIP)", "random")}
+
+    assert cli.main(["report", "--workdir", out]) == 0
+    page = open(os.path.join(out, "report.html")).read()
+    for h in ("Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank"):
+        assert f"<h2>{h}</h2>" in page, h
+    assert "skipped: " in page
+
+
+def test_registry_refuses_unknown_names_and_settings():
+    with pytest.raises(KeyError, match="unknown evaluator 'nope'"):
+        evaluators.from_config({"nope": {}})
+    with pytest.raises(TypeError, match="unknown settings \\['seed'\\]"):
+        evaluators.from_config({"probes": {"seed": 1}})
+    two = evaluators.from_config({"few": {"type": "probes", "fractions": (0.1,)}, "all": {"type": "probes"}},
+                                 order=("all", "few"))
+    assert [(e.name, type(e).__name__, e.settings["fractions"]) for e in two] == [
+        ("all", "Probes", (0.1, 0.3, 1.0)), ("few", "Probes", (0.1,))]
+
+
+def test_eval_without_runs_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["eval", "--config", os.path.join(CONFIGS, "eval.py"), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr()
+    assert "no run to evaluate" in err.err and f"no run at {tmp_path}/stage2" in err.out
+    assert not os.path.exists(os.path.join(tmp_path, "eval"))
+
+
+def test_results_are_json_files_by_name(tmp_path):
+    ctx = evaluators.Context(out=str(tmp_path), data=str(tmp_path / "nodata"))
+
+    class Echo(evaluators.Evaluator):
+        name = "echo"
+
+        def run(self, ctx):
+            ctx.source("test")  # no prepared data: MissingSplit, recorded as skipped
+
+    said = []
+    res = evaluators.run_all([Echo()], ctx, say=said.append)
+    with open(tmp_path / "eval" / "echo.json") as f:
+        assert json.load(f) == res["echo"] and "skipped" in res["echo"]
+    assert said and said[0].startswith("echo: skipped")
