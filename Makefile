@@ -32,8 +32,9 @@ system-deps:
 demo: install
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/decipher demo --workdir $(WORKDIR)
 
+# Two worker processes, a test file each at a time (module fixtures stay in one process).
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -104,10 +104,10 @@ def ssl_checks(rng):
     def run_steps(cfg, devices, batch, steps):
         mesh = sh.make_mesh({"data": -1}, devices=devices)
         with jax.set_mesh(mesh):
-            b = vision_ssl.build(cfg, mesh)
-            state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
+            b = vision_ssl.setup(cfg, mesh)
+            state = b.init()
             put = jax.device_put(batch, jax.NamedSharding(mesh, jax.P()))
-            f = jax.jit(b["step"])
+            f = jax.jit(b.step)
             losses = []
             for _ in range(steps):
                 state, m = f(state, put)

@@ -32,10 +32,11 @@ def main(argv=None):
     if not os.path.exists(manifest):
         manifest = corpus.build(os.path.join(args.workdir, "raw"), n_patients=40, seed=0, matrix=40)
     from data_prep import manifest as manifest_lib
+    from data_prep import schema
 
     rows = manifest_lib.read(manifest)  # resolves paths relative to the manifest
     # The real templates (1 mm, ~7 M voxels) plus synthetic series.
-    paths = [r.image for r in rows if not r.series_id.startswith("P")] + [r.image for r in rows][: args.series]
+    paths = [r.image for r in rows if r.role == schema.TEMPLATE] + [r.image for r in rows][: args.series]
 
     from data_prep import volume
     from monai import transforms as mt

@@ -155,10 +155,10 @@ def ssl_step(args):
     cfg.model.vit.update(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, dtype=args.dtype)
     cfg.data.batch_size = args.batch
     mesh = sh.make_mesh({"data": -1})
-    b = vision_ssl.build(cfg, mesh)
-    state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
+    b = vision_ssl.setup(cfg, mesh)
+    state = b.init()
     batch = jax.device_put(random_batch(vision_ssl.batch_spec(cfg), np.random.default_rng(0)))
-    f = jax.jit(b["step"], donate_argnums=(0,))
+    f = jax.jit(b.step, donate_argnums=(0,))
     box = [state]
 
     def run():
@@ -166,7 +166,7 @@ def ssl_step(args):
         m["loss"].block_until_ready()
 
     dt = timeit(run, iters=args.iters)
-    vit = b["vit"]
+    vit = b.vit
     fwd = lambda n, s: vit_train_flops(vit, n, s) / 3  # noqa: E731
     flops = fwd(2 * args.batch, cfg.data.global_size) * 4 + fwd(cfg.data.n_local * args.batch, cfg.data.local_size) * 3
     return dt, flops, cfg

@@ -1,17 +1,19 @@
-"""Reading the prep manifest (CSV or JSONL), one row per series.
+"""Reading and writing the prep manifest (CSV or JSONL), one row per series.
 
 Required: ``series_id, study_id, patient_id, image``. Optional: ``label`` (label-map path),
 ``report`` (text) or ``report_file`` (path), ``series_description`` (the DICOM
 SeriesDescription as the scanner wrote it, e.g. "AX T2 FLAIR"; stage 2 can pair each series with
 it and its study's report), ``sequence``, ``body_region``, ``age``, ``sex``, ``findings``
-(``;``-separated labels). Relative paths are relative to the manifest's folder. UTF-8 (a BOM is
-fine); ``age`` is in years or a DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``).
+(``;``-separated labels), ``role`` (empty for a patient's series, ``template`` for an atlas or
+template volume: its label map holds tissue classes, so the lesion task leaves it out). Relative
+paths are relative to the manifest's folder. UTF-8 (a BOM is fine); ``age`` is in years or a
+DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``). The columns are
+:data:`data_prep.schema.MANIFEST_COLUMNS`.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -19,25 +21,7 @@ import os
 import re
 
 from data_prep import reports
-
-REQUIRED = ("series_id", "study_id", "patient_id", "image")
-
-
-@dataclasses.dataclass(frozen=True)
-class SeriesRow:
-    series_id: str
-    study_id: str
-    patient_id: str
-    image: str
-    label: str = ""
-    report: str = ""
-    report_file: str = ""
-    series_description: str = ""
-    sequence: str = ""
-    body_region: str = ""
-    age: float = float("nan")
-    sex: str = ""
-    findings: str = ""
+from data_prep.schema import MANIFEST_COLUMNS, PATHS, REQUIRED, ROLES, SeriesRow
 
 
 class ManifestError(ValueError):
@@ -93,9 +77,6 @@ def parse_age(text: str) -> float:
     if not (math.isfinite(age) and age >= 0):
         raise ValueError(f"cannot read {text!r} as an age (years, or DICOM AS such as 045Y / 006M)")
     return age
-
-
-_FIELDS = {f.name for f in dataclasses.fields(SeriesRow)}
 
 
 def read(path: str, errors: list[ManifestError] | None = None) -> list[SeriesRow]:
@@ -155,14 +136,16 @@ def read(path: str, errors: list[ManifestError] | None = None) -> list[SeriesRow
 
 
 def _row(r: dict, base: str, path: str, line: int) -> SeriesRow:
-    kw = {k: ("" if v is None else str(v)) for k, v in r.items() if k in _FIELDS}
+    kw = {k: ("" if v is None else str(v)) for k, v in r.items() if k in MANIFEST_COLUMNS}
     sid = kw.get("series_id", "")
     for k in REQUIRED:
         if not kw.get(k, "").strip():
             raise ManifestError(path, "required value is missing or empty", line, k, sid)
     if problem := id_problem(sid):
         raise ManifestError(path, f"series_id {sid!r} {problem}; it names a cache file", line, "series_id", sid)
-    for k in ("image", "label", "report_file"):
+    if kw.get("role", "") not in ROLES:
+        raise ManifestError(path, f"unknown role {kw['role']!r}; expected one of {ROLES}", line, "role", sid)
+    for k in PATHS:
         if kw.get(k) and not os.path.isabs(kw[k]):
             kw[k] = os.path.join(base, kw[k])
     try:
@@ -170,3 +153,13 @@ def _row(r: dict, base: str, path: str, line: int) -> SeriesRow:
     except ValueError as e:
         raise ManifestError(path, str(e), line, "age", sid) from None
     return SeriesRow(**kw, age=age)
+
+
+def write(path: str, rows: list[dict]) -> str:
+    """Writes ``rows`` (dicts keyed by column; a missing column is left empty) as a CSV manifest
+    with every column of the schema; returns ``path``."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path

@@ -12,11 +12,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.schema import DATASET_NAME, FORMAT_VERSION, LABEL_DTYPE
-
-_TEXT = ("series_id", "study_id", "patient_id", "series_description", "sequence", "body_region", "sex", "findings",
-         "report", "report_full")
-
+from data_prep.schema import DATASET_NAME, FORMAT_VERSION, METADATA, RECORD, Field
 
 ENCODINGS = {"none": tfds.features.Encoding.BYTES, "zlib": tfds.features.Encoding.ZLIB}
 # ArrayRecord chunk options per setting. TFDS writes zstd:3 chunks, so even "raw" volumes were
@@ -25,20 +21,27 @@ RECORD_OPTIONS = {"none": "group_size:1,uncompressed"}
 
 
 def features(compression: str = "none") -> tfds.features.FeaturesDict:
+    """The record's TFDS features, one per :data:`data_prep.schema.RECORD` field."""
     # "none" stores raw bytes: decoding is a copy. zlib halves the size of MRI float16 volumes
     # but costs ~16 ms per 2 M-voxel record on one core (benchmarks/loader.py).
-    vol = dict(shape=(None, None, None), encoding=ENCODINGS[compression])
-    return tfds.features.FeaturesDict({
-        "volume": tfds.features.Tensor(dtype=np.float16, **vol),
-        "label": tfds.features.Tensor(dtype=LABEL_DTYPE, **vol),
-        "has_label": tfds.features.Scalar(dtype=np.bool_),
-        "has_report": tfds.features.Scalar(dtype=np.bool_),
-        "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
-        "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-        "orig_spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-        "age": tfds.features.Scalar(dtype=np.float32),
-        **{k: tfds.features.Text() for k in _TEXT},
-    })
+    return tfds.features.FeaturesDict({f.name: _feature(f, ENCODINGS[compression]) for f in RECORD})
+
+
+def _feature(f: Field, encoding):
+    if f.kind == "volume":
+        return tfds.features.Tensor(dtype=f.dtype, shape=(None, None, None), encoding=encoding)
+    if f.kind == "tensor":
+        return tfds.features.Tensor(dtype=f.dtype, shape=f.shape)
+    if f.kind == "scalar":
+        return tfds.features.Scalar(dtype=f.dtype)
+    return tfds.features.Text()
+
+
+def _value(f: Field, v):
+    """``v`` as field ``f`` stores it."""
+    if f.kind in ("volume", "tensor"):
+        return np.asarray(v).astype(f.dtype, copy=False)
+    return f.dtype(v) if f.kind == "scalar" else str(v)
 
 
 class DecipherMri(tfds.core.GeneratorBasedBuilder):
@@ -60,17 +63,10 @@ class DecipherMri(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(rows) for split, rows in self._rows_by_split.items()}
 
     def _generate_examples(self, rows):
+        # The manifest's metadata comes from the row; the rest, made by prep, from the series' cache file.
         for r in rows:
             with np.load(os.path.join(self._cache_dir, f"{r.series_id}.npz")) as z:
-                ex = {
-                    "volume": z["volume"], "label": z["label"].astype(LABEL_DTYPE), "has_label": bool(z["has_label"]),
-                    "has_report": bool(z["has_report"]), "affine": z["affine"], "spacing": z["spacing"],
-                    "orig_spacing": z["orig_spacing"], "report": str(z["report"]), "report_full": str(z["report_full"]),
-                }
-            ex.update({"age": np.float32(r.age), "series_id": r.series_id, "study_id": r.study_id,
-                       "patient_id": r.patient_id, "series_description": r.series_description,
-                       "sequence": r.sequence, "body_region": r.body_region,
-                       "sex": r.sex, "findings": r.findings})
+                ex = {f.name: _value(f, getattr(r, f.name) if f.name in METADATA else z[f.name]) for f in RECORD}
             yield r.series_id, ex
 
 

@@ -1,6 +1,7 @@
 """The ``decipher`` command: thin entry points over importable functions.
 
     decipher demo --workdir outputs/demo     # the main job, end to end, at tiny scale
+    decipher pipeline --config experiments/configs/demo.py --workdir W [--config.a.b=v]
     decipher corpus --out data/embedded      # write the embedded default corpus + manifest.csv
     decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
@@ -17,7 +18,6 @@ environment is set once, by :func:`decipher_jax.env.setup`, before any subcomman
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -26,6 +26,14 @@ def _demo(args) -> int:
     from decipher_jax import demo
 
     return demo.run(args.workdir, devices=args.devices, seed=args.seed)
+
+
+def _pipeline(args, extra) -> int:
+    from decipher_jax import pipeline
+    from decipher_jax.trainers import common
+
+    return pipeline.run(common.load_config(pipeline.config_path(args.config), common.parse_overrides(extra)),
+                        args.workdir)
 
 
 def _corpus(args) -> int:
@@ -61,14 +69,14 @@ def _prep(args) -> int:
 def _train(args, extra) -> int:
     from decipher_jax.trainers import common
 
-    cfg = common.load_config(args.config, common.parse_overrides(extra))
-    name = os.path.basename(args.config.split(":")[0])
-    trainers = {"vision_ssl.py": "decipher_jax.trainers.vision_ssl", "text_mlm.py": "decipher_jax.trainers.text_mlm",
-                "clip_align.py": "decipher_jax.trainers.clip_align"}
-    if name not in trainers and "trainer" not in cfg:
-        raise SystemExit(f"no trainer for config {name}; set config.trainer to a module with train(config, workdir)")
-    module = importlib.import_module(cfg.get("trainer", trainers.get(name)))
     from decipher_jax import runspec
+    from decipher_jax.trainers import module_for
+
+    cfg = common.load_config(args.config, common.parse_overrides(extra))
+    try:
+        module = module_for(args.config, cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     try:
         module.train(cfg, args.workdir)
@@ -81,7 +89,7 @@ def _train(args, extra) -> int:
     return 0
 
 def _eval(args, extra) -> int:
-    from decipher_jax import runs
+    from decipher_jax import layout, runs
     from decipher_jax import sharding as sh
     from decipher_jax.eval import evaluators
     from decipher_jax.trainers.common import load_config, parse_overrides
@@ -90,7 +98,7 @@ def _eval(args, extra) -> int:
     run_dirs = {}
     for role, path in cfg.runs.items():
         path = path.format(workdir=args.workdir) if path else ""
-        if path and os.path.exists(os.path.join(path, "run_spec.json")):
+        if path and layout.RunDir(path).exists():
             run_dirs[role] = path
         elif path:
             print(f"eval: no run at {path} (runs.{role}); left out")
@@ -151,10 +159,11 @@ def _report(args) -> int:
 
 
 def _sweep(args) -> int:
+    from decipher_jax import layout
     from decipher_jax.eval import sweep
 
     rows = sweep.run(sweep.load_sweep(args.sweep), args.workdir)
-    print(f"sweep: {len(rows)} results -> {os.path.join(args.workdir, 'eval', 'sweep.csv')}")
+    print(f"sweep: {len(rows)} results -> {os.path.join(layout.PipelineDir(args.workdir).eval, 'sweep.csv')}")
     return 0
 
 
@@ -166,6 +175,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the embedded corpus's generator seed")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices when running on the CPU")
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("pipeline", help="run a pipeline config (data -> stage 1 -> stage 2 -> evals -> report)")
+    p.add_argument("--config", required=True, help="e.g. experiments/configs/demo.py (the demo's)")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(fn=_pipeline, takes_extra=True)
 
     p = sub.add_parser("corpus", help="write the embedded default corpus (synthetic + packaged real volumes)")
     p.add_argument("--out", required=True)

@@ -135,6 +135,10 @@ def build(c, params, depth: int | None = None) -> optax.GradientTransformation:
         learning_rate=lr, b1=c.get("b1", 0.9), b2=c.get("b2", 0.999), weight_decay=wd,
         mask=lambda p: map_paths(lambda path, _: re.fullmatch(no_decay, path) is None, p)))
     chain.append(scale_by_path(multiplier))
+    if c.get("freeze_backbone_steps", 0):
+        # Last in the chain, after weight decay: the backbone's parameters stay bitwise unchanged
+        # while the head learns (a fine-tuning warm-up); its moments still follow the gradients.
+        chain.append(zero_until(c.freeze_backbone_steps, lambda p: p.startswith("backbone/")))
     tx = optax.chain(*chain)
     frozen = map_paths(lambda p, _: first_match(p, rules, 1.0) is None, params)
     if any(jax.tree.leaves(frozen)):

@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from decipher_jax import layout
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
@@ -69,9 +71,9 @@ def _table(header, rows, left=1) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def _load_json(workdir: str, *parts):
-    """A section's JSON input under ``workdir``, or None when the pipeline did not write it."""
-    path = os.path.join(workdir, *parts)
+def _load_result(workdir: str, name: str):
+    """An evaluator's ``eval/<name>.json`` under ``workdir``, or None when the pipeline did not write it."""
+    path = layout.PipelineDir(workdir).result(name)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -92,7 +94,7 @@ STAGES = (("stage1_vision", "Stage 1 vision (DINO + iBOT + KoLeo)", ("loss", "di
 def training_curves(workdir: str) -> str:
     plt = _pyplot()
 
-    logs = {s[0]: _read_jsonl(p) for s in STAGES if os.path.exists(p := os.path.join(workdir, s[0], "metrics.jsonl"))}
+    logs = {s[0]: _read_jsonl(p) for s in STAGES if os.path.exists(p := layout.PipelineDir(workdir).run(s[0]).metrics)}
     present = [s for s in STAGES if logs.get(s[0])]  # a run shorter than its log interval has no rows
     if not present:
         return ""
@@ -112,7 +114,7 @@ def training_curves(workdir: str) -> str:
 
 
 def retrieval(workdir: str) -> str:
-    r = _load_json(workdir, "eval", "retrieval.json")
+    r = _load_result(workdir, "retrieval")
     if r is None or "splits" not in r or "test" not in r["splits"]:
         return ""
     ev = {"before": r.get("before", {}).get("test"), "after": r["splits"]["test"]}
@@ -135,7 +137,7 @@ def retrieval(workdir: str) -> str:
 
 
 def rerank_section(workdir: str) -> str:
-    rr = _load_json(workdir, "eval", "rerank.json")
+    rr = _load_result(workdir, "rerank")
     if rr is None or "test" not in rr:
         return ""
     t = rr["test"]
@@ -150,8 +152,8 @@ def rerank_section(workdir: str) -> str:
 
 
 def segmentation_section(workdir: str) -> str:
-    d = os.path.join(workdir, "eval", "segmentation")
-    seg = _load_json(workdir, "eval", "segmentation.json")
+    d = layout.PipelineDir(workdir).arrays("segmentation")
+    seg = _load_result(workdir, "segmentation")
     if seg is None or "skipped" in seg:
         return ""
     fmt = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -199,7 +201,7 @@ def segmentation_section(workdir: str) -> str:
 
 
 def probes_section(workdir: str) -> str:
-    rows = _load_json(workdir, "eval", "probes.json")
+    rows = _load_result(workdir, "probes")
     if not isinstance(rows, list) or not rows:
         return ""
     plt = _pyplot()
@@ -242,7 +244,7 @@ def probes_section(workdir: str) -> str:
         reg = [[e, t, f"{err[(e, t, 1.0)][0]:.2f}", f"{r2[(e, t, 1.0)][0]:.3f}", f"{floor[(e, t, 1.0)][0]:.2f}"]
                for t in sorted({k[1] for k in err}) for e in encs if (e, t, 1.0) in err]
         html += _table(["encoder", "task", "MAE, all labels", "R^2", "MAE of the training mean"], reg, left=2)
-    cmp = _load_json(workdir, "eval", "compare.json")
+    cmp = _load_result(workdir, "compare")
     if cmp:
         html += ('<p class="note">Pretrained minus random init on the same test rows (all labels, first seed): '
                  f"AUROC, or MAE in years for age, positive when the pretrained encoder is better; 95% interval "
@@ -257,8 +259,8 @@ def probes_section(workdir: str) -> str:
 
 
 def localisation_section(workdir: str) -> str:
-    d = os.path.join(workdir, "eval", "localisation")
-    m = _load_json(workdir, "eval", "localisation.json")
+    d = layout.PipelineDir(workdir).arrays("localisation")
+    m = _load_result(workdir, "localisation")
     if m is None or not m.get("n_series"):
         return ""
     out = ["<h2>Text-guided localisation</h2>",
@@ -290,7 +292,7 @@ def localisation_section(workdir: str) -> str:
 
 
 def zeroshot_section(workdir: str) -> str:
-    z = _load_json(workdir, "eval", "zeroshot.json")
+    z = _load_result(workdir, "zeroshot")
     if z is None or "table" not in z:
         return ""
     return "<h2>Zero-shot</h2>" + _table(["query", "result"], [[k, v] for k, v in z["table"].items()], left=2)
@@ -302,16 +304,16 @@ SECTIONS = {"retrieval": retrieval, "rerank": rerank_section, "probes": probes_s
 
 
 def build(workdir: str, out: str | None = None) -> str:
-    out = out or os.path.join(workdir, "report.html")
+    out = out or layout.PipelineDir(workdir).report
     parts = [f"<h1>decipher_jax report: {html.escape(os.path.abspath(workdir))}</h1>",
              f'<p class="note">written {datetime.datetime.now().isoformat(timespec="seconds")}</p>']
-    summary = os.path.join(workdir, "summary.md")
+    summary = layout.PipelineDir(workdir).summary
     if os.path.exists(summary):
         with open(summary) as f:
             parts.append("<h2>Summary</h2><pre>" + html.escape(f.read()) + "</pre>")
     parts.append(training_curves(workdir))
     for name, section in SECTIONS.items():
-        skipped = _load_json(workdir, "eval", f"{name}.json")
+        skipped = _load_result(workdir, name)
         if isinstance(skipped, dict) and "skipped" in skipped:
             parts.append(f'<h2>{html.escape(name)}</h2><p class="note">skipped: {html.escape(skipped["skipped"])}</p>')
         else:

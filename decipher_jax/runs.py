@@ -1,4 +1,4 @@
-"""Reading trained runs back from their workdirs (a first piece of typed runs).
+"""Reading trained runs back from their workdirs.
 
 A stage-2 (``clip_align``) workdir holds ``run_spec.json`` (the towers' configs, the tokenizer,
 the training config) and ``checkpoints/``. :func:`load_align` rebuilds the model from the spec
@@ -9,12 +9,12 @@ through here rather than through the trainer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 
 from decipher_jax import checkpoint as ckpt
+from decipher_jax import layout
 from decipher_jax import sharding as sh
 from decipher_jax.models import bert
 from decipher_jax.models.towers import TowersConfig, TwoTowers
@@ -28,9 +28,14 @@ def from_json(d: dict) -> dict:
 
 
 def read_spec(workdir: str) -> dict:
-    """A workdir's ``run_spec.json``."""
-    with open(os.path.join(workdir, "run_spec.json")) as f:
-        return json.load(f)
+    """A workdir's run spec (:func:`decipher_jax.runspec.read`) as a dict; a clear error without one."""
+    from decipher_jax import runspec
+
+    spec = runspec.read(workdir)
+    if spec is None:
+        raise FileNotFoundError(f"{layout.RunDir(workdir).spec}: not found; {workdir} is not a trained run "
+                                f"(a workdir of `decipher train`)")
+    return spec.to_dict()
 
 
 def align_vit_config(spec: dict) -> ViTConfig:
@@ -46,8 +51,40 @@ def load_align(workdir: str, mesh=None, step: int | None = None):
     mesh = mesh or sh.make_mesh({"data": -1})
     model = Model(lambda r: TwoTowers(vit, bcfg, tcfg, rngs=r), mesh)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    step, restored = ckpt.restore_subtree(os.path.join(workdir, "checkpoints"),
+    step, restored = ckpt.restore_subtree(layout.RunDir(workdir).checkpoints,
                                           {"params": abstract(shapes, model.shardings)}, step=step)
+    return model, restored["params"], spec | {"step": step}
+
+
+def load(workdir: str, mesh=None, step: int | None = None):
+    """``(model, params, spec)`` of any run, by its kind: ``clip_align`` the two towers,
+    ``vision_ssl`` its EMA teacher's backbone (a ViT3D), ``text_mlm`` its BERT, ``finetune`` the
+    classifier at its best val step (else its latest). ``model`` is a :class:`Model` on ``mesh``."""
+    from decipher_jax.models.classifier import Classifier
+
+    spec = read_spec(workdir)
+    kind, mesh = spec.get("kind", ""), mesh or sh.make_mesh({"data": -1})
+    run = layout.RunDir(workdir)
+    if kind == "clip_align":
+        return load_align(workdir, mesh, step)
+    if kind == "vision_ssl":
+        vit = ViTConfig(**from_json(spec["vit"]))
+        model = Model(lambda r: ViT3D(vit, rngs=r), mesh)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+        step, part = ckpt.restore_subtree(run.checkpoints, {"teacher": {"backbone": abstract(shapes, model.shardings)}},
+                                          step=step)
+        return model, part["teacher"]["backbone"], spec | {"step": step}
+    if kind == "text_mlm":
+        bcfg = bert.BertConfig(**from_json(spec["bert"]))
+        model, folder = Model(lambda r: bert.Bert(bcfg, rngs=r), mesh), run.checkpoints
+    elif kind == "finetune":
+        vit, n_out = ViTConfig(**from_json(spec["vit"])), len(spec["config"]["task_spec"]["names"])
+        model = Model(lambda r: Classifier(vit, n_out, rngs=r), mesh)
+        folder = os.path.join(workdir, "best") if os.path.isdir(os.path.join(workdir, "best")) else run.checkpoints
+    else:
+        raise ValueError(f"{workdir}: a run of kind {kind!r}; known: clip_align, vision_ssl, text_mlm, finetune")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    step, restored = ckpt.restore_subtree(folder, {"params": abstract(shapes, model.shardings)}, step=step)
     return model, restored["params"], spec | {"step": step}
 
 
@@ -102,6 +139,6 @@ def ssl_teacher_params(ssl_workdir: str, model: Model) -> dict:
     """The EMA teacher's backbone from a ``vision_ssl`` workdir's latest checkpoint, on ``model``'s
     shardings (a ViT3D of the run's config); the rest of the checkpoint is never read."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    _, part = ckpt.restore_subtree(os.path.join(ssl_workdir, "checkpoints"),
+    _, part = ckpt.restore_subtree(layout.RunDir(ssl_workdir).checkpoints,
                                    {"teacher": {"backbone": abstract(shapes, model.shardings)}})
     return part["teacher"]["backbone"]

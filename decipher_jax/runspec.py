@@ -26,13 +26,15 @@ import os
 import re
 import time
 
+from decipher_jax import layout
+
 SCHEMA = "decipher_jax.run_spec/1"
-FILE = "run_spec.json"
+FILE = layout.SPEC_FILE  # in a workdir: layout.RunDir(workdir).spec
 MODELS = ("vit", "bert", "towers")
 
 # Config fields (dotted, fullmatch) that may change on resume. Everything else is refused.
 RESUMABLE = (
-    r"steps", r"ssl\.steps", r"stop_after", r"log_every", r"checkpoint_every", r"keep_checkpoints",
+    r"steps", r"stop_after", r"log_every", r"checkpoint_every", r"keep_checkpoints",
     r"async_checkpoints", r"preemption_grace_s", r"guard_update_ratio", r"mesh\..*", r"eval\..*",
     r"data\.num_workers", r"init\..*", r"export_hf",
     r"optim\.(lr|min_lr|warmup_steps|total_steps|weight_decay|weight_decay_end|clip_norm|b1|b2|layer_decay)",
@@ -77,12 +79,12 @@ def as_json(obj):
 
 
 def read(workdir: str) -> RunSpec | None:
-    path = os.path.join(workdir, FILE)
+    path = layout.RunDir(workdir).spec
     if not os.path.exists(path):
         return None
     with open(path) as f:
         d = json.load(f)
-    if "schema" not in d:  # written before the shared schema: the kind is not recorded
+    if "schema" not in d:  # a spec without the shared schema records no kind
         d = {"kind": "", **{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(RunSpec)}}}
     return RunSpec.from_dict(d)
 
@@ -90,7 +92,7 @@ def read(workdir: str) -> RunSpec | None:
 def write(workdir: str, spec: RunSpec):
     """Atomically (a reader never sees half a file); the caller writes from process 0 only."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, FILE)
+    path = layout.RunDir(workdir).spec
     with open(path + ".tmp", "w") as f:
         json.dump(spec.to_dict(), f, indent=1)
     os.replace(path + ".tmp", path)
@@ -127,7 +129,7 @@ def start(workdir: str, spec: RunSpec, *, resume_step: int | None, is_main: bool
             raise ConfigMismatch(f"{workdir}: the checkpoints are from a {old.kind!r} run, not {spec.kind!r}")
         changed = config_changes(old.config, spec.config)
         for name in MODELS:  # model configs may come from elsewhere (stage 2 reads the stage-1 run's ViT)
-            if getattr(old, name) is not None:  # (absent in specs written before the shared schema)
+            if getattr(old, name) is not None:  # (absent from specs without the shared schema)
                 changed |= {f"{name}.{k}": v for k, v in config_changes(getattr(old, name), getattr(spec, name) or {}).items()}
         refused = {k: v for k, v in changed.items()
                    if k.split(".")[0] in MODELS or not any(re.fullmatch(p, k) for p in RESUMABLE)}

@@ -65,9 +65,6 @@ def vit_step(args, topology: str) -> aot.AotResult:
 
 def vision_ssl_step(args, topology: str) -> aot.AotResult:
     """The real stage-1 step (student + EMA teacher, DINO/iBOT heads, AdamW) from the config."""
-    import jax
-
-    from decipher_jax import sharding as sh
     from decipher_jax.trainers import common, vision_ssl
 
     cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "vision_ssl.py"))
@@ -76,30 +73,22 @@ def vision_ssl_step(args, topology: str) -> aot.AotResult:
     chips = len(aot.topology_mesh(topology, {"data": -1})[1])
     cfg.data.batch_size = args.per_chip_batch * chips
     mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, dim))
-    b = vision_ssl.build(cfg, mesh)
-    state = common.abstract(jax.eval_shape(b["init"], jax.random.key(0)), b["state_shardings"])
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
-             for k, (shape, dt) in vision_ssl.batch_spec(cfg).items()}
-    jitted = jax.jit(b["step"], in_shardings=(b["state_shardings"], None), out_shardings=(b["state_shardings"], None),
-                     donate_argnums=(0,))
-    vit = b["vit"]
+    b = vision_ssl.setup(cfg, mesh)
+    vit = b.vit
     n_glob, n_loc = 2 * cfg.data.batch_size, cfg.data.n_local * cfg.data.batch_size
     fwd = lambda n, size: aot.vit_train_flops(vit, n, size) / 3  # noqa: E731
     h = cfg.model.head
     head_macs = vit.dim * h.hidden + h.hidden * h.hidden + h.hidden * h.bottleneck + h.bottleneck * h.out_dim
-    masked = int(np.ceil(cfg.data.mask_ratio[1] * b["n_tokens"]))
+    masked = int(np.ceil(cfg.data.mask_ratio[1] * vision_ssl.n_tokens(cfg)))
     head = 2 * head_macs * (n_glob * (1 + masked) * (1 + 3) + n_loc * 3)  # teacher fwd + student fwd/bwd
     analytic = fwd(n_glob, cfg.data.global_size) * 4 + fwd(n_loc, cfg.data.local_size) * 3 + head
     name = (f"stage-1 SSL ViT-{args.variant} {cfg.data.global_size[0]}^3 + {cfg.data.n_local}x"
             f"{cfg.data.local_size[0]}^3, K={h.out_dim}, b{cfg.data.batch_size}")
-    return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), analytic)
+    return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), analytic)
 
 
 def clip_align_step(args, topology: str) -> aot.AotResult:
     """The real stage-2 step (ViT + PubMedBERT-base towers, CLIP over the global batch, AdamW)."""
-    import jax
-
-    from decipher_jax import sharding as sh
     from decipher_jax.trainers import clip_align, common
 
     arg = "siglip" if args.objective == "siglip" else ""
@@ -113,27 +102,19 @@ def clip_align_step(args, topology: str) -> aot.AotResult:
     cfg.data.batch_size = args.per_chip_batch * chips
     # Both towers shard their embedding axis over fsdp: it must divide the ViT's and BERT's width.
     mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, math.gcd(dim, 768)))
-    b = clip_align.build(cfg, mesh)
-    state = common.abstract(b["shapes"], b["shardings"])
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
-             for k, (shape, dt) in clip_align.batch_spec(cfg, b["vit"]).items()}
-    jitted = jax.jit(b["step"], in_shardings=(b["shardings"], None), out_shardings=(b["shardings"], None),
-                     donate_argnums=(0,))
-    n, t, bc = cfg.data.batch_size, cfg.data.max_length, b["bert"]
+    b = clip_align.setup(cfg, mesh)
+    n, t, bc = cfg.data.batch_size, cfg.data.max_length, b.bert
     text = 3.0 * n * bc.num_layers * (2 * t * bc.hidden_size * 4 * bc.hidden_size + 4 * t * t * bc.hidden_size
                                       + 4 * t * bc.hidden_size * bc.intermediate_size)
     logits = 3.0 * 2 * n * n * cfg.model.towers.embed_dim
-    analytic = aot.vit_train_flops(b["vit"], n, b["vit"].img_size) + text + logits
+    analytic = aot.vit_train_flops(b.vit, n, b.vit.img_size) + text + logits
     name = (f"stage-2 {cfg.model.towers.objective.upper()} ViT-{args.variant} {args.size}^3 + BERT-base "
             f"{t} tokens, global batch {n}")
-    return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), analytic)
+    return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), analytic)
 
 
 def text_mlm_step(args, topology: str) -> aot.AotResult:
     """The real stage-1 text step (BERT-base MLM with the tied decoder at the masked slots, AdamW)."""
-    import jax
-
-    from decipher_jax import sharding as sh
     from decipher_jax.trainers import common, text_mlm
 
     cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "text_mlm.py"), {"model.path": ""})
@@ -142,18 +123,13 @@ def text_mlm_step(args, topology: str) -> aot.AotResult:
     chips = len(aot.topology_mesh(topology, {"data": -1})[1])
     cfg.data.batch_size = args.per_chip_batch * chips
     mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, cfg.model.bert["hidden_size"]))
-    b = text_mlm.build(cfg, mesh)
-    state = common.abstract(b["shapes"], b["shardings"])
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))
-             for k, (shape, dt) in text_mlm.batch_spec(cfg).items()}
-    jitted = jax.jit(b["step"], in_shardings=(b["shardings"], None), out_shardings=(b["shardings"], None),
-                     donate_argnums=(0,))
-    n, t, bc = cfg.data.batch_size, cfg.data.max_length, b["bert"]
+    b = text_mlm.setup(cfg, mesh)
+    n, t, bc = cfg.data.batch_size, cfg.data.max_length, b.bert
     encoder = 3.0 * n * bc.num_layers * (2 * t * bc.hidden_size * 4 * bc.hidden_size + 4 * t * t * bc.hidden_size
                                          + 4 * t * bc.hidden_size * bc.intermediate_size)
     decoder = 3.0 * 2 * n * cfg.data.max_predictions * bc.hidden_size * (bc.hidden_size + bc.vocab_size)
     name = f"stage-1 text MLM BERT-base ({bc.num_layers} layers) {t} tokens, {cfg.data.max_predictions} predictions, b{n}"
-    return aot.compile_and_measure(name, topology, mesh, devices, jitted, (state, batch), encoder + decoder)
+    return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), encoder + decoder)
 
 
 STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step, "text_mlm": text_mlm_step}

@@ -9,6 +9,11 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA:CPU without LLVM optimisation: the tests compile many small programs and run each briefly,
+# so compile time dominates (see BENCHMARKS.md, "One way through the house"). The notebook's
+# and the multi-host test's child processes inherit it. DECIPHER_TEST_XLA_OPT=1 keeps the default.
+if os.environ.get("DECIPHER_TEST_XLA_OPT", "0") == "0":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 from decipher_jax import env  # noqa: E402  (imports no jax)
 
 # CPU only (libtpu is installed for AOT compilation; never probe for a TPU here), 8 simulated

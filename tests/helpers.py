@@ -37,7 +37,8 @@ def randomise_torch(module, seed: int = 0, scale: float = 0.05):
     return module
 
 
-MODELS_OF = {"vision_ssl": {"vit"}, "text_mlm": {"bert"}, "clip_align": {"vit", "bert", "towers"}}
+MODELS_OF = {"vision_ssl": {"vit"}, "text_mlm": {"bert"}, "clip_align": {"vit", "bert", "towers"}, "finetune": {"vit"}}
+TOKENIZED = {"text_mlm", "clip_align"}  # kinds with a text tower, whose tokenizer the spec names
 
 
 def assert_run_spec(workdir: str, kind: str, starts: int = 1) -> dict:
@@ -55,7 +56,7 @@ def assert_run_spec(workdir: str, kind: str, starts: int = 1) -> dict:
     assert d["schema"] == runspec.SCHEMA and d["kind"] == kind
     assert {m for m in runspec.MODELS if d[m] is not None} == MODELS_OF[kind]
     assert isinstance(d["config"], dict) and d["config"]["steps" if "steps" in d["config"] else "ssl"]
-    assert bool(d["tokenizer"]) == (kind != "vision_ssl")
+    assert bool(d["tokenizer"]) == (kind in TOKENIZED)
     assert d["preprocessing"] and d["preprocessing"]["orientation"].startswith("RAS")
     assert len(d["history"]) == starts and d["history"][0]["step"] == 0
     return d

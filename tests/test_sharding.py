@@ -55,9 +55,14 @@ def test_params_born_sharded_with_expected_shard_shapes():
     assert shard_shape(state["pos_embed"]) == (4, 4, 4, 24)
     assert shard_shape(state["norm"]["scale"]) == (48,)
     assert len(b["qkv_kernel"][...].sharding.device_set) == 8
-    # Init under jit with out_shardings equals a plain host init with the same key.
+    # Init with out_shardings equals the same jitted init on one device, bit for bit; and a plain
+    # eager init with the same key to the last bit or so (XLA may fuse the jitted truncated
+    # normal differently: the tests compile without LLVM optimisation, see conftest).
+    _, one, _ = sh.init_sharded(lambda r: ViT3D(VIT, rngs=r), sh.make_mesh(None, jax.devices()[:1]), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(b["qkv_kernel"][...]), np.asarray(one["blocks"]["qkv_kernel"][...]))
     host = nnx.state(ViT3D(VIT, rngs=nnx.Rngs(jax.random.key(0))))
-    np.testing.assert_array_equal(np.asarray(b["qkv_kernel"][...]), np.asarray(host["blocks"]["qkv_kernel"][...]))
+    np.testing.assert_allclose(np.asarray(b["qkv_kernel"][...]), np.asarray(host["blocks"]["qkv_kernel"][...]),
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_indivisible_dimension_names_the_tensor():

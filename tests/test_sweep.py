@@ -64,3 +64,19 @@ def test_sweep_runs_a_grid_from_a_file(tmp_path, rng):
     inf = pick[("good", "mean", "finding: infarct", "logistic", 1.0, 0)]
     assert inf["n_train"] == np.sum(regions["good", "train"] == "brain") and inf["auroc"] > 0.9
     assert pick[("random", "mean", "finding: infarct", "logistic", 1.0, 0)]["auroc"] < 0.75
+
+
+def test_sweep_is_an_evaluator(tmp_path, rng):
+    """The same grid through the evaluator registry (``decipher eval``'s runner): eval/sweep.json."""
+    from decipher_jax.eval import evaluators
+
+    for split, n in (("train", 60), ("test", 30)):
+        _write_features(str(tmp_path / "f" / split), rng, n, 4.0)
+    grid = {"features": {"f": str(tmp_path / "f")}, "tasks": ["body_region"], "pool": ["mean"],
+            "heads": {"logistic": {"C": [1.0], "fractions": [1.0], "seeds": [0, 1], "iters": 30}}}
+    ctx = evaluators.Context(out=str(tmp_path / "w"), data=str(tmp_path / "nodata"))
+    said = []
+    res = evaluators.run_all(evaluators.from_config({"sweep": {"grid": grid}}), ctx, say=said.append)
+    rows = json.loads((tmp_path / "w" / "eval" / "sweep.json").read_text())
+    assert rows == res["sweep"] and len(rows) == 2 and all(r["auroc"] > 0.9 for r in rows)
+    assert said[0].startswith("probe sweep: 2 results over 1")

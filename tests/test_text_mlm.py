@@ -28,3 +28,9 @@ def test_mlm_lowers_loss_and_exports(prepared, minilm_path, tmp_path):
     BertForMaskedLM.from_pretrained(os.path.join(out, "hf_export"), local_files_only=True)
     spec = assert_run_spec(out, "text_mlm")
     assert spec["bert"]["hidden_size"] == 384  # MiniLM
+    from decipher_jax import runs  # the run reads back as its BERT, at its last step
+
+    model, params, loaded = runs.load(out)
+    assert loaded["kind"] == "text_mlm" and loaded["step"] == 12 and "mlm_bias" in params
+    ids = np.full((1, 8), 101, np.int32)
+    assert model(params)(ids, np.ones_like(ids)).shape == (1, 8, 384)

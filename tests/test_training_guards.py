@@ -21,7 +21,7 @@ def _cfg(data_dir, **kw):
     over = {"data.dir": data_dir, "data.batch_size": 8, "data.global_size": (16, 16, 16), "data.local_size": (8, 8, 8),
             "model.vit.patch_size": (4, 4, 4), "model.vit.img_size": (16, 16, 16), "model.vit.dim": 32,
             "model.vit.mlp_dim": 64, "model.head.out_dim": 64, "model.head.hidden": 32, "model.head.bottleneck": 16,
-            "ssl.steps": 6, "optim.warmup_steps": 3, "ssl.teacher_temp_warmup_steps": 3, "async_checkpoints": False,
+            "steps": 6, "optim.warmup_steps": 3, "ssl.teacher_temp_warmup_steps": 3, "async_checkpoints": False,
             "checkpoint_every": 1, "log_every": 1}
     over.update(kw)
     return common.load_config(CONFIG + ":tiny", over)
@@ -114,11 +114,11 @@ def test_resume_refuses_shape_changes_and_records_allowed_ones(prepared, tmp_pat
             vision_ssl.train(_cfg(prepared, **{field: value}), w)
         assert open(os.path.join(w, "run_spec.json")).read() == before  # the record of steps 1-2 stays
     assert len(_rows(w)) == 2
-    vision_ssl.train(_cfg(prepared, **{"ssl.steps": 4, "log_every": 2}), w)
+    vision_ssl.train(_cfg(prepared, **{"steps": 4, "log_every": 2}), w)
     spec = runspec.read(w)
     assert spec.kind == "vision_ssl" and spec.vit["dim"] == 32
     assert [h["step"] for h in spec.history] == [0, 2]
-    assert spec.history[1]["changed"]["ssl.steps"] == [6, 4] and spec.config["ssl"]["steps"] == 4
+    assert spec.history[1]["changed"]["steps"] == [6, 4] and spec.config["steps"] == 4
 
 
 def test_second_trainer_is_locked_out(prepared, tmp_path, capsys):

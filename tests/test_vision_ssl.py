@@ -17,7 +17,7 @@ def _cfg(data_dir, **kw):
     over = {"data.dir": data_dir, "data.batch_size": 8, "data.global_size": (16, 16, 16), "data.local_size": (8, 8, 8),
             "model.vit.patch_size": (4, 4, 4), "model.vit.img_size": (16, 16, 16), "model.vit.dim": 32,
             "model.vit.mlp_dim": 64, "model.head.out_dim": 64, "model.head.hidden": 32, "model.head.bottleneck": 16,
-            "ssl.steps": 6, "optim.total_steps": 6, "optim.warmup_steps": 3, "ssl.teacher_temp_warmup_steps": 3, "async_checkpoints": False,
+            "steps": 6, "optim.total_steps": 6, "optim.warmup_steps": 3, "ssl.teacher_temp_warmup_steps": 3, "async_checkpoints": False,
             "checkpoint_every": 1, "log_every": 1}
     over.update(kw)
     return common.load_config(CONFIG + ":tiny", over)
@@ -71,7 +71,7 @@ def test_tiny_run_learns_without_collapse(prepared, tmp_path):
                                                 "checkpoint_every": 100})
     vision_ssl.train(cfg, str(tmp_path / "w"))
     rows = [r for _, r in sorted(_losses(str(tmp_path / "w")).items())]
-    assert len(rows) == cfg.ssl.steps and all(np.isfinite(r["loss"]) for r in rows)
+    assert len(rows) == cfg.steps and all(np.isfinite(r["loss"]) for r in rows)
     kl = [r["dino"] - r["teacher_entropy"] for r in rows]
     assert np.mean(kl[:5]) - np.mean(kl[-5:]) > 0.5, kl
     log_k = np.log(cfg.model.head.out_dim)
@@ -79,3 +79,8 @@ def test_tiny_run_learns_without_collapse(prepared, tmp_path):
     assert max(r["teacher_entropy"] for r in end) < log_k - 0.5, [r["teacher_entropy"] for r in end]
     assert min(r["teacher_entropy_of_mean"] for r in end) > 2.0, [r["teacher_entropy_of_mean"] for r in end]
     assert min(r["feature_std"] for r in end) > 0.05, [r["feature_std"] for r in end]
+    from decipher_jax import runs  # the run reads back as its EMA teacher's backbone
+
+    model, params, spec = runs.load(str(tmp_path / "w"))
+    assert spec["kind"] == "vision_ssl" and spec["step"] == cfg.steps
+    assert model(params)(np.zeros((1, 32, 32, 32, 1), np.float32))["cls"].shape == (1, cfg.model.vit["dim"])

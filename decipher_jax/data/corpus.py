@@ -6,7 +6,8 @@
 - Real, Debian ``mricron-data`` (when installed): Colin27 ``ch2bet`` T1 with the 116-label
   AAL atlas on the same grid.
 
-Everything goes into one manifest consumed by ``decipher prep``, exactly as real data would.
+Everything goes into one manifest consumed by ``decipher prep``, exactly as real data would; the
+real volumes' rows have the role ``template`` (their label maps are tissue classes, not lesions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import nibabel as nib
 import numpy as np
 
+from data_prep import manifest as manifest_lib
+from data_prep import schema
 from decipher_jax.data import synthetic
 
 MRICRON = "/usr/share/mricron/templates"
@@ -53,8 +56,7 @@ def real_volumes(out_dir: str) -> list[dict]:
 
 def _row(name, image, label, report):
     return {"series_id": name, "study_id": f"{name}_study", "patient_id": f"template_{name}", "image": image,
-            "label": label, "report_file": report, "sequence": "T1", "body_region": "brain", "age": "", "sex": "",
-            "findings": ""}
+            "label": label, "report_file": report, "sequence": "T1", "body_region": "brain", "role": schema.TEMPLATE}
 
 
 def build(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40, real: bool = True) -> str:
@@ -65,14 +67,9 @@ def build(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40, r
         rows = list(csv.DictReader(f))
     # Re-base the synthetic manifest's relative paths onto this manifest's folder.
     for r in rows:
-        for k in ("image", "label", "report_file"):
+        for k in schema.PATHS:
             if r[k] and not os.path.isabs(r[k]):
                 r[k] = os.path.relpath(os.path.join(synth_dir, r[k]), out_dir)
     if real:
         rows += real_volumes(os.path.join(out_dir, "real"))
-    path = os.path.join(out_dir, "manifest.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=synthetic.MANIFEST_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)

@@ -18,13 +18,14 @@ patient's age and sex, and the degree of atrophy, cartilage or disc thinning amo
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
 
 import nibabel as nib
 import numpy as np
+
+from data_prep import manifest as manifest_lib
 
 SEQUENCES = ("T1", "T2", "FLAIR", "DWI")
 
@@ -343,10 +344,6 @@ def series_description(r: np.random.Generator, region: str, sequence: str) -> st
 # ---------------------------------------------------------------------------------------------
 # Corpus
 
-MANIFEST_FIELDS = ["series_id", "study_id", "patient_id", "image", "label", "report_file", "series_description",
-                   "sequence", "body_region", "age", "sex", "findings"]
-
-
 def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40,
                     studies_per_patient=(1, 2), noise: float = 0.03) -> str:
     """Writes NIfTI series, lesion masks and reports under ``out_dir``; returns the manifest CSV.
@@ -395,11 +392,7 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
                              "series_description": series_description(rd, region, seq), "sequence": seq, "body_region": region,
                              "age": age, "sex": sex, "findings": ";".join(sorted(findings))})
     del root
-    manifest = os.path.join(out_dir, "manifest.csv")
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    manifest = manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)
     with open(os.path.join(out_dir, "generator.json"), "w") as f:
         json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "series": len(rows)}, f, indent=1)
     return manifest

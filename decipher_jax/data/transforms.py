@@ -15,6 +15,8 @@ import math
 import grain
 import numpy as np
 
+from data_prep.schema import DECODED, FIELDS
+
 
 def _src_coords(start: float, extent: float, out: int) -> np.ndarray:
     """Source positions of ``out`` output voxel centres over ``[start, start + extent)``
@@ -69,7 +71,8 @@ def _pad_to(vol: np.ndarray, min_shape) -> np.ndarray:
 
 @dataclasses.dataclass
 class Decode(grain.transforms.Map):
-    """TFDS record -> ``{"image": (X, Y, Z, 1), "label", metadata}``; bytes -> str.
+    """TFDS record -> ``{"image": (X, Y, Z, 1), "label"}`` and the fields of
+    :data:`data_prep.schema.DECODED` (metadata and report); bytes -> str.
 
     The image stays in its stored dtype (float16): crops and resizes read it directly and
     produce float32, so the full volume is never converted (a 2 M-voxel volume costs ~7 ms).
@@ -81,13 +84,14 @@ class Decode(grain.transforms.Map):
         out = {"image": np.asarray(ex["volume"])[..., None]}
         if self.keep_label:
             out["label"] = np.asarray(ex["label"])  # as stored: uint16 since format 1.2 (ids above 255), never wrapped
-        for k in ("series_id", "study_id", "patient_id", "series_description", "sequence", "body_region", "sex",
-                  "findings", "report"):
-            if k in ex:
-                v = ex[k]
+        for k in DECODED:
+            if k not in ex:  # a field newer than the record's format (role: 1.3)
+                continue
+            v = ex[k]
+            if FIELDS[k].kind == "scalar":
+                out[k] = FIELDS[k].dtype(v)
+            else:
                 out[k] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
-        if "age" in ex:
-            out["age"] = np.float32(ex["age"])
         return out
 
 

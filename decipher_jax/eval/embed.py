@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_prep.schema import DECODED
 from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
 
-META = ("series_id", "study_id", "patient_id", "sequence", "body_region", "sex", "age", "findings", "report")
+META = DECODED  # per-row metadata kept with the outputs: the record fields the decoder returns with the image
 
 
 def scan_split(source, transforms, batch_size: int, *, process_index: int | None = None,

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from decipher_jax import layout
+
 REGISTRY: dict[str, type] = {}
 
 
@@ -54,8 +56,13 @@ class Context:
             self.mesh = sh.make_mesh({"data": -1})
 
     @property
+    def dir(self) -> layout.PipelineDir:
+        """``out`` as a pipeline workdir: ``dir.result(name)``, ``dir.arrays(name)``."""
+        return layout.PipelineDir(self.out)
+
+    @property
     def eval_dir(self) -> str:
-        return os.path.join(self.out, "eval")
+        return self.dir.eval
 
     def encoders(self, ids=None) -> dict:
         """``{id: runs.Encoder}``: every encoder the runs give, or those of ``ids``."""
@@ -144,7 +151,7 @@ def from_config(evals, order=None) -> list[Evaluator]:
 
 def write(ctx: Context, name: str, result) -> str:
     os.makedirs(ctx.eval_dir, exist_ok=True)
-    path = os.path.join(ctx.eval_dir, f"{name}.json")
+    path = ctx.dir.result(name)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1, default=_json_default)
     os.replace(path + ".tmp", path)
@@ -181,7 +188,7 @@ def run_all(evaluators: list[Evaluator], ctx: Context, say=print) -> dict:
 
 def load_results(out: str) -> dict:
     """``{name: result}`` of the evaluator files under ``out/eval``."""
-    d = os.path.join(out, "eval")
+    d = layout.PipelineDir(out).eval
     res = {}
     for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
         if f.endswith(".json"):
@@ -209,7 +216,7 @@ class Retrieval(Evaluator):
             out["splits"][split] = pair_metrics(zs.model, zs.params, ctx.source(split), zs.mesh,
                                                 image_size=zs.image_size, tokenizer=zs.spec["tokenizer"],
                                                 max_length=zs.max_length, batch_size=self.settings["batch_size"])
-        trained = os.path.join(ctx.runs["align"], "eval_test.json")  # the trainer's "before" (stage-1 towers)
+        trained = layout.RunDir(ctx.runs["align"]).heldout("test")  # the trainer's "before" (stage-1 towers)
         if os.path.exists(trained):
             with open(trained) as f:
                 before = json.load(f).get("before")
@@ -339,7 +346,7 @@ class Localisation(Evaluator):
 
         zs = ctx.zeroshot()
         ctx.source(self.settings["split"])
-        return localisation.evaluate_split(zs, ctx.data, self.settings["split"], out=os.path.join(ctx.eval_dir, self.name))
+        return localisation.evaluate_split(zs, ctx.data, self.settings["split"], out=ctx.dir.arrays(self.name))
 
     def summary(self, loc, ctx):
         if not loc.get("n_series"):
@@ -369,7 +376,7 @@ class Probes(Evaluator):
         rows = suite.probe_encoders(ctx.out, ctx.data, fractions=tuple(s["fractions"]), seeds=tuple(s["seeds"]),
                                     mesh=ctx.mesh, feature=s["feature"], encs=ctx.legacy_encoders(s["encoders"]))
         ids = {e.name: e.id for e in ctx.encoders(s["encoders"]).values()}
-        path = os.path.join(ctx.eval_dir, "compare.json")
+        path = ctx.dir.result("compare")
         if os.path.exists(path):  # each pretrained encoder against random init, keyed by ids too
             with open(path) as f:
                 cmp = [dict(c, a_id=ids[c["a"]], b_id=ids[c["b"]]) for c in json.load(f)]
@@ -388,7 +395,7 @@ class Probes(Evaluator):
         for task in sorted({k[1] for k in s}, key=suite.task_order):
             lines.append(f"  {task}: " + ", ".join(f"{e} {s[(e, task, 1.0)][0]:.2f}" for e in names
                                                    if (e, task, 1.0) in s))
-        path = os.path.join(ctx.eval_dir, "compare.json")
+        path = ctx.dir.result("compare")
         cmp = []
         if os.path.exists(path):
             with open(path) as f:
@@ -409,6 +416,40 @@ class Probes(Evaluator):
 
 
 @register
+class Sweep(Evaluator):
+    """A probe sweep (:mod:`decipher_jax.eval.sweep`: pools x tasks x heads x hyper-parameter
+    grids) over the frozen encoders of the runs, or over the precomputed feature sets it names.
+    ``sweep``: a sweep file (``experiments/sweeps/probes.py``); ``grid``: the same dict inline."""
+
+    name = "sweep"
+
+    @classmethod
+    def defaults(cls):
+        return {"sweep": "", "grid": None, "encoders": None}
+
+    def run(self, ctx):
+        from decipher_jax.eval import suite, sweep
+
+        s = self.settings
+        sw = dict(s["grid"] or {}) if not s["sweep"] else sweep.load_sweep(s["sweep"])
+        if not sw.get("tasks"):
+            raise ValueError(f"evaluator {self.name!r}: the sweep names no tasks (set sweep or grid)")
+        if sw.get("features"):  # precomputed feature sets; else the runs' encoders (a sweep's pipeline is ignored)
+            sets = sweep.feature_sets({"features": sw["features"]}, ctx.out)
+        else:
+            for split in ("train", "test"):
+                ctx.source(split)
+            encs, vit = ctx.legacy_encoders(s["encoders"])
+            sets = sweep.encoder_sets(encs, vit, suite.split_sources(ctx.data))
+        return sweep.grid(sw, sets)
+
+    def summary(self, rows, ctx):
+        cells = {(r["features"], r["pool"], r["task"]) for r in rows}
+        return [f"probe sweep: {len(rows)} results over {len(cells)} (features, pool, task) cells in {{seconds}} s "
+                f"({ctx.dir.result(self.name)})"]
+
+
+@register
 class Segmentation(Evaluator):
     """Segmentation heads (linear, decoder, unetr) on frozen tokens: brain tissue and lesions."""
 
@@ -423,7 +464,7 @@ class Segmentation(Evaluator):
 
         s = self.settings
         encs, vit = ctx.legacy_encoders(s["encoders"])
-        return segtasks.run(encs, ctx.data, ctx.mesh, size=vit.img_size, out=os.path.join(ctx.eval_dir, self.name),
+        return segtasks.run(encs, ctx.data, ctx.mesh, size=vit.img_size, out=ctx.dir.arrays(self.name),
                             steps=s["steps"], batch=s["batch"], lrs=tuple(s["lrs"]), seeds=tuple(s["seeds"]))
 
     def summary(self, seg, ctx):

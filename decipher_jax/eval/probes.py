@@ -77,9 +77,9 @@ def lbfgs(value_and_grads, theta, iters: int, memory: int = 10, max_backtracks: 
     """L-BFGS over a batch of independent problems in lockstep (``theta``: (P, N)).
 
     ``value_and_grads(theta) -> ((P,), (P, N))``. All problems share the iteration counter, so the
-    history ring buffer is indexed by one scalar (vmapping optax.lbfgs instead ran 30x slower:
-    batched history indexing and a line search that waits for the slowest lane). Armijo
-    backtracking from the unit step, per problem.
+    history ring buffer is indexed by one scalar, not per lane as under a ``jax.vmap`` of
+    ``optax.lbfgs``, whose line search also waits for the slowest lane (BENCHMARKS.md,
+    "Linear-probe sweeps"). Armijo backtracking from the unit step, per problem.
     """
     v, g = value_and_grads(theta)
     hist_s = jnp.zeros((memory,) + theta.shape, theta.dtype)

@@ -71,8 +71,9 @@ def _up2(x, w, b):
 
 def _conv3(x, w, b):
     """'SAME' (zero-padded) 3x3x3 convolution, channels last, as 27 shifted copies and one matmul:
-    the input is the image (no gradient flows into it), and XLA:CPU's weight gradient of a
-    1-channel 3D convolution is ~10x slower than this."""
+    the input is the image (no gradient flows into it), and XLA:CPU computes the weight gradient
+    of this form far faster than that of a 1-channel 3D convolution (BENCHMARKS.md, "Figures
+    moved out of code comments")."""
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
     X, Y, Z = x.shape[1:4]
     cols = jnp.concatenate([xp[:, i:i + X, j:j + Y, k:k + Z] for i in range(3) for j in range(3) for k in range(3)], -1)

@@ -7,9 +7,10 @@ patch tokens, several encoders compared on the same voxels.
   hemisphere and are scored on the right one, predicted by sliding windows over the whole
   volume (it is larger than the encoder's crop). When Colin27 + AAL is present, the same heads
   are scored on it as a second subject (classes: background / AAL grey matter / other brain).
-- ``lesions``: background / lesion on the synthetic corpus's masks; every series resized whole
-  to the encoder's grid; heads learn on the train split, the lr is chosen on the val split,
-  scores are on the test split's series that have a lesion.
+- ``lesions``: background / lesion on the synthetic corpus's masks (every labelled series but
+  those of role ``template``); every series resized whole to the encoder's grid; heads learn on
+  the train split, the lr is chosen on the val split, scores are on the test split's series that
+  have a lesion.
 
 For every (task, encoder, head kind) the lr x seed grid trains in one vmapped call; the lr with
 the best validation Dice is kept and Dice / HD95 are averaged over its seeds.
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_prep.schema import TEMPLATE
 from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
 from decipher_jax.eval import embed, segmentation
@@ -220,26 +222,27 @@ def _row(task, encoder, kind, best, per_head, lrs, seeds, classes):
 
 
 def _split_arrays(prep_dir, split, size, lesion_only: bool):
-    tf = [T.Decode(keep_label=True), T.Resize(tuple(size))]
+    decode, resize = T.Decode(keep_label=True), T.Resize(tuple(size))
     src = P.data_source(prep_dir, split)
     imgs, labs, ids, spacing = [], [], [], []
     for i in range(len(src)):
         ex = src[i]
         if not bool(ex.get("has_label", True)):
             continue
-        sid = ex["series_id"].decode() if isinstance(ex["series_id"], bytes) else str(ex["series_id"])
-        if sid.endswith("_T1") and sid.split("_")[0] in ("MNI152", "COLIN27"):
-            continue  # templates: tissue labels, not lesions
-        d = ex
-        for t in tf:
-            d = t.map(d)
+        d = decode.map(ex)
+        if "role" not in d:  # without it a template's tissue classes would count as lesions
+            raise ValueError(f"{prep_dir}: records of format < 1.3 have no role field; rerun `decipher prep` "
+                             "(it reuses its cache)")
+        if d["role"] == TEMPLATE:
+            continue  # tissue classes, not lesions
+        d = resize.map(d)
         lab = (np.asarray(d["label"]) > 0).astype(np.int32)
         lab = lab[..., 0] if lab.ndim == 4 else lab
         if lesion_only and not lab.any():
             continue
         imgs.append(d["image"].astype(np.float32))
         labs.append(lab)
-        ids.append(sid)
+        ids.append(d["series_id"])
         spacing.append(np.asarray(ex["spacing"]) * np.asarray(ex["volume"].shape) / np.asarray(size))
     return np.stack(imgs), np.stack(labs), ids, np.stack(spacing)
 

@@ -16,14 +16,13 @@ Tasks come from the records' metadata:
 Probes: logistic (ridge for age), fitted on the training split over label fractions x seeds,
 all in batched calls (:mod:`decipher_jax.eval.probes`). The penalty is chosen on the val split
 (patients no encoder was trained on) where it has the task, else by 3-fold CV by patient: the
-strongest penalty within one standard error of the best score (a 15-patient val split's best
-is partly noise). The
-pretrained encoders learnt from the training split's reports, which state age, sex and the
-findings: their features of those series can carry the report's answer, which CV inside the
-training split reads as signal and held-out patients do not have (on one demo draw, CV picked
-a ridge penalty of 100 for age and a test MAE of 21.7 years, where the val split picked 1e6 and
-19.7, the training-mean floor). :func:`summarise` groups the finding tasks into one score
-("findings": the mean over them), the figure a reader looks at first.
+strongest penalty within one standard error of the best score (a small val split's best is
+partly noise). The pretrained encoders learnt from the training split's reports, which state
+age, sex and the findings: their features of those series can carry the report's answer,
+which CV inside the training split reads as signal and held-out patients do not have
+(BENCHMARKS.md, "Stage 2 with series descriptions, centred text, held-out penalty
+selection", item 4). :func:`summarise` groups the finding tasks into one score ("findings":
+the mean over them), the figure a reader looks at first.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import os
 
 import numpy as np
 
+from decipher_jax import layout
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
 from decipher_jax.eval import features, probes
@@ -56,9 +56,10 @@ def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
     the stage-1 teacher (when trained) and a random init (:func:`decipher_jax.runs.encoders`)."""
     from decipher_jax import runs
 
-    s1 = os.path.join(workdir, "stage1_vision")
-    encs = runs.encoders(align=os.path.join(workdir, "stage2"), mesh=mesh,
-                         ssl_teacher=s1 if os.path.isdir(os.path.join(s1, "checkpoints")) else "")
+    pdir = layout.PipelineDir(workdir)
+    s1 = pdir.run("stage1_vision")
+    encs = runs.encoders(align=pdir.run("stage2").path, mesh=mesh,
+                         ssl_teacher=s1.path if os.path.isdir(s1.checkpoints) else "")
     return {e.name: (e.model, e.params) for e in encs.values()}, encs["align"].vit
 
 
@@ -114,14 +115,15 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)
     rows, preds = [], {}
-    out_dir = os.path.join(workdir, "eval")
+    pdir = layout.PipelineDir(workdir)
+    out_dir = pdir.eval
     sources = split_sources(prep_dir)
     for name, (model, params) in encs.items():
         tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
         feats = {}
         for split, source in sources.items():
             feats[split] = features.extract(model, params, source, mesh, size=vit.img_size,
-                                            out_dir=os.path.join(out_dir, "features", tag, split))
+                                            out_dir=os.path.join(pdir.features, tag, split))
         held = val_targets(feats["train"], feats.get("val"))
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
@@ -140,7 +142,7 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             full = [i for i, r in enumerate(res) if r["fraction"] == max(fractions)][0]  # all labels, first seed
             preds[(name, tname)] = (yte[te_ok], sc[full], feats["test"]["study_id"][te_ok])
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "probes.json"), "w") as f:
+    with open(pdir.result("probes"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(out_dir, "probes.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # ridge rows differ
@@ -149,7 +151,7 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     names = list(encs)
     if len(names) >= 2 and "random init" in names:  # each pretrained encoder against random init
         cmp = [c for a in names if a != "random init" for c in compare(preds, a, "random init")]
-        with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        with open(pdir.result("compare"), "w") as f:
             json.dump(cmp, f, indent=1)
     return rows
 

@@ -32,6 +32,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from decipher_jax import layout
 from decipher_jax.eval import features as F
 from decipher_jax.eval import probes
 
@@ -45,7 +46,8 @@ def load_sweep(path: str) -> dict:
     return mod.get_sweep()
 
 
-def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
+def feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
+    """The sweep's feature sets: precomputed feature dirs, and a pipeline workdir's encoders."""
     sets = {}
     for name, d in sw.get("features", {}).items():
         sets[name] = {split: F.load(os.path.join(d, split)) for split in ("train", "val", "test")
@@ -54,20 +56,30 @@ def _feature_sets(sw: dict, workdir: str) -> dict[str, dict]:
         from decipher_jax.eval import suite
 
         encs, vit = suite.encoders(sw["pipeline"], None)
-        splits = suite.split_sources(sw["data"])  # val when the data has one
-        for name, (model, params) in encs.items():
-            sets[name] = {split: F.extract(model, params, src, model.mesh, size=vit.img_size)
-                          for split, src in splits.items()}
+        sets |= encoder_sets(encs, vit, suite.split_sources(sw["data"]))  # val when the data has one
     if not sets:
         raise ValueError("the sweep names no features and no pipeline workdir")
     return sets
 
 
 def run(sw: dict, workdir: str) -> list[dict]:
+    """The sweep over its feature sets; ``sweep.json`` and ``sweep.csv`` in ``workdir/eval``."""
+    rows = grid(sw, feature_sets(sw, workdir))
+    write(rows, layout.PipelineDir(workdir).eval)
+    return rows
+
+
+def encoder_sets(encs: dict, vit, splits: dict) -> dict[str, dict]:
+    """Feature sets of frozen encoders (``{name: (model, params)}``) over ``{split: source}``."""
+    return {name: {split: F.extract(model, params, src, model.mesh, size=vit.img_size) for split, src in splits.items()}
+            for name, (model, params) in encs.items()}
+
+
+def grid(sw: dict, sets: dict[str, dict]) -> list[dict]:
+    """Rows of every (feature set, pool, task, head, hyper-parameters) cell of the sweep."""
     from decipher_jax.eval import suite
 
     rows = []
-    sets = _feature_sets(sw, workdir)
     heads = sw.get("heads", {"logistic": {}})
     for set_name, fs in sets.items():
         for pool in sw.get("pool", ["mean"]):
@@ -116,7 +128,10 @@ def run(sw: dict, workdir: str) -> list[dict]:
                                                 "auroc": probes.macro_auroc(probs, yte[te], k),
                                                 "balanced_accuracy": probes.balanced_accuracy(s.argmax(1), yte[te]),
                                                 "accuracy": float(np.mean(s.argmax(1) == yte[te]))})
-    out = os.path.join(workdir, "eval")
+    return rows
+
+
+def write(rows: list[dict], out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)

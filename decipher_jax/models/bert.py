@@ -130,7 +130,7 @@ class Bert(nnx.Module):
     def _word_table(self):
         # FSDP semantics: gather the (embed-sharded) table before the lookup / tied decoder.
         # Gathering rows of an embed-sharded table into a batch-sharded activation otherwise
-        # forces XLA into a full rematerialisation (seen as an SPMD warning on 8 devices).
+        # forces XLA into a full rematerialisation (the SPMD partitioner warns of it).
         return constrain(self.word_embeddings[...], ("vocab", None), self.rules)
 
     def mlm_logits(self, hidden):

@@ -10,11 +10,11 @@ Parameter tree (the optimiser's regex rules address the towers by these names)::
 
 ``center_text``: the pooled text features are centred on a fixed vector before the projection,
 the mean feature of the training texts (set once when training starts, never trained). A
-BERT's pooled sentence features are anisotropic: after the stage-1 MLM run, any two synthetic
-reports have cosine ~0.99 (0.48 for MiniLM as shipped), so after a bias-free projection and L2
-normalisation every text sits near one point until the projection learns to cancel the shared
-direction. Centring removes it up front; it
-is part of the model, so zero-shot and retrieval apply it too.
+BERT's pooled sentence features are anisotropic, and after the stage-1 MLM run nearly
+parallel (BENCHMARKS.md, "Stage 2 with series descriptions, centred text, held-out penalty
+selection"), so after a bias-free projection and L2 normalisation every text sits near one
+point until the projection learns to cancel the shared direction. Centring removes it up
+front; it is part of the model, so zero-shot and retrieval apply it too.
 
 For the NeuroBERT-style objective (``objective="regress"``) the image projection maps into the
 text encoder's own space (d = bert.hidden) and there is no text projection: the target is the

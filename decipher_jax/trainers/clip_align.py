@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decipher_jax import checkpoint as ckpt
-from decipher_jax import losses, optim, runs, runspec
-from decipher_jax import sharding as sh
+from decipher_jax import layout, losses, optim, runs, runspec
 from decipher_jax.data import pipelines as P
 from decipher_jax.interop import hf_bert
 from decipher_jax.models import bert
@@ -60,12 +59,8 @@ def vit_config(cfg) -> ViTConfig:
     """The stage-1 run's ViT (from its run_spec.json) when initialising from one, else ``model.vit``."""
     d = dict(cfg.model.vit)
     if cfg.init.get("vision"):
-        spec = os.path.join(cfg.init.vision, "run_spec.json")
-        if not os.path.exists(spec):
-            raise FileNotFoundError(f"{spec}: not found; init.vision must be a vision_ssl workdir")
-        with open(spec) as f:
-            stage1 = json.load(f)
-        d = stage1.get("vit") or stage1["config"]["model"]["vit"]  # (run specs before the shared schema)
+        stage1 = runs.read_spec(cfg.init.vision)  # init.vision: a vision_ssl workdir
+        d = stage1.get("vit") or stage1["config"]["model"]["vit"]  # (a spec without the shared schema)
     d.update(dict(cfg.model.get("vit_overrides", {})))
     return ViTConfig(**from_json(d))
 
@@ -144,8 +139,8 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
     return step
 
 
-def build(cfg, mesh) -> dict:
-    """Model, optimiser, state shardings and the (unjitted) step; no weights are read (AOT-safe)."""
+def setup(cfg, mesh) -> common.Setup:
+    """The stage-2 trainer on ``mesh``; no weights are read until ``init`` (AOT-safe)."""
     vit, bcfg, tcfg = vit_config(cfg), bert_config(cfg), towers_config(cfg)
     model = common.Model(lambda r: TwoTowers(vit, bcfg, tcfg, rngs=r), mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
@@ -159,8 +154,51 @@ def build(cfg, mesh) -> dict:
     tx = optim.build(oc, params_shape)
     frozen = optim.frozen_towers(oc, params_shape, TOWERS)
     shardings, shapes = common.params_state(model, tx, mesh, params_shape)
-    return {"model": model, "tx": tx, "frozen": frozen, "shardings": shardings, "shapes": shapes,
-            "step": make_step(cfg, model, tx, frozen), "vit": vit, "bert": bcfg, "towers": tcfg}
+    s = common.Setup("clip_align", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, model, tx, frozen),
+                     batch_spec(cfg, vit), init=None, data=None, spec=None, vit=vit, bert=bcfg, towers=tcfg,
+                     frozen=frozen)
+    # The training texts' features, when a fresh start computes them for the text centre:
+    # reused as a locked tower's cache.
+    table = []
+
+    def init():
+        params = initial_params(cfg, s)
+        if "text_center" in params:  # towers.center_text (no text projection, so no centre, with "regress")
+            table.append(text_table(cfg, s, params, mesh))
+            params = set_text_center(cfg, s, params, mesh, table[0])
+            print(f"clip_align: text features centred on the mean of {len(table[0][0])} training texts", flush=True)
+        opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
+        return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
+
+    def data():
+        if frozen["image"] or frozen["text"]:
+            print(f"clip_align: frozen towers {[t for t, f in frozen.items() if f]}", flush=True)
+        loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+        return iter(P.pairs(P.data_source(cfg.data.dir, "train"), loader, vit.img_size, tokenizer_path(cfg),
+                            max_length=cfg.data.max_length, train=True, crop_scale=tuple(cfg.data.crop_scale),
+                            text=cfg.data.get("text", "report")))
+
+    def spec():
+        return runspec.RunSpec("clip_align", cfg, vit=vit, bert=bcfg, towers=tcfg,
+                               tokenizer=common.tokenizer_dir(str(tokenizer_path(cfg))),
+                               preprocessing=runspec.preprocessing(cfg.data.dir))
+
+    def on_start(state, workdir, fresh):
+        if fresh and cfg.eval.before:
+            evaluate(cfg, s, state["params"], workdir, "before")
+        cache = text_cache(cfg, s, state["params"], mesh, table=table[0] if table else None)
+        if cache is None:
+            return ()
+        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training texts encoded once", flush=True)
+        return (cache,)
+
+    def on_end(state, metrics, workdir):
+        if int(state["step"]) == cfg.steps:
+            metrics.update({f"eval/{k}": v for k, v in evaluate(cfg, s, state["params"], workdir, "after").items()})
+        return metrics
+
+    s.init, s.data, s.spec, s.on_start, s.on_end = init, data, spec, on_start, on_end
+    return s
 
 
 def batch_spec(cfg, vit: ViTConfig) -> dict:
@@ -174,15 +212,15 @@ def batch_spec(cfg, vit: ViTConfig) -> dict:
     return spec
 
 
-def initial_params(cfg, b: dict) -> dict:
+def initial_params(cfg, s: common.Setup) -> dict:
     """Fresh projections; towers from stage 1 where configured, all born on the model's shardings."""
-    model = b["model"]
+    model = s.model
     params = model.init(jax.random.key(cfg.seed))
     if cfg.init.get("vision"):
         src = cfg.init.get("vision_from", "teacher")
         sub = {src: {"backbone": common.abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                              params["image"]), model.shardings["image"])}}
-        step, restored = ckpt.restore_subtree(os.path.join(cfg.init.vision, "checkpoints"), sub)
+        step, restored = ckpt.restore_subtree(layout.RunDir(cfg.init.vision).checkpoints, sub)
         params["image"] = restored[src]["backbone"]
         print(f"clip_align: image tower <- {cfg.init.vision} ({src} backbone, step {step})", flush=True)
     path = text_path(cfg)
@@ -193,22 +231,22 @@ def initial_params(cfg, b: dict) -> dict:
     return params
 
 
-def text_cache(cfg, b: dict, params, mesh, split: str = "train", table=None) -> dict | None:
+def text_cache(cfg, s: common.Setup, params, mesh, split: str = "train", table=None) -> dict | None:
     """A locked text tower's pooled features of every stage-2 text of ``split`` (PairText),
     computed once: ``{"hash": (R,) sorted pair_id hashes, "feats": (R, Dt)}``, replicated;
     ``None`` when the text tower trains or ``data.cache_text`` is off. The tower is
     deterministic and frozen, so its output for a text never changes: the step looks it up by
     ``pair_id_hash`` instead of running the tower forward again (most of a tiny step's time).
     ``table``: :func:`text_table`'s output for these params when already computed."""
-    locked = b["frozen"]["text"] or b["towers"].objective == "regress"
+    locked = s.frozen["text"] or s.towers.objective == "regress"
     if not (locked and cfg.data.get("cache_text", True)):
         return None
-    hashes, feats = table if table is not None else text_table(cfg, b, params, mesh, split)
+    hashes, feats = table if table is not None else text_table(cfg, s, params, mesh, split)
     rep = common.replicated(mesh)
     return {"hash": jax.device_put(hashes, rep), "feats": jax.device_put(feats, rep)}
 
 
-def text_table(cfg, b: dict, params, mesh, split: str = "train"):
+def text_table(cfg, s: common.Setup, params, mesh, split: str = "train"):
     """``(hashes, feats)``: the text tower's pooled features ``(R, Dt)`` (NumPy) of every distinct
     stage-2 text of ``split`` (``TwoTowers.pair_text_features``), sorted by ``pair_id`` hash."""
     import numpy as np
@@ -232,7 +270,7 @@ def text_table(cfg, b: dict, params, mesh, split: str = "train"):
     dtok = P.Tokenize(tokenizer_path(cfg), P.DESCRIPTION_LENGTH, field="desc_text", names=("desc_ids", "desc_mask"))
     enc = [dtok.map(tok.map({"text": texts[int(h)][0], "desc_text": texts[int(h)][1],
                              "has_desc": np.float32(bool(texts[int(h)][1]))})) for h in hashes]
-    model = b["model"]
+    model = s.model
     fn = jax.jit(lambda p, e: model(p).pair_text_features(e["input_ids"], e["attention_mask"], e["desc_ids"],
                                                           e["desc_mask"], e["has_desc"]))
     keys = ("input_ids", "attention_mask", "desc_ids", "desc_mask", "has_desc")
@@ -246,12 +284,12 @@ def text_table(cfg, b: dict, params, mesh, split: str = "train"):
     return hashes, np.concatenate(feats)
 
 
-def set_text_center(cfg, b: dict, params, mesh, table=None) -> dict:
+def set_text_center(cfg, s: common.Setup, params, mesh, table=None) -> dict:
     """``params`` with ``text_center`` = the mean pooled feature of the distinct training texts
     (``table``: :func:`text_table`'s output when already computed). See ``TowersConfig.center_text``."""
-    _, feats = table if table is not None else text_table(cfg, b, params, mesh)
+    _, feats = table if table is not None else text_table(cfg, s, params, mesh)
     center = feats.mean(0).astype(params["text_center"].dtype)
-    return {**params, "text_center": jax.device_put(center, b["model"].shardings["text_center"])}
+    return {**params, "text_center": jax.device_put(center, s.model.shardings["text_center"])}
 
 
 def tokenizer_path(cfg) -> str:
@@ -264,97 +302,51 @@ def tokenizer_path(cfg) -> str:
 @common.locked
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) stage 2; returns the last metrics plus held-out retrieval (``eval/...``)."""
-    os.makedirs(workdir, exist_ok=True)
-    common.initialize_distributed()
-    mesh = sh.make_mesh(dict(cfg.mesh))
-    print(f"clip_align: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
-
-    b = build(cfg, mesh)
-    shardings = b["shardings"]
-    loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
-    iterator = iter(P.pairs(P.data_source(cfg.data.dir, "train"), loader, b["vit"].img_size, tokenizer_path(cfg),
-                            max_length=cfg.data.max_length, train=True, crop_scale=tuple(cfg.data.crop_scale),
-                            text=cfg.data.get("text", "report")))
-    if b["frozen"]["image"] or b["frozen"]["text"]:
-        print(f"clip_align: frozen towers {[t for t, f in b['frozen'].items() if f]}", flush=True)
-
-    mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
-                        save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
-    _write_spec(cfg, workdir, b, mngr.latest_step())
-    restored = ckpt.restore(mngr, common.abstract(b["shapes"], shardings), iterator)
-    evaluate = _evaluator(cfg, b, mesh, workdir)
-    table = None  # the training texts' features: for the centre, and reused as a locked tower's cache
-    if restored:
-        start, state = restored
-        print(f"resumed from step {start}", flush=True)
-    else:
-        params = initial_params(cfg, b)
-        if "text_center" in params:  # towers.center_text (no text projection, so no centre, with "regress")
-            table = text_table(cfg, b, params, mesh)
-            params = set_text_center(cfg, b, params, mesh, table)
-            print(f"clip_align: text features centred on the mean of {len(table[0])} training texts", flush=True)
-        opt = jax.jit(b["tx"].init, out_shardings=shardings["opt"])(params)
-        state, start = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}, 0
-        if cfg.eval.before:
-            evaluate(state["params"], "before")
-
-    cache = text_cache(cfg, b, state["params"], mesh, table=table)
-    if cache is not None:
-        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training texts encoded once", flush=True)
-    jitted = jax.jit(b["step"], in_shardings=(shardings, None, None), out_shardings=(shardings, None),
-                     donate_argnums=(0,))
-    step_fn = lambda state, batch: jitted(state, batch, cache)  # noqa: E731
-    state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
-                                     workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
-                                     stop_after=cfg.get("stop_after", 0), max_update_ratio=cfg.guard_update_ratio,
-                                     preemption_grace_s=cfg.preemption_grace_s)
-    if int(state["step"]) == cfg.steps:
-        metrics.update({f"eval/{k}": v for k, v in evaluate(state["params"], "after").items()})
-    return metrics
+    return common.train(setup(cfg, common.make_mesh(cfg, "clip_align")), workdir)
 
 
-def _evaluator(cfg, b, mesh, workdir):
-    """Held-out retrieval at the start ("before") and the end ("after"); JSON per split. The
-    metrics are the retrieval evaluator's (:func:`decipher_jax.eval.evaluators.pair_metrics`)."""
+def evaluate(cfg, s: common.Setup, params, workdir: str, tag: str) -> dict:
+    """Held-out retrieval of ``params`` on ``cfg.eval.splits`` (the retrieval evaluator's metrics,
+    :func:`decipher_jax.eval.evaluators.pair_metrics`), kept under ``tag`` in ``eval_<split>.json``."""
     from decipher_jax.eval import evaluators, retrieval
 
-    def run(params, tag: str) -> dict:
-        out = {}
-        for split in cfg.eval.splits:
-            try:
-                source = evaluators.open_split(cfg.data.dir, split)
-            except evaluators.MissingSplit as e:  # a corpus without that split
-                print(f"clip_align: no {split!r} split to evaluate ({e})", flush=True)
-                continue
-            m = evaluators.pair_metrics(b["model"], params, source, mesh, image_size=b["vit"].img_size,
-                                        tokenizer=tokenizer_path(cfg), max_length=cfg.data.max_length,
-                                        batch_size=cfg.eval.batch_size)
-            path = os.path.join(workdir, f"eval_{split}.json")
-            prev = {}
-            if os.path.exists(path):
-                with open(path) as f:
-                    prev = json.load(f)
-            prev[tag] = m
-            if jax.process_index() == 0:
-                with open(path, "w") as f:
-                    json.dump(prev, f, indent=1)
-            print(f"clip_align [{tag}] {split}: " + retrieval.summary(m), flush=True)
-            out.update({f"{split}/{k}": v for k, v in m.items() if k != "examples"})
-        return out
-
-    return run
+    out = {}
+    for split in cfg.eval.splits:
+        try:
+            source = evaluators.open_split(cfg.data.dir, split)
+        except evaluators.MissingSplit as e:  # a corpus without that split
+            print(f"clip_align: no {split!r} split to evaluate ({e})", flush=True)
+            continue
+        m = evaluators.pair_metrics(s.model, params, source, s.mesh, image_size=s.vit.img_size,
+                                    tokenizer=tokenizer_path(cfg), max_length=cfg.data.max_length,
+                                    batch_size=cfg.eval.batch_size)
+        path = layout.RunDir(workdir).heldout(split)
+        prev = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                prev = json.load(f)
+        prev[tag] = m
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(prev, f, indent=1)
+        print(f"clip_align [{tag}] {split}: " + retrieval.summary(m), flush=True)
+        out.update({f"{split}/{k}": v for k, v in m.items() if k != "examples"})
+    return out
 
 
-def _write_spec(cfg, workdir, b, resume_step):
-    """Everything needed to rebuild the model from this workdir (zero-shot, evaluation)."""
-    tok = str(tokenizer_path(cfg))
-    if tok and "://" not in tok and os.path.exists(tok):
-        tok = os.path.abspath(tok)  # the workdir is read later from other working directories
-    spec = runspec.RunSpec("clip_align", cfg, vit=b["vit"], bert=b["bert"], towers=b["towers"], tokenizer=tok,
-                           preprocessing=runspec.preprocessing(cfg.data.dir))
-    runspec.start(workdir, spec, resume_step=resume_step, is_main=jax.process_index() == 0)
+def summary(cfg, m: dict, seconds: float) -> str:
+    objective = {"clip": "CLIP", "siglip": "SigLIP", "regress": "regression"}[cfg.model.towers.objective]
+    text = {"description+report": "each series paired with its description and its study's report",
+            "report": "each series paired with its study's report"}[cfg.data.get("text", "report")]
+    import re
+
+    # The first rule matching a text-tower parameter decides (as in optim.build).
+    rule = next((mult for pattern, mult in cfg.optim.get("lr_rules", ()) if re.fullmatch(pattern, "text/encoder")), 1.0)
+    locked = rule is None and objective != "regression"
+    return (f"stage 2 ({objective} over the global batch, {cfg.steps} steps, {text}"
+            f"{', report encoder locked' if locked else ''}) in {seconds:.0f} s: "
+            f"loss {m['loss']:.3f}, temperature {m['temperature']:.1f}")
 
 
 # The stage-2 run loader lives in decipher_jax.runs (zero-shot and evaluation read runs there).
 load = runs.load_align
-

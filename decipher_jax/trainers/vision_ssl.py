@@ -13,16 +13,13 @@ per-submodule clip -> AdamW -> EMA teacher update -> centre update.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decipher_jax import checkpoint as ckpt
 from decipher_jax import losses, optim, runspec
-from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
 from decipher_jax.models.heads import DINOHead
@@ -42,12 +39,12 @@ def model_factory(cfg):
     return lambda rngs: SSLModel(vit, head, rngs=rngs), vit
 
 
-def schedules(c, step):
-    """Teacher temperature (linear warm-up then flat) and EMA momentum (cosine to 1)."""
+def schedules(c, step, steps: int):
+    """Teacher temperature (linear warm-up then flat) and EMA momentum (cosine to 1 at ``steps``)."""
     s = step.astype(jnp.float32)
     w = max(c.teacher_temp_warmup_steps, 1)
     temp = jnp.where(s < w, c.teacher_temp_start + (c.teacher_temp - c.teacher_temp_start) * s / w, c.teacher_temp)
-    mom = 1.0 - (1.0 - c.momentum_start) * (jnp.cos(math.pi * s / max(c.steps, 1)) + 1.0) / 2.0
+    mom = 1.0 - (1.0 - c.momentum_start) * (jnp.cos(math.pi * s / max(steps, 1)) + 1.0) / 2.0
     return temp, mom
 
 
@@ -115,7 +112,7 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
         return total, (aux, t_cls, t_patch, valid)
 
     def step(state, batch):
-        temp, mom = schedules(c, state["step"])
+        temp, mom = schedules(c, state["step"], cfg.steps)
         key = jax.random.fold_in(state["rng"], state["step"])
         grad_fn = jax.value_and_grad(forward, has_aux=True)
         (loss, (aux, t_cls, t_patch, valid)), grads = grad_fn(
@@ -138,91 +135,61 @@ def make_step(cfg, model: common.Model, tx, n_tokens: int):
     return step
 
 
-def build(cfg, mesh) -> dict:
-    """Model, optimiser, state shardings, init function and the (unjitted) step for ``mesh``.
-
-    Shared by :func:`train` and ahead-of-time compilation (``experiments/aot_compile.py``).
-    """
+def setup(cfg, mesh) -> common.Setup:
+    """The stage-1 trainer on ``mesh``: student, EMA teacher, centres and AdamW, born sharded."""
     factory, vit_cfg = model_factory(cfg)
     model = common.Model(factory, mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
     tx = optim.build(cfg.optim, params_shape, depth=vit_cfg.depth)
     rep = common.replicated(mesh)
     k_ = cfg.model.head.out_dim
-    state_shardings = {
+    shardings = {
         "step": rep, "rng": rep, "student": model.shardings, "teacher": model.shardings,
         "opt": common.opt_shardings(tx, params_shape, model.shardings, mesh),
         "center": {"cls": rep, "patch": rep},
     }
 
-    def init(key):
+    def fresh(key):
         student = nnx.to_pure_dict(nnx.split(factory(nnx.Rngs(key)))[1])
         return {"step": jnp.zeros([], jnp.int32), "rng": jax.random.key_data(jax.random.key(cfg.seed + 1)),
                 "student": student, "teacher": jax.tree.map(jnp.copy, student), "opt": tx.init(student),
                 "center": {"cls": jnp.zeros((1, k_)), "patch": jnp.zeros((1, k_))}}
 
-    grid = [g // p for g, p in zip(cfg.data.global_size, vit_cfg.patch_size)]
-    step = _with_key(make_step(cfg, model, tx, int(np.prod(grid))))
-    return {"model": model, "tx": tx, "state_shardings": state_shardings, "init": init, "step": step,
-            "vit": vit_cfg, "n_tokens": int(np.prod(grid))}
+    def data():
+        d = cfg.data
+        crops = T.MultiCrop(global_size=tuple(d.global_size), local_size=tuple(d.local_size), n_local=d.n_local,
+                            global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale),
+                            patch_size=vit_cfg.patch_size, mask_probability=d.mask_probability,
+                            mask_ratio=tuple(d.mask_ratio))
+        loader = P.LoaderConfig(batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+        return iter(P.vision_ssl(P.data_source(d.dir, "train"), loader, crops))
+
+    def spec():
+        return runspec.RunSpec("vision_ssl", cfg, vit=vit_cfg, preprocessing=runspec.preprocessing(cfg.data.dir))
+
+    step = _with_key(make_step(cfg, model, tx, n_tokens(cfg)))
+    return common.Setup("vision_ssl", cfg, mesh, model, tx, shardings, jax.eval_shape(fresh, jax.random.key(0)),
+                        step, batch_spec(cfg), lambda: jax.jit(fresh, out_shardings=shardings)(jax.random.key(cfg.seed)),
+                        data, spec, log_keys=("loss", "dino", "ibot", "koleo"), vit=vit_cfg)
+
+
+def n_tokens(cfg) -> int:
+    """Patch tokens of one global crop."""
+    return int(np.prod([g // p for g, p in zip(cfg.data.global_size, cfg.model.vit.patch_size)]))
 
 
 def batch_spec(cfg, per_process_batch: int | None = None) -> dict:
     """Shapes and dtypes of one stage-1 batch (global batch unless given)."""
     d, b = cfg.data, per_process_batch or cfg.data.batch_size
     c = cfg.model.vit.get("in_channels", 1)
-    grid = [g // p for g, p in zip(d.global_size, cfg.model.vit.patch_size)]
     return {"global": ((b, 2, *d.global_size, c), jnp.float32), "local": ((b, d.n_local, *d.local_size, c), jnp.float32),
-            "masks": ((b, 2, int(np.prod(grid))), jnp.bool_)}
+            "masks": ((b, 2, n_tokens(cfg)), jnp.bool_)}
 
 
 @common.locked
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) stage-1 vision pretraining; returns the last metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    # -- mesh ----------------------------------------------------------------------------------
-    common.initialize_distributed()
-    mesh = sh.make_mesh(dict(cfg.mesh))
-    print(f"vision_ssl: {common.host_note()}, mesh {dict(mesh.shape)}", flush=True)
-
-    # -- data ----------------------------------------------------------------------------------
-    d = cfg.data
-    vit_cfg = ViTConfig(**cfg.model.vit.to_dict())
-    crops = T.MultiCrop(global_size=tuple(d.global_size), local_size=tuple(d.local_size), n_local=d.n_local,
-                        global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale),
-                        patch_size=vit_cfg.patch_size, mask_probability=d.mask_probability,
-                        mask_ratio=tuple(d.mask_ratio))
-    loader = P.LoaderConfig(batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
-    iterator = iter(P.vision_ssl(P.data_source(d.dir, "train"), loader, crops))
-
-    # -- model and optimiser: shapes first, born sharded ---------------------------------------
-    b = build(cfg, mesh)
-    state_shardings, init = b["state_shardings"], b["init"]
-
-    # -- checkpoint: resume automatically ------------------------------------------------------
-    mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
-                        save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoints)
-    runspec.start(workdir, runspec.RunSpec("vision_ssl", cfg, vit=b["vit"], preprocessing=runspec.preprocessing(d.dir)),
-                  resume_step=mngr.latest_step(), is_main=jax.process_index() == 0)
-    abstract_state = common.abstract(jax.eval_shape(init, jax.random.key(0)), state_shardings)
-    restored = ckpt.restore(mngr, abstract_state, iterator)
-    if restored:
-        start, state = restored
-        print(f"resumed from step {start}", flush=True)
-    else:
-        state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(cfg.seed))
-        start = 0
-
-    # -- step ----------------------------------------------------------------------------------
-    step_fn = jax.jit(b["step"], in_shardings=(state_shardings, None),
-                      out_shardings=(state_shardings, None), donate_argnums=(0,))
-
-    # -- loop ----------------------------------------------------------------------------------
-    _, metrics = common.run_loop(step_fn, state, iterator, mesh, mngr, start=start, steps=cfg.ssl.steps,
-                                 workdir=workdir, log_every=cfg.log_every, samples_per_step=d.batch_size,
-                                 stop_after=cfg.get("stop_after", 0), max_update_ratio=cfg.guard_update_ratio,
-                                 preemption_grace_s=cfg.preemption_grace_s)
-    return metrics
+    return common.train(setup(cfg, common.make_mesh(cfg, "vision_ssl")), workdir)
 
 
 def _with_key(step):
@@ -237,3 +204,9 @@ def _with_key(step):
         return new, m
 
     return f
+
+
+def summary(cfg, m: dict, seconds: float) -> str:
+    return (f"stage 1 vision (DINO + iBOT + KoLeo, {cfg.steps} steps) in {seconds:.0f} s: "
+            f"loss {m['loss']:.3f} (dino {m['dino']:.3f}, ibot {m['ibot']:.3f}, koleo {m['koleo']:.3f}), "
+            f"teacher entropy {m['teacher_entropy']:.2f} nats, feature std {m['feature_std']:.3f}")

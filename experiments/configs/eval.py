@@ -9,21 +9,23 @@ writes them; point them elsewhere for any run, e.g. ``--config.runs.align=output
 
 Arguments (comma-separated): ``tiny`` (one probe seed, all labels; short segmentation heads:
 for tests), or names of evaluators to keep (``probes,zeroshot``); by default all of them with the
-demo's settings.
+demo's settings. ``sweep`` (the probe sweep of ``experiments/sweeps/probes.py`` over the runs'
+encoders) runs only when named.
 """
 
 import ml_collections as mlc
 
 ALL = ("retrieval", "zeroshot", "localisation", "rerank", "probes", "segmentation")
+OPTIONAL = ("sweep",)  # only when named: a probe sweep over the runs' encoders (evals.sweep.sweep: its file)
 
 
 def get_config(arg=None):
     opts = [o for o in (arg or "").split(",") if o]
     tiny = "tiny" in opts
     keep = [o for o in opts if o not in ("tiny", "demo")] or list(ALL)
-    unknown = set(keep) - set(ALL)
+    unknown = set(keep) - set(ALL) - set(OPTIONAL)
     if unknown:
-        raise ValueError(f"unknown evaluators {sorted(unknown)}; known: {list(ALL)}")
+        raise ValueError(f"unknown evaluators {sorted(unknown)}; known: {list(ALL + OPTIONAL)}")
     c = mlc.ConfigDict()
     c.runs = {"align": "{workdir}/stage2", "ssl_teacher": "{workdir}/stage1_vision"}
     c.random = True  # a random-init encoder of the same architecture: every score's floor
@@ -38,7 +40,8 @@ def get_config(arg=None):
         # Pretrained (stage 2) against random init; the heads' full grid is the library's default.
         "segmentation": {"encoders": ("align", "random"), "steps": 10 if tiny else 150, "batch": 4,
                          "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,)},
+        "sweep": {"sweep": "experiments/sweeps/probes.py"},
     }
-    c.evals = {k: evals[k] for k in ALL if k in keep}
-    c.order = tuple(k for k in ALL if k in keep)  # a ConfigDict sorts its keys: the run order
+    c.evals = {k: evals[k] for k in ALL + OPTIONAL if k in keep}
+    c.order = tuple(k for k in ALL + OPTIONAL if k in keep)  # a ConfigDict sorts its keys: the run order
     return c

@@ -63,8 +63,8 @@ def get_config(arg=None):
     c.model.head = head
     c.model.drop_path = 0.0 if tiny else 0.3
 
+    c.steps = 30 if tiny else 125_000
     c.ssl = mlc.ConfigDict()
-    c.ssl.steps = 30 if tiny else 125_000
     c.ssl.centering = "centering"  # or "sinkhorn"
     c.ssl.student_temp = 0.1
     # Tiny runs: a flat 0.04 teacher and a slow EMA teacher (0.99 -> 1). With the 0.04 -> 0.07
@@ -83,7 +83,7 @@ def get_config(arg=None):
     c.optim.lr = 0.004 * math.sqrt(c.data.batch_size / 1024) if not tiny else 1e-3
     c.optim.min_lr = 1e-6
     c.optim.warmup_steps = 5 if tiny else 12_500
-    c.optim.total_steps = c.ssl.get_ref("steps") * 1  # follows an override of `ssl.steps` (set it to decouple)
+    c.optim.total_steps = c.get_ref("steps") * 1  # follows an override of `steps` (set it to decouple)
     c.optim.b1, c.optim.b2 = 0.9, 0.999
     c.optim.weight_decay = 0.04
     c.optim.weight_decay_end = 0.4

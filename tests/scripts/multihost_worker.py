@@ -17,7 +17,7 @@ if __name__ == "__main__":
     from decipher_jax.trainers import common, vision_ssl
 
     cfg = common.load_config(config + ":tiny", {
-        "data.dir": data, "data.batch_size": 8, "ssl.steps": 3, "optim.total_steps": 3, "async_checkpoints": False,
+        "data.dir": data, "data.batch_size": 8, "steps": 3, "optim.total_steps": 3, "async_checkpoints": False,
         "checkpoint_every": 3, "data.global_size": (16, 16, 16), "data.local_size": (8, 8, 8),
         "model.vit.patch_size": (4, 4, 4), "model.vit.img_size": (16, 16, 16), "model.vit.dim": 32,
         "model.vit.mlp_dim": 64, "model.head.out_dim": 64, "model.head.hidden": 32, "model.head.bottleneck": 16})

@@ -1,0 +1,436 @@
+"""Fine-tuning the 3D ViT end to end on one supervised task (and, from random init, the
+supervised reference every frozen encoder is measured against).
+
+    decipher train --config experiments/configs/finetune.py:findings,tiny --workdir W --config.init=RUN
+    decipher train --config experiments/configs/finetune.py:sex,tiny --workdir W --config.init=   # from scratch
+
+Tasks (``task``) come from the records' metadata as the probes read them
+(:mod:`decipher_jax.eval.suite`): ``findings`` (multi-label: one logit per finding seen in
+training, each scored only on the body regions where it occurs in training), ``abnormal`` (any
+finding), ``body_region`` / ``sequence`` / ``sex`` (one class each; a class unseen in training
+is left out) and ``age`` (regression on the training split's standardised age; MAE in years).
+
+``init``: a ``vision_ssl`` workdir (its EMA teacher's backbone), a ``clip_align`` workdir (its
+image tower) or "" (random init). The backbone learns with layer-wise lr decay
+(``optim.layer_decay``; 0 turns it off) and may stay frozen for ``optim.freeze_backbone_steps`` steps (its
+parameters bitwise unchanged: the head first, then everything). Training crops are random
+resized crops with flips and intensity jitter; evaluation resizes the whole volume, as the
+probes' features do. ``data.label_fraction`` draws that fraction of the training *patients*
+(``data.label_seed``), as the probes' label subsets. Every ``eval.every`` steps the val split
+is scored; the best step's parameters are kept in ``best/`` and the run stops after
+``eval.patience`` evaluations without improvement. At the end the best parameters are scored
+on the test split (``test.json``, with per-series predictions in ``test_predictions.npz``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decipher_jax import checkpoint as ckpt
+from decipher_jax import optim, runs, runspec
+from decipher_jax.data import pipelines as P
+from decipher_jax.models.classifier import Classifier
+from decipher_jax.models.vit3d import ViTConfig
+from decipher_jax.trainers import common
+
+TASKS = ("findings", "abnormal", "body_region", "sequence", "sex", "age")
+META = ("patient_id", "study_id", "series_id", "body_region", "sequence", "sex", "age", "findings")
+
+
+# -- the task ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What the head predicts, fixed from the training split (and written in the run spec)."""
+
+    task: str
+    kind: str  # "multilabel", "multiclass" or "regression"
+    names: tuple[str, ...]  # the findings (multilabel), the classes (multiclass), (task,) (regression)
+    regions: tuple[tuple[str, ...], ...] = ()  # per finding: the body regions where it is scored
+    mean: float = 0.0  # regression: the training targets' mean and std
+    std: float = 1.0
+
+    @property
+    def n_out(self) -> int:
+        return len(self.names)
+
+
+def _text(v) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def read_meta(source) -> dict[str, np.ndarray]:
+    """The metadata columns of every record of ``source`` (one pass; the volumes are not decoded)."""
+    rows = {k: [] for k in META}
+    for i in range(len(source)):
+        ex = source[i]
+        for k in META:
+            rows[k].append(float(ex[k]) if k == "age" else _text(ex.get(k, "")))
+    return {k: np.asarray(v, np.float64 if k == "age" else object) for k, v in rows.items()}
+
+
+def _findings(value) -> set[str]:
+    return set(str(value).split(";")) - {""}
+
+
+def task_spec(task: str, meta: dict) -> TaskSpec:
+    """The task as the training split defines it (the findings, the classes, the age scale)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    if task == "findings":
+        sets = [_findings(v) for v in meta["findings"]]
+        names = tuple(sorted(set().union(*sets)))
+        if not names:
+            raise ValueError("no findings in the training split")
+        regions = tuple(tuple(sorted({r for r, s in zip(meta["body_region"], sets) if f in s})) for f in names)
+        return TaskSpec(task, "multilabel", names, regions)
+    if task == "abnormal":
+        return TaskSpec(task, "multilabel", ("abnormal",), ((),))  # () = every region
+    if task == "age":
+        age = meta["age"][np.isfinite(meta["age"])]
+        if len(age) < 2:
+            raise ValueError("fewer than two training series with an age")
+        return TaskSpec(task, "regression", ("age",), mean=float(age.mean()), std=float(age.std() + 1e-6))
+    classes = tuple(sorted({str(v) for v in meta[task]} - {""}))
+    if len(classes) < 2:
+        raise ValueError(f"task {task!r}: fewer than two classes in the training split ({classes})")
+    return TaskSpec(task, "multiclass", classes)
+
+
+def targets(spec: TaskSpec, meta_row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, y_mask)`` of one series: float vectors of length ``n_out`` (multilabel), else a
+    class id / standardised target and a 0-1 weight (0: the series is outside the task)."""
+    if spec.kind == "multilabel":
+        fs, region = _findings(meta_row["findings"]), str(meta_row["body_region"])
+        if spec.task == "abnormal":
+            return np.array([float(bool(fs))], np.float32), np.ones(1, np.float32)
+        y = np.array([float(f in fs) for f in spec.names], np.float32)
+        return y, np.array([float(region in r) for r in spec.regions], np.float32)
+    if spec.kind == "regression":
+        a = float(meta_row["age"])
+        ok = np.isfinite(a)
+        return np.float32((a - spec.mean) / spec.std if ok else 0.0), np.float32(ok)
+    v = str(meta_row[spec.task])
+    return np.int32(spec.names.index(v) if v in spec.names else -1), np.float32(v in spec.names)
+
+
+@dataclasses.dataclass
+class Targets(grain.transforms.Map):
+    """Adds ``y`` / ``y_mask`` (:func:`targets`) to a decoded record."""
+
+    spec: TaskSpec
+
+    def map(self, ex):
+        y, w = targets(self.spec, {k: _text(ex.get(k, "")) if k != "age" else ex.get("age", np.nan) for k in META})
+        return {**ex, "y": y, "y_mask": w}
+
+
+def loss(spec: TaskSpec, out, y, w):
+    """Masked BCE (per finding), cross-entropy or MSE (standardised target), over ``w`` > 0."""
+    out = out.astype(jnp.float32)
+    if spec.kind == "multilabel":
+        per = jnp.maximum(out, 0) - out * y + jnp.log1p(jnp.exp(-jnp.abs(out)))
+    elif spec.kind == "regression":
+        per = jnp.square(out[:, 0] - y)
+    else:
+        per = -jnp.take_along_axis(jax.nn.log_softmax(out), jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
+    return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def scores_of(spec: TaskSpec, out):
+    """Probabilities (per finding, or per class) or the prediction in years."""
+    out = out.astype(jnp.float32)
+    if spec.kind == "multilabel":
+        return jax.nn.sigmoid(out)
+    if spec.kind == "regression":
+        return out[:, 0] * spec.std + spec.mean
+    return jax.nn.softmax(out)
+
+
+def score(spec: TaskSpec, scores, y, w) -> dict:
+    """Held-out metrics: mean AUROC over the findings (each on its regions), macro AUROC over
+    the classes, MAE in years; ``score`` is the one to maximise (-MAE for age)."""
+    from decipher_jax.eval import probes
+
+    scores, y, w = np.asarray(scores), np.asarray(y), np.asarray(w) > 0
+    if spec.kind == "multilabel":
+        per = {n: probes.auroc(scores[w[:, j], j], y[w[:, j], j]) for j, n in enumerate(spec.names)}
+        vals = [v for v in per.values() if np.isfinite(v)]
+        mean = float(np.mean(vals)) if vals else float("nan")
+        return {"score": mean, "auroc": mean, "per_finding": per, "n": int(w.any(1).sum())}
+    if spec.kind == "regression":
+        mae = probes.mae(scores[w], y[w] * spec.std + spec.mean) if w.any() else float("nan")
+        return {"score": -mae, "mae": mae, "n": int(w.sum())}
+    auc = probes.macro_auroc(scores[w], y[w], spec.n_out) if w.any() else float("nan")
+    acc = float(np.mean(scores[w].argmax(1) == y[w])) if w.any() else float("nan")
+    return {"score": auc, "auroc": auc, "accuracy": acc, "n": int(w.sum())}
+
+
+# -- the model (decipher_jax.models.classifier) -----------------------------------------------------
+
+def vit_config(cfg) -> ViTConfig:
+    """The init run's ViT (its run spec), else ``model.vit``; ``model.vit_overrides`` on top."""
+    d = dict(cfg.model.vit)
+    if cfg.init:
+        spec = runs.read_spec(cfg.init)
+        d = spec.get("vit") or spec["config"]["model"]["vit"]
+    d.update(dict(cfg.model.get("vit_overrides", {})))
+    return ViTConfig(**runs.from_json(d))
+
+
+def init_kind(workdir: str) -> str:
+    kind = runs.read_spec(workdir).get("kind", "")
+    if kind not in ("vision_ssl", "clip_align"):
+        raise ValueError(f"init={workdir}: a {kind or 'pre-schema'} run; fine-tuning starts from a vision_ssl "
+                         f"or clip_align run (or \"\" for random init)")
+    return kind
+
+
+def backbone_params(workdir: str, shapes, shardings) -> tuple[dict, str]:
+    """The pretrained backbone of an init run, on ``shardings``; and where it came from."""
+    kind = init_kind(workdir)
+    target = common.abstract(shapes, shardings)
+    sub = {"teacher": {"backbone": target}} if kind == "vision_ssl" else {"params": {"image": target}}
+    step, part = ckpt.restore_subtree(os.path.join(workdir, "checkpoints"), sub)
+    if kind == "vision_ssl":
+        return part["teacher"]["backbone"], f"{workdir} (stage-1 EMA teacher, step {step})"
+    return part["params"]["image"], f"{workdir} (stage-2 image tower, step {step})"
+
+
+def predict(fn, params, source, spec, size, mesh, batch_size: int, max_series: int | None = None) -> np.ndarray:
+    """``fn(params, volumes)`` over ``source`` in order, whole volumes resized to ``size`` (the
+    last batch padded to a full one for the mesh); the first ``max_series`` rows when given."""
+    loader = P.LoaderConfig(batch_size=batch_size, shuffle=False, repeat=False, drop_remainder=False)
+    out, n = [], 0
+    for batch in P.supervised(source, loader, size, Targets(spec), train=False):
+        x, k = batch["image"], len(batch["image"])
+        if k < batch_size:
+            x = np.concatenate([x, np.repeat(x[-1:], batch_size - k, 0)])
+        with jax.set_mesh(mesh):
+            out.append(np.asarray(jax.device_get(fn(params, P.to_global({"x": x}, mesh)["x"])))[:k])
+        n += k
+        if max_series is not None and n >= max_series:
+            break
+    return np.concatenate(out)
+
+
+def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: int = 256) -> dict:
+    """``params`` with ``feat_mean`` / ``feat_scale`` from the pooled features of (up to
+    ``max_series``) training volumes, whole-volume resized as in evaluation."""
+    f = predict(jax.jit(lambda p, x: model(p).features(x)), params, source, spec, size, mesh, cfg.eval.batch_size,
+                max_series).astype(np.float64)
+    mean, scale = f.mean(0), 1.0 / (f.std(0) + 1e-6)
+    put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
+    return {**params, "feat_mean": put(mean, "feat_mean"), "feat_scale": put(scale, "feat_scale")}
+
+
+# -- the step ------------------------------------------------------------------------------------
+
+def make_step(cfg, spec: TaskSpec, model: common.Model, tx):
+    seed_key = jax.random.key(cfg.seed + 1)
+
+    def step(state, batch):
+        key = jax.random.fold_in(seed_key, state["step"])
+
+        def loss_fn(params):
+            out = model(params)(batch["image"], drop_path=cfg.model.drop_path, key=key)
+            return loss(spec, out, batch["y"], batch["y_mask"])
+
+        value, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        new, guard = common.guard_update(value, {"step": state["step"] + 1, "params": params, "opt": opt}, state,
+                                         params=state["params"], new_params=params,
+                                         max_update_ratio=cfg.guard_update_ratio)
+        return new, {"loss": value, **guard, "grad_norm": common.tree_norm(grads),
+                     "grad_norm_head": common.tree_norm({k: v for k, v in grads.items() if k != "backbone"}),
+                     **optim.current_hparams(opt)}
+
+    return step
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def label_indices(meta: dict, fraction: float, seed: int) -> np.ndarray:
+    """The training rows of ``fraction`` of the patients (stratified so each class of the
+    'any finding' indicator keeps a patient), as the probes' label subsets."""
+    from decipher_jax.eval import probes
+
+    if fraction >= 1.0:
+        return np.arange(len(meta["patient_id"]))
+    strata = np.array([int(bool(_findings(v))) for v in meta["findings"]])
+    keep = probes.subset_mask(strata, fraction, seed, groups=meta["patient_id"].astype(str))
+    return np.flatnonzero(keep)
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+
+def setup(cfg, mesh) -> common.Setup:
+    """The fine-tuner on ``mesh``. Reads the training split's metadata (the task's classes); no
+    weights until ``init``."""
+    train_src = P.data_source(cfg.data.dir, "train")
+    meta = read_meta(train_src)
+    spec = task_spec(cfg.task, meta)
+    rows = label_indices(meta, cfg.data.label_fraction, cfg.data.label_seed)
+    vit = vit_config(cfg)
+    model = common.Model(lambda r: Classifier(vit, spec.n_out, rngs=r), mesh)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    oc = cfg.optim.copy_and_resolve_references()
+    oc.lr_rules = [("feat_.*", None)] + [tuple(r) for r in oc.get("lr_rules", ())]  # fixed statistics
+    tx = optim.build(oc, params_shape, depth=vit.depth)
+    shardings, shapes = common.params_state(model, tx, mesh, params_shape)
+    size = tuple(vit.img_size)
+    best = Best(cfg, spec, model, mesh, size)
+    s = common.Setup("finetune", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, spec, model, tx),
+                     batch_spec(cfg, vit, spec), init=None, data=None, spec=None, vit=vit)
+
+    def init():
+        params = model.init(jax.random.key(cfg.seed))
+        if cfg.init:
+            params["backbone"], where = backbone_params(cfg.init, params_shape["backbone"],
+                                                        model.shardings["backbone"])
+            print(f"finetune: backbone <- {where}", flush=True)
+        params = set_feature_stats(cfg, spec, model, params, P.Subset(train_src, rows), size, mesh)
+        opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
+        return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
+
+    def data():
+        print(f"finetune: {spec.task} ({spec.kind}, {spec.n_out} outputs) on {len(rows)} of {len(train_src)} "
+              f"training series (label fraction {cfg.data.label_fraction:g})", flush=True)
+        loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=0)
+        return iter(P.supervised(P.Subset(train_src, rows), loader, size, Targets(spec), train=True,
+                                 scale=tuple(cfg.data.crop_scale)))
+
+    def run_spec():
+        return runspec.RunSpec("finetune", {**runspec.as_json(cfg), "task_spec": dataclasses.asdict(spec)}, vit=vit,
+                               preprocessing=runspec.preprocessing(cfg.data.dir))
+
+    def on_start(state, workdir, fresh):
+        best.open(workdir)
+        return ()
+
+    def after_step(step, state):
+        return best.after_step(step, state)
+
+    def stopped(workdir):
+        best.open(workdir)
+        return best.record.get("stopped", False)
+
+    def on_end(state, metrics, workdir):
+        return {**metrics, **best.finish(state)}
+
+    s.init, s.data, s.spec, s.on_start, s.on_end = init, data, run_spec, on_start, on_end
+    s.after_step, s.stopped = after_step, stopped
+    return s
+
+
+def batch_spec(cfg, vit: ViTConfig, spec: TaskSpec) -> dict:
+    b = cfg.data.batch_size
+    y = ((b, spec.n_out), jnp.float32) if spec.kind == "multilabel" else \
+        ((b,), jnp.int32 if spec.kind == "multiclass" else jnp.float32)
+    w = ((b, spec.n_out), jnp.float32) if spec.kind == "multilabel" else ((b,), jnp.float32)
+    return {"image": ((b, *vit.img_size, vit.in_channels), jnp.float32), "y": y, "y_mask": w}
+
+
+class Best:
+    """Early stopping on the val split: scores every ``eval.every`` steps, keeps the best step's
+    parameters (``best/``) and its record (``best.json``, read back on resume)."""
+
+    def __init__(self, cfg, spec, model, mesh, size):
+        self.cfg, self.spec, self.model, self.mesh, self.size = cfg, spec, model, mesh, size
+        self.workdir = None
+        self.record = {"step": None, "score": None, "evals": {}}
+        self.predict = jax.jit(lambda p, x: scores_of(spec, model(p)(x)))
+
+    def open(self, workdir: str):
+        self.workdir = workdir
+        path = os.path.join(workdir, "best.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                self.record = json.load(f)
+        self.has_val = True
+        try:
+            from decipher_jax.eval import evaluators
+
+            evaluators.open_split(self.cfg.data.dir, "val")
+        except evaluators.MissingSplit as e:  # no early stopping: the last step is the result
+            print(f"finetune: no val split ({e}); the last step's parameters are kept", flush=True)
+            self.has_val = False
+
+    def evaluate(self, params, split: str) -> tuple[dict, dict]:
+        """``(metrics, per-series predictions)`` of ``params`` on ``split``."""
+        src = P.data_source(self.cfg.data.dir, split)
+        scores = predict(self.predict, params, src, self.spec, self.size, self.mesh, self.cfg.eval.batch_size)
+        meta = read_meta(src)
+        ys, ws = zip(*(targets(self.spec, {k: meta[k][i] for k in META}) for i in range(len(src))))
+        y, w = np.stack(ys), np.stack(ws)
+        ids = {k: meta[k].astype(str) for k in ("series_id", "study_id", "patient_id")}
+        return score(self.spec, scores, y, w), {"scores": scores, "y": y, "y_mask": w, **ids}
+
+    def _save(self, step, params):
+        mngr = ckpt.manager(os.path.join(self.workdir, "best"), max_to_keep=1, async_save=False)
+        ckpt.save(mngr, step, {"params": params}, force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+
+    def _write(self):
+        if jax.process_index() == 0:
+            tmp = os.path.join(self.workdir, "best.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(self.record, f, indent=1)
+            os.replace(tmp, os.path.join(self.workdir, "best.json"))
+
+    def after_step(self, step: int, state) -> bool:
+        every = self.cfg.eval.every
+        if not self.has_val or not every or step % every:
+            return False
+        m, _ = self.evaluate(state["params"], "val")
+        self.record["evals"][str(step)] = m["score"]
+        if self.record["score"] is None or m["score"] > self.record["score"]:
+            self.record.update(step=step, score=m["score"])
+            self._save(step, state["params"])
+        self._write()
+        print(f"finetune: val {self.spec.task} {m['score']:.3f} at step {step} (best {self.record['score']:.3f} "
+              f"at step {self.record['step']})", flush=True)
+        later = [s for s in map(int, self.record["evals"]) if s > self.record["step"]]
+        if len(later) >= self.cfg.eval.patience:
+            self.record["stopped"] = True  # a rerun goes straight to the test split
+            self._write()
+            print(f"finetune: no val improvement in {len(later)} evaluations; stopping at step {step}", flush=True)
+            return True
+        return False
+
+    def finish(self, state) -> dict:
+        """The best step's parameters on the test split (else the last step's)."""
+        params, step = state["params"], int(state["step"])
+        if self.record["step"] is not None:
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
+            step, part = ckpt.restore_subtree(os.path.join(self.workdir, "best"),
+                                              {"params": common.abstract(shapes, self.model.shardings)})
+            params = part["params"]
+        m, preds = self.evaluate(params, "test")
+        out = {"task": self.spec.task, "best_step": step, "val": self.record, "test": m}
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "test.json"), "w") as f:
+                json.dump(out, f, indent=1, default=float)
+            np.savez(os.path.join(self.workdir, "test_predictions.npz"), **preds)
+        return {"test/score": m["score"], "best_step": step}
+
+
+@common.locked
+def train(cfg, workdir: str) -> dict:
+    """Runs (or resumes) a fine-tuning run; returns the last metrics and the test score."""
+    return common.train(setup(cfg, common.make_mesh(cfg, "finetune")), workdir)
+
+
+def summary(cfg, m: dict, seconds: float) -> str:
+    start = f"from {cfg.init}" if cfg.init else "from random init (supervised reference)"
+    return (f"fine-tuned {cfg.task} {start}, {cfg.steps} steps in {seconds:.0f} s: test score {m['test/score']:.3f} "
+            f"(best val step {m['best_step']})")

@@ -1,0 +1,76 @@
+"""Fine-tuning the 3D ViT on one task (:mod:`decipher_jax.trainers.finetune`).
+
+    decipher train --config experiments/configs/finetune.py:findings,tiny --workdir W --config.init=outputs/demo/stage2
+    decipher train --config experiments/configs/finetune.py:age --workdir W --config.init=gs://.../ssl_b16
+    decipher train --config experiments/configs/finetune.py:sex,tiny --workdir W --config.init=    # from scratch
+
+Arguments: a task (findings, abnormal, body_region, sequence, sex, age), ``tiny`` (the demo's
+scale: the demo's ViT when training from scratch), ``frozen`` (train the head only: a linear
+probe trained by SGD, for comparison). ``init`` is a vision_ssl or clip_align workdir, or ""
+for random init (the supervised reference); with an init run the ViT is that run's.
+
+Recipe (as BEiT / DINOv2 fine-tuning, shortened): AdamW, warm-up then cosine, layer-wise lr
+decay 0.75, weight decay 0.05, drop path 0.1 (0 tiny), the backbone frozen for the first
+``freeze_backbone_steps`` (the head settles before the features move).
+"""
+
+import ml_collections as mlc
+
+from decipher_jax.trainers.finetune import TASKS
+
+
+def get_config(arg=None):
+    opts = [o for o in (arg or "").split(",") if o]
+    tasks = [o for o in opts if o in TASKS]
+    unknown = set(opts) - set(TASKS) - {"tiny", "frozen"}
+    if unknown or len(tasks) > 1:
+        raise ValueError(f"finetune.py:{arg}: one task of {list(TASKS)} plus tiny / frozen")
+    tiny, frozen = "tiny" in opts, "frozen" in opts
+    c = mlc.ConfigDict()
+    c.task = tasks[0] if tasks else "findings"
+    c.init = ""  # a vision_ssl or clip_align workdir; "" = random init
+    c.seed = 0
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.steps = 300 if tiny else 20_000
+    c.log_every = 10 if tiny else 50
+    c.checkpoint_every = 100 if tiny else 1000
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    c.stop_after = 0
+    c.guard_update_ratio = 1.0
+    c.preemption_grace_s = 30.0
+
+    c.data = mlc.ConfigDict()
+    c.data.dir = "outputs/demo/data/prep" if tiny else "data/prep"
+    c.data.batch_size = 16 if tiny else 256
+    c.data.num_workers = 0 if tiny else 8
+    c.data.label_fraction = 1.0  # of the training patients
+    c.data.label_seed = 0
+    c.data.crop_scale = (0.6, 1.0)
+
+    c.model = mlc.ConfigDict()
+    # From scratch: this ViT (the demo's stage-1 ViT at tiny scale); with init, the run's.
+    c.model.vit = (dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32),
+                        num_registers=0, layerscale=None, pos_embed="learned") if tiny else
+                   dict(dim=768, depth=12, heads=12, mlp_dim=3072, patch_size=(16, 16, 16), img_size=(96, 96, 96),
+                        dtype="bfloat16", remat="dots", scan=True, num_registers=4, layerscale=1e-5))
+    c.model.vit_overrides = {}
+    c.model.drop_path = 0.0 if tiny else 0.1
+
+    c.optim = mlc.ConfigDict()
+    c.optim.lr = 1e-3 if tiny else 5e-4
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_steps = 20 if tiny else 1000
+    c.optim.total_steps = c.get_ref("steps") * 1
+    c.optim.weight_decay = 0.05
+    c.optim.b1, c.optim.b2 = 0.9, 0.999
+    c.optim.clip_norm = 1.0
+    c.optim.layer_decay = 0.75
+    c.optim.freeze_backbone_steps = 0 if tiny else 500
+    c.optim.lr_rules = [("backbone/.*", None)] if frozen else []
+
+    c.eval = mlc.ConfigDict()
+    c.eval.every = 50 if tiny else 1000  # val-split score cadence (0: no early stopping)
+    c.eval.patience = 3 if tiny else 5  # evaluations without improvement before stopping
+    c.eval.batch_size = 16 if tiny else 256
+    return c
