@@ -338,11 +338,8 @@ def summary(cfg, m: dict, seconds: float) -> str:
     objective = {"clip": "CLIP", "siglip": "SigLIP", "regress": "regression"}[cfg.model.towers.objective]
     text = {"description+report": "each series paired with its description and its study's report",
             "report": "each series paired with its study's report"}[cfg.data.get("text", "report")]
-    import re
-
-    # The first rule matching a text-tower parameter decides (as in optim.build).
-    rule = next((mult for pattern, mult in cfg.optim.get("lr_rules", ()) if re.fullmatch(pattern, "text/encoder")), 1.0)
-    locked = rule is None and objective != "regression"
+    rules = [tuple(r) for r in cfg.optim.get("lr_rules", ())]
+    locked = optim.first_match("text/encoder", rules, 1.0) is None and objective != "regression"  # as optim.build
     return (f"stage 2 ({objective} over the global batch, {cfg.steps} steps, {text}"
             f"{', report encoder locked' if locked else ''}) in {seconds:.0f} s: "
             f"loss {m['loss']:.3f}, temperature {m['temperature']:.1f}")

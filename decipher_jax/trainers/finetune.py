@@ -204,28 +204,26 @@ def backbone_params(workdir: str, shapes, shardings) -> tuple[dict, str]:
     return part["params"]["image"], f"{workdir} (stage-2 image tower, step {step})"
 
 
-def predict(fn, params, source, spec, size, mesh, batch_size: int, max_series: int | None = None) -> np.ndarray:
-    """``fn(params, volumes)`` over ``source`` in order, whole volumes resized to ``size`` (the
-    last batch padded to a full one for the mesh); the first ``max_series`` rows when given."""
-    loader = P.LoaderConfig(batch_size=batch_size, shuffle=False, repeat=False, drop_remainder=False)
-    out, n = [], 0
-    for batch in P.supervised(source, loader, size, Targets(spec), train=False):
-        x, k = batch["image"], len(batch["image"])
-        if k < batch_size:
-            x = np.concatenate([x, np.repeat(x[-1:], batch_size - k, 0)])
-        with jax.set_mesh(mesh):
-            out.append(np.asarray(jax.device_get(fn(params, P.to_global({"x": x}, mesh)["x"])))[:k])
-        n += k
-        if max_series is not None and n >= max_series:
-            break
-    return np.concatenate(out)
+def predict(fn, params, source, spec, size, mesh, batch_size: int, max_series: int | None = None) -> dict:
+    """``{"out": fn(params, volumes), "y", "y_mask", ids}`` over ``source`` in order (the first
+    ``max_series`` rows when given), whole volumes resized to ``size``, through the evaluations'
+    split scan (:func:`decipher_jax.eval.embed.scan_split`: padded, every host in step)."""
+    from decipher_jax.data import transforms as T
+    from decipher_jax.eval import embed
+
+    if max_series is not None and max_series < len(source):
+        source = P.Subset(source, np.arange(max_series))
+    batches = embed.scan_split(source, [T.Decode(), Targets(spec), T.Resize(tuple(size))],
+                               embed.round_batch(batch_size, mesh))
+    return embed.apply(lambda g: {"out": fn(params, g["image"])}, batches, mesh, ("image",),
+                       meta_keys=("y", "y_mask", "series_id", "study_id", "patient_id"))
 
 
 def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: int = 256) -> dict:
     """``params`` with ``feat_mean`` / ``feat_scale`` from the pooled features of (up to
     ``max_series``) training volumes, whole-volume resized as in evaluation."""
     f = predict(jax.jit(lambda p, x: model(p).features(x)), params, source, spec, size, mesh, cfg.eval.batch_size,
-                max_series).astype(np.float64)
+                max_series)["out"].astype(np.float64)
     mean, scale = f.mean(0), 1.0 / (f.std(0) + 1e-6)
     put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
     return {**params, "feat_mean": put(mean, "feat_mean"), "feat_scale": put(scale, "feat_scale")}
@@ -350,6 +348,8 @@ class Best:
         self.predict = jax.jit(lambda p, x: scores_of(spec, model(p)(x)))
 
     def open(self, workdir: str):
+        if self.workdir == workdir:  # stopped() opened it already
+            return
         self.workdir = workdir
         path = os.path.join(workdir, "best.json")
         if os.path.exists(path):
@@ -367,12 +367,9 @@ class Best:
     def evaluate(self, params, split: str) -> tuple[dict, dict]:
         """``(metrics, per-series predictions)`` of ``params`` on ``split``."""
         src = P.data_source(self.cfg.data.dir, split)
-        scores = predict(self.predict, params, src, self.spec, self.size, self.mesh, self.cfg.eval.batch_size)
-        meta = read_meta(src)
-        ys, ws = zip(*(targets(self.spec, {k: meta[k][i] for k in META}) for i in range(len(src))))
-        y, w = np.stack(ys), np.stack(ws)
-        ids = {k: meta[k].astype(str) for k in ("series_id", "study_id", "patient_id")}
-        return score(self.spec, scores, y, w), {"scores": scores, "y": y, "y_mask": w, **ids}
+        res = predict(self.predict, params, src, self.spec, self.size, self.mesh, self.cfg.eval.batch_size)
+        preds = {"scores": res.pop("out"), **{k: np.asarray(v) for k, v in res.items()}}
+        return score(self.spec, preds["scores"], preds["y"], preds["y_mask"]), preds
 
     def _save(self, step, params):
         mngr = ckpt.manager(os.path.join(self.workdir, "best"), max_to_keep=1, async_save=False)
