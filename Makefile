@@ -32,9 +32,10 @@ system-deps:
 demo: install
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/decipher demo --workdir $(WORKDIR)
 
-# Two worker processes, a test file each at a time (module fixtures stay in one process).
+# Two worker processes, a test file each at a time (module fixtures stay in one process), the
+# longest files first (tests/conftest.py orders them; xdist keeps that order).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

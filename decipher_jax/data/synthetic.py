@@ -46,7 +46,7 @@ TISSUE = {
     "disc": (0.35, 0.7, 0.5, 0.25),
     "cord": (0.5, 0.5, 0.45, 0.3),
     "liver": (0.55, 0.35, 0.35, 0.3),
-    "kidney": (0.4, 0.6, 0.5, 0.45),
+    "kidney": (0.28, 0.6, 0.55, 0.45),  # darker than muscle on T1 (version 1: 0.4, the same)
     "spleen": (0.45, 0.55, 0.5, 0.5),
     # findings
     "infarct": (0.3, 0.85, 0.9, 1.0),
@@ -54,6 +54,7 @@ TISSUE = {
     "cyst": (0.1, 1.0, 0.2, 0.05),
     "herniation": (0.35, 0.7, 0.5, 0.25),
     "cord_lesion": (0.4, 0.9, 0.85, 0.6),
+    "edema": (0.38, 0.85, 0.8, 0.4),  # vasogenic (round a mass) or bone-bruise / torn-ligament oedema
 }
 
 # region -> (field of view in mm (x, y, z), findings it can have)
@@ -100,12 +101,18 @@ def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float =
     ]
     vent = 0.8 + 0.6 * a + r.uniform(0.0, 0.2)  # ventricles widen with age (one draw, as before)
     parts += [_e("csf", (sx * 9, 5, 10), np.array([6, 25, 9]) * vent) for sx in (-1, 1)]
-    for f, tissue in (("infarct", "infarct"), ("mass", "mass")):
+    # Sizes at the evaluation's scale (LESIONS): an infarct 24-44 mm, a mass 20-36 mm inside its
+    # oedema (the reports' "surrounding edema"), 1.5x wider; both painted in the lesion mask.
+    for f in ("infarct", "mass"):
         if f in findings:
             side = r.choice([-1, 1])
-            y = r.uniform(-50, 50)
-            rad = r.uniform(9, 20)
-            parts.append(_e(tissue, (side * r.uniform(25, 40), y, r.uniform(-5, 25)), [rad, rad * r.uniform(0.8, 1.2), rad], True))
+            y = r.uniform(-45, 45)
+            rad = r.uniform(*LESIONS[f])
+            c = (side * r.uniform(22, 34), y, r.uniform(-5, 20))
+            radii = np.array([rad, rad * r.uniform(0.8, 1.2), rad])
+            if f == "mass":
+                parts.append(_e("edema", c, radii * 1.5, True))
+            parts.append(_e(f, c, radii, True))
             facts[f] = {"side": "right" if side > 0 else "left", "lobe": "frontal" if y > 15 else "parietal" if y > -20 else "occipital",
                         "size_mm": int(round(2 * rad))}
     return parts
@@ -122,9 +129,10 @@ def _knee(r, findings, facts, age=50):
     if "effusion" in findings:
         parts.append(_e("fluid", (0, 30, 20), (26, 10, 24), True))
         facts["effusion"] = {"size": r.choice(["small", "moderate", "large"])}
-    if "acl_tear" not in findings:  # the ligament is the "organ" that can be missing
-        parts.append(_e("ligament", (0, 0, 0), (4, 14, 4)))
-    else:
+    if "acl_tear" not in findings:  # an intact ACL: a dark band through the notch, 10 x 32 x 10 mm
+        parts.append(_e("ligament", (0, 0, 0), (5, 16, 5)))
+    else:  # torn: the band is gone and oedema / haemorrhage fills the notch (bright on T2, FLAIR)
+        parts.append(_e("edema", (0, 0, 0), (7, 15, 7), True))
         facts["acl_tear"] = {"kind": r.choice(["complete", "full-thickness"])}
     return parts
 
@@ -137,14 +145,15 @@ def _spine(r, findings, facts, age=50):
         z = -100 + i * 45
         parts += [_e("bone", (0, 20, z), (22, 18, 17)), _e("marrow", (0, 20, z), (19, 15, 14)), _e("disc", (0, 20, z + 22), (20, 16, disc))]
     parts += [_e("csf", (0, -8, 0), (9, 8, 130)), _e("cord", (0, -8, 20), (5, 5, 90))]
-    if "herniation" in findings:
+    if "herniation" in findings:  # disc material pushed back into the canal, displacing its CSF
         i = int(r.integers(0, 5))
-        parts.append(_e("herniation", (r.uniform(-6, 6), 2, -100 + i * 45 + 22), (8, 9, 5), True))
+        parts.append(_e("herniation", (r.uniform(-5, 5), -6, -100 + i * 45 + 22), LESIONS["herniation"], True))
         facts["herniation"] = {"level": levels[i]}
-    if "cord_lesion" in findings:
-        z = r.uniform(0, 80)
-        parts.append(_e("cord_lesion", (0, -8, z), (4, 4, r.uniform(6, 14)), True))
-        facts["cord_lesion"] = {"size_mm": int(round(2 * parts[-1].radii[2]))}
+    if "cord_lesion" in findings:  # an expansile intramedullary lesion: wider than the 10 mm cord
+        z = r.uniform(0, 70)
+        rx, rz = LESIONS["cord_lesion"][0], r.uniform(*LESIONS["cord_lesion"][1:])
+        parts.append(_e("cord_lesion", (0, -8, z), (rx, rx, rz), True))
+        facts["cord_lesion"] = {"size_mm": int(round(2 * rz))}
     return parts
 
 
@@ -159,13 +168,25 @@ def _abdomen(r, findings, facts, age=50):
         if sx != absent:
             parts.append(_e("kidney", (sx * 50, -40, -10), (18, 16, 32)))
     if "liver_lesion" in findings:
-        rad = r.uniform(8, 18)
+        rad = r.uniform(*LESIONS["liver_lesion"])
         parts.append(_e("cyst", (-55 + r.uniform(-20, 20), 20 + r.uniform(-15, 15), 35 + r.uniform(-15, 15)), (rad, rad, rad), True))
         facts["liver_lesion"] = {"size_mm": int(round(2 * rad)), "segment": r.choice(["right lobe", "left lobe"])}
     return parts
 
 
 BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen}
+# Lesion radii (mm): (low, high) of a uniform draw; herniation (x, y, z); cord lesion (width,
+# low, high of its half-length). Chosen so that each finding shows at the evaluation's scale (a
+# whole region resized to 32^3: ~5 mm voxels in the brain, 4 x 4 x 8 mm in the spine, 10 mm in
+# the abdomen): tests/test_synthetic.py checks that every finding changes enough voxels there.
+# Generator version 1 drew infarct and mass radii of 9-20 mm (no oedema), liver cyst radii of
+# 8-18 mm, cord lesions 4 mm in radius (inside the 5 mm cord), herniations of 8 x 9 x 5 mm at
+# the disc's back edge, an ACL 8 mm thick whose tear left no trace but its absence, and a bias
+# field of up to 2x: on its demo corpus a ResNet-10 trained on the finding labels reached a
+# mean test AUROC of 0.59 (BENCHMARKS.md, "A learnable world").
+LESIONS = {"infarct": (12.0, 22.0), "mass": (10.0, 18.0), "liver_lesion": (14.0, 26.0),
+           "herniation": (12.0, 10.0, 12.0), "cord_lesion": (6.5, 14.0, 28.0)}
+GENERATOR_VERSION = 2
 
 
 def scale_body(parts: list[Ellipsoid], facts: dict, scale: float) -> list[Ellipsoid]:
@@ -223,8 +244,10 @@ def random_affine(r: np.random.Generator, fov, shape) -> np.ndarray:
 
 def bias_and_noise(r: np.random.Generator, img: np.ndarray, xyz: np.ndarray, noise: float) -> np.ndarray:
     scale = np.abs(xyz).max() + 1e-6
-    g = r.normal(0, 0.25, 3)
-    field = np.exp((xyz / scale) @ g + 0.15 * r.normal() * ((xyz / scale) ** 2).sum(-1))
+    # A smooth multiplicative bias field, about +-10-25 % across the field of view (version 1:
+    # up to 2x, which buried every lesion's contrast in a global histogram).
+    g = r.normal(0, 0.1, 3)
+    field = np.exp((xyz / scale) @ g + 0.05 * r.normal() * ((xyz / scale) ** 2).sum(-1))
     a = img * field.astype(np.float32)
     n1, n2 = r.normal(0, noise, (2,) + img.shape).astype(np.float32)
     return np.sqrt((a + n1) ** 2 + n2**2)  # Rician magnitude noise
@@ -394,5 +417,6 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
     del root
     manifest = manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)
     with open(os.path.join(out_dir, "generator.json"), "w") as f:
-        json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "series": len(rows)}, f, indent=1)
+        json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "series": len(rows),
+                   "version": GENERATOR_VERSION}, f, indent=1)
     return manifest

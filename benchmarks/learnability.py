@@ -1,0 +1,132 @@
+"""Is each scored task learnable from the image at the evaluation's input size? (issue 18, item 4)
+
+    .venv/bin/python benchmarks/learnability.py --prep outputs/demo/data/prep --size 32
+
+For every per-finding task (scored within the body regions where the finding occurs, as the
+probes are) and the attributes, on the prepared records resized whole to ``--size``:
+
+- lesion: mean lesion voxels per positive series at that size (from the records' masks) and
+  the lesion's share of the volume;
+- hist LR: a logistic regression (scikit-learn, C chosen by 3-fold CV on train) on simple image
+  statistics that need no location: a 32-bin intensity histogram of the volume, its 90/99/99.9th
+  percentiles, each crossed with the series' sequence (a bright blob means something else on T1);
+- voxel LR: a logistic regression on the raw voxels downsampled to 16^3 (a location-bound
+  linear model: it sees where anatomy is, not where a lesion moved).
+
+Test AUROC of each. A task neither statistic learns and no supervised model learns either
+(``benchmarks/monai_anchor.py``) is not measuring an encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from decipher_jax import env  # noqa: E402
+
+env.setup(devices=1)
+
+
+def load(prep: str, split: str, size: int):
+    """(images (N, S, S, S), masks (N, S, S, S) or None, metadata) of one split, resized whole."""
+    import numpy as np
+
+    from decipher_jax.data import pipelines as P
+    from decipher_jax.data import transforms as T
+    from decipher_jax.eval import embed
+
+    src = P.data_source(prep, split)
+    xs, ls, meta = [], [], {}
+    for b, n in embed.scan_split(src, [T.Decode(keep_label=True), T.Resize((size,) * 3)], 16):
+        xs.append(b["image"][:n, ..., 0].astype(np.float32))
+        if "label" in b:
+            ls.append(np.asarray(b["label"][:n]) > 0)
+        for k in embed.META:
+            if k in b:
+                meta.setdefault(k, []).extend(list(b[k][:n]))
+    return np.concatenate(xs), (np.concatenate(ls) if ls else None), {k: np.asarray(v) for k, v in meta.items()}
+
+
+def hist_features(x, seq, sequences):
+    """Location-free statistics per volume, crossed with the sequence (one block per sequence)."""
+    import numpy as np
+
+    flat = x.reshape(len(x), -1)
+    h = np.stack([np.histogram(v, bins=32, range=(0.0, 1.0))[0] for v in flat]).astype(np.float64) / flat.shape[1]
+    q = np.percentile(flat, [90, 99, 99.9], axis=1).T
+    f = np.concatenate([np.sqrt(h), q], 1)
+    blocks = [f * (seq == s)[:, None] for s in sequences]
+    return np.concatenate([f] + blocks, 1)
+
+
+def voxel_features(x, k: int = 16):
+    import numpy as np
+
+    n, s = len(x), x.shape[1]
+    r = s // k
+    return x[:, : k * r, : k * r, : k * r].reshape(n, k, r, k, r, k, r).mean((2, 4, 6)).reshape(n, -1)
+
+
+def fit_auroc(ftr, ytr, fte, yte, binary=True):
+    """Test AUROC (one-vs-rest mean for several classes) of a CV-tuned logistic regression."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(ftr)
+    folds = max(2, min(3, int(np.bincount(ytr).min())))
+    m = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=2000).fit(sc.transform(ftr), ytr)
+    p = m.predict_proba(sc.transform(fte))
+    if p.shape[1] == 2:
+        return float(roc_auc_score(yte, p[:, 1]))
+    return float(roc_auc_score(yte, p, multi_class="ovr", labels=m.classes_))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prep", required=True)
+    p.add_argument("--size", type=int, default=32)
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    from benchmarks.common import table
+    from decipher_jax.eval import suite
+
+    t0 = time.perf_counter()
+    xtr, ltr, mtr = load(args.prep, "train", args.size)
+    xte, lte, mte = load(args.prep, "test", args.size)
+    sequences = sorted(set(mtr["sequence"]))
+    htr, hte = hist_features(xtr, mtr["sequence"], sequences), hist_features(xte, mte["sequence"], sequences)
+    vtr, vte = voxel_features(xtr), voxel_features(xte)
+    print(f"train {xtr.shape} test {xte.shape} loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    rows, hist_f, vox_f = [], [], []
+    for name, ytr, yte in suite.tasks(mtr, mte, names=("findings", "body_region", "sequence", "sex")):
+        ok_tr, ok_te = ytr >= 0, yte >= 0
+        if len(set(yte[ok_te])) < 2:
+            continue
+        a_h = fit_auroc(htr[ok_tr], ytr[ok_tr], hte[ok_te], yte[ok_te])
+        a_v = fit_auroc(vtr[ok_tr], ytr[ok_tr], vte[ok_te], yte[ok_te])
+        lesion = "-"
+        if name.startswith(suite.FINDING) and ltr is not None:
+            pos = ok_tr & (ytr == 1)
+            vox = ltr[pos].reshape(pos.sum(), -1).sum(1)
+            lesion = f"{vox.mean():.0f} ({100 * vox.mean() / ltr[0].size:.2f}%)"
+            hist_f.append(a_h)
+            vox_f.append(a_v)
+        counts = f"{int((ytr[ok_tr] == 1).sum())}/{int(ok_tr.sum())}" if ytr.max() == 1 else str(int(ok_tr.sum()))
+        rows.append([name.removeprefix(suite.FINDING), counts,
+                     str(int(ok_te.sum())), lesion, f"{a_h:.2f}", f"{a_v:.2f}"])
+    rows.append(["mean of findings", "", "", "", f"{np.mean(hist_f):.3f}", f"{np.mean(vox_f):.3f}"])
+    print(table(["task", "train pos/n", "test n", f"lesion voxels at {args.size}^3", "hist LR", "voxel LR"], rows))
+    print(f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

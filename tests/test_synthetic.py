@@ -1,0 +1,63 @@
+"""The synthetic world's findings are in the image at the scale the evaluation sees it (issue 18):
+a finding the probes, the fine-tuner and zero-shot are scored on must change the input volume,
+not only the report."""
+
+import numpy as np
+import pytest
+
+from decipher_jax.data import synthetic
+
+GRID = 32  # the evaluation's whole-region input (tiny configs: img_size 32^3)
+
+
+def _grid_affine(fov):
+    spacing = np.asarray(fov) / GRID
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag(spacing)
+    aff[:3, 3] = -spacing * (GRID - 1) / 2
+    return aff
+
+
+def changed_voxels(region: str, finding: str, seed: int, threshold: float = 0.2) -> list[int]:
+    """Per sequence: voxels of the region's field of view sampled at GRID^3 whose intensity the
+    finding changes by at least ``threshold`` (tissue units, [0, 1]), against the same patient
+    (the same random stream) without it."""
+    fov = synthetic.REGIONS[region][0]
+    aff = _grid_affine(fov)
+    with_f = synthetic.BUILDERS[region](np.random.default_rng(seed), {finding}, {}, age=50)
+    without = synthetic.BUILDERS[region](np.random.default_rng(seed), set(), {}, age=50)
+    out = []
+    for seq in synthetic.SEQUENCES:
+        a, _, _ = synthetic.render(with_f, aff, (GRID,) * 3, seq)
+        b, _, _ = synthetic.render(without, aff, (GRID,) * 3, seq)
+        out.append(int((np.abs(a - b) >= threshold).sum()))
+    return out
+
+
+@pytest.mark.parametrize("region,finding", [(r, f) for r, (_, fs) in synthetic.REGIONS.items() for f in fs])
+def test_every_finding_shows_at_the_evaluation_scale(region, finding):
+    """At least 12 voxels of a 32^3 input, in at least two of the four sequences, for every
+    draw. Generator version 1 failed this for four of the eight findings (second-best sequence
+    at the smallest draw: ACL tear 8 voxels, herniation 1, cord lesion 4, liver cyst 6): lesions
+    of 1-2 voxels across that neither a logistic regression on the image nor a ResNet trained
+    on the labels detected (BENCHMARKS.md, "A learnable world")."""
+    for seed in range(6):
+        counts = changed_voxels(region, finding, seed)
+        assert sorted(counts)[-2] >= 12, (finding, seed, dict(zip(synthetic.SEQUENCES, counts)))
+
+
+def test_lesion_masks_cover_what_the_finding_changes():
+    """The lesion mask (segmentation target) marks the changed tissue: a mass with its oedema,
+    a torn ACL's oedema; an absent kidney has nothing to segment."""
+    aff = _grid_affine(synthetic.REGIONS["brain"][0])
+    parts = synthetic.BUILDERS["brain"](np.random.default_rng(0), {"mass"}, facts := {}, age=50)
+    img, mask, _ = synthetic.render(parts, aff, (GRID,) * 3, "FLAIR")
+    core = [p for p in parts if p.tissue == "mass"][0]
+    edema = [p for p in parts if p.tissue == "edema"][0]
+    np.testing.assert_allclose(edema.radii, core.radii * 1.5)
+    assert facts["mass"]["size_mm"] == int(round(2 * core.radii[0]))
+    assert mask.sum() > 0 and np.isclose(img[mask > 0], synthetic.TISSUE["edema"][2]).mean() > 0.5
+    knee = synthetic.BUILDERS["knee"](np.random.default_rng(0), {"acl_tear"}, {}, age=50)
+    assert [p.tissue for p in knee if p.lesion] == ["edema"] and not any(p.tissue == "ligament" for p in knee)
+    abd = synthetic.BUILDERS["abdomen"](np.random.default_rng(0), {"absent_kidney"}, {}, age=50)
+    assert not any(p.lesion for p in abd) and sum(p.tissue == "kidney" for p in abd) == 1
