@@ -40,21 +40,16 @@ def main(argv=None) -> int:
     import optax
     from flax import nnx
 
+    from benchmarks import learnability
     from benchmarks.common import table
-    from decipher_jax.data import pipelines as P
-    from decipher_jax.data import transforms as T
-    from decipher_jax.eval import embed, probes, suite
+    from decipher_jax.eval import probes, suite
     from decipher_jax.models.vit3d import ViT3D, ViTConfig
 
     size = (args.size,) * 3
 
     def load(split):
-        xs, meta = [], {}
-        for b, n in embed.scan_split(P.data_source(args.prep, split), [T.Decode(), T.Resize(size)], 16):
-            xs.append(b["image"][:n])
-            for k in ("findings", "body_region"):
-                meta.setdefault(k, []).extend(list(b[k][:n]))
-        return np.concatenate(xs).astype(np.float32), {k: np.asarray(v) for k, v in meta.items()}
+        x, _, meta = learnability.load(args.prep, split, args.size, masks=False)
+        return x[..., None], meta
 
     xtr, mtr = load("train")
     xte, mte = load("test")

@@ -30,8 +30,8 @@ from decipher_jax import env  # noqa: E402
 env.setup(devices=1)
 
 
-def load(prep: str, split: str, size: int):
-    """(images (N, S, S, S), masks (N, S, S, S) or None, metadata) of one split, resized whole."""
+def load(prep: str, split: str, size: int, masks: bool = True):
+    """(images (N, S, S, S), lesion masks (N, S, S, S) or None, metadata) of one split, resized whole."""
     import numpy as np
 
     from decipher_jax.data import pipelines as P
@@ -40,7 +40,7 @@ def load(prep: str, split: str, size: int):
 
     src = P.data_source(prep, split)
     xs, ls, meta = [], [], {}
-    for b, n in embed.scan_split(src, [T.Decode(keep_label=True), T.Resize((size,) * 3)], 16):
+    for b, n in embed.scan_split(src, [T.Decode(keep_label=masks), T.Resize((size,) * 3)], 16):
         xs.append(b["image"][:n, ..., 0].astype(np.float32))
         if "label" in b:
             ls.append(np.asarray(b["label"][:n]) > 0)
@@ -63,14 +63,12 @@ def hist_features(x, seq, sequences):
 
 
 def voxel_features(x, k: int = 16):
-    import numpy as np
-
     n, s = len(x), x.shape[1]
     r = s // k
     return x[:, : k * r, : k * r, : k * r].reshape(n, k, r, k, r, k, r).mean((2, 4, 6)).reshape(n, -1)
 
 
-def fit_auroc(ftr, ytr, fte, yte, binary=True):
+def fit_auroc(ftr, ytr, fte, yte):
     """Test AUROC (one-vs-rest mean for several classes) of a CV-tuned logistic regression."""
     import numpy as np
     from sklearn.linear_model import LogisticRegressionCV

@@ -103,9 +103,7 @@ def main(argv=None) -> int:
         o = len(names)
         for key, (_, c_te, n) in cls.items():
             ok = c_te >= 0
-            logits = out[ok, o : o + n]
-            res[key] = float(np.mean([probes.auroc(logits[:, j], (c_te[ok] == j).astype(int))
-                                      for j in range(n) if len(set(c_te[ok] == j)) == 2]))
+            res[key] = probes.macro_auroc(out[ok, o : o + n], c_te[ok], n)
             o += n
         return res
 
