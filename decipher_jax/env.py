@@ -53,6 +53,12 @@ def with_device_count(xla_flags: str | None, devices: int) -> str:
     return (xla_flags + f" {COUNT_FLAG}={devices}").strip()
 
 
+def without_device_count(xla_flags: str | None) -> str:
+    """``xla_flags`` without its ``--xla_force_host_platform_device_count`` settings (a child
+    process that sets its own count keeps the parent's other XLA flags)."""
+    return " ".join(f for f in (xla_flags or "").split() if not f.startswith(COUNT_FLAG + "="))
+
+
 def _cpu_platform(platform: str | None, environ: Mapping[str, str]) -> bool:
     """Whether the simulated host devices can matter: CPU asked for, or the platform unknown."""
     wanted = platform if platform is not None else environ.get("JAX_PLATFORMS", "")

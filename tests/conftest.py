@@ -9,11 +9,15 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# XLA:CPU without LLVM optimisation: the tests compile many small programs and run each briefly,
-# so compile time dominates (see BENCHMARKS.md, "One way through the house"). The notebook's
-# and the multi-host test's child processes inherit it. DECIPHER_TEST_XLA_OPT=1 keeps the default.
+# XLA:CPU compiling fast rather than running fast: the tests compile many small programs and
+# run each briefly, so compile time dominates (about half of the tests' time). No LLVM
+# optimisation, and the classic elemental emitters instead of the MLIR fusion emitters (which
+# halves the compile of a stage-2 step, 3.5 s -> 1.6 s; BENCHMARKS.md, "The test suite's
+# compile time"). The notebook's and the multi-host test's child processes inherit these.
+# DECIPHER_TEST_XLA_OPT=1 keeps XLA's defaults.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 if os.environ.get("DECIPHER_TEST_XLA_OPT", "0") == "0":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 from decipher_jax import env  # noqa: E402  (imports no jax)
 
 # CPU only (libtpu is installed for AOT compilation; never probe for a TPU here), 8 simulated
