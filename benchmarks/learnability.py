@@ -12,6 +12,12 @@ probes are) and the attributes, on the prepared records resized whole to ``--siz
   percentiles, each crossed with the series' sequence (a bright blob means something else on T1);
 - voxel LR: a logistic regression on the raw voxels downsampled to 16^3 (a location-bound
   linear model: it sees where anatomy is, not where a lesion moved).
+- nuisance: no image at all: each test series scored with the training split's prevalence of the
+  finding among series of the same sequence and sex. A model that learns such patient-level
+  attributes instead of the lesion scores like this column, which on a small test split can sit
+  far from 0.5 in either direction;
+- test positives: the test split's positive series and the distinct patients they come from
+  (the AUROC's effective sample size).
 
 Test AUROC of each. A task neither statistic learns and no supervised model learns either
 (``benchmarks/monai_anchor.py``) is not measuring an encoder.
@@ -62,6 +68,24 @@ def hist_features(x, seq, sequences):
     return np.concatenate([f] + blocks, 1)
 
 
+def nuisance_auroc(mtr, ytr, mte, yte, keys=("sequence", "sex")) -> float:
+    """Test AUROC of the training prevalence of the label within each group of ``keys``."""
+    import numpy as np
+
+    from decipher_jax.eval import probes
+
+    gtr = list(zip(*[np.asarray(mtr[k]).astype(str) for k in keys]))
+    gte = list(zip(*[np.asarray(mte[k]).astype(str) for k in keys]))
+    groups: dict = {}
+    for g, y in zip(gtr, ytr):
+        if y >= 0:
+            groups.setdefault(g, []).append(y)
+    prior = float(np.mean(ytr[ytr >= 0]))
+    s = np.array([np.mean(groups[g]) if g in groups else prior for g in gte])
+    ok = yte >= 0
+    return probes.auroc(s[ok], yte[ok])
+
+
 def voxel_features(x, k: int = 16):
     n, s = len(x), x.shape[1]
     r = s // k
@@ -103,25 +127,33 @@ def main(argv=None) -> int:
     vtr, vte = voxel_features(xtr), voxel_features(xte)
     print(f"train {xtr.shape} test {xte.shape} loaded in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    rows, hist_f, vox_f = [], [], []
+    rows, hist_f, vox_f, nui_f = [], [], [], []
     for name, ytr, yte in suite.tasks(mtr, mte, names=("findings", "body_region", "sequence", "sex")):
         ok_tr, ok_te = ytr >= 0, yte >= 0
         if len(set(yte[ok_te])) < 2:
             continue
         a_h = fit_auroc(htr[ok_tr], ytr[ok_tr], hte[ok_te], yte[ok_te])
         a_v = fit_auroc(vtr[ok_tr], ytr[ok_tr], vte[ok_te], yte[ok_te])
-        lesion = "-"
-        if name.startswith(suite.FINDING) and ltr is not None:
-            pos = ok_tr & (ytr == 1)
-            vox = ltr[pos].reshape(pos.sum(), -1).sum(1)
-            lesion = f"{vox.mean():.0f} ({100 * vox.mean() / ltr[0].size:.2f}%)"
+        lesion = nuisance = positives = "-"
+        if name.startswith(suite.FINDING):
+            a_n = nuisance_auroc(mtr, ytr, mte, yte)
+            nuisance = f"{a_n:.2f}"
+            pos_te = yte == 1
+            positives = f"{int(pos_te.sum())} ({len(set(np.asarray(mte['patient_id'])[pos_te]))})"
             hist_f.append(a_h)
             vox_f.append(a_v)
+            nui_f.append(a_n)
+            if ltr is not None:
+                pos = ok_tr & (ytr == 1)
+                vox = ltr[pos].reshape(pos.sum(), -1).sum(1)
+                lesion = f"{vox.mean():.0f} ({100 * vox.mean() / ltr[0].size:.2f}%)"
         counts = f"{int((ytr[ok_tr] == 1).sum())}/{int(ok_tr.sum())}" if ytr.max() == 1 else str(int(ok_tr.sum()))
-        rows.append([name.removeprefix(suite.FINDING), counts,
-                     str(int(ok_te.sum())), lesion, f"{a_h:.2f}", f"{a_v:.2f}"])
-    rows.append(["mean of findings", "", "", "", f"{np.mean(hist_f):.3f}", f"{np.mean(vox_f):.3f}"])
-    print(table(["task", "train pos/n", "test n", f"lesion voxels at {args.size}^3", "hist LR", "voxel LR"], rows))
+        rows.append([name.removeprefix(suite.FINDING), counts, str(int(ok_te.sum())), positives, lesion,
+                     f"{a_h:.2f}", f"{a_v:.2f}", nuisance])
+    rows.append(["mean of findings", "", "", "", "", f"{np.mean(hist_f):.3f}", f"{np.mean(vox_f):.3f}",
+                 f"{np.mean(nui_f):.3f}"])
+    print(table(["task", "train pos/n", "test n", "test pos (patients)", f"lesion voxels at {args.size}^3",
+                 "hist LR", "voxel LR", "nuisance"], rows))
     print(f"{time.perf_counter() - t0:.0f} s")
     return 0
 
