@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from decipher_jax import env
 from decipher_jax import sharding as sh
 from decipher_jax.state import Model, opt_shardings
 
@@ -57,6 +58,7 @@ TABLE_HEADER = (
 def topology_mesh(topology_name: str, mesh_shape: dict, platform: str = "tpu"):
     from jax.experimental import topologies
 
+    env.before_tpu_compile()
     topo = topologies.get_topology_desc(platform=platform, topology_name=topology_name)
     devices = topo.devices
     return sh.make_mesh(mesh_shape, devices=devices), devices

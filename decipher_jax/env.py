@@ -59,6 +59,29 @@ def without_device_count(xla_flags: str | None) -> str:
     return " ".join(f for f in (xla_flags or "").split() if not f.startswith(COUNT_FLAG + "="))
 
 
+def cpu_only_flags_removed(xla_flags: str | None) -> str:
+    """``xla_flags`` without its ``--xla_cpu_*`` flags. libtpu's compiler parses ``XLA_FLAGS``
+    itself at its first compile and aborts the process on a flag it does not know, which the
+    XLA:CPU ones are (an AOT compile for a TPU pod on a CPU host that tunes XLA:CPU)."""
+    return " ".join(f for f in (xla_flags or "").split() if not f.startswith("--xla_cpu_"))
+
+
+def before_tpu_compile() -> None:
+    """Drops XLA:CPU's flags from ``XLA_FLAGS`` before libtpu reads it, once the CPU backend has
+    started with them (it reads them at start, so it keeps them). Imports jax."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    kept = cpu_only_flags_removed(flags)
+    if kept == flags.strip():
+        return
+    import jax
+
+    try:
+        jax.devices("cpu")  # the CPU backend starts (if it had not) with the flags it was given
+    except RuntimeError:  # no CPU platform in JAX_PLATFORMS: nothing reads the CPU flags
+        pass
+    os.environ["XLA_FLAGS"] = kept
+
+
 def _cpu_platform(platform: str | None, environ: Mapping[str, str]) -> bool:
     """Whether the simulated host devices can matter: CPU asked for, or the platform unknown."""
     wanted = platform if platform is not None else environ.get("JAX_PLATFORMS", "")

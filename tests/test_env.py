@@ -43,6 +43,8 @@ def test_prepare_keeps_what_the_caller_set():
     assert "XLA_FLAGS" not in env.prepare({"JAX_PLATFORMS": "cuda"}, devices=4)
     assert env.prepare({"JAX_PLATFORMS": "cpu,tpu"}, devices=4)["XLA_FLAGS"] == f"{COUNT}=4"
     assert env.forced_device_count(f"--a=1 {COUNT}=3 --b") == 3 and env.forced_device_count(None) is None
+    # libtpu aborts on XLA:CPU flags; the rest stays (tests/test_aot.py compiles with them set).
+    assert env.cpu_only_flags_removed(f"--xla_cpu_use_fusion_emitters=false --a=1 {COUNT}=8") == f"--a=1 {COUNT}=8"
     # A child that sets its own count keeps the other flags (the multi-host test's workers).
     assert env.without_device_count(f"--a=1 {COUNT}=3 --b {COUNT}=8") == "--a=1 --b"
     assert env.with_device_count(env.without_device_count(f"--a=1 {COUNT}=8"), 2) == f"--a=1 {COUNT}=2"
