@@ -53,25 +53,30 @@ def with_device_count(xla_flags: str | None, devices: int) -> str:
     return (xla_flags + f" {COUNT_FLAG}={devices}").strip()
 
 
+def _without(xla_flags: str | None, prefix: str) -> str:
+    return " ".join(f for f in (xla_flags or "").split() if not f.startswith(prefix))
+
+
 def without_device_count(xla_flags: str | None) -> str:
-    """``xla_flags`` without its ``--xla_force_host_platform_device_count`` settings (a child
-    process that sets its own count keeps the parent's other XLA flags)."""
-    return " ".join(f for f in (xla_flags or "").split() if not f.startswith(COUNT_FLAG + "="))
+    """``xla_flags`` without its ``--xla_force_host_platform_device_count`` settings."""
+    return _without(xla_flags, COUNT_FLAG + "=")
+
+
+CPU_FLAG_PREFIX = "--xla_cpu_"
 
 
 def cpu_only_flags_removed(xla_flags: str | None) -> str:
     """``xla_flags`` without its ``--xla_cpu_*`` flags. libtpu's compiler parses ``XLA_FLAGS``
     itself at its first compile and aborts the process on a flag it does not know, which the
     XLA:CPU ones are (an AOT compile for a TPU pod on a CPU host that tunes XLA:CPU)."""
-    return " ".join(f for f in (xla_flags or "").split() if not f.startswith("--xla_cpu_"))
+    return _without(xla_flags, CPU_FLAG_PREFIX)
 
 
 def before_tpu_compile() -> None:
     """Drops XLA:CPU's flags from ``XLA_FLAGS`` before libtpu reads it, once the CPU backend has
     started with them (it reads them at start, so it keeps them). Imports jax."""
     flags = os.environ.get("XLA_FLAGS", "")
-    kept = cpu_only_flags_removed(flags)
-    if kept == flags.strip():
+    if not any(f.startswith(CPU_FLAG_PREFIX) for f in flags.split()):
         return
     import jax
 
@@ -79,7 +84,7 @@ def before_tpu_compile() -> None:
         jax.devices("cpu")  # the CPU backend starts (if it had not) with the flags it was given
     except RuntimeError:  # no CPU platform in JAX_PLATFORMS: nothing reads the CPU flags
         pass
-    os.environ["XLA_FLAGS"] = kept
+    os.environ["XLA_FLAGS"] = cpu_only_flags_removed(flags)
 
 
 def _cpu_platform(platform: str | None, environ: Mapping[str, str]) -> bool:
@@ -104,8 +109,12 @@ def prepare(environ: MutableMapping[str, str], devices: int | None = None, platf
 def subprocess_env(devices: int | None = None, platform: str | None = None, offline: bool = True,
                    base: Mapping[str, str] | None = None, drop: tuple[str, ...] = ()) -> dict[str, str]:
     """A copy of ``base`` (default ``os.environ``) without the ``drop`` variables, prepared as
-    :func:`setup` would: the ``env=`` of a child process that imports jax itself."""
+    :func:`setup` would: the ``env=`` of a child process that imports jax itself. ``devices``
+    is the child's device count: it replaces the one inherited in ``XLA_FLAGS``, whose other
+    flags the child keeps."""
     environ = {k: v for k, v in (os.environ if base is None else base).items() if k not in drop}
+    if devices is not None and "XLA_FLAGS" in environ:
+        environ["XLA_FLAGS"] = without_device_count(environ["XLA_FLAGS"])
     return dict(prepare(environ, devices=devices, platform=platform, offline=offline))
 
 

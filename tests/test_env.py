@@ -45,9 +45,7 @@ def test_prepare_keeps_what_the_caller_set():
     assert env.forced_device_count(f"--a=1 {COUNT}=3 --b") == 3 and env.forced_device_count(None) is None
     # libtpu aborts on XLA:CPU flags; the rest stays (tests/test_aot.py compiles with them set).
     assert env.cpu_only_flags_removed(f"--xla_cpu_use_fusion_emitters=false --a=1 {COUNT}=8") == f"--a=1 {COUNT}=8"
-    # A child that sets its own count keeps the other flags (the multi-host test's workers).
     assert env.without_device_count(f"--a=1 {COUNT}=3 --b {COUNT}=8") == "--a=1 --b"
-    assert env.with_device_count(env.without_device_count(f"--a=1 {COUNT}=8"), 2) == f"--a=1 {COUNT}=2"
 
 
 def test_subprocess_env_is_a_prepared_copy(monkeypatch):
@@ -55,6 +53,10 @@ def test_subprocess_env_is_a_prepared_copy(monkeypatch):
     e = env.subprocess_env(devices=2, drop=("XLA_FLAGS",))
     assert e["XLA_FLAGS"] == f"{COUNT}=2" and e["HF_HUB_OFFLINE"]
     assert os.environ["XLA_FLAGS"] == f"{COUNT}=8"  # the parent's environment is untouched
+    # A child's count replaces the inherited one; its other XLA flags stay (the multi-host test).
+    monkeypatch.setenv("XLA_FLAGS", f"--a=1 {COUNT}=8 --b")
+    assert env.subprocess_env(devices=2)["XLA_FLAGS"] == f"--a=1 --b {COUNT}=2"
+    assert env.subprocess_env()["XLA_FLAGS"] == f"--a=1 {COUNT}=8 --b"  # no count asked: inherited
 
 
 def test_setup_before_jax_gives_the_devices():

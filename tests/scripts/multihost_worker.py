@@ -10,7 +10,7 @@ os.environ.update(DECIPHER_COORDINATOR=f"127.0.0.1:{port}", DECIPHER_NUM_PROCESS
 if __name__ == "__main__":
     from decipher_jax import env
 
-    env.setup(devices=2, platform="cpu")  # 2 CPU devices per process (the test drops its XLA_FLAGS)
+    env.setup(devices=2, platform="cpu")  # 2 CPU devices per process (the test sets that count in its XLA_FLAGS)
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
