@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decipher_jax import env  # noqa: E402
 
-env.setup(devices=1)
+env.setup(devices=1, platform="cpu")  # sklearn / torch on the CPU; jax only reads the records (no accelerator probe)
 
 
 def load(prep: str, split: str, size: int, masks: bool = True):

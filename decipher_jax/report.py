@@ -2,6 +2,7 @@
 
 One section per evaluator file that ``decipher eval`` (or the demo) wrote, by the evaluator's
 name (:mod:`decipher_jax.eval.evaluators`), skipping what is absent:
+- ``eval/ladder.json``: the ladder, first: every rung's score against label fraction;
 - ``eval/retrieval.json``: held-out retrieval (before / after stage 2), with examples;
 - ``eval/rerank.json``: token-level re-ranking of the top k;
 - ``eval/probes.json`` (and ``eval/compare.json``): probe score against label fraction;
@@ -258,6 +259,48 @@ def probes_section(workdir: str) -> str:
     return html
 
 
+def ladder_section(workdir: str) -> str:
+    """The report's first figure: score against label fraction, one line per rung, one panel per task."""
+    res = _load_result(workdir, "ladder")
+    if not isinstance(res, dict) or not res.get("rows"):
+        return ""
+    plt = _pyplot()
+
+    rows = res["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    order = lambda r: (r["kind"] != "frozen", r["rung"])  # noqa: E731
+    for ax, task in zip(axes[0], tasks):
+        rs = [r for r in rows if r["task"] == task]
+        for rung in dict.fromkeys(r["rung"] for r in sorted(rs, key=order)):
+            pts = sorted((r for r in rs if r["rung"] == rung), key=lambda r: r["fraction"])
+            x = [r["fraction"] for r in pts]
+            y = [r["score"] for r in pts]
+            err = [[r["score"] - r["lo"] for r in pts], [r["hi"] - r["score"] for r in pts]]
+            ax.errorbar(x, y, yerr=err, marker="o" if pts[0]["kind"] == "frozen" else "s", capsize=3,
+                        linestyle="-" if pts[0]["kind"] == "frozen" else "--", label=rung)
+        if rs[0]["metric"] == "AUROC":
+            ax.axhline(0.5, color="#999", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("label fraction (of the training patients)")
+        ax.set_ylabel(f"{rs[0]['metric']} (test)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    table = [[r["task"], r["rung"], r["kind"], f"{r['fraction']:g}", f"{r['score']:.3f}",
+              f"[{r['lo']:.3f}, {r['hi']:.3f}]"] for r in sorted(rows, key=lambda r: (r["task"], *order(r), r["fraction"]))]
+    n = rows[0]
+    return ("<h2>The ladder</h2>"
+            '<p class="note">Every rung of a task on the same test split: linear probes on the frozen encoders '
+            "(random init, stage 1, stage 2), and the same ViT trained end to end on the task from random init "
+            "(supervised) and fine-tuned from the stage-2 image tower, on the same label fractions (whole "
+            f"patients). Bars: 95% intervals over {n['draws']} bootstrap draws of the {n['n_studies']} test "
+            "studies (the same draws for every rung). The findings panel is the mean AUROC over the findings, "
+            "each on its body regions. A pretrained encoder is useful where it climbs above random init and "
+            "towards (or past) the supervised rung with fewer labels.</p>"
+            + _png(fig) + _table(["task", "rung", "kind", "labels", "score", "95% interval"], table, left=3))
+
+
 def localisation_section(workdir: str) -> str:
     d = layout.PipelineDir(workdir).arrays("localisation")
     m = _load_result(workdir, "localisation")
@@ -299,7 +342,7 @@ def zeroshot_section(workdir: str) -> str:
 
 
 # Evaluator name (its eval/<name>.json) -> section, in page order.
-SECTIONS = {"retrieval": retrieval, "rerank": rerank_section, "probes": probes_section, "zeroshot": zeroshot_section,
+SECTIONS = {"ladder": ladder_section, "retrieval": retrieval, "rerank": rerank_section, "probes": probes_section, "zeroshot": zeroshot_section,
             "localisation": localisation_section, "segmentation": segmentation_section}
 
 

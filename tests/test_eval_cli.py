@@ -4,6 +4,7 @@ registry, and ``decipher report`` renders the evaluators' files."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from decipher_jax import cli
@@ -20,9 +21,9 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
                      "--config.eval.before=False", "--config.eval.splits=()", "--config.async_checkpoints=False"]) == 0
     # All evaluators but segmentation (tests/test_segtasks.py); the corpus has no val split.
     assert cli.main(["eval", "--config", os.path.join(CONFIGS, "eval.py") + ":tiny,retrieval,zeroshot,localisation,"
-                     "rerank,probes", "--workdir", out, f"--config.runs.align={run}"]) == 0
+                     "rerank,probes,ladder", "--workdir", out, f"--config.runs.align={run}"]) == 0
     res = evaluators.load_results(out)
-    assert set(res) >= {"retrieval", "zeroshot", "localisation", "rerank", "probes", "compare"}
+    assert set(res) >= {"retrieval", "zeroshot", "localisation", "rerank", "probes", "compare", "ladder"}
     assert "'val' split" in res["rerank"]["skipped"]  # one way to handle a missing split
     r = res["retrieval"]["splits"]["test"]
     assert r["n_studies"] >= 10 and 0 <= r["i2t_study/R@5"] <= 1
@@ -33,9 +34,21 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
     assert {(c["a_id"], c["a"], c["b_id"]) for c in res["compare"]} == {("align", "stage 2 (SigLIP)", "random")}
 
+    # The ladder: the frozen probes' rungs and the two trained ones, on the same test studies.
+    lad = res["ladder"]["rows"]
+    assert {(r_["rung"], r_["kind"]) for r_ in lad} == {("stage 2 (SigLIP)", "frozen"), ("random init", "frozen"),
+                                                         ("supervised", "trained"), ("fine-tuned", "trained")}
+    assert len({r_["n_studies"] for r_ in lad}) == 1 and all(r_["lo"] <= r_["score"] <= r_["hi"] for r_ in lad)
+    probe_findings = [r_["auroc"] for r_ in rows if r_["encoder_id"] == "random" and r_["task"].startswith("finding")
+                      and r_["fraction"] == 1.0 and r_["seed"] == 0]
+    random_rung = [r_ for r_ in lad if r_["rung"] == "random init"][0]
+    assert random_rung["score"] == pytest.approx(np.nanmean(probe_findings))  # the probes' own figure
+    ft = json.load(open(os.path.join(out, "eval", "ladder", "findings", "fine-tuned-1", "test.json")))
+    assert [r_ for r_ in lad if r_["rung"] == "fine-tuned"][0]["score"] == pytest.approx(ft["test"]["score"])
+
     assert cli.main(["report", "--workdir", out]) == 0
     page = open(os.path.join(out, "report.html")).read()
-    for h in ("Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank"):
+    for h in ("The ladder", "Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank"):
         assert f"<h2>{h}</h2>" in page, h
     assert "skipped: " in page
 

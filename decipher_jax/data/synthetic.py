@@ -50,7 +50,10 @@ TISSUE = {
     "spleen": (0.45, 0.55, 0.5, 0.5),
     # findings
     "infarct": (0.3, 0.85, 0.9, 1.0),
-    "mass": (0.3, 0.75, 0.7, 0.55),
+    # A solid tumour: iso to grey matter on T2 / FLAIR and restricting diffusion, so its core
+    # stands out of the bright oedema ring on three sequences (version 2: (0.3, 0.75, 0.7, 0.55),
+    # a bright blob like an infarct on every sequence but DWI).
+    "mass": (0.25, 0.5, 0.45, 0.75),
     "cyst": (0.1, 1.0, 0.2, 0.05),
     "herniation": (0.35, 0.7, 0.5, 0.25),
     "cord_lesion": (0.4, 0.9, 0.85, 0.6),
@@ -126,13 +129,20 @@ def _knee(r, findings, facts, age=50):
         _e("bone", (0, 0, -45), (30, 28, 46)), _e("marrow", (0, 0, -45), (26, 24, 42)),  # tibia
         _e("cartilage", (0, 0, 0), (30, 28, cart)),
     ]
-    if "effusion" in findings:
-        parts.append(_e("fluid", (0, 30, 20), (26, 10, 24), True))
-        facts["effusion"] = {"size": r.choice(["small", "moderate", "large"])}
+    if "effusion" in findings:  # the suprapatellar recess distended, by the size the report states
+        size = str(r.choice(["small", "moderate", "large"]))
+        k = {"small": 0.8, "moderate": 1.0, "large": 1.25}[size]
+        parts.append(_e("fluid", (0, 30, 20), np.array([30, 12, 28]) * k, True))
+        facts["effusion"] = {"size": size}
     if "acl_tear" not in findings:  # an intact ACL: a dark band through the notch, 10 x 32 x 10 mm
         parts.append(_e("ligament", (0, 0, 0), (5, 16, 5)))
-    else:  # torn: the band is gone and oedema / haemorrhage fills the notch (bright on T2, FLAIR)
+    else:  # torn: the band is gone and oedema / haemorrhage fills the notch (bright on T2, FLAIR),
+        # with the pivot-shift ("kissing") bone contusions of the lateral femoral condyle and the
+        # posterior lateral tibial plateau that accompany most acute tears (version 2: the notch only).
         parts.append(_e("edema", (0, 0, 0), (7, 15, 7), True))
+        side = 1.0  # lateral
+        parts.append(_e("edema", (side * 14, -4, 16), (13, 15, 11), True))
+        parts.append(_e("edema", (side * 14, -12, -14), (13, 11, 9), True))
         facts["acl_tear"] = {"kind": r.choice(["complete", "full-thickness"])}
     return parts
 
@@ -164,9 +174,9 @@ def _abdomen(r, findings, facts, age=50):
     if "absent_kidney" in findings:
         absent = r.choice([-1, 1])
         facts["absent_kidney"] = {"side": "right" if absent > 0 else "left"}
-    for sx in (-1, 1):
+    for sx in (-1, 1):  # about 11 x 5 x 4.5 cm (version 2: 6.4 x 3.6 x 3.2 cm, small for an adult)
         if sx != absent:
-            parts.append(_e("kidney", (sx * 50, -40, -10), (18, 16, 32)))
+            parts.append(_e("kidney", (sx * 55, -42, -15), (25, 22, 55)))
     if "liver_lesion" in findings:
         rad = r.uniform(*LESIONS["liver_lesion"])
         parts.append(_e("cyst", (-55 + r.uniform(-20, 20), 20 + r.uniform(-15, 15), 35 + r.uniform(-15, 15)), (rad, rad, rad), True))
@@ -184,9 +194,9 @@ BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen
 # the disc's back edge, an ACL 8 mm thick whose tear left no trace but its absence, and a bias
 # field of up to 2x: on its demo corpus a ResNet-10 trained on the finding labels reached a
 # mean test AUROC of 0.59 (BENCHMARKS.md, "A learnable world").
-LESIONS = {"infarct": (12.0, 22.0), "mass": (10.0, 18.0), "liver_lesion": (14.0, 26.0),
-           "herniation": (12.0, 10.0, 12.0), "cord_lesion": (6.5, 14.0, 28.0)}
-GENERATOR_VERSION = 2
+LESIONS = {"infarct": (18.0, 28.0), "mass": (14.0, 22.0), "liver_lesion": (20.0, 32.0),
+           "herniation": (14.0, 12.0, 14.0), "cord_lesion": (7.5, 24.0, 40.0)}
+GENERATOR_VERSION = 3
 
 
 def scale_body(parts: list[Ellipsoid], facts: dict, scale: float) -> list[Ellipsoid]:

@@ -40,7 +40,7 @@ from decipher_jax.eval import features, probes
 from decipher_jax.models.vit3d import ViTConfig
 from decipher_jax.state import Model
 
-TASKS = ("body_region", "sequence", "sex", "age", "findings")
+TASKS = ("body_region", "sequence", "sex", "age", "abnormal", "findings")
 REGRESSION = ("age",)  # real-valued targets: ridge probes, MAE
 FINDING = "finding: "
 
@@ -79,6 +79,10 @@ def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, n
     for name in names:
         if name == "findings":
             out += _finding_tasks(train, test)
+        elif name == "abnormal" and "findings" in train:  # any finding (NeuroBERT's triage), every series
+            ytr, yte = (np.array([int(bool(set(str(v).split(";")) - {""})) for v in d["findings"]]) for d in (train, test))
+            if min(np.sum(ytr == 1), np.sum(ytr == 0)) >= 2:
+                out.append((name, ytr, yte))
         elif name in REGRESSION and name in train:
             ytr, yte = (np.asarray(d[name], np.float64) for d in (train, test))
             if known(ytr).sum() >= 6 and np.ptp(ytr[known(ytr)]) > 0:
@@ -114,7 +118,7 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     """``encs``: the output of :func:`encoders` when the caller already holds it."""
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)
-    rows, preds = [], {}
+    rows, preds, scores = [], {}, {}
     pdir = layout.PipelineDir(workdir)
     out_dir = pdir.eval
     sources = split_sources(prep_dir)
@@ -141,7 +145,13 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             rows += [{"encoder": name, "feature": feature, **r} for r in res]
             full = [i for i, r in enumerate(res) if r["fraction"] == max(fractions)][0]  # all labels, first seed
             preds[(name, tname)] = (yte[te_ok], sc[full], feats["test"]["study_id"][te_ok])
+            for f in fractions:  # every fraction's first seed: the ladder's frozen rungs
+                i = [i for i, r in enumerate(res) if r["fraction"] == f][0]
+                scores[(name, tname, float(f))] = (yte[te_ok], sc[i], feats["test"]["study_id"][te_ok])
     os.makedirs(out_dir, exist_ok=True)
+    from decipher_jax.eval import ladder
+
+    ladder.save_probe_scores(os.path.join(pdir.arrays("probes"), ladder.PROBE_SCORES), scores)
     with open(pdir.result("probes"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(out_dir, "probes.csv"), "w", newline="") as f:
