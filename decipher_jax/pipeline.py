@@ -8,7 +8,7 @@ A config names its stages in ``order``; each stage has a ``kind`` (:data:`STAGES
 that ``decipher prep`` wrote from your manifest), ``mesh_check`` (a sharded
 forward / backward of a ViT against one device), ``train`` (any trainer, from its config file
 and overrides, into ``<workdir>/<stage name>``), ``eval`` (the evaluators of an eval config on
-the runs) and ``report``. Strings in overrides may name ``{workdir}`` and ``{data}`` (the
+the runs), ``ladder`` (the ladder's fine-tuning runs, :func:`ladder_stage`) and ``report``. Strings in overrides may name ``{workdir}`` and ``{data}`` (the
 prepared data). Each stage says one or more lines; they become ``summary.md``.
 """
 
@@ -180,6 +180,40 @@ def eval_stage(ctx: Context, st) -> None:
     evaluators.run_all(evaluators.from_config(ecfg.evals, ecfg.order), c, say=ctx.say)
 
 
+def ladder_stage(ctx: Context, st) -> None:
+    """The ladder's trained rungs (:mod:`decipher_jax.eval.ladder`): for each of ``tasks`` and
+    ``fractions``, the fine-tuning config ``config`` (its ``{task}`` filled) from random init, with
+    the stage-2 image tower's architecture (``supervised``), and from the stage-2 run ``init``
+    (``fine-tuned``), into ``<workdir>/ladder/<task>/<rung>-<fraction>/``. A finished run is kept;
+    an interrupted one resumes. The ``ladder`` evaluator reads them."""
+    import dataclasses as dc
+
+    from decipher_jax import runs
+    from decipher_jax.eval import ladder
+    from decipher_jax.trainers import common, finetune
+
+    align = ctx.fill(st.init)
+    vit = dc.asdict(runs.align_vit_config(runs.read_spec(align))) if align else None
+    t0, done = time.perf_counter(), []
+    for task in st.tasks:
+        for rung in st.get("rungs", ladder.TRAINED):
+            if rung == "fine-tuned" and not align:
+                continue
+            for f in st.fractions:
+                w = os.path.join(ctx.workdir, "ladder", task, ladder.run_name(rung, float(f)))
+                if os.path.exists(os.path.join(w, "test.json")):
+                    continue
+                over = {"data.dir": ctx.data, "data.label_fraction": float(f), "init": align if rung == "fine-tuned" else ""}
+                if rung == "supervised" and vit:  # the same ViT as the pretrained encoder, from random init
+                    over["model.vit"] = vit
+                over.update({k: ctx.fill(v) for k, v in st.get("overrides", ())})
+                cfg = common.load_config(config_path(st.config.format(task=task)), over)
+                m = finetune.train(cfg, w)
+                done.append(f"{task} {rung} @ {float(f):g}: {m['test/score']:.3f} (best step {m['best_step']})")
+    ctx.say(f"ladder: {len(done)} fine-tuning runs in {time.perf_counter() - t0:.0f} s (test score): "
+            + "; ".join(done))
+
+
 def report_stage(ctx: Context, st) -> None:
     from decipher_jax import report
 
@@ -188,7 +222,7 @@ def report_stage(ctx: Context, st) -> None:
 
 
 STAGES: dict[str, Callable] = {"data": data_stage, "prepared": prepared_stage, "mesh_check": mesh_check_stage, "train": train_stage,
-                               "eval": eval_stage, "report": report_stage}
+                               "ladder": ladder_stage, "eval": eval_stage, "report": report_stage}
 
 
 # -- running --------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_label_map_stays_aligned_through_oblique_resampling(tmp_path):
     bright = vol > 0.65 * vol.max()
     les = lab == 1
     dice = 2 * (bright & les).sum() / (bright.sum() + les.sum())
-    shifted = np.roll(les, 2, axis=1)
+    shifted = np.roll(les, 5, axis=1)  # a third of the lesion's diameter (generator v3: 36-56 mm at 3 mm)
     dice_shifted = 2 * (bright & shifted).sum() / (bright.sum() + shifted.sum())
     assert dice > 0.8 and dice - dice_shifted > 0.3, (dice, dice_shifted)
     centroid = lambda m: np.argwhere(m).mean(0)  # noqa: E731

@@ -19,6 +19,26 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
                      "--workdir", run, f"--config.data.dir={prepared_heldout}", "--config.init.vision=",
                      "--config.init.text=minilm", "--config.steps=6", "--config.optim.warmup_steps=2",
                      "--config.eval.before=False", "--config.eval.splits=()", "--config.async_checkpoints=False"]) == 0
+    # The ladder's trained rungs through the pipeline's ladder stage (as the demo runs it): the
+    # findings from random init, with the run's ViT, and fine-tuned from the run; all labels.
+    import ml_collections as mlc
+
+    from decipher_jax import pipeline, runs
+
+    ctx = pipeline.Context(out, mlc.ConfigDict({"title": "t"}), data=prepared_heldout)
+    st = mlc.ConfigDict({"kind": "ladder", "tasks": ("findings",), "fractions": (1.0,), "init": run,
+                         "config": "finetune.py:{task},tiny",
+                         "overrides": (("steps", 6), ("optim.warmup_steps", 2), ("async_checkpoints", False),
+                                       ("eval.every", 0))})
+    pipeline.ladder_stage(ctx, st)
+    assert ctx.lines[-1].startswith("ladder: 2 fine-tuning runs")
+    lad_dir = os.path.join(out, "ladder", "findings")
+    assert sorted(os.listdir(lad_dir)) == ["fine-tuned-1", "supervised-1"]
+    assert runs.read_spec(os.path.join(lad_dir, "supervised-1"))["vit"] == runs.read_spec(run)["vit"]
+    assert runs.read_spec(os.path.join(lad_dir, "supervised-1"))["config"]["init"] == ""
+    assert runs.read_spec(os.path.join(lad_dir, "fine-tuned-1"))["config"]["init"] == run
+    pipeline.ladder_stage(ctx, st)  # finished runs are kept, not retrained
+    assert ctx.lines[-1].startswith("ladder: 0 fine-tuning runs")
     # All evaluators but segmentation (tests/test_segtasks.py); the corpus has no val split.
     assert cli.main(["eval", "--config", os.path.join(CONFIGS, "eval.py") + ":tiny,retrieval,zeroshot,localisation,"
                      "rerank,probes,ladder", "--workdir", out, f"--config.runs.align={run}"]) == 0
@@ -43,7 +63,7 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
                       and r_["fraction"] == 1.0 and r_["seed"] == 0]
     random_rung = [r_ for r_ in lad if r_["rung"] == "random init"][0]
     assert random_rung["score"] == pytest.approx(np.nanmean(probe_findings))  # the probes' own figure
-    ft = json.load(open(os.path.join(out, "eval", "ladder", "findings", "fine-tuned-1", "test.json")))
+    ft = json.load(open(os.path.join(out, "ladder", "findings", "fine-tuned-1", "test.json")))
     assert [r_ for r_ in lad if r_["rung"] == "fine-tuned"][0]["score"] == pytest.approx(ft["test"]["score"])
 
     assert cli.main(["report", "--workdir", out]) == 0

@@ -258,12 +258,14 @@ def test_finding_tasks_are_binary_per_body_region():
     test = {"body_region": np.array(["brain", "brain", "knee", "spine"]),
             "findings": np.array(["", "infarct", "effusion", ""]), "sex": np.array(["M", "F", "", "M"])}
     tasks = {name: (ytr, yte) for name, ytr, yte in suite.tasks(train, test)}
-    assert list(tasks) == ["body_region", "sex", "finding: effusion", "finding: infarct", "finding: mass"]
+    assert list(tasks) == ["body_region", "sex", "abnormal", "finding: effusion", "finding: infarct", "finding: mass"]
     np.testing.assert_array_equal(tasks["finding: infarct"][0], [1, 0, 1, 0, -1, -1, -1, -1])
     np.testing.assert_array_equal(tasks["finding: infarct"][1], [0, 1, -1, -1])
     np.testing.assert_array_equal(tasks["finding: effusion"][1], [-1, -1, 1, -1])
     np.testing.assert_array_equal(tasks["sex"][1], [1, 0, -1, 1])  # unseen "" class -> -1
-    assert [t[0] for t in suite.tasks(train, test, names=("findings",))] == list(tasks)[2:]
+    np.testing.assert_array_equal(tasks["abnormal"][1], [0, 1, 1, 0])  # any finding, every series
+    np.testing.assert_array_equal(tasks["abnormal"][0], [1, 0, 1, 1, 1, 0, 1, 0])
+    assert [t[0] for t in suite.tasks(train, test, names=("findings",))] == list(tasks)[3:]
     no_knee = {k: v[:2] for k, v in test.items()}  # a task without a test row is left out
     assert [t[0] for t in suite.tasks(train, no_knee, names=("findings",))] == ["finding: infarct", "finding: mass"]
     # Age is a regression task; rows without an age (NaN: a real template) are outside it.

@@ -484,41 +484,19 @@ class Segmentation(Evaluator):
 @register
 class Ladder(Evaluator):
     """The ladder (:mod:`decipher_jax.eval.ladder`): the frozen encoders' probes (run ``probes``
-    first) beside the same ViT trained end to end from random init (``supervised``) and
-    fine-tuned from the stage-2 image tower (``fine-tuned``), at the same label fractions, on
-    the same test studies with bootstrap intervals. ``config``: the fine-tuning config (its
-    ``{task}`` filled); ``overrides``: ``(dotted key, value)`` pairs on top (steps, lr, ...). Each run lives in
-    ``eval/ladder/<task>/<rung>-<fraction>/`` and resumes there; a finished one is read back."""
+    first) beside the trained rungs: fine-tuning runs of the same ViT from random init
+    (``supervised``) and from the stage-2 image tower (``fine-tuned``) at the same label
+    fractions, on the same test studies with bootstrap intervals. The trained rungs are read
+    from ``runs`` (default ``<out>/ladder``): one finished run per ``<task>/<rung>-<fraction>/``
+    (the pipeline's ``ladder`` stage trains them, or ``decipher train --config
+    experiments/configs/finetune.py:<task> --workdir <out>/ladder/<task>/supervised-0.1
+    --config.data.label_fraction=0.1``); evaluation itself trains nothing."""
 
     name = "ladder"
 
     @classmethod
     def defaults(cls):
-        return {"tasks": ("findings",), "fractions": (0.1, 1.0), "rungs": ("supervised", "fine-tuned"),
-                "config": "finetune.py:{task},tiny", "overrides": (), "draws": 500}
-
-    def run_dir(self, ctx, task: str, rung: str, fraction: float) -> str:
-        return os.path.join(ctx.dir.arrays(self.name), task, f"{rung}-{fraction:g}")
-
-    def train_rung(self, ctx, task: str, rung: str, fraction: float) -> str | None:
-        """The rung's fine-tuning run (trained, or resumed, unless finished); None when it has no init."""
-        from decipher_jax import pipeline, runs
-        from decipher_jax.trainers import common, finetune
-
-        align = ctx.runs.get("align", "")
-        if rung == "fine-tuned" and not align:
-            return None
-        w = self.run_dir(ctx, task, rung, fraction)
-        if os.path.exists(os.path.join(w, "test.json")):
-            return w
-        over = {"data.dir": ctx.data, "data.label_fraction": float(fraction),
-                "init": align if rung == "fine-tuned" else ""}
-        if rung == "supervised" and align:  # the same ViT as the pretrained encoder, from random init
-            over["model.vit"] = dataclasses.asdict(runs.align_vit_config(runs.read_spec(align)))
-        over.update({k: v for k, v in self.settings["overrides"]})
-        cfg = common.load_config(pipeline.config_path(self.settings["config"].format(task=task)), over)
-        finetune.train(cfg, w)
-        return w
+        return {"runs": "", "draws": 500}
 
     def run(self, ctx):
         from decipher_jax import runs
@@ -526,30 +504,30 @@ class Ladder(Evaluator):
 
         for split in ("train", "test"):
             ctx.source(split)
-        s = self.settings
+        root = self.settings["runs"] or os.path.join(ctx.out, "ladder")
+        found = ladder.find_runs(root)
         frozen = ladder.load_probe_scores(os.path.join(ctx.dir.arrays("probes"), ladder.PROBE_SCORES))
-        rows, runs_ = [], {}
-        for task in s["tasks"]:
+        fractions = sorted({float(f) for (_, _, f) in frozen} | {f for (_, _, f) in found})
+        rows, used = [], {}
+        for task in dict.fromkeys([t for (t, _, _) in found] or ["findings"]):
             trained = {}
-            for rung in s["rungs"]:
-                for f in s["fractions"]:
-                    w = self.train_rung(ctx, task, rung, float(f))
-                    if w is None:
-                        continue
-                    preds = dict(np.load(os.path.join(w, "test_predictions.npz"), allow_pickle=False))
-                    with open(os.path.join(w, "test.json")) as fh:
-                        res = json.load(fh)
-                    if task == "age":  # the run's targets are standardised; its scores are years
-                        ts = runs.read_spec(w)["config"]["task_spec"]
-                        preds["y_years"] = preds["y"] * ts["std"] + ts["mean"]
-                    trained[(rung, float(f))] = preds
-                    runs_[f"{task}/{rung}-{f:g}"] = {"best_step": res["best_step"], "test": res["test"]["score"]}
-            rows += ladder.rows_for(task, frozen, trained, [float(f) for f in s["fractions"]], draws=s["draws"])
-        return {"rows": rows, "runs": runs_}
+            for (t, rung, f), w in found.items():
+                if t != task:
+                    continue
+                preds = dict(np.load(os.path.join(w, "test_predictions.npz"), allow_pickle=False))
+                with open(os.path.join(w, "test.json")) as fh:
+                    res = json.load(fh)
+                if task == "age":  # the run's targets are standardised; its scores are years
+                    ts = runs.read_spec(w)["config"]["task_spec"]
+                    preds["y_years"] = preds["y"] * ts["std"] + ts["mean"]
+                trained[(rung, f)] = preds
+                used[f"{task}/{rung}-{f:g}"] = {"workdir": w, "best_step": res["best_step"], "test": res["test"]["score"]}
+            rows += ladder.rows_for(task, frozen, trained, fractions, draws=self.settings["draws"])
+        return {"rows": rows, "runs": used}
 
     def summary(self, res, ctx):
-        lines = ["the ladder (frozen probes, and the same ViT trained end to end) in {seconds} s; test score "
-                 "[95% interval over study bootstrap draws]:"]
+        lines = ["the ladder (frozen probes, and the same ViT trained end to end); test score [95% interval over "
+                 "study bootstrap draws]:"]
         for task in dict.fromkeys(r["task"] for r in res["rows"]):
             rs = [r for r in res["rows"] if r["task"] == task]
             lines.append(f"  {task} ({rs[0]['metric']}):")

@@ -1,6 +1,8 @@
 """The ladder: every rung of a task scored on the same held-out split, against label fraction.
 
-    rows = ladder.collect(workdir, trained={("findings", "supervised", 0.1): "W/eval/ladder/findings/supervised-0.1"})
+    rows = ladder.rows_for("findings", load_probe_scores("W/eval/probes/test_scores.npz"),
+                           {("supervised", 0.1): dict(np.load("W/ladder/findings/supervised-0.1/test_predictions.npz"))},
+                           fractions=[0.1, 1.0])
 
 Rungs, bottom to top as a reader expects them:
 - frozen encoders with light heads: the probes evaluator's linear probes of random init, the
@@ -10,7 +12,8 @@ Rungs, bottom to top as a reader expects them:
   reference a pretrained encoder must approach with fewer labels);
 - ``fine-tuned``: the same ViT fine-tuned end to end from the stage-2 image tower.
 The two trained rungs are fine-tuning runs (:mod:`decipher_jax.trainers.finetune`) on the same
-label fractions as the probes (whole patients, the same draw). Every (task, rung, fraction) row
+label fractions as the probes (whole patients, the same draw), under ``<workdir>/ladder/<task>/
+<rung>-<fraction>/`` (the pipeline's ``ladder`` stage trains them; evaluation only reads them). Every (task, rung, fraction) row
 carries a 95% interval over bootstrap draws of the test *studies* (a study's series move
 together), the same draws for every rung so that rungs compare on the same resamples. The
 findings task is the mean AUROC over the findings (each on its body regions), resampled jointly.
@@ -29,6 +32,25 @@ PROBE_TASK = {"findings": "finding: ", "abnormal": "abnormal", "body_region": "b
               "sequence": "sequence", "sex": "sex", "age": "age"}
 TRAINED = ("supervised", "fine-tuned")
 PROBE_SCORES = "test_scores.npz"  # under eval/probes/
+
+
+def run_name(rung: str, fraction: float) -> str:
+    return f"{rung}-{fraction:g}"
+
+
+def find_runs(root: str) -> dict[tuple[str, str, float], str]:
+    """``{(task, rung, fraction): workdir}`` of the finished fine-tuning runs under ``root``
+    (``<task>/<rung>-<fraction>/test.json``)."""
+    out = {}
+    if not os.path.isdir(root):
+        return out
+    for task in sorted(os.listdir(root)):
+        for name in sorted(os.listdir(os.path.join(root, task)) if os.path.isdir(os.path.join(root, task)) else []):
+            rung, _, frac = name.rpartition("-")
+            w = os.path.join(root, task, name)
+            if rung in TRAINED and os.path.exists(os.path.join(w, "test.json")):
+                out[(task, rung, float(frac))] = w
+    return out
 
 
 def metric_of(task: str) -> str:

@@ -6,7 +6,7 @@
 Stages (:mod:`decipher_jax.pipeline`): the embedded corpus through prep; a sharded ViT
 forward / backward checked against one device; stage 1 vision (DINO + iBOT + KoLeo) and text
 (MLM from the real all-MiniLM-L6-v2 weights); stage 2 (CLIP, report encoder locked) from both;
-the evaluators of ``eval.py`` on the frozen encoders; the HTML report.
+the ladder's fine-tuning runs (the findings, from random init and from stage 2); the evaluators of ``eval.py`` on the frozen encoders; the HTML report.
 """
 
 import ml_collections as mlc
@@ -33,8 +33,12 @@ def get_config(arg=None):
         "stage2": {"kind": "train", "config": "clip_align.py:tiny,locktext",
                    "overrides": stage1 + (("init.vision", "{workdir}/stage1_vision"),
                                           ("init.text", "{workdir}/stage1_text/hf_export"))},
+        # The ladder's trained rungs: the findings, from random init and from stage 2, at 10% and
+        # 100% of the training patients (each run stops early on the val split).
+        "ladder": {"kind": "ladder", "tasks": ("findings",), "fractions": (0.1, 1.0), "init": "{workdir}/stage2",
+                   "config": "finetune.py:{task},tiny", "overrides": (("steps", 200), ("eval.every", 50))},
         "eval": {"kind": "eval", "config": "eval.py"},
         "report": {"kind": "report"},
     }
-    c.order = ("data", "mesh_check", "stage1_vision", "stage1_text", "stage2", "eval", "report")
+    c.order = ("data", "mesh_check", "stage1_vision", "stage1_text", "stage2", "ladder", "eval", "report")
     return c

@@ -9,7 +9,8 @@ writes them; point them elsewhere for any run, e.g. ``--config.runs.align=output
 
 Arguments (comma-separated): ``tiny`` (one probe seed, all labels; short segmentation heads:
 for tests), or names of evaluators to keep (``probes,zeroshot``); by default all of them with the
-demo's settings. ``ladder`` reads the probes' test scores, so it runs after ``probes``. ``sweep`` (the probe sweep of ``experiments/sweeps/probes.py`` over the runs'
+demo's settings. ``ladder`` reads the probes' test scores (so it runs after ``probes``) and the fine-tuning runs
+under ``<workdir>/ladder`` (the demo's ``ladder`` stage). ``sweep`` (the probe sweep of ``experiments/sweeps/probes.py`` over the runs'
 encoders) runs only when named.
 """
 
@@ -37,12 +38,9 @@ def get_config(arg=None):
         "localisation": {"split": "test"},
         "rerank": {"k": 5, "select": "val", "split": "test"},
         "probes": {"fractions": (1.0,) if tiny else (0.1, 0.3, 1.0), "seeds": (0,) if tiny else (0, 1, 2)},
-        # The ladder: the probes' rows beside the same ViT trained end to end from random init and
-        # fine-tuned from stage 2 (runs under eval/ladder/), at the probes' outer label fractions.
-        "ladder": {"tasks": ("findings",), "fractions": (1.0,) if tiny else (0.1, 1.0),
-                   "overrides": ((("steps", 6), ("optim.warmup_steps", 2), ("async_checkpoints", False),
-                                  ("log_every", 1), ("eval.every", 0)) if tiny else
-                                 (("steps", 200), ("eval.every", 50)))},
+        # The ladder: the probes' rows beside the fine-tuning runs under {workdir}/ladder (the
+        # pipeline's ladder stage trains them).
+        "ladder": {},
         # Pretrained (stage 2) against random init; the heads' full grid is the library's default.
         "segmentation": {"encoders": ("align", "random"), "steps": 10 if tiny else 150, "batch": 4,
                          "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,)},
