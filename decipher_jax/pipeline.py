@@ -200,7 +200,7 @@ def ladder_stage(ctx: Context, st) -> None:
             if rung == "fine-tuned" and not align:
                 continue
             for f in st.fractions:
-                w = os.path.join(ctx.workdir, "ladder", task, ladder.run_name(rung, float(f)))
+                w = ladder.run_dir(ctx.workdir, task, rung, float(f))
                 if os.path.exists(os.path.join(w, "test.json")):
                     continue
                 over = {"data.dir": ctx.data, "data.label_fraction": float(f), "init": align if rung == "fine-tuned" else ""}

@@ -504,7 +504,7 @@ class Ladder(Evaluator):
 
         for split in ("train", "test"):
             ctx.source(split)
-        root = self.settings["runs"] or os.path.join(ctx.out, "ladder")
+        root = self.settings["runs"] or os.path.join(ctx.out, ladder.ROOT)
         found = ladder.find_runs(root)
         frozen = ladder.load_probe_scores(os.path.join(ctx.dir.arrays("probes"), ladder.PROBE_SCORES))
         fractions = sorted({float(f) for (_, _, f) in frozen} | {f for (_, _, f) in found})

@@ -32,10 +32,12 @@ PROBE_TASK = {"findings": "finding: ", "abnormal": "abnormal", "body_region": "b
               "sequence": "sequence", "sex": "sex", "age": "age"}
 TRAINED = ("supervised", "fine-tuned")
 PROBE_SCORES = "test_scores.npz"  # under eval/probes/
+ROOT = "ladder"  # the trained rungs' folder in a workdir
 
 
-def run_name(rung: str, fraction: float) -> str:
-    return f"{rung}-{fraction:g}"
+def run_dir(workdir: str, task: str, rung: str, fraction: float) -> str:
+    """Where a trained rung lives: ``<workdir>/ladder/<task>/<rung>-<fraction>/`` (:func:`find_runs`)."""
+    return os.path.join(workdir, ROOT, task, f"{rung}-{fraction:g}")
 
 
 def find_runs(root: str) -> dict[tuple[str, str, float], str]:
@@ -75,14 +77,16 @@ def bootstrap(parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], studi
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(index), np.full(len(index), 1.0 / max(len(index), 1)), size=draws)
 
+    # each part's series -> its study's index, once (not once per draw)
+    study_of = [np.array([index[x] for x in np.asarray(st).astype(str)], int) for *_, st in parts]
+
     def value(weights=None):
         vals = []
-        for kind, y, s, st in parts:
+        for (kind, y, s, _), si in zip(parts, study_of):
             if weights is None:
                 vals.append(_part_score(kind, y, s))
                 continue
-            rep = weights[np.array([index[x] for x in np.asarray(st).astype(str)])]
-            idx = np.repeat(np.arange(len(y)), rep)
+            idx = np.repeat(np.arange(len(y)), weights[si])
             vals.append(_part_score(kind, y[idx], s[idx]) if len(idx) else np.nan)
         vals = [v for v in vals if np.isfinite(v)]
         return float(np.mean(vals)) if vals else float("nan")

@@ -80,7 +80,7 @@ def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, n
         if name == "findings":
             out += _finding_tasks(train, test)
         elif name == "abnormal" and "findings" in train:  # any finding (NeuroBERT's triage), every series
-            ytr, yte = (np.array([int(bool(set(str(v).split(";")) - {""})) for v in d["findings"]]) for d in (train, test))
+            ytr, yte = (np.array([int(bool(finding_set(v))) for v in d["findings"]]) for d in (train, test))
             if min(np.sum(ytr == 1), np.sum(ytr == 0)) >= 2:
                 out.append((name, ytr, yte))
         elif name in REGRESSION and name in train:
@@ -94,6 +94,11 @@ def tasks(train: dict, test: dict, names=TASKS) -> list[tuple[str, np.ndarray, n
     return [t for t in out if known(t[2]).any()]
 
 
+def finding_set(value) -> set[str]:
+    """A record's findings field ("infarct;mass", "" for a normal study) as a set."""
+    return set(str(value).split(";")) - {""}
+
+
 def task_order(name: str):
     """Sort key: attributes first, then the finding tasks (grouped or one by one)."""
     return name.startswith("finding"), name
@@ -103,7 +108,7 @@ def _finding_tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.nd
     if "findings" not in train or "body_region" not in train:
         return []
     out = []
-    sets = {sp: [set(str(v).split(";")) - {""} for v in d["findings"]] for sp, d in (("train", train), ("test", test))}
+    sets = {sp: [finding_set(v) for v in d["findings"]] for sp, d in (("train", train), ("test", test))}
     for f in sorted(set().union(*sets["train"])):
         regions = {r for r, fs in zip(train["body_region"], sets["train"]) if f in fs}
         ys = [np.where(np.isin(d["body_region"], list(regions)), [int(f in fs) for fs in sets[sp]], -1)
@@ -143,11 +148,10 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
                                                 fractions=fractions, seeds=seeds, iters=100, return_scores=True,
                                                 cv_groups=cv, val_x=xva)
             rows += [{"encoder": name, "feature": feature, **r} for r in res]
-            full = [i for i, r in enumerate(res) if r["fraction"] == max(fractions)][0]  # all labels, first seed
-            preds[(name, tname)] = (yte[te_ok], sc[full], feats["test"]["study_id"][te_ok])
             for f in fractions:  # every fraction's first seed: the ladder's frozen rungs
                 i = [i for i, r in enumerate(res) if r["fraction"] == f][0]
                 scores[(name, tname, float(f))] = (yte[te_ok], sc[i], feats["test"]["study_id"][te_ok])
+            preds[(name, tname)] = scores[(name, tname, float(max(fractions)))]  # all labels: the comparison
     os.makedirs(out_dir, exist_ok=True)
     from decipher_jax.eval import ladder
 
