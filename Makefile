@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 system-deps:
-	@# Real Colin27 + AAL volumes from Debian (optional: tests and demo skip them where absent).
-	@test -d /usr/share/mricron/templates || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  (apt-get update -qq && apt-get install -y -qq mricron-data) >/dev/null 2>&1) || \
-	  test -d /usr/share/mricron/templates || echo "note: mricron-data not installed; Colin27 volumes are skipped"
+	@# From Debian, each optional (tests and the demo skip what is absent): the real Colin27 + AAL
+	@# volumes (mricron-data) and dcm2niix, the reference DICOM converter the DICOM tests compare to.
+	@if ! test -d /usr/share/mricron/templates || ! command -v dcm2niix >/dev/null; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get update -qq && apt-get install -y -qq mricron-data dcm2niix) >/dev/null 2>&1) || true; fi
+	@test -d /usr/share/mricron/templates || echo "note: mricron-data not installed; Colin27 volumes are skipped"
+	@command -v dcm2niix >/dev/null || echo "note: dcm2niix not installed; the DICOM comparisons are skipped"
 
 # The demo is the tiny CPU job (8 simulated devices); libtpu (tpu-aot extra) must not be probed.
 demo: install

@@ -1,6 +1,12 @@
-"""``decipher prep``: a manifest of NIfTI series + reports -> sharded ArrayRecord (TFDS) records.
+"""``decipher prep``: a manifest of NIfTI series + reports, or a DICOM folder tree (or DICOMDIR)
++ a reports CSV -> sharded ArrayRecord (TFDS) records.
 
 Stages, each safe to interrupt:
+0. DICOM only: :mod:`data_prep.dicom` scans the tree's headers, groups the images into volumes
+   and writes ``dicom/manifest.csv`` (tags as columns, reports joined by StudyInstanceUID or
+   AccessionNumber, identifiers optionally pseudonymised) and one series file per volume; what
+   is not a usable volume (SR, RTSTRUCT, localisers, gaps, tilt, too few slices) is recorded in
+   ``errors.jsonl`` with status "skipped" and its reason.
 1. Per series, in parallel: load, validate, RAS + resample, normalise; the result is written
    atomically to ``cache/<config-hash>/<series>.npz``. A rerun skips cached series, so a
    crash loses nothing already written. Bad inputs (and unusable manifest rows) are skipped and
@@ -34,6 +40,15 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
+class DicomOptions:
+    """How a DICOM source becomes manifest rows (ignored for a manifest)."""
+
+    reports: str = ""  # CSV: study_instance_uid or accession_number, and report or report_file (+ findings)
+    pseudonymise: bool = False  # hash patient, study and series identifiers under ``salt`` on the way in
+    salt: str = dataclasses.field(default="", repr=False)  # never written anywhere
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepConfig:
     volume: volume_lib.VolumeConfig = volume_lib.VolumeConfig()
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -42,6 +57,7 @@ class PrepConfig:
     # "none": raw volumes in uncompressed ArrayRecord chunks (fast reads); "zlib": zlib volumes in
     # TFDS's zstd chunks (about half the disk, slower reads; BENCHMARKS.md)
     compression: str = "none"
+    dicom: DicomOptions = DicomOptions()
 
     def cache_key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self.volume), sort_keys=True)
@@ -56,6 +72,7 @@ class PrepResult:
     errors: list[dict]
     processed: int
     reused: int
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # DICOM objects that are not volumes
 
     @property
     def ok(self) -> bool:
@@ -138,9 +155,19 @@ def _summ(values) -> dict:
 
 
 def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progress: bool = True) -> PrepResult:
+    """Prepares ``manifest_path``: a manifest (CSV / JSONL), or a DICOM folder or DICOMDIR."""
+    from data_prep import dicom
+
+    os.makedirs(out_dir, exist_ok=True)
+    skipped, dicom_card = [], None
+    if dicom.is_dicom_source(manifest_path):
+        opts = dicom.ScanOptions(min_slices=cfg.volume.min_size, max_voxels=cfg.volume.max_voxels,
+                                 pseudonymise=cfg.dicom.pseudonymise, salt=cfg.dicom.salt)
+        source = manifest_path
+        manifest_path, skipped, dicom_card = dicom.to_manifest(source, os.path.join(out_dir, "dicom"), opts,
+                                                               cfg.dicom.reports, progress)
     row_errors: list[manifest_lib.ManifestError] = []
     rows = manifest_lib.read(manifest_path, row_errors)
-    os.makedirs(out_dir, exist_ok=True)
     cache_dir = os.path.join(out_dir, "cache", cfg.cache_key())
     os.makedirs(cache_dir, exist_ok=True)
     err_path = os.path.join(out_dir, "errors.jsonl")
@@ -156,6 +183,8 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
             else:
                 statuses[res["status"]] += 1
 
+        for item in skipped:  # DICOM objects that are not volumes, each with its reason
+            err_file.write(json.dumps({"series_id": item.get("series_uid", ""), "status": "skipped", **item}) + "\n")
         for e in row_errors:  # skipped manifest rows: recorded like bad series, named by line and field
             record(_error(e.series_id, e.path, str(e), line=e.line, field=e.field))
         bar = _progress(len(rows), progress)
@@ -181,8 +210,8 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
     split_of = assign_splits([r.patient_id for r in good], cfg.split_fractions, cfg.seed)
     by_split = {s: [r for r in good if split_of[r.patient_id] == s] for s in SPLITS}
     tfds_dir = _build_tfds(out_dir, cache_dir, by_split, cfg.compression)
-    counts = _write_card(out_dir, cache_dir, cfg, by_split, errors, manifest_path)
-    return PrepResult(out_dir, tfds_dir, counts, errors, statuses["processed"], statuses["reused"])
+    counts = _write_card(out_dir, cache_dir, cfg, by_split, errors, manifest_path, dicom_card)
+    return PrepResult(out_dir, tfds_dir, counts, errors, statuses["processed"], statuses["reused"], skipped)
 
 
 def _progress(total: int, enabled: bool):
@@ -207,7 +236,7 @@ def _build_tfds(out_dir: str, cache_dir: str, by_split: dict, compression: str) 
     return path.replace(staging, final)
 
 
-def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_path) -> dict:
+def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_path, dicom_card=None) -> dict:
     counts, stats = {}, {}
     for split, rows in by_split.items():
         counts[split] = {
@@ -234,6 +263,8 @@ def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_
         "name": DATASET_NAME, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "manifest": os.path.abspath(manifest_path), "counts": counts, "statistics": stats,
         "errors": len(errors), "preprocessing": preprocessing_spec(cfg),
+        # Where the rows came from: a DICOM scan's files, volumes, skipped objects and pseudonymisation.
+        **({"dicom": dicom_card} if dicom_card is not None else {}),
     }
     with open(os.path.join(out_dir, "dataset_card.json"), "w") as f:
         json.dump(card, f, indent=1)

@@ -11,7 +11,9 @@ import dataclasses
 import numpy as np
 
 DATASET_NAME = "decipher_mri"
-FORMAT_VERSION = "1.3.0"  # 1.1: series_description; 1.2: uint16 label maps (label ids above 255 kept); 1.3: role
+# 1.1: series_description; 1.2: uint16 label maps (label ids above 255 kept); 1.3: role; 1.4: modality,
+# field_strength (read from DICOM)
+FORMAT_VERSION = "1.4.0"
 LABEL_DTYPE = np.uint16  # FreeSurfer aseg ids go to 2035; prep refuses labels that do not fit
 
 # -- the manifest ------------------------------------------------------------------------------
@@ -44,6 +46,8 @@ class SeriesRow:
     sex: str = ""
     findings: str = ""  # ";"-separated labels
     role: str = ""  # one of ROLES
+    modality: str = ""  # DICOM Modality ("MR", "CT")
+    field_strength: str = ""  # tesla, as DICOM MagneticFieldStrength gives it ("1.5", "3")
 
 
 MANIFEST_COLUMNS = tuple(f.name for f in dataclasses.fields(SeriesRow))

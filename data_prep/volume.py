@@ -24,18 +24,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-
-class BadInput(ValueError):
-    """A series that cannot be used: ``path`` is the offending file, ``reason`` says why.
-
-    The path is an attribute, not parsed back out of the message (paths may contain ": ")."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(path, reason)  # both in args: the exception pickles across processes
-        self.path, self.reason = path, reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+from data_prep import dicom
+from data_prep.errors import BadInput  # noqa: F401 - volume.BadInput is the name callers use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +108,11 @@ def _check_header(path: str, img, stored, cfg: VolumeConfig, what: str) -> None:
     zooms = np.asarray((hdr if stored is None else stored)["pixdim"][1: 1 + min(len(shape), 3)], float)
     if not np.all(np.isfinite(zooms) & (zooms > 0)):
         raise BadInput(path, f"{what} header pixdim {zooms.tolist()}: voxel sizes must be finite and positive")
-    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(path, img.affine, cfg)
+
+
+def _check_affine(path: str, affine, cfg: VolumeConfig) -> None:
+    affine = np.asarray(affine, dtype=np.float64)
     lin = affine[:3, :3]
     zooms = np.linalg.norm(lin, axis=0)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(lin)) < 1e-6 or zooms.max() > cfg.max_affine_scale:
@@ -131,11 +125,15 @@ def load(path: str, cfg: VolumeConfig, *, what: str = "image") -> tuple[np.ndarr
     if os.path.getsize(path) == 0:
         raise BadInput(path, f"{what} file is empty (0 bytes)")
     try:
-        stored = _stored_header(path, what)
-        img = nib.load(path)
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise BadInput(path, f"not a NIfTI image ({type(img).__name__})")
-        _check_header(path, img, stored, cfg, what)
+        if path.endswith(dicom.SERIES_SUFFIX):  # a DICOM volume that data_prep.dicom.scan found
+            img = nib.Nifti1Image(*dicom.load_series(path, cfg.max_voxels))
+            _check_affine(path, img.affine, cfg)
+        else:
+            stored = _stored_header(path, what)
+            img = nib.load(path)
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise BadInput(path, f"not a NIfTI image ({type(img).__name__})")
+            _check_header(path, img, stored, cfg, what)
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
     except BadInput:

@@ -4,6 +4,7 @@
     decipher pipeline --config experiments/configs/demo.py --workdir W [--config.a.b=v]
     decipher corpus --out data/embedded      # write the embedded default corpus + manifest.csv
     decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
+    decipher prep --dicom DIR --reports R.csv --out D [--pseudonymise --salt S]   # DICOM in
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
     decipher eval --config experiments/configs/eval.py[:arg] --workdir W [--config.runs.align=R]
     decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...
@@ -45,18 +46,34 @@ def _corpus(args) -> int:
 
 def _prep(args) -> int:
     from data_prep import manifest, prep, volume
+    from data_prep.dicom import is_dicom_source as dicom_source
 
     vcfg = volume.VolumeConfig(target_spacing=tuple(args.spacing), four_d=args.four_d,
                                clip_percentiles=tuple(args.clip), crop_foreground=args.crop_foreground)
+    source = args.dicom or args.manifest
+    if bool(args.dicom) == bool(args.manifest):
+        print("prep: error: give one of --manifest M.csv or --dicom DIR", file=sys.stderr)
+        return 2
+    salt = args.salt or os.environ.get("DECIPHER_SALT", "")
+    if args.pseudonymise and not salt:
+        print("prep: error: --pseudonymise needs --salt S (or DECIPHER_SALT): a secret kept apart from the data",
+              file=sys.stderr)
+        return 2
+    if args.dicom and not dicom_source(args.dicom):
+        print(f"prep: error: {args.dicom}: --dicom takes a folder or a DICOMDIR file", file=sys.stderr)
+        return 2
     cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers,
-                          compression=args.compression)
+                          compression=args.compression,
+                          dicom=prep.DicomOptions(reports=args.reports or "", pseudonymise=args.pseudonymise, salt=salt))
     try:
-        res = prep.run(args.manifest, args.out, cfg, progress=not args.quiet)
+        res = prep.run(source, args.out, cfg, progress=not args.quiet)
     except manifest.ManifestError as e:  # the manifest as a whole is unusable (row problems are skipped)
         print(f"prep: error: {e}", file=sys.stderr)
         return 2
     c = res.counts
     print(f"prep: {res.processed} processed, {res.reused} reused, {len(res.errors)} failed -> {res.tfds_dir}")
+    if res.skipped:
+        print(f"  {len(res.skipped)} DICOM object(s) are not volumes and were skipped; see {args.out}/errors.jsonl")
     print("  " + ", ".join(f"{s}: {v['series']} series / {v['patients']} patients" for s, v in c.items()))
     if res.errors:
         print(f"  {len(res.errors)} bad input(s) skipped; see {args.out}/errors.jsonl:")
@@ -190,7 +207,13 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_corpus)
 
     p = sub.add_parser("prep", help="NIfTI series + reports -> ArrayRecord records, splits and a dataset card")
-    p.add_argument("--manifest", required=True, help="CSV or JSONL, one row per series")
+    p.add_argument("--manifest", help="CSV or JSONL, one row per series (or a DICOM folder: same as --dicom)")
+    p.add_argument("--dicom", help="a DICOM folder tree or a DICOMDIR, instead of a manifest")
+    p.add_argument("--reports", help="with --dicom: a CSV of reports (study_instance_uid or accession_number, "
+                                     "report or report_file, optional findings)")
+    p.add_argument("--pseudonymise", action="store_true",
+                   help="with --dicom: replace patient, study and series identifiers by salted hashes")
+    p.add_argument("--salt", help="the secret for --pseudonymise (or the DECIPHER_SALT environment variable)")
     p.add_argument("--out", required=True)
     p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 2.0), metavar=("X", "Y", "Z"))
     p.add_argument("--clip", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"))
