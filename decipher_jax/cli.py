@@ -8,6 +8,8 @@
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
     decipher eval --config experiments/configs/eval.py[:arg] --workdir W [--config.runs.align=R]
     decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...
+    decipher embed --run W --images a.nii.gz dicom_dir/ --out emb.npz [--sentences "..."]
+    decipher export --run W/stage2 --out my_model   # a bundle: bundle.from_pretrained(my_model)
     decipher report --workdir W              # HTML page with the run's tables and figures
     decipher sweep --sweep experiments/sweeps/probes.py --workdir W
 
@@ -168,6 +170,39 @@ def _zeroshot(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from decipher_jax import inference
+
+    try:
+        emb = inference.Embedder.from_run(args.run, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:  # bundle.BundleError is a ValueError
+        print(f"embed: error: {e}", file=sys.stderr)
+        return 2
+    out = emb.embed(args.images, sentences=args.sentences or (), tokens=args.tokens,
+                    window=tuple(args.window) if args.window else None, overlap=args.overlap, progress=not args.quiet)
+    inference.save(out, args.out)
+    n = len(out["embedding"])
+    print(f"embed: {n} series -> {args.out}" + (f" (with scores for {len(args.sentences)} sentence(s))"
+                                                 if args.sentences else ""))
+    for s in out["skipped"]:
+        print(f"  skipped {s['file']}: {s['reason']}")
+    if out["skipped"]:
+        print(f"  {len(out['skipped'])} skipped; listed in {args.out}.skipped.jsonl")
+    return 0 if n else 1
+
+
+def _export(args) -> int:
+    from decipher_jax import bundle
+
+    try:
+        path = bundle.export(args.run, args.out, step=args.step, monai=args.monai, hf=args.hf)
+    except FileNotFoundError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"export: {args.run} -> {path} (load with decipher_jax.bundle.from_pretrained or decipher embed --run)")
+    return 0
+
+
 def _report(args) -> int:
     from decipher_jax import report
 
@@ -247,6 +282,27 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--out", help="CSV path (default: WORKDIR/zeroshot_SPLIT.csv)")
     p.set_defaults(fn=_zeroshot)
+
+    p = sub.add_parser("embed", help="embeddings (and zero-shot scores) of new NIfTI / DICOM files with a trained run")
+    p.add_argument("--run", required=True, help="a stage-2 workdir, a pipeline workdir or an exported bundle")
+    p.add_argument("--images", nargs="+", required=True, help="NIfTI files, DICOM files or folders, DICOMDIRs")
+    p.add_argument("--out", required=True, help="emb.npz or emb.parquet (skipped files: <out>.skipped.jsonl)")
+    p.add_argument("--sentences", nargs="*", help="query sentences to score every series against")
+    p.add_argument("--tokens", action="store_true", help="also write the per-patch embeddings")
+    p.add_argument("--window", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="sliding windows of this size at the prepared spacing instead of a whole-volume resize")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_embed)
+
+    p = sub.add_parser("export", help="write a stage-2 run as a shareable bundle (safetensors, config, tokenizer, card)")
+    p.add_argument("--run", required=True, help="a stage-2 workdir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, help="a checkpoint step (default: the latest)")
+    p.add_argument("--monai", action="store_true", help="also write the image tower as a MONAI ViT state dict")
+    p.add_argument("--hf", action="store_true", help="also write the text tower as a Hugging Face BERT folder")
+    p.set_defaults(fn=_export)
 
     p = sub.add_parser("sweep", help="run an evaluation sweep file (feature sets x tasks x heads x grids)")
     p.add_argument("--sweep", required=True, help="a .py file with get_sweep() (see experiments/sweeps/)")

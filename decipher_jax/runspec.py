@@ -150,8 +150,8 @@ def start(workdir: str, spec: RunSpec, *, resume_step: int | None, is_main: bool
     return spec
 
 
-def preprocessing(data_dir: str) -> dict | None:
-    """The ``preprocessing`` block of the dataset card of a prepared data dir, if there is one."""
+def dataset_card(data_dir: str) -> dict | None:
+    """The dataset card of a prepared data dir (``decipher prep``'s ``dataset_card.json``), if any."""
     from decipher_jax.data import pipelines as P
 
     try:
@@ -161,4 +161,10 @@ def preprocessing(data_dir: str) -> dict | None:
     if not os.path.exists(card):
         return None
     with open(card) as f:
-        return json.load(f).get("preprocessing")
+        return json.load(f)
+
+
+def preprocessing(data_dir: str) -> dict | None:
+    """The ``preprocessing`` block of the dataset card of a prepared data dir, if there is one."""
+    card = dataset_card(data_dir)
+    return None if card is None else card.get("preprocessing")

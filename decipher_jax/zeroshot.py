@@ -46,9 +46,12 @@ class ZeroShot:
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, mesh=None, **kw) -> ZeroShot:
-        from decipher_jax import runs
+        from decipher_jax import bundle, runs
 
-        model, params, spec = runs.load_align(workdir, mesh=mesh, step=step)
+        if bundle.is_bundle(workdir):  # an exported model bundle (decipher export)
+            model, params, spec = bundle.from_pretrained(workdir, mesh)
+        else:
+            model, params, spec = runs.load_align(workdir, mesh=mesh, step=step)
         return cls(model, params, spec, model.mesh, **kw)
 
     # -- embeddings ------------------------------------------------------------------------------

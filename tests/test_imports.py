@@ -10,7 +10,8 @@ PACKAGES = ("decipher_jax", "data_prep")
 
 # Modules that must not depend on the trainers, directly or through other project modules.
 TRAINER_FREE = ("decipher_jax.eval", "decipher_jax.zeroshot", "decipher_jax.aot", "decipher_jax.report",
-                "decipher_jax.runs", "decipher_jax.state", "decipher_jax.env")
+                "decipher_jax.runs", "decipher_jax.state", "decipher_jax.env", "decipher_jax.inference",
+                "decipher_jax.bundle")
 
 
 def _modules() -> dict[str, tuple[str, bool]]:

@@ -1,0 +1,121 @@
+"""``decipher embed`` on new files equals the prepared records' embeddings; ``decipher export``
+then ``bundle.from_pretrained`` reproduces the run exactly; a damaged bundle fails naming the file."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from decipher_jax import bundle, cli, inference, zeroshot
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+SENTENCES = ["there is an acute infarct", "no acute infarct"]
+
+
+@pytest.fixture(scope="module")
+def run(prepared, minilm_path, tmp_path_factory):
+    """A tiny SigLIP stage-2 run on the ``prepared`` corpus (5 mm, matrix 20)."""
+    out = str(tmp_path_factory.mktemp("embed_run") / "stage2")
+    assert cli.main(["train", "--config", os.path.join(CONFIGS, "clip_align.py") + ":tiny,locktext,siglip",
+                     "--workdir", out, f"--config.data.dir={prepared}", "--config.init.vision=",
+                     "--config.init.text=minilm", "--config.steps=3", "--config.optim.warmup_steps=1",
+                     "--config.eval.before=False", "--config.eval.splits=()", "--config.async_checkpoints=False"]) == 0
+    return out
+
+
+def _raw(prepared):
+    """The corpus's NIfTI files (what ``prepared`` was made from), by series id."""
+    raw = os.path.normpath(os.path.join(prepared, "..", "..", "..", "..", "raw"))
+    return {os.path.basename(p)[: -len(".nii.gz")]: p for p in glob.glob(os.path.join(raw, "*.nii.gz"))
+            if not p.endswith("_mask.nii.gz")}
+
+
+def test_embed_of_new_files_equals_the_prepared_records(run, prepared, tmp_path):
+    zs = zeroshot.ZeroShot.from_workdir(run)
+    ref = zs.embed_split(prepared, "train")
+    raw = _raw(prepared)
+    ids = [str(s) for s in ref["series_id"]][:5]
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    out_path = str(tmp_path / "emb.npz")
+    assert cli.main(["embed", "--run", run, "--images", *[raw[i] for i in ids], str(bad), "--out", out_path,
+                     "--sentences", *SENTENCES, "--quiet"]) == 0
+    got = dict(np.load(out_path))
+    assert list(got["series_id"]) == ids
+    by_id = {str(s): z for s, z in zip(ref["series_id"], ref["image"])}
+    np.testing.assert_allclose(got["embedding"], np.stack([by_id[i] for i in ids]), atol=1e-5)
+    np.testing.assert_allclose(got["scores"], zs.score(image_embeddings=np.stack([by_id[i] for i in ids]),
+                                                       sentences=SENTENCES), atol=1e-5)
+    skipped = [json.loads(line) for line in open(out_path + ".skipped.jsonl")]
+    assert [s["file"] for s in skipped] == [str(bad)] and "truncated or corrupt" in skipped[0]["reason"]
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+def test_embed_reads_dicom_folders_through_the_same_chain(run, prepared, tmp_path):
+    import nibabel as nib
+
+    from data_prep import dicom
+
+    sid, path = sorted(_raw(prepared).items())[0]
+    img = nib.load(path)
+    dicom.write_series(np.asarray(img.dataobj, np.float32), img.affine, str(tmp_path / "dcm" / "s1"),
+                       patient_id="P9", series_description="AX T2")
+    emb = inference.Embedder.from_run(run)
+    out = emb.embed([str(tmp_path / "dcm"), path], tokens=True)
+    assert list(out["patient_id"]) == ["", "P9"] and list(out["series_description"]) == ["", "AX T2"]
+    # 16-bit DICOM storage quantises the intensities; the embeddings stay the same direction.
+    assert float(out["embedding"][0] @ out["embedding"][1]) > 0.999
+    assert out["tokens"].shape[:2] == (2, int(np.prod([s // p for s, p in zip(emb.image_size,
+                                                                                 emb.spec["vit"]["patch_size"])])))
+    pq = pytest.importorskip("pyarrow.parquet")
+    inference.save(out, str(tmp_path / "emb.parquet"))
+    table = pq.read_table(str(tmp_path / "emb.parquet"))
+    assert table.num_rows == 2 and np.allclose(np.asarray(table["embedding"][0].as_py()), out["embedding"][0])
+
+
+def test_export_then_from_pretrained_reproduces_the_run(run, prepared, tmp_path):
+    out = str(tmp_path / "bundle")
+    assert cli.main(["export", "--run", run, "--out", out, "--monai", "--hf"]) == 0
+    files = sorted(os.listdir(out))
+    assert {"config.json", "image_tower.safetensors", "text_tower.safetensors", "projections.safetensors",
+            "preprocessing.json", "tokenizer", "README.md", "monai_vit.safetensors", "hf_bert"} <= set(files)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "## Training data" in card and "| train |" in card and "## Preprocessing" in card
+    paths = list(_raw(prepared).values())[:3]
+    a = inference.Embedder.from_run(run).embed(paths, sentences=SENTENCES)
+    b = inference.Embedder.from_run(out).embed(paths, sentences=SENTENCES)
+    np.testing.assert_array_equal(a["embedding"], b["embedding"])
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    zs = zeroshot.ZeroShot.from_workdir(out)  # the bundle serves zero-shot scoring as a run does
+    np.testing.assert_allclose(zs.encode_sentences(SENTENCES),
+                               zeroshot.ZeroShot.from_workdir(run).encode_sentences(SENTENCES), atol=0)
+    # The MONAI and Hugging Face exports load in their own libraries.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertModel.from_pretrained(os.path.join(out, "hf_bert"))
+    assert hf.config.hidden_size == zs.spec["bert"]["hidden_size"]
+
+
+def test_a_damaged_or_newer_bundle_fails_naming_the_file(run, tmp_path):
+    out = bundle.export(run, str(tmp_path / "b"))
+    weights = os.path.join(out, "image_tower.safetensors")
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(bundle.BundleError, match=r"image_tower\.safetensors: .* bytes, the bundle lists .*truncated"):
+        bundle.from_pretrained(out)
+    assert cli.main(["embed", "--run", out, "--images", weights, "--out", str(tmp_path / "e.npz")]) == 2
+    with open(weights, "wb") as f:  # same size, other bytes
+        f.write(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(bundle.BundleError, match=r"image_tower\.safetensors: SHA-256 differs"):
+        bundle.from_pretrained(out)
+    with open(weights, "wb") as f:
+        f.write(data)
+    cfg_path = os.path.join(out, "config.json")
+    cfg = json.load(open(cfg_path))
+    json.dump(cfg | {"format_version": bundle.FORMAT_VERSION + 1}, open(cfg_path, "w"))
+    with pytest.raises(bundle.BundleError, match="format version 2 is newer than this decipher_jax reads"):
+        bundle.from_pretrained(out)
+    json.dump(cfg, open(cfg_path, "w"))
+    bundle.from_pretrained(out)  # restored: loads again
