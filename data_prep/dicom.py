@@ -405,7 +405,8 @@ def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -
             skipped.append({"file": path, "reason": "no SeriesInstanceUID"})
             continue
         by_series[uid] += frames
-        tags.setdefault(uid, _tags(ds))
+        if uid not in tags:
+            tags[uid] = _tags(ds)
     volumes: list[Volume] = []
     for uid in sorted(by_series):
         parts = _split(by_series[uid])
