@@ -52,7 +52,8 @@ MAX_HEADER_BYTES = 1 << 20  # element values above this are left unread in the h
 # SOP classes of objects that carry no image (the volume scan skips them by name).
 _NON_IMAGE = ("Structured Report", " SR ", "SR Storage", "RT Structure Set", "Presentation State", "Raw Data",
               "Key Object Selection", "Encapsulated", "Waveform", "Spectroscopy", "Segmentation",
-              "Registration", "Media Storage Directory", "Surface", "Measurement", "Real World Value")
+              "Registration", "Media Storage Directory", "Surface", "Measurement", "Real World Value",
+              "Plan Storage", "Treatment")
 
 
 def _sop_name(ds) -> str:
@@ -241,9 +242,20 @@ def _read_header(path: str):
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, defer_size=MAX_HEADER_BYTES)
     except InvalidDicomError:
-        return None
+        pass
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt file is that file's problem
         raise BadInput(path, f"cannot read the DICOM header ({type(e).__name__}: {e})") from None
+    # No preamble / "DICM" prefix: older files (and some exports) start with the data set itself.
+    # Forced parsing reads anything as elements, so keep it only if it names a SOP class.
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=MAX_HEADER_BYTES, force=True)
+        return ds if "SOPClassUID" in ds and str(ds.SOPClassUID).startswith("1.2.840.10008.") else None
+    except Exception:  # noqa: BLE001 - not DICOM after all
+        return None
 
 
 def dicomdir_files(path: str) -> list[str]:

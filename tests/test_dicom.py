@@ -116,14 +116,75 @@ def _sr(path):
     ds.save_as(path, enforce_file_format=True)
 
 
+def write_enhanced_mr(data, affine_ras, path, frame_order):
+    """``data`` as one Enhanced MR object: frames in ``frame_order`` (slice indices), geometry in
+    per-frame (position) and shared (orientation, spacing, rescale) functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    a = dicom.LPS_TO_RAS @ affine_ras
+    dc, dr, dz = (float(np.linalg.norm(a[:3, i])) for i in range(3))
+    lo, hi = float(data.min()), float(data.max())
+    slope = (hi - lo) / 65535
+    stored = np.rint((data - lo) / slope).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID = "1.2.840.10008.5.1.4.1.1.4.1", ExplicitVRLittleEndian
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.ImageType = "MR", "E1", ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.NumberOfFrames, ds.Rows, ds.Columns = len(frame_order), data.shape[1], data.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    pm, po, pv = Dataset(), Dataset(), Dataset()
+    pm.PixelSpacing, pm.SliceThickness = [f"{dr:.8f}", f"{dc:.8f}"], f"{dz:.8f}"
+    po.ImageOrientationPatient = [f"{v:.8f}" for v in (*(a[:3, 0] / dc), *(a[:3, 1] / dr))]
+    pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = f"{slope:.10g}", f"{lo:.10g}", "US"
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([pm]), Sequence([po])
+    shared.PixelValueTransformationSequence = Sequence([pv])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for k in frame_order:
+        f, pp, fc = Dataset(), Dataset(), Dataset()
+        pp.ImagePositionPatient = [f"{v:.6f}" for v in a[:3, 3] + k * a[:3, 2]]
+        fc.InStackPositionNumber, fc.StackID, fc.DimensionIndexValues = int(k) + 1, "1", [1, int(k) + 1]
+        f.PlanePositionSequence, f.FrameContentSequence = Sequence([pp]), Sequence([fc])
+        per.append(f)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in frame_order])).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_mr_frames_in_any_order_equal_the_volume_and_dcm2niix(tmp_path):
+    rng = np.random.default_rng(3)
+    data = (rng.random((20, 24, 10)) * 1000).astype(np.float32)
+    aff = _oblique_affine()
+    (tmp_path / "in").mkdir()
+    write_enhanced_mr(data, aff, str(tmp_path / "in" / "e.dcm"), rng.permutation(10))
+    (vol,) = dicom.scan(str(tmp_path / "in")).volumes
+    ours, our_aff = _ours(vol.frames)
+    truth = nib.as_closest_canonical(nib.Nifti1Image(data, aff))
+    np.testing.assert_allclose(our_aff, truth.affine, atol=1e-4)
+    np.testing.assert_allclose(ours, np.asarray(truth.dataobj), atol=1000 / 65535)  # 16-bit storage
+    ref, ref_aff = _dcm2niix([str(tmp_path / "in" / "e.dcm")], tmp_path)
+    np.testing.assert_allclose(ours, ref, atol=1e-3)  # dcm2niix keeps the rescale as float32
+    np.testing.assert_allclose(our_aff, ref_aff, atol=1e-3)
+
+
 def test_scan_skips_what_is_not_a_volume_with_its_reason(tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(DIRTESTS, tree / "dirtests")
     shutil.copy(_data_store("emri_small.dcm"), tree / "emri_small.dcm")
+    shutil.copy(os.path.join(TEST_FILES, "rtstruct.dcm"), tree / "rtstruct.dcm")  # no preamble: read forced
     _sr(str(tree / "report.sr.dcm"))
     res = dicom.scan(str(tree), dicom.ScanOptions(min_slices=3))
     reason = {os.path.relpath(s["file"], tree): s["reason"] for s in res.skipped}
     assert reason["report.sr.dcm"] == "not an image (Basic Text SR Storage)"
+    assert reason["rtstruct.dcm"] == "not an image (RT Structure Set Storage)"
     assert "no patient geometry" in reason["dirtests/77654033/CR1/6154"]  # a radiograph
     assert reason["dirtests/98892001/CT2N/6293"].startswith("a localiser")
     assert "not uniform" in reason["dirtests/77654033/CT2/17106"] and "gap of 202.500 mm" in reason[

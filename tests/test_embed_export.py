@@ -69,6 +69,10 @@ def test_embed_reads_dicom_folders_through_the_same_chain(run, prepared, tmp_pat
     assert float(out["embedding"][0] @ out["embedding"][1]) > 0.999
     assert out["tokens"].shape[:2] == (2, int(np.prod([s // p for s, p in zip(emb.image_size,
                                                                                  emb.spec["vit"]["patch_size"])])))
+    # Sliding windows at the prepared spacing: one unit-norm embedding per series.
+    win = emb.embed([path], window=(8, 8, 8), overlap=0.5)
+    assert win["embedding"].shape == (1, out["embedding"].shape[1])
+    np.testing.assert_allclose(np.linalg.norm(win["embedding"], axis=1), 1.0, atol=1e-5)
     pq = pytest.importorskip("pyarrow.parquet")
     inference.save(out, str(tmp_path / "emb.parquet"))
     table = pq.read_table(str(tmp_path / "emb.parquet"))
