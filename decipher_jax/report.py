@@ -256,6 +256,17 @@ def probes_section(workdir: str) -> str:
                  + _table(["encoder", "task", "gain", "95% interval", "P(not better)"],
                           [[c["a"], c["task"], f"{c['gain']:+.3f}", f"[{c['lo']:+.3f}, {c['hi']:+.3f}]",
                             f"{c['p_not_better']:.2f}"] for c in cmp], left=2))
+    cross = _load_result(workdir, "cross_sex")
+    if cross:
+        from decipher_jax.eval.suite import cross_summary
+
+        html += ('<p class="note">Cross-sex test: probes fitted on one sex\'s training series and scored on '
+                 "each sex's test series (all labels, first seed). Same: the mean over fitted-and-scored on the "
+                 "same sex; cross: on the other; a robust encoder has a gap near 0 (AUROC; minus the MAE for "
+                 "age).</p>"
+                 + _table(["encoder", "task", "same sex", "other sex", "gap"],
+                          [[c["encoder"], c["task"], f"{c['same']:.3f}", f"{c['cross']:.3f}", f"{c['gap']:+.3f}"]
+                           for c in cross_summary(cross)], left=2))
     return html
 
 

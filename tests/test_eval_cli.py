@@ -53,6 +53,10 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     # Stable ids; the display name says how the run was trained (SigLIP, not "CLIP").
     assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
     assert {(c["a_id"], c["a"], c["b_id"]) for c in res["compare"]} == {("align", "stage 2 (SigLIP)", "random")}
+    # The cross-sex test: each encoder's probes fitted on one sex, scored on each.
+    cross = res["cross_sex"]
+    assert {(r_["fit_on"], r_["score_on"]) for r_ in cross} == {("F", "F"), ("F", "M"), ("M", "F"), ("M", "M")}
+    assert {r_["encoder"] for r_ in cross} == {"stage 2 (SigLIP)", "random init"} and "sex" not in {r_["task"] for r_ in cross}
 
     # The ladder: the frozen probes' rungs and the two trained ones, on the same test studies.
     lad = res["ladder"]["rows"]
@@ -70,6 +74,7 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     page = open(os.path.join(out, "report.html")).read()
     for h in ("The ladder", "Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank"):
         assert f"<h2>{h}</h2>" in page, h
+    assert "Cross-sex test" in page
     assert "skipped: " in page
 
 

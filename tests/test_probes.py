@@ -314,3 +314,41 @@ def test_compare_is_a_paired_study_level_bootstrap(rng):
     assert (cx["hi"] - cx["lo"]) > 2 * (nx["hi"] - nx["lo"])
     with pytest.raises(ValueError, match="different test rows"):
         suite.compare({("a", "sex"): (y, perfect, many), ("b", "sex"): (y[::-1], rand, many)}, "a", "b", draws=5)
+
+
+def test_cross_sex_probes_fit_one_sex_and_score_each(rng):
+    """A finding that shows one way in men and the opposite way in women: fitted and scored on the
+    same sex the probe is right, on the other it is wrong (a gap near 1 in AUROC); a task that shows
+    the same way in both sexes has no gap. The other sex's training rows are never fitted."""
+    from decipher_jax.eval import probes as P
+    from decipher_jax.eval import suite
+
+    def split(n, seed):
+        r = np.random.default_rng(seed)
+        sex = np.array(["M", "F"] * (n // 2))
+        region = np.array(["brain"] * n)
+        y = r.integers(0, 2, n)
+        x = r.normal(size=(n, 8)).astype(np.float32)
+        x[:, 0] += np.where(sex == "M", 2.0, -2.0) * (y - 0.5) * 2  # flips with sex
+        lab = r.integers(0, 2, n)
+        x[:, 1] += 3.0 * (lab - 0.5)  # the same in both sexes
+        return {"mean": x, "sex": sex, "body_region": region, "findings": np.where(y == 1, "infarct", ""),
+                "sequence": np.where(lab == 1, "T1", "T2"), "patient_id": np.array([f"p{seed}_{i}" for i in range(n)]),
+                "study_id": np.array([f"s{seed}_{i}" for i in range(n)])}
+
+    feats = {"train": split(200, 0), "test": split(200, 1)}
+    rows = suite.cross_group(feats, {}, names=("sequence", "findings"))
+    by = {(r["task"], r["fit_on"], r["score_on"]): r["score"] for r in rows}
+    for fit, other in (("M", "F"), ("F", "M")):
+        assert by[("finding: infarct", fit, fit)] > 0.9 and by[("finding: infarct", fit, other)] < 0.1
+        assert by[("sequence", fit, fit)] > 0.9 and by[("sequence", fit, other)] > 0.9
+    assert {r["n_train"] for r in rows} == {100}
+    summ = {(s["task"]): s for s in suite.cross_summary([{"encoder": "e", **r} for r in rows])}
+    assert summ["findings"]["gap"] > 0.8 and abs(summ["sequence"]["gap"]) < 0.05
+    # train_rows: the same probe as one fitted on the subset alone.
+    m = feats["train"]["sex"] == "M"
+    y = (feats["train"]["findings"] == "infarct").astype(int)
+    yt = (feats["test"]["findings"] == "infarct").astype(int)
+    a = P.logistic_sweep(feats["train"]["mean"], feats["test"]["mean"], [P.Task("t", y, yt)], train_rows=m,
+                         inv_regs=(1.0,), folds=2)
+    assert a[0]["n_train"] == 100

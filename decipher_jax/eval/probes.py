@@ -364,9 +364,11 @@ def _choose(scores, *, higher_better: bool, one_se: bool, strongest_first: bool)
 
 def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.0 ** np.arange(-3, 3)),
                    fractions=(1.0,), seeds=(0,), folds: int = 3, iters: int = 100, return_scores: bool = False,
-                   cv_groups=None, val_x=None, one_se: bool = True):
+                   cv_groups=None, val_x=None, one_se: bool = True, train_rows=None):
     """Logistic probes for every task x label fraction x seed, C chosen by ``folds``-fold CV, or
-    with ``val_x`` (and each task's ``val_y``) on those held-out rows.
+    with ``val_x`` (and each task's ``val_y``) on those held-out rows. ``train_rows`` (a boolean
+    mask): only these training rows are fitted (e.g. one sex, for a cross-group test); the
+    others keep the arrays' shapes, so the compiled fits are shared with the full sweep.
     ``cv_groups`` (e.g. the patient of each training row): CV folds and label-fraction subsets
     are drawn by patient (:func:`fold_ids`, :func:`subset_mask`).
 
@@ -388,6 +390,8 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
     groups = list(itertools.product(range(len(tasks)), fractions, seeds))
     # Per (task, fraction, seed): its label subset, selection folds and class mask, computed once.
     subs = [subset_mask(tasks[ti].train_y, frac, seed, groups=cv_groups) for ti, frac, seed in groups]
+    if train_rows is not None:
+        subs = [sub & np.asarray(train_rows, bool) for sub in subs]
     cmask = [np.arange(k_max) < tasks[ti].num_classes for ti, _, _ in groups]
     x_sel, folds, fit_w, val_w = _selection_rows(xtr, xva[0] if held else None, subs, [sd for _, _, sd in groups],
                                                  folds, cv_groups, lambda gi: tasks[groups[gi][0]].val_y >= 0)
@@ -438,7 +442,7 @@ _PREDICT_RIDGE = jax.jit(jax.vmap(lambda p, x: x @ p["w"][:, 0] + p["b"][0], in_
 
 def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 ** np.arange(-1, 7)),
                 fractions=(1.0,), seeds=(0,), folds: int = 3, return_scores: bool = False, cv_groups=None,
-                val_x=None, val_y=None, one_se: bool = True):
+                val_x=None, val_y=None, one_se: bool = True, train_rows=None):
     """Ridge regression probes of a real target (age) for every label fraction x seed, the
     penalty chosen by ``folds``-fold CV (mean absolute error; folds and subsets by ``cv_groups``)
     or, with ``val_x`` / ``val_y`` (NaN = no target), on those held-out rows; with ``one_se`` the
@@ -455,6 +459,8 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     groups = list(itertools.product(fractions, seeds))
     # A regression target is one "class" to subset_mask: a plain random subset, at least 2 rows.
     subs = [subset_mask(np.zeros(n), frac, seed, min_per_class=2, groups=cv_groups) for frac, seed in groups]
+    if train_rows is not None:  # as logistic_sweep: fit these rows only
+        subs = [sub & np.asarray(train_rows, bool) for sub in subs]
     yva = np.asarray(val_y, np.float32) if held else None
     x_sel, folds, fit_w, val_w = _selection_rows(xtr, xva[0] if held else None, subs, [sd for _, sd in groups],
                                                  folds, cv_groups, lambda gi: np.isfinite(yva))

@@ -123,7 +123,7 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     """``encs``: the output of :func:`encoders` when the caller already holds it."""
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)
-    rows, preds, scores = [], {}, {}
+    rows, preds, scores, cross = [], {}, {}, []
     pdir = layout.PipelineDir(workdir)
     out_dir = pdir.eval
     sources = split_sources(prep_dir)
@@ -152,7 +152,10 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
                 i = [i for i, r in enumerate(res) if r["fraction"] == f][0]
                 scores[(name, tname, float(f))] = (yte[te_ok], sc[i], feats["test"]["study_id"][te_ok])
             preds[(name, tname)] = scores[(name, tname, float(max(fractions)))]  # all labels: the comparison
+        cross += [{"encoder": name, **r} for r in cross_group(feats, held, feature=feature)]
     os.makedirs(out_dir, exist_ok=True)
+    with open(pdir.result(CROSS_RESULT), "w") as f:
+        json.dump(cross, f, indent=1)
     from decipher_jax.eval import ladder
 
     ladder.save_probe_scores(os.path.join(pdir.arrays("probes"), ladder.PROBE_SCORES), scores)
@@ -168,6 +171,74 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         with open(pdir.result("compare"), "w") as f:
             json.dump(cmp, f, indent=1)
     return rows
+
+
+CROSS_RESULT = "cross_sex"  # eval/cross_sex.json
+
+
+def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "mean", names=TASKS) -> list[dict]:
+    """Probes fitted on one group's training series only (one sex) and scored on each group's
+    test series: the paper's cross-sex robustness test. One row per (task, fitted on, scored
+    on) with the score (AUROC; minus the MAE for age) and the row counts; a task is left out for
+    a group whose training rows lack a class, and a score where the test rows lack one. All
+    labels, seed 0, the penalty chosen on the fitted group's val rows (else CV inside it).
+    Features are standardised over all training rows, labels unseen: as the full probes."""
+    train, test = feats["train"], feats["test"]
+    if group not in train:
+        return []
+    gtr, gte = (np.asarray(d[group]).astype(str) for d in (train, test))
+    levels = sorted((set(gtr) & set(gte)) - {""})
+    if len(levels) != 2:
+        return []
+    gva = np.asarray(feats["val"][group]).astype(str) if "val" in feats else None
+    out = []
+    for tname, ytr, yte in tasks(train, test, tuple(n for n in names if n != group)):
+        tr_ok, te_ok = known(ytr), known(yte)
+        xtr, xte = train[feature][tr_ok], test[feature][te_ok]
+        cv = cv_groups(train, tr_ok)
+        yva = held.get(tname)
+        xva = feats["val"][feature] if yva is not None else None
+        for fit in levels:
+            rows = gtr[tr_ok] == fit
+            y_fit = ytr[tr_ok][rows]
+            if tname in REGRESSION:
+                if rows.sum() < 6:
+                    continue
+                va = None if yva is None else np.where(gva == fit, yva, np.nan)
+                _, (s,) = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], return_scores=True, cv_groups=cv,
+                                             val_x=xva, val_y=va, train_rows=rows)
+            else:
+                if len(np.unique(y_fit)) < 2 or min(np.bincount(y_fit)[np.unique(y_fit)]) < 2:
+                    continue
+                va = None if yva is None else np.where(gva == fit, yva, -1)
+                _, (s,) = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok], va)], iters=100,
+                                                return_scores=True, cv_groups=cv, val_x=xva, train_rows=rows)
+            for on in levels:
+                sel = gte[te_ok] == on
+                y_on = yte[te_ok][sel]
+                if tname not in REGRESSION and len(np.unique(y_on)) < 2:
+                    continue
+                out.append({"task": tname, "fit_on": fit, "score_on": on, "score": float(_score(tname, y_on, s[sel])),
+                            "metric": "-MAE" if tname in REGRESSION else "AUROC", "n_train": int(rows.sum()),
+                            "n_test": int(sel.sum())})
+    return out
+
+
+def cross_summary(rows: list[dict]) -> list[dict]:
+    """Per (encoder, task group): the mean score fitted and scored on the same group, on the
+    other group, and their gap (same minus cross). The finding tasks pool as "findings"."""
+    cells: dict = {}
+    for r in rows:
+        key = (r["encoder"], "findings" if r["task"].startswith(FINDING) else r["task"])
+        cells.setdefault(key, {"same": [], "cross": []})["same" if r["fit_on"] == r["score_on"] else "cross"].append(
+            r["score"])
+    out = []
+    for (enc, task), c in cells.items():
+        if c["same"] and c["cross"]:
+            same, cross = float(np.mean(c["same"])), float(np.mean(c["cross"]))
+            out.append({"encoder": enc, "task": task, "same": same, "cross": cross, "gap": same - cross,
+                        "n": len(c["same"]) + len(c["cross"])})
+    return out
 
 
 def split_sources(prep_dir: str, splits=("train", "val", "test"), optional=("val",)) -> dict:
