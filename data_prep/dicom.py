@@ -137,7 +137,11 @@ def _frames_of(path: str, ds) -> list[Frame]:
     """The frames of one image object, with their geometry. Raises :class:`BadInput` naming
     what is missing."""
     rows, cols = _num(ds.get("Rows"), int), _num(ds.get("Columns"), int)
+    if not rows or not cols or rows < 1 or cols < 1:
+        raise BadInput(path, f"image matrix Rows={ds.get('Rows')!r} Columns={ds.get('Columns')!r} is not usable")
     n = _num(ds.get("NumberOfFrames"), int) or 1
+    if n < 1:
+        raise BadInput(path, f"NumberOfFrames={ds.get('NumberOfFrames')!r} is not usable")
     common = dict(rows=rows, cols=cols, acquisition=_num(ds.get("AcquisitionNumber"), int),
                   instance=_num(ds.get("InstanceNumber"), int) or 0)
     per_seq, shared_seq = ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")
@@ -201,11 +205,16 @@ def body_region(body_part: str) -> str:
     return _REGIONS.get(key, body_part.strip().lower())
 
 
-_SEQ_HINTS = (  # (pattern over description / sequence name, sequence): first match wins
+# (pattern over the description and sequence names, sequence), first match wins: diffusion, then
+# an explicit T1 token ("T1 FLAIR" and Siemens "t1_tse" are T1-weighted), FLAIR, an explicit T2
+# token, and only then the readout names that usually go with a contrast.
+_SEQ_HINTS = (
     (r"dwi|diff|ep2d_diff|trace|\badc\b|b ?1000", "DWI"),
-    (r"flair|dark[-_ ]?fluid|tirm|\bir[-_ ]?fse", "FLAIR"),
-    (r"t2|tse|frfse|\bhaste\b", "T2"),
-    (r"t1|mprage|spgr|tfe|\bvibe\b|\bbravo\b", "T1"),
+    (r"(?<![a-z0-9])t1(?![0-9])", "T1"),
+    (r"flair|dark[-_ ]?fluid|tirm", "FLAIR"),
+    (r"(?<![a-z0-9])t2(?![0-9])", "T2"),
+    (r"mprage|spgr|tfe|\bvibe\b|\bbravo\b", "T1"),
+    (r"tse|fse|frfse|\bhaste\b", "T2"),
 )
 
 
@@ -287,8 +296,20 @@ def list_files(root: str) -> list[str]:
 
 # -- grouping ---------------------------------------------------------------------------------
 
-def _round(v, tol):
-    return None if v is None else tuple(round(x / tol) for x in (v if isinstance(v, tuple) else (v,)))
+def _close(a, b, tol: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = (np.atleast_1d(np.asarray(v, float)) for v in (a, b))
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= tol))
+
+
+def _same_volume(f: Frame, rep: Frame) -> bool:
+    """Whether ``f`` belongs with the group whose first frame is ``rep``: the same matrix and
+    temporal position, and orientation, pixel spacing, echo time and b-value within tolerance
+    of it (never fixed bins, whose edges split values a rounding error apart)."""
+    return (f.rows, f.cols, f.temporal) == (rep.rows, rep.cols, rep.temporal) and _close(f.iop, rep.iop, ORIENTATION_TOL) \
+        and _close(f.pixel_spacing, rep.pixel_spacing, 1e-4) and _close(f.echo, rep.echo, 1e-3) \
+        and _close(f.bvalue, rep.bvalue, 1e-3)
 
 
 def _normal(iop) -> np.ndarray:
@@ -299,13 +320,17 @@ def _normal(iop) -> np.ndarray:
 def _split(frames: list[Frame]) -> list[list[Frame]]:
     """Frames of one series -> volumes: by orientation, matrix, spacing, echo, b-value and
     temporal position; then by acquisition number where positions repeat."""
-    groups: dict[tuple, list[Frame]] = defaultdict(list)
+    groups: list[list[Frame]] = []
     for f in frames:
-        groups[(_round(f.iop, ORIENTATION_TOL), f.rows, f.cols, _round(f.pixel_spacing, 1e-4),
-                _round(f.echo, 1e-3), _round(f.bvalue, 1e-3), f.temporal)].append(f)
+        g = next((g for g in groups if _same_volume(f, g[0])), None)
+        if g is None:
+            groups.append([f])
+        else:
+            g.append(f)
+    groups.sort(key=lambda g: (g[0].echo or 0.0, g[0].bvalue or 0.0, g[0].temporal or 0, g[0].rows, g[0].cols,
+                               tuple(round(v, 3) for v in g[0].iop)))
     out = []
-    for key in sorted(groups, key=repr):
-        g = groups[key]
+    for g in groups:
         pos = [round(float(np.dot(f.ipp, _normal(f.iop))), 3) for f in g]
         if len(set(pos)) < len(pos) and len({f.acquisition for f in g}) > 1:
             by_acq: dict = defaultdict(list)
@@ -372,16 +397,18 @@ def pseudonym(value: str, salt: str) -> str:
 @dataclasses.dataclass
 class ScanResult:
     volumes: list[Volume]
-    skipped: list[dict]  # {"file", "reason", "series_uid"?}
+    skipped: list[dict]  # {"file", "reason", "series_uid"?, "copy_of"?}
     files: int
+    paths: list[str] = dataclasses.field(default_factory=list)  # every file scanned, in scan order
 
 
 def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -> ScanResult:
     """Every volume under ``root``; what cannot be a volume is in ``skipped`` with its reason."""
-    files = list_files(root)
+    files = list_files(os.path.abspath(root))
     skipped: list[dict] = []
     by_series: dict[str, list[Frame]] = defaultdict(list)
     tags: dict[str, dict] = {}
+    first_of: dict[str, str] = {}  # SOPInstanceUID -> the file that carried it first
     from tqdm import tqdm
 
     for path in tqdm(files, desc="dicom scan", unit="file", disable=not progress):
@@ -408,10 +435,20 @@ def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -
                 skipped.append({"file": path, "reason": f"colour image ({ds.get('PhotometricInterpretation', '?')}); "
                                                         "MR volumes are greyscale"})
                 continue
+            sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+            if sop_uid and sop_uid in first_of:  # the same image twice (a CD's copies, a re-export)
+                skipped.append({"file": path, "reason": "a copy of another file (the same SOPInstanceUID)",
+                                "copy_of": first_of[sop_uid], "series_uid": str(ds.get("SeriesInstanceUID", ""))})
+                continue
             frames = _frames_of(path, ds)
         except BadInput as e:
             skipped.append({"file": e.path, "reason": e.reason})
             continue
+        except Exception as e:  # noqa: BLE001 - an odd header is that file's problem, never the scan's
+            skipped.append({"file": path, "reason": f"cannot use the header ({type(e).__name__}: {e})"})
+            continue
+        if sop_uid:
+            first_of[sop_uid] = path
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid:
             skipped.append({"file": path, "reason": "no SeriesInstanceUID"})
@@ -436,20 +473,48 @@ def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -
                                 "files": len({f.file for f in part})})
                 continue
             volumes.append(Volume((uid, k), ordered, tags[uid], sid))
-    return ScanResult(volumes, skipped, len(files))
+    return ScanResult(volumes, skipped, len(files), files)
 
 
 # -- a volume's voxels ------------------------------------------------------------------------
 
-def write_series_file(path: str, vol: Volume, series_id: str) -> str:
-    """The frames of ``vol`` in slice order, under ``series_id`` (pseudonymised where asked)."""
-    blob = {"format": SERIES_FORMAT, "series_id": series_id,
-            "frames": [[f.file, f.frame] for f in vol.frames]}
+def _digest(vol: Volume) -> str:
+    """What a volume is made of (its frames, each file's size and modification time): a cached
+    preparation of the volume is reused only while this is unchanged."""
+    h = hashlib.sha256()
+    for f in vol.frames:
+        st = os.stat(f.file)
+        h.update(f"{f.file}\0{f.frame}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def write_series_file(path: str, vol: Volume, series_id: str, index: dict[str, int] | None = None) -> str:
+    """The frames of ``vol`` in slice order, under ``series_id`` (pseudonymised where asked).
+    With ``index`` (file path -> number), files are stored by number, resolved through the
+    ``SOURCE.json`` beside the series folder: nothing in the series file names where the
+    originals live (PACS exports name folders after patients)."""
+    files = [[index[f.file] if index is not None else f.file, f.frame] for f in vol.frames]
+    blob = {"format": SERIES_FORMAT, "series_id": series_id, "digest": _digest(vol), "indexed": index is not None,
+            "frames": files}
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(blob, fh)
     os.replace(tmp, path)
     return path
+
+
+# Beside series/ when pseudonymised: the DICOM folder and its files by number, the one file that
+# names the originals (keep it on site; the series files and errors.jsonl refer to it by number).
+SOURCE_FILE = "SOURCE.json"
+
+
+def series_digest(path: str) -> str:
+    """The ``digest`` of a series file ("" if it has none or cannot be read)."""
+    try:
+        with open(path) as fh:
+            return str(json.load(fh).get("digest", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def frames_from_files(entries: list[tuple[str, int | None]]) -> list[Frame]:
@@ -473,12 +538,14 @@ def frames_from_files(entries: list[tuple[str, int | None]]) -> list[Frame]:
 def read_volume(frames: list[Frame], max_voxels: int = 512**3, min_slices: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(float32 voxels indexed (column, row, slice), RAS affine) of one volume's frames, with the
     rescale applied. The frames are sorted and checked first (:func:`order_and_check`)."""
-    import pydicom
-
+    if not frames:
+        raise BadInput("", "a volume needs at least one frame")
     frames, spacing = order_and_check(list(frames), frames[0].file, min_slices)
     if len(frames) == 1:  # a single image: its own thickness, as dcm2niix does
         spacing = 1.0
         ds = _read_header(frames[0].file)
+        if ds is None:
+            raise BadInput(frames[0].file, "not a DICOM file (has it changed since the scan?)")
         for k in ("SpacingBetweenSlices", "SliceThickness"):
             if (v := _num(ds.get(k))) and v > 0:
                 spacing = v
@@ -487,21 +554,17 @@ def read_volume(frames: list[Frame], max_voxels: int = 512**3, min_slices: int =
     n_vox = len(frames) * f0.rows * f0.cols
     if n_vox > max_voxels:
         raise BadInput(f0.file, f"volume of {len(frames)} x {f0.rows} x {f0.cols} voxels is over max_voxels={max_voxels:,}")
+    from pydicom.pixels import pixel_array
+
     out = np.empty((f0.cols, f0.rows, len(frames)), np.float32)
-    pixels: dict[str, np.ndarray] = {}
     for k, f in enumerate(frames):
-        if f.file not in pixels:
-            pixels.clear()  # one file's pixels at a time (frames of a multi-frame object are adjacent)
-            try:
-                ds = pydicom.dcmread(f.file)
-                arr = ds.pixel_array
-            except Exception as e:  # noqa: BLE001 - an undecodable transfer syntax or corrupt pixel data
-                ts = getattr(getattr(locals().get("ds"), "file_meta", None), "TransferSyntaxUID", None)
-                raise BadInput(f.file, f"cannot decode the pixel data ({getattr(ts, 'name', ts) or '?'}: "
-                                       f"{type(e).__name__}: {e})") from None
-            pixels[f.file] = np.asarray(arr)
-        arr = pixels[f.file]
-        img = arr if f.frame is None else arr[f.frame] if arr.ndim == 3 else arr
+        try:  # one frame at a time: a 4D object is never decoded whole
+            img = np.asarray(pixel_array(f.file) if f.frame is None else pixel_array(f.file, index=f.frame))
+        except Exception as e:  # noqa: BLE001 - an undecodable transfer syntax, corrupt or vanished pixel data
+            ts = getattr(getattr(_read_header(f.file) if os.path.exists(f.file) else None, "file_meta", None),
+                         "TransferSyntaxUID", None)
+            raise BadInput(f.file, f"cannot decode the pixel data ({getattr(ts, 'name', ts) or '?'}: "
+                                   f"{type(e).__name__}: {e})") from None
         if img.shape != (f0.rows, f0.cols):
             raise BadInput(f.file, f"pixel matrix {img.shape} differs from the volume's {(f0.rows, f0.cols)}")
         out[:, :, k] = (img.astype(np.float32) * f.slope + f.intercept).T
@@ -517,7 +580,18 @@ def load_series(path: str, max_voxels: int = 512**3) -> tuple[np.ndarray, np.nda
         raise BadInput(path, f"cannot read the DICOM series file ({e})") from None
     if blob.get("format") != SERIES_FORMAT:
         raise BadInput(path, f"not a DICOM series file (format {blob.get('format')!r}, expected {SERIES_FORMAT!r})")
-    frames = frames_from_files([(f, fr) for f, fr in blob["frames"]])
+    if not blob.get("frames"):
+        raise BadInput(path, "the DICOM series file lists no frames")
+    entries = [(f, fr) for f, fr in blob["frames"]]
+    if blob.get("indexed"):
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), SOURCE_FILE)
+        try:
+            with open(src) as fh:
+                source = json.load(fh)
+            entries = [(os.path.join(source["root"], source["files"][int(i)]), fr) for i, fr in entries]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise BadInput(path, f"its frames are numbered files of {src}, which is missing or damaged ({e})") from None
+    frames = frames_from_files(entries)
     return read_volume(frames, max_voxels)
 
 
@@ -566,9 +640,18 @@ IDENTIFIERS = ("patient_id", "study_id", "series_id")
 
 
 def manifest_rows(scan_result: ScanResult, series_dir: str, opts: ScanOptions,
-                  reports: dict[str, dict] | None = None) -> list[dict]:
-    """The manifest rows of the scanned volumes; writes their series files into ``series_dir``."""
+                  reports: dict[str, dict] | None = None, root: str = "") -> list[dict]:
+    """The manifest rows of the scanned volumes; writes their series files into ``series_dir``
+    (with ``opts.pseudonymise``, their paths relative to ``root``, the DICOM folder)."""
     os.makedirs(series_dir, exist_ok=True)
+    index = None
+    if opts.pseudonymise:
+        index = source_index(scan_result)
+        base = _base(root)
+        src = os.path.join(os.path.dirname(os.path.abspath(series_dir)), SOURCE_FILE)
+        with open(src + ".tmp", "w") as fh:
+            json.dump({"root": base, "files": [os.path.relpath(p, base) for p in scan_result.paths]}, fh)
+        os.replace(src + ".tmp", src)
     rows = []
     for vol in scan_result.volumes:
         t = vol.tags
@@ -578,7 +661,7 @@ def manifest_rows(scan_result: ScanResult, series_dir: str, opts: ScanOptions,
         if opts.pseudonymise:
             ids = {k: pseudonym(v, opts.salt) for k, v in ids.items()}
         fname = ids["series_id"] + SERIES_SUFFIX
-        write_series_file(os.path.join(series_dir, fname), vol, ids["series_id"])
+        write_series_file(os.path.join(series_dir, fname), vol, ids["series_id"], index)
         rows.append({
             **ids, "image": os.path.join(series_dir, fname),
             "report": rep.get("report", ""), "report_file": rep.get("report_file", ""),
@@ -597,14 +680,19 @@ def to_manifest(root: str, out_dir: str, opts: ScanOptions, reports_csv: str = "
 
     if opts.pseudonymise and not opts.salt:
         raise ValueError("pseudonymise needs a salt (a secret kept apart from the data)")
+    out_dir = os.path.abspath(out_dir)
     res = scan(root, opts, progress)
     reports = read_reports(reports_csv) if reports_csv else None
     series_dir = os.path.join(out_dir, "series")
-    rows = manifest_rows(res, series_dir, opts, reports)
+    rows = manifest_rows(res, series_dir, opts, reports, root)
     os.makedirs(out_dir, exist_ok=True)
     path = manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)
+    index = source_index(res)
+    skipped = [pseudonymise_item(s, index, opts) for s in res.skipped] if opts.pseudonymise else res.skipped
     summary = {
-        "source": os.path.abspath(root), "files": res.files, "volumes": len(res.volumes), "skipped": len(res.skipped),
+        # Pseudonymised: the source folder (which can name a patient) only in dicom/SOURCE.
+        "source": f"(see {SOURCE_FILE})" if opts.pseudonymise else os.path.abspath(root),
+        "files": res.files, "volumes": len(res.volumes), "skipped": len(res.skipped),
         "reports": os.path.abspath(reports_csv) if reports_csv else "",
         "reports_joined": sum(bool(r["report"] or r["report_file"]) for r in rows),
         "pseudonymised": ({"method": "HMAC-SHA256 under a salt, 20 hex digits", "fields": list(IDENTIFIERS)}
@@ -614,7 +702,33 @@ def to_manifest(root: str, out_dir: str, opts: ScanOptions, reports_csv: str = "
         raise manifest_lib.ManifestError(root, f"no usable DICOM volume among {res.files} files "
                                                f"({len(res.skipped)} skipped; first: "
                                                f"{res.skipped[0]['reason'] if res.skipped else 'none'})")
-    return path, res.skipped, summary
+    return path, skipped, summary, index
+
+
+def _base(root: str) -> str:
+    return os.path.abspath(root if os.path.isdir(root) else os.path.dirname(root))
+
+
+def source_index(res: ScanResult) -> dict[str, int]:
+    """Each scanned file's number (its line in ``SOURCE.json``)."""
+    return {p: i for i, p in enumerate(res.paths)}
+
+
+def pseudonymise_item(item: dict, index: dict[str, int], opts: ScanOptions) -> dict:
+    """A skipped or failed item without identifiers: its series UID pseudonymised (in the reason
+    too), and its files (``file``, ``copy_of``) by number in ``SOURCE.json``."""
+    out = dict(item)
+    uid = out.get("series_uid", "")
+    if uid:
+        out["series_uid"] = pseudonym(uid, opts.salt)
+        out["reason"] = out["reason"].replace(uid, out["series_uid"])
+    for k in ("file", "copy_of"):
+        f = out.get(k)
+        if f in index:
+            tag = f"file #{index[f]} of {SOURCE_FILE}"
+            out["reason"] = out["reason"].replace(f, tag)
+            out[k] = tag
+    return out
 
 
 # -- writing (tests, benchmarks, and users who need a DICOM copy of a NIfTI volume) -------------
@@ -641,7 +755,8 @@ def write_series(data: np.ndarray, affine_ras: np.ndarray, out_dir: str, *, pati
     lo, hi = float(data.min()), float(data.max())
     slope = (hi - lo) / 65535.0 if hi > lo else 1.0
     stored = np.clip(np.rint((data - lo) / slope), 0, 65535).astype(np.uint16)
-    uid = lambda what: generate_uid(entropy_srcs=[seed, patient_id, series_uid, what])  # noqa: E731 - deterministic
+    # Deterministic in ``seed`` when one is given (tests, benchmarks); else fresh UIDs per call.
+    uid = lambda what: generate_uid(entropy_srcs=[seed, patient_id, series_uid, what] if seed else None)  # noqa: E731
     study_uid = study_uid or uid("study")
     series_uid = series_uid or uid("series")
     frame_uid = uid("frame")

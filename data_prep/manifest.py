@@ -158,8 +158,9 @@ def _row(r: dict, base: str, path: str, line: int) -> SeriesRow:
 def write(path: str, rows: list[dict]) -> str:
     """Writes ``rows`` (dicts keyed by column; a missing column is left empty) as a CSV manifest
     with every column of the schema; returns ``path``."""
-    with open(path, "w", newline="") as f:
+    with open(path + ".tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    os.replace(path + ".tmp", path)  # a reader never sees half a manifest
     return path

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from data_prep import dicom
 from data_prep import manifest as manifest_lib
 from data_prep import reports as reports_lib
 from data_prep import volume as volume_lib
@@ -101,6 +102,14 @@ def _error(series_id: str, path: str, reason: str, **extra) -> dict:
     return {"series_id": series_id, "status": "error", "file": path, "reason": reason, **extra}
 
 
+def _cached_digest(path: str) -> str:
+    try:
+        with np.load(path) as z:
+            return str(z["source_digest"]) if "source_digest" in z.files else ""
+    except Exception:  # noqa: BLE001 - an unreadable cache entry is redone
+        return "unreadable"
+
+
 def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache_dir: str) -> dict:
     """Processes one series into ``cache_dir``; returns a status dict and never raises: any failure
     of one series (MemoryError included) is that series' error, not the run's."""
@@ -108,11 +117,16 @@ def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache
     # The manifest refuses unsafe ids; this guards any other caller (the id is a file name).
     if os.path.dirname(os.path.realpath(out)) != os.path.realpath(cache_dir):
         return _error(row.series_id, row.image, f"series_id {row.series_id!r} would write outside the cache folder")
-    if os.path.exists(out):
+    # A DICOM volume's series file carries a digest of its frames (files, sizes, times): its cached
+    # preparation is reused only while the digest is the same (new or replaced files redo it).
+    digest = dicom.series_digest(row.image) if row.image.endswith(dicom.SERIES_SUFFIX) else ""
+    if os.path.exists(out) and (not digest or _cached_digest(out) == digest):
         return {"series_id": row.series_id, "status": "reused"}
     try:
         text, has_report = _read_report(row)
         res = volume_lib.process(row.image, row.label or None, cfg)
+        if digest:
+            res["source_digest"] = digest
         label = res.pop("label")
         tmp = out + ".tmp.npz"
         np.savez(
@@ -156,16 +170,14 @@ def _summ(values) -> dict:
 
 def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progress: bool = True) -> PrepResult:
     """Prepares ``manifest_path``: a manifest (CSV / JSONL), or a DICOM folder or DICOMDIR."""
-    from data_prep import dicom
-
+    out_dir = os.path.abspath(out_dir)  # the DICOM route's manifest names files under it
     os.makedirs(out_dir, exist_ok=True)
-    skipped, dicom_card = [], None
+    skipped, dicom_card, source = [], None, manifest_path
     if dicom.is_dicom_source(manifest_path):
         opts = dicom.ScanOptions(min_slices=cfg.volume.min_size, max_voxels=cfg.volume.max_voxels,
                                  pseudonymise=cfg.dicom.pseudonymise, salt=cfg.dicom.salt)
-        source = manifest_path
-        manifest_path, skipped, dicom_card = dicom.to_manifest(source, os.path.join(out_dir, "dicom"), opts,
-                                                               cfg.dicom.reports, progress)
+        manifest_path, skipped, dicom_card, index = dicom.to_manifest(source, os.path.join(out_dir, "dicom"), opts,
+                                                                      cfg.dicom.reports, progress)
     row_errors: list[manifest_lib.ManifestError] = []
     rows = manifest_lib.read(manifest_path, row_errors)
     cache_dir = os.path.join(out_dir, "cache", cfg.cache_key())
@@ -176,6 +188,8 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
     workers = cfg.workers or os.cpu_count() or 1
     with open(err_path, "w") as err_file:
         def record(res):
+            if res["status"] == "error" and cfg.dicom.pseudonymise and dicom.is_dicom_source(source):
+                res = dicom.pseudonymise_item(res, index, opts)  # no DICOM path in errors.jsonl
             if res["status"] == "error":
                 errors.append(res)
                 err_file.write(json.dumps(res) + "\n")

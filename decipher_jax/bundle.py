@@ -79,9 +79,17 @@ def export(run: str, out: str, *, step: int | None = None, monai: bool = False, 
 
     from decipher_jax import runs
 
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not is_bundle(out):
+        raise BundleError(f"{out}: exists and is not a model bundle; give a new folder (an old bundle is replaced)")
     model, params, spec = runs.load_align(run, step=step)
+    if not (spec.get("preprocessing") or {}).get("volume_config"):
+        raise BundleError(f"{run}: the run records no preprocessing (its data were not prepared by decipher prep); "
+                          "a bundle without it could not prepare new files")
+    if not any(os.path.exists(os.path.join(spec["tokenizer"], n)) for n in TOKENIZER_FILES):
+        raise BundleError(f"{spec['tokenizer']}: none of the tokenizer files {TOKENIZER_FILES}")
     flat = _flat(params)
-    stage = out.rstrip("/") + ".staging"
+    stage = out + ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
     for name, prefixes in PARTS.items():
@@ -121,9 +129,12 @@ def export(run: str, out: str, *, step: int | None = None, monai: bool = False, 
     }
     with open(os.path.join(stage, CONFIG), "w") as f:
         json.dump(config, f, indent=1)
-    if os.path.exists(out):
-        shutil.rmtree(out)
+    old = out + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out):  # an earlier bundle (checked above): set aside until the new one is in place
+        os.replace(out, old)
     os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -143,7 +154,10 @@ def read_config(path: str) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise BundleError(f"{cfg_path}: bundle format version {version!r} is newer than this decipher_jax reads "
                           f"({FORMAT_VERSION}); upgrade decipher_jax")
-    for name, meta in cfg.get("files", {}).items():
+    files = cfg.get("files")
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and {"bytes", "sha256"} <= set(m) for m in files.values()):
+        raise BundleError(f"{cfg_path}: the file list is malformed; the bundle is corrupted")
+    for name, meta in files.items():
         p = os.path.join(path, name)
         if not os.path.isfile(p):
             raise BundleError(f"{p}: missing from the bundle")

@@ -61,6 +61,10 @@ def _prep(args) -> int:
         print("prep: error: --pseudonymise needs --salt S (or DECIPHER_SALT): a secret kept apart from the data",
               file=sys.stderr)
         return 2
+    if (args.pseudonymise or args.reports) and not dicom_source(source):
+        print("prep: error: --pseudonymise and --reports apply to a DICOM source (--dicom DIR); a manifest's "
+              "identifiers and reports are its own columns", file=sys.stderr)
+        return 2
     if args.dicom and not dicom_source(args.dicom):
         print(f"prep: error: {args.dicom}: --dicom takes a folder or a DICOMDIR file", file=sys.stderr)
         return 2
@@ -69,7 +73,7 @@ def _prep(args) -> int:
                           dicom=prep.DicomOptions(reports=args.reports or "", pseudonymise=args.pseudonymise, salt=salt))
     try:
         res = prep.run(source, args.out, cfg, progress=not args.quiet)
-    except manifest.ManifestError as e:  # the manifest as a whole is unusable (row problems are skipped)
+    except (manifest.ManifestError, volume.BadInput) as e:  # the source as a whole is unusable (a bad DICOMDIR)
         print(f"prep: error: {e}", file=sys.stderr)
         return 2
     c = res.counts
@@ -173,6 +177,12 @@ def _zeroshot(args) -> int:
 def _embed(args) -> int:
     from decipher_jax import inference
 
+    if not args.out.endswith((".npz", ".parquet")):
+        print(f"embed: error: {args.out}: the output must end in .npz or .parquet", file=sys.stderr)
+        return 2
+    if args.tokens and args.window:
+        print("embed: error: patch tokens are per window; ask for --tokens or for --window, not both", file=sys.stderr)
+        return 2
     try:
         emb = inference.Embedder.from_run(args.run, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as e:  # bundle.BundleError is a ValueError
@@ -196,7 +206,7 @@ def _export(args) -> int:
 
     try:
         path = bundle.export(args.run, args.out, step=args.step, monai=args.monai, hf=args.hf)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no run there, or --out is something else
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     print(f"export: {args.run} -> {path} (load with decipher_jax.bundle.from_pretrained or decipher embed --run)")

@@ -57,8 +57,20 @@ def collect(paths, series_dir: str, min_slices: int = 8, max_voxels: int = 512**
     from data_prep import dicom
 
     items, skipped = [], []
-    dicom_roots = []
-    for p in paths:
+    opts = dicom.ScanOptions(min_slices=min_slices, max_voxels=max_voxels)
+    os.makedirs(series_dir, exist_ok=True)
+
+    def scan(root):  # a folder's (or a file's) DICOM volumes, after the folder's NIfTI files
+        res = dicom.scan(root, opts)
+        # A folder's NIfTI files are not DICOM: not listed as skipped.
+        skipped.extend(s for s in res.skipped if not (s["reason"] == "not a DICOM file" and s["file"].endswith(NIFTI)))
+        for vol in res.volumes:
+            sp = dicom.write_series_file(os.path.join(series_dir, f"{len(items):06d}{dicom.SERIES_SUFFIX}"), vol,
+                                         vol.series_id)
+            t = vol.tags
+            items.append(Item(sp, root, vol.series_id, t["study_uid"], t["patient_id"], t["series_description"]))
+
+    for p in paths:  # in the order given
         if not os.path.exists(p):
             skipped.append({"file": p, "reason": "not found"})
         elif os.path.isfile(p) and p.endswith(NIFTI):
@@ -67,20 +79,9 @@ def collect(paths, series_dir: str, min_slices: int = 8, max_voxels: int = 512**
             for d, dirs, files in os.walk(p):
                 dirs.sort()
                 items += [Item(os.path.join(d, f), os.path.join(d, f), _stem(f)) for f in sorted(files) if f.endswith(NIFTI)]
-            dicom_roots.append(p)
+            scan(p)
         else:
-            dicom_roots.append(p)  # a DICOM file or a DICOMDIR
-    opts = dicom.ScanOptions(min_slices=min_slices, max_voxels=max_voxels)
-    os.makedirs(series_dir, exist_ok=True)
-    for root in dicom_roots:
-        res = dicom.scan(root, opts)
-        # A folder's NIfTI files are not DICOM: not listed as skipped.
-        skipped += [s for s in res.skipped if not (s["reason"] == "not a DICOM file" and s["file"].endswith(NIFTI))]
-        for vol in res.volumes:
-            sp = dicom.write_series_file(os.path.join(series_dir, f"{len(items):06d}{dicom.SERIES_SUFFIX}"), vol,
-                                         vol.series_id)
-            t = vol.tags
-            items.append(Item(sp, root, vol.series_id, t["study_uid"], t["patient_id"], t["series_description"]))
+            scan(p)  # a DICOM file or a DICOMDIR
     return items, skipped
 
 
@@ -176,9 +177,10 @@ class Embedder:
                     skipped.append({"file": e.path if e.path != it.path else it.source, "reason": e.reason,
                                     "series_id": it.series_id})
                     continue
-                if window is not None:  # one series' windows: their mean embedding
+                if window is not None:  # one series' windows, a batch at a time: their mean embedding
                     flush()
-                    z, p = self._run(x)
+                    z = np.concatenate([self._run(x[i: i + self.batch_size])[0]
+                                        for i in range(0, len(x), self.batch_size)])
                     zs.append(normalise(z.mean(0, keepdims=True)))
                     done.append(it)
                     continue
@@ -226,8 +228,9 @@ def save(out: dict, path: str) -> str:
             np.savez(f, **arrays)
     else:
         raise ValueError(f"{path}: the output must end in .npz or .parquet")
-    os.replace(tmp, path)
-    with open(path + ".skipped.jsonl", "w") as f:
+    with open(path + ".skipped.jsonl.tmp", "w") as f:
         for s in out["skipped"]:
             f.write(json.dumps(s) + "\n")
+    os.replace(path + ".skipped.jsonl.tmp", path + ".skipped.jsonl")
+    os.replace(tmp, path)
     return path

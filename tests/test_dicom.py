@@ -308,6 +308,11 @@ def test_oblique_series_comes_back_through_prep_with_the_same_world_coordinates(
 
 def test_pseudonymisation_is_deterministic_under_a_salt_and_absent_without(tmp_path):
     _tree(tmp_path, with_junk=False)
+    # PACS exports name folders after patients; a 3-slice series is skipped (its UID in the reason).
+    os.rename(tmp_path / "tree" / "P0", tmp_path / "tree" / "MRN000_DOE^JOHN")
+    dicom.write_series(np.random.default_rng(0).random((12, 12, 3)), np.eye(4),
+                       str(tmp_path / "tree" / "MRN000_DOE^JOHN" / "short"), patient_id="MRN000",
+                       series_uid="1.2.840.99.0.7", study_uid="1.2.840.99.0")
 
     def ids(salt, pseudo=True, out="o"):
         out = str(tmp_path / out)
@@ -322,9 +327,70 @@ def test_pseudonymisation_is_deterministic_under_a_salt_and_absent_without(tmp_p
     c, _, _ = ids("other", out="c")
     raw, raw_card, _ = ids("", pseudo=False, out="raw")
     assert a == b and a != c and len({x for row in a for x in row}) == 9  # stable, salt-dependent, no collisions
+    assert cli.main(["prep", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "y"), "--pseudonymise",
+                     "--salt", "x"]) == 2  # only a DICOM source is pseudonymised
     assert sorted(p for p, _, _ in raw) == ["MRN000", "MRN001", "MRN002"] and raw_card["dicom"]["pseudonymised"] is False
     assert card["dicom"]["pseudonymised"]["fields"] == ["patient_id", "study_id", "series_id"]
-    text = "".join(open(f).read() for f in glob.glob(out + "/**/*.*", recursive=True)
-                   if f.endswith((".csv", ".json", ".jsonl")))
-    assert "MRN00" not in text and "1.2.840.99" not in text and "s3cret" not in text
+    text = "".join(open(f, errors="replace").read() for f in glob.glob(out + "/**/*", recursive=True)
+                   if os.path.isfile(f) and not f.endswith(".npz") and "tfds" not in f and os.path.basename(f) != "SOURCE.json")
+    assert "series" in text and "skipped" in text  # the series files and errors.jsonl were read
+    assert "MRN00" not in text and "DOE" not in text and "1.2.840.99" not in text and "s3cret" not in text
+    errors = [json.loads(line) for line in open(os.path.join(out, "errors.jsonl"))]
+    assert [e["status"] for e in errors] == ["skipped"] and "3 slices" in errors[0]["reason"]
+    source = json.load(open(os.path.join(out, "dicom", "SOURCE.json")))  # the one file naming the originals
+    assert source["root"] == str(tmp_path / "tree") and "MRN000_DOE^JOHN/short/IM00001.dcm" in source["files"]
+    assert errors[0]["file"].startswith("file #") and errors[0]["file"].endswith("of SOURCE.json")
     assert cli.main(["prep", "--dicom", str(tmp_path / "tree"), "--out", str(tmp_path / "x"), "--pseudonymise"]) == 2
+
+
+def test_relative_out_copies_rounding_and_bad_headers(tmp_path, monkeypatch):
+    """A relative --out; the same files twice; orientation cosines a rounding error apart; a file
+    whose Rows is empty: one volume, the rest skipped with reasons, and the scan goes on."""
+    rng = np.random.default_rng(4)
+    paths = dicom.write_series(rng.random((12, 12, 9)) * 100, np.diag([1.0, 1.0, 2.0, 1.0]), str(tmp_path / "src" / "a"),
+                               series_uid="1.2.5", seed="a")
+    for k, p in enumerate(paths):  # 0.0005 +- 1e-7: either side of a 1e-3 bin edge
+        ds = pydicom.dcmread(p)
+        ds.ImageOrientationPatient = [1.0, 0.0005 + (1e-7 if k % 2 else -1e-7), 0.0, 0.0, 1.0, 0.0]
+        ds.save_as(p)
+    shutil.copytree(tmp_path / "src" / "a", tmp_path / "src" / "copy")
+    bad = pydicom.dcmread(paths[0])
+    bad.SOPInstanceUID, bad.SeriesInstanceUID, bad.Rows = "1.2.5.99", "1.2.6", None
+    bad.save_as(str(tmp_path / "src" / "bad.dcm"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prep", "--dicom", "src", "--out", "rel", "--workers", "1", "--quiet"]) == 0
+    card = json.load(open(tmp_path / "rel" / "dataset_card.json"))
+    assert card["dicom"]["volumes"] == 1 and sum(v["series"] for v in card["counts"].values()) == 1
+    reasons = [json.loads(line)["reason"] for line in open(tmp_path / "rel" / "errors.jsonl")]
+    assert sum(r.startswith("a copy of") for r in reasons) == 9
+    assert any("image matrix Rows=None" in r for r in reasons)
+
+
+def test_sequence_hints():
+    def hint(**tags):
+        ds = pydicom.Dataset()
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        return dicom.sequence_hint(ds)
+
+    assert hint(SeriesDescription="t1_tse_sag", SequenceName="*tse2d1_3") == "T1"  # Siemens T1 TSE
+    assert hint(SeriesDescription="T1 FLAIR AX") == "T1"
+    assert hint(SeriesDescription="t2_tirm_tra_dark-fluid") == "FLAIR"
+    assert hint(SeriesDescription="AX T2 FRFSE") == "T2"
+    assert hint(SeriesDescription="sag tse") == "T2"
+    assert hint(SeriesDescription="ep2d_diff_tra") == "DWI"
+    assert hint(SeriesDescription="Ax MPRAGE") == "T1"
+    assert hint(SeriesDescription="SURVEY") == ""
+
+
+def test_a_rerun_redoes_a_dicom_volume_whose_files_changed(tmp_path):
+    rng = np.random.default_rng(5)
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    dicom.write_series(rng.random((12, 12, 9)) * 100, aff, str(tmp_path / "src"), series_uid="1.2.7", seed="x")
+    cfg = prep.PrepConfig(workers=1)
+    first = prep.run(str(tmp_path / "src"), str(tmp_path / "out"), cfg, progress=False)
+    again = prep.run(str(tmp_path / "src"), str(tmp_path / "out"), cfg, progress=False)
+    assert (first.processed, again.reused) == (1, 1)
+    dicom.write_series(rng.random((12, 12, 9)) * 100, aff, str(tmp_path / "src"), series_uid="1.2.7", seed="x")
+    third = prep.run(str(tmp_path / "src"), str(tmp_path / "out"), cfg, progress=False)
+    assert third.processed == 1  # the same series id, other pixels: not the stale cache entry

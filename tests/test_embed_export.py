@@ -64,15 +64,23 @@ def test_embed_reads_dicom_folders_through_the_same_chain(run, prepared, tmp_pat
                        patient_id="P9", series_description="AX T2")
     emb = inference.Embedder.from_run(run)
     out = emb.embed([str(tmp_path / "dcm"), path], tokens=True)
-    assert list(out["patient_id"]) == ["", "P9"] and list(out["series_description"]) == ["", "AX T2"]
+    assert list(out["patient_id"]) == ["P9", ""] and list(out["series_description"]) == ["AX T2", ""]  # in order given
     # 16-bit DICOM storage quantises the intensities; the embeddings stay the same direction.
     assert float(out["embedding"][0] @ out["embedding"][1]) > 0.999
     assert out["tokens"].shape[:2] == (2, int(np.prod([s // p for s, p in zip(emb.image_size,
                                                                                  emb.spec["vit"]["patch_size"])])))
-    # Sliding windows at the prepared spacing: one unit-norm embedding per series.
+    # Sliding windows at the prepared spacing, sent a batch at a time: the renormalised mean of the
+    # embeddings of every window, cut by hand from the prepared volume in MONAI's scan order.
+    from decipher_jax.eval import seghead
+    from decipher_jax.eval.retrieval import normalise
+
+    emb.batch_size = 2
     win = emb.embed([path], window=(8, 8, 8), overlap=0.5)
-    assert win["embedding"].shape == (1, out["embedding"].shape[1])
-    np.testing.assert_allclose(np.linalg.norm(win["embedding"], axis=1), 1.0, atol=1e-5)
+    vol = seghead.pad_to_window(emb.preprocess(path).astype(np.float32)[None], (8, 8, 8))[0]
+    corners = seghead.window_corners(vol.shape[:3], (8, 8, 8), 0.5)
+    assert len(corners) > 2
+    crops = np.stack([vol[x: x + 8, y: y + 8, z: z + 8] for x, y, z in corners])
+    np.testing.assert_allclose(win["embedding"], normalise(emb._run(crops)[0].mean(0, keepdims=True)), atol=1e-5)
     pq = pytest.importorskip("pyarrow.parquet")
     inference.save(out, str(tmp_path / "emb.parquet"))
     table = pq.read_table(str(tmp_path / "emb.parquet"))
@@ -99,6 +107,18 @@ def test_export_then_from_pretrained_reproduces_the_run(run, prepared, tmp_path)
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertModel.from_pretrained(os.path.join(out, "hf_bert"))
     assert hf.config.hidden_size == zs.spec["bert"]["hidden_size"]
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_bundle(run, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(bundle.BundleError, match="exists and is not a model bundle"):
+        bundle.export(run, str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert cli.main(["export", "--run", run, "--out", run]) == 2  # not even the run itself
+    assert os.path.exists(os.path.join(run, "run_spec.json"))
+    first = bundle.export(run, str(tmp_path / "b"))
+    assert bundle.export(run, first) == first and bundle.is_bundle(first)  # an old bundle is replaced
 
 
 def test_a_damaged_or_newer_bundle_fails_naming_the_file(run, tmp_path):
