@@ -1,0 +1,166 @@
+"""Why the supervised rung stays at chance on the findings: small JAX models of several kinds,
+the same data, loss, optimiser and steps, beside a sanity target and a voxel logistic regression.
+
+    .venv/bin/python benchmarks/findings_arch.py --prep W/data/prep --variant linear8 [--steps 1200]
+
+Variants (all dim 64, mean-pooled, a linear head of one logit per finding, masked BCE on the
+finding's body regions as the fine-tuner's, AdamW with warm-up + cosine, batch 16, random flips):
+``linear8`` / ``linear4``: our ViT3D (depth 2, 4 heads) with its linear patch stem of 8^3 / 4^3
+voxels; ``conv``: three stride-2 3^3 conv blocks (16, 32, 64 channels) to a 4^3 grid, then the
+same transformer; ``cnn``: the same conv stem, one more conv, global mean. ``--sanity``: the body
+region as the target (learnable by anything). ``--voxel-lr``: scikit-learn logistic regression
+on the flattened 32^3 voxels instead of a network. Prints the mean training loss of the last
+300 steps and the test AUROC per finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from decipher_jax import env  # noqa: E402
+
+env.setup(devices=1, platform="cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+FINDINGS = ("absent_kidney", "acl_tear", "cord_lesion", "effusion", "herniation", "infarct", "liver_lesion", "mass")
+REGION = {"absent_kidney": "abdomen", "liver_lesion": "abdomen", "acl_tear": "knee", "effusion": "knee",
+          "cord_lesion": "spine", "herniation": "spine", "infarct": "brain", "mass": "brain"}
+
+
+def load(prep: str, size: int = 32) -> dict:
+    """Volumes resized whole to ``size``^3 (as the evaluations), finding labels and region masks."""
+    from decipher_jax.data import pipelines as P
+    from decipher_jax.data import transforms as T
+
+    out = {}
+    for split in ("train", "test"):
+        src, dec, rs = P.data_source(prep, split), T.Decode(), T.Resize((size,) * 3)
+        xs, ys, ms = [], [], []
+        for i in range(len(src)):
+            ex = rs.map(dec.map(src[i]))
+            if ex.get("role", "") == "template" or ex["body_region"] not in REGION.values():
+                continue
+            fs = set(str(ex["findings"]).split(";")) - {""}
+            xs.append(ex["image"][..., 0].astype(np.float16))
+            ys.append([f in fs for f in FINDINGS])
+            ms.append([REGION[f] == ex["body_region"] for f in FINDINGS])
+        out[split] = (np.stack(xs), np.array(ys, np.float32), np.array(ms, np.float32))
+    return out
+
+
+class ConvStem(nnx.Module):
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        ch = (16, 32, dim)
+        self.convs = nnx.List([nnx.Conv(a, b, (3, 3, 3), strides=2, padding="SAME", rngs=rngs)
+                               for a, b in zip((1,) + ch[:-1], ch)])
+        self.norms = nnx.List([nnx.LayerNorm(c, rngs=rngs) for c in ch])
+
+    def __call__(self, x):
+        for c, n in zip(self.convs, self.norms):
+            x = jax.nn.gelu(n(c(x)))
+        return x
+
+
+class Net(nnx.Module):
+    def __init__(self, variant: str, k: int, size: int, rngs: nnx.Rngs, dim: int = 64):
+        from decipher_jax.models.vit3d import ViT3D, ViTConfig
+
+        self.variant = variant
+        if variant in ("conv", "cnn"):
+            self.stem = ConvStem(dim, rngs)
+        if variant == "cnn":
+            self.conv = nnx.Conv(dim, dim, (3, 3, 3), padding="SAME", rngs=rngs)
+        elif variant == "conv":  # a 1^3-patch ViT over the stem's grid
+            self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(1, 1, 1),
+                                       img_size=(size // 8,) * 3, in_channels=dim), rngs=rngs)
+        else:
+            p = int(variant[len("linear"):])
+            self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(p,) * 3,
+                                       img_size=(size,) * 3), rngs=rngs)
+        self.head = nnx.Linear(dim, k, rngs=rngs)
+
+    def __call__(self, x):
+        if self.variant == "cnn":
+            return self.head(jax.nn.gelu(self.conv(self.stem(x))).mean((1, 2, 3)))
+        h = self.stem(x) if self.variant == "conv" else x
+        return self.head(self.vit(h)["patch"].mean(1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prep", required=True)
+    p.add_argument("--variant", default="linear8", help="linear8 | linear4 | conv | cnn")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-flips", action="store_true")
+    p.add_argument("--sanity", action="store_true")
+    p.add_argument("--voxel-lr", action="store_true")
+    args = p.parse_args(argv)
+    from sklearn.metrics import roc_auc_score
+
+    d = load(args.prep)
+    (xtr, ytr, mtr), (xte, yte, mte) = d["train"], d["test"]
+    if args.sanity:
+        ytr, yte, mtr, mte = mtr, mte, np.ones_like(mtr), np.ones_like(mte)
+
+    def aurocs(prob):
+        out = []
+        for k in range(ytr.shape[1]):
+            sel = mte[:, k] > 0
+            out.append(roc_auc_score(yte[sel, k], prob[sel, k]) if 0 < yte[sel, k].sum() < sel.sum() else np.nan)
+        return np.array(out)
+
+    if args.voxel_lr:
+        from sklearn.linear_model import LogisticRegression
+
+        a, b = xtr.reshape(len(xtr), -1).astype(np.float32), xte.reshape(len(xte), -1).astype(np.float32)
+        prob = np.zeros_like(yte)
+        for k in range(ytr.shape[1]):
+            sel = mtr[:, k] > 0
+            prob[:, k] = LogisticRegression(C=0.01, max_iter=300).fit(a[sel], ytr[sel, k]).predict_proba(b)[:, 1]
+        au = aurocs(prob)
+        print(f"voxel LR: test mean AUROC {np.nanmean(au):.3f} {np.round(au, 2).tolist()}")
+        return
+    model = Net(args.variant, ytr.shape[1], xtr.shape[1], nnx.Rngs(0))
+    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, 50, args.steps)
+    opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.05), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y, m):
+        def loss_fn(model):
+            return (optax.sigmoid_binary_cross_entropy(model(x), y) * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+        loss, g = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, g)
+        return loss
+
+    predict = nnx.jit(lambda model, x: jax.nn.sigmoid(model(x)))
+    rng, hist, t0 = np.random.default_rng(0), [], time.perf_counter()
+    print("| variant | step | train loss (last 300) | s | test mean AUROC | " + " | ".join(FINDINGS) + " |")
+    for s in range(1, args.steps + 1):
+        idx = rng.choice(len(xtr), 16, replace=False)
+        x = xtr[idx].astype(np.float32)
+        if not args.no_flips:
+            for ax in (1, 2, 3):
+                f = rng.random(16) < 0.5
+                x[f] = np.flip(x[f], axis=ax)
+        hist.append(float(step(model, opt, jnp.asarray(x[..., None]), jnp.asarray(ytr[idx]), jnp.asarray(mtr[idx]))))
+        if s % 300 == 0 or s == args.steps:
+            prob = np.concatenate([np.asarray(predict(model, jnp.asarray(xte[i: i + 64, ..., None], jnp.float32)))
+                                   for i in range(0, len(xte), 64)])
+            au = aurocs(prob)
+            print(f"| {args.variant} | {s} | {np.mean(hist[-300:]):.3f} | {time.perf_counter() - t0:.0f} | "
+                  f"{np.nanmean(au):.3f} | " + " | ".join(f"{a:.2f}" for a in au) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
