@@ -7,7 +7,8 @@ Variants (all dim 64, mean-pooled, a linear head of one logit per finding, maske
 finding's body regions as the fine-tuner's, AdamW with warm-up + cosine, batch 16, random flips):
 ``linear8`` / ``linear4``: our ViT3D (depth 2, 4 heads) with its linear patch stem of 8^3 / 4^3
 voxels; ``conv``: three stride-2 3^3 conv blocks (16, 32, 64 channels) to a 4^3 grid, then the
-same transformer; ``cnn``: the same conv stem, one more conv, global mean. ``--sanity``: the body
+same transformer; ``cnn``: the same conv stem, one more conv, global mean; ``widecnn``: the CNN
+with 64, 128 and 256 channels. ``--sanity``: the body
 region as the target (learnable by anything). ``--voxel-lr``: scikit-learn logistic regression
 on the flattened 32^3 voxels instead of a network. Prints the mean training loss of the last
 300 steps and the test AUROC per finding.
@@ -58,8 +59,8 @@ def load(prep: str, size: int = 32) -> dict:
 
 
 class ConvStem(nnx.Module):
-    def __init__(self, dim: int, rngs: nnx.Rngs):
-        ch = (16, 32, dim)
+    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32)):
+        ch = (*widths, dim)
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3, 3), strides=2, padding="SAME", rngs=rngs)
                                for a, b in zip((1,) + ch[:-1], ch)])
         self.norms = nnx.List([nnx.LayerNorm(c, rngs=rngs) for c in ch])
@@ -75,7 +76,11 @@ class Net(nnx.Module):
         from decipher_jax.models.vit3d import ViT3D, ViTConfig
 
         self.variant = variant
-        if variant in ("conv", "cnn"):
+        if variant == "widecnn":  # 4x the channels: 64 at 16^3, 128 at 8^3, 256 at 4^3
+            variant, dim = "cnn", 256
+            self.variant = "cnn"
+            self.stem = ConvStem(dim, rngs, widths=(64, 128))
+        elif variant in ("conv", "cnn"):
             self.stem = ConvStem(dim, rngs)
         if variant == "cnn":
             self.conv = nnx.Conv(dim, dim, (3, 3, 3), padding="SAME", rngs=rngs)
