@@ -8,7 +8,8 @@ finding's body regions as the fine-tuner's, AdamW with warm-up + cosine, batch 1
 ``linear8`` / ``linear4``: our ViT3D (depth 2, 4 heads) with its linear patch stem of 8^3 / 4^3
 voxels; ``conv``: three stride-2 3^3 conv blocks (16, 32, 64 channels) to a 4^3 grid, then the
 same transformer; ``cnn``: the same conv stem, one more conv, global mean; ``widecnn``: the CNN
-with 64, 128 and 256 channels. ``--sanity``: the body
+with 64, 128 and 256 channels; ``bncnn`` / ``bnconv``: the CNN / the conv-stem ViT with BatchNorm
+in the stem instead of LayerNorm. ``--sanity``: the body
 region as the target (learnable by anything). ``--voxel-lr``: scikit-learn logistic regression
 on the flattened 32^3 voxels instead of a network. Prints the mean training loss of the last
 300 steps and the test AUROC per finding.
@@ -59,11 +60,12 @@ def load(prep: str, size: int = 32) -> dict:
 
 
 class ConvStem(nnx.Module):
-    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32)):
+    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32), batch_norm: bool = False):
         ch = (*widths, dim)
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3, 3), strides=2, padding="SAME", rngs=rngs)
                                for a, b in zip((1,) + ch[:-1], ch)])
-        self.norms = nnx.List([nnx.LayerNorm(c, rngs=rngs) for c in ch])
+        self.norms = nnx.List([nnx.BatchNorm(c, momentum=0.9, rngs=rngs) if batch_norm else nnx.LayerNorm(c, rngs=rngs)
+                               for c in ch])
 
     def __call__(self, x):
         for c, n in zip(self.convs, self.norms):
@@ -75,12 +77,16 @@ class Net(nnx.Module):
     def __init__(self, variant: str, k: int, size: int, rngs: nnx.Rngs, dim: int = 64):
         from decipher_jax.models.vit3d import ViT3D, ViTConfig
 
+        bn = variant.startswith("bn")  # bncnn / bnconv: BatchNorm in the conv stem instead of LayerNorm
+        variant = variant[2:] if bn else variant
         self.variant = variant
+        if bn:
+            self.stem = ConvStem(dim, rngs, batch_norm=True)
         if variant == "widecnn":  # 4x the channels: 64 at 16^3, 128 at 8^3, 256 at 4^3
             variant, dim = "cnn", 256
             self.variant = "cnn"
             self.stem = ConvStem(dim, rngs, widths=(64, 128))
-        elif variant in ("conv", "cnn"):
+        elif variant in ("conv", "cnn") and not bn:
             self.stem = ConvStem(dim, rngs)
         if variant == "cnn":
             self.conv = nnx.Conv(dim, dim, (3, 3, 3), padding="SAME", rngs=rngs)
@@ -149,6 +155,7 @@ def main(argv=None):
         return loss
 
     predict = nnx.jit(lambda model, x: jax.nn.sigmoid(model(x)))
+    model.train()  # BatchNorm (bn* variants): batch statistics in training, running ones at test
     rng, hist, t0 = np.random.default_rng(0), [], time.perf_counter()
     print("| variant | step | train loss (last 300) | s | test mean AUROC | " + " | ".join(FINDINGS) + " |")
     for s in range(1, args.steps + 1):
@@ -160,8 +167,10 @@ def main(argv=None):
                 x[f] = np.flip(x[f], axis=ax)
         hist.append(float(step(model, opt, jnp.asarray(x[..., None]), jnp.asarray(ytr[idx]), jnp.asarray(mtr[idx]))))
         if s % 300 == 0 or s == args.steps:
+            model.eval()
             prob = np.concatenate([np.asarray(predict(model, jnp.asarray(xte[i: i + 64, ..., None], jnp.float32)))
                                    for i in range(0, len(xte), 64)])
+            model.train()
             au = aurocs(prob)
             print(f"| {args.variant} | {s} | {np.mean(hist[-300:]):.3f} | {time.perf_counter() - t0:.0f} | "
                   f"{np.nanmean(au):.3f} | " + " | ".join(f"{a:.2f}" for a in au) + " |", flush=True)

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--findings-only", action="store_true",
+                   help="no body-region and sequence heads: the findings' loss alone (as our fine-tuner)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     names = [t[0] for t in tasks]
     ytr, yte = np.stack([t[1] for t in tasks], 1), np.stack([t[2] for t in tasks], 1)
     cls = {}
-    for k in ("body_region", "sequence"):
+    for k in () if args.findings_only else ("body_region", "sequence"):
         c_tr, c_te, n = probes.metadata_labels(mtr[k], mte[k])
         cls[k] = (c_tr, c_te, n)
     print(f"train {xtr.shape}, test {xte.shape}, {len(names)} findings, loaded in {time.perf_counter() - t0:.0f} s",
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
             res = evaluate()
             f = np.nanmean([res[n] for n in names])
             rows.append([args.net, str(s + 1), f"{float(loss):.3f}", f"{time.perf_counter() - t1:.0f}", f"{f:.3f}",
-                         f"{res['body_region']:.2f}", f"{res['sequence']:.2f}"]
+                         f"{res.get('body_region', float('nan')):.2f}", f"{res.get('sequence', float('nan')):.2f}"]
                         + [f"{res[n]:.2f}" for n in names])
             print(rows[-1], flush=True)
     short = [n.removeprefix(suite.FINDING) for n in names]
