@@ -186,10 +186,6 @@ def _frames_of(path: str, ds) -> list[Frame]:
                   temporal=_num(ds.get("TemporalPositionIdentifier"), int), **common)]
 
 
-def _age(ds) -> str:
-    return str(ds.get("PatientAge", "") or "").strip()
-
-
 _REGIONS = {  # BodyPartExamined (CS, upper case) -> the corpus's body regions
     "HEAD": "brain", "BRAIN": "brain", "SKULL": "brain", "HEADNECK": "brain",
     "KNEE": "knee", "LEG": "knee",
@@ -238,7 +234,7 @@ def _tags(ds) -> dict:
         "series_uid": str(ds.get("SeriesInstanceUID", "") or ""), "accession": str(ds.get("AccessionNumber", "") or ""),
         "series_description": str(ds.get("SeriesDescription", "") or "").strip(),
         "modality": str(ds.get("Modality", "") or ""), "body_part": str(ds.get("BodyPartExamined", "") or ""),
-        "age": _age(ds), "sex": str(ds.get("PatientSex", "") or "").strip().upper(),
+        "age": str(ds.get("PatientAge", "") or "").strip(), "sex": str(ds.get("PatientSex", "") or "").strip().upper(),
         "field_strength": "" if fs is None else f"{fs:g}", "sequence": sequence_hint(ds),
         "series_number": str(ds.get("SeriesNumber", "") or ""),
     }
@@ -398,8 +394,7 @@ def pseudonym(value: str, salt: str) -> str:
 class ScanResult:
     volumes: list[Volume]
     skipped: list[dict]  # {"file", "reason", "series_uid"?, "copy_of"?}
-    files: int
-    paths: list[str] = dataclasses.field(default_factory=list)  # every file scanned, in scan order
+    paths: list[str]  # every file scanned, in scan order
 
 
 def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -> ScanResult:
@@ -421,8 +416,8 @@ def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -
             if "Directory" in sop:
                 skipped.append({"file": path, "reason": "a DICOMDIR (the files it lists are scanned as files)"})
                 continue
-            if any(s in f" {sop} " for s in _NON_IMAGE) or "Rows" not in ds:
-                non_image = any(s in f" {sop} " for s in _NON_IMAGE)
+            non_image = any(s in f" {sop} " for s in _NON_IMAGE)
+            if non_image or "Rows" not in ds:
                 why = f"not an image ({sop})" if non_image else f"no image matrix (Rows / Columns absent; {sop})"
                 skipped.append({"file": path, "reason": why, "series_uid": str(ds.get("SeriesInstanceUID", ""))})
                 continue
@@ -473,7 +468,7 @@ def scan(root: str, opts: ScanOptions = ScanOptions(), progress: bool = False) -
                                 "files": len({f.file for f in part})})
                 continue
             volumes.append(Volume((uid, k), ordered, tags[uid], sid))
-    return ScanResult(volumes, skipped, len(files), files)
+    return ScanResult(volumes, skipped, files)
 
 
 # -- a volume's voxels ------------------------------------------------------------------------
@@ -640,13 +635,16 @@ IDENTIFIERS = ("patient_id", "study_id", "series_id")
 
 
 def manifest_rows(scan_result: ScanResult, series_dir: str, opts: ScanOptions,
-                  reports: dict[str, dict] | None = None, root: str = "") -> list[dict]:
-    """The manifest rows of the scanned volumes; writes their series files into ``series_dir``
-    (with ``opts.pseudonymise``, their paths relative to ``root``, the DICOM folder)."""
+                  reports: dict[str, dict] | None = None, root: str = "",
+                  index: dict[str, int] | None = None) -> list[dict]:
+    """The manifest rows of the scanned volumes; writes their series files into ``series_dir``.
+    With ``opts.pseudonymise`` the series files name their files by number (``index``, from
+    :func:`source_index`), written with ``root`` (the DICOM folder) to ``SOURCE.json``."""
     os.makedirs(series_dir, exist_ok=True)
-    index = None
-    if opts.pseudonymise:
-        index = source_index(scan_result)
+    if not opts.pseudonymise:
+        index = None
+    else:
+        index = index if index is not None else source_index(scan_result)
         base = _base(root)
         src = os.path.join(os.path.dirname(os.path.abspath(series_dir)), SOURCE_FILE)
         with open(src + ".tmp", "w") as fh:
@@ -673,9 +671,10 @@ def manifest_rows(scan_result: ScanResult, series_dir: str, opts: ScanOptions,
 
 
 def to_manifest(root: str, out_dir: str, opts: ScanOptions, reports_csv: str = "",
-                progress: bool = False) -> tuple[str, list[dict], dict]:
+                progress: bool = False) -> tuple[str, list[dict], dict, dict[str, int]]:
     """Scans ``root`` and writes ``out_dir/manifest.csv`` (with its series files under
-    ``out_dir/series``). Returns (manifest path, skipped items, a summary for the dataset card)."""
+    ``out_dir/series``). Returns (manifest path, skipped items, a summary for the dataset card,
+    each scanned file's number in ``SOURCE.json``)."""
     from data_prep import manifest as manifest_lib
 
     if opts.pseudonymise and not opts.salt:
@@ -684,22 +683,22 @@ def to_manifest(root: str, out_dir: str, opts: ScanOptions, reports_csv: str = "
     res = scan(root, opts, progress)
     reports = read_reports(reports_csv) if reports_csv else None
     series_dir = os.path.join(out_dir, "series")
-    rows = manifest_rows(res, series_dir, opts, reports, root)
+    index = source_index(res)
+    rows = manifest_rows(res, series_dir, opts, reports, root, index)
     os.makedirs(out_dir, exist_ok=True)
     path = manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)
-    index = source_index(res)
     skipped = [pseudonymise_item(s, index, opts) for s in res.skipped] if opts.pseudonymise else res.skipped
     summary = {
-        # Pseudonymised: the source folder (which can name a patient) only in dicom/SOURCE.
+        # Pseudonymised: the source folder (which can name a patient) only in dicom/SOURCE.json.
         "source": f"(see {SOURCE_FILE})" if opts.pseudonymise else os.path.abspath(root),
-        "files": res.files, "volumes": len(res.volumes), "skipped": len(res.skipped),
+        "files": len(res.paths), "volumes": len(res.volumes), "skipped": len(res.skipped),
         "reports": os.path.abspath(reports_csv) if reports_csv else "",
         "reports_joined": sum(bool(r["report"] or r["report_file"]) for r in rows),
         "pseudonymised": ({"method": "HMAC-SHA256 under a salt, 20 hex digits", "fields": list(IDENTIFIERS)}
                           if opts.pseudonymise else False),
     }
     if not rows:
-        raise manifest_lib.ManifestError(root, f"no usable DICOM volume among {res.files} files "
+        raise manifest_lib.ManifestError(root, f"no usable DICOM volume among {len(res.paths)} files "
                                                f"({len(res.skipped)} skipped; first: "
                                                f"{res.skipped[0]['reason'] if res.skipped else 'none'})")
     return path, skipped, summary, index
