@@ -59,13 +59,29 @@ def load(prep: str, size: int = 32) -> dict:
     return out
 
 
+class InstanceNorm(nnx.Module):
+    """Each channel standardised over the spatial (or token) axes of its own sample, then a
+    learned per-channel affine: no batch statistics, a pure function of one sample."""
+
+    def __init__(self, c: int, axes=(1, 2, 3)):
+        self.axes = axes
+        self.scale, self.bias = nnx.Param(jnp.ones((c,))), nnx.Param(jnp.zeros((c,)))
+
+    def __call__(self, x):
+        mean = x.mean(self.axes, keepdims=True)
+        var = jnp.square(x - mean).mean(self.axes, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...]
+
+
 class ConvStem(nnx.Module):
-    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32), batch_norm: bool = False):
+    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32), batch_norm: bool = False, norm: str = "ln"):
         ch = (*widths, dim)
+        norm = "bn" if batch_norm else norm
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3, 3), strides=2, padding="SAME", rngs=rngs)
                                for a, b in zip((1,) + ch[:-1], ch)])
-        self.norms = nnx.List([nnx.BatchNorm(c, momentum=0.9, rngs=rngs) if batch_norm else nnx.LayerNorm(c, rngs=rngs)
-                               for c in ch])
+        make = {"bn": lambda c: nnx.BatchNorm(c, momentum=0.9, rngs=rngs), "ln": lambda c: nnx.LayerNorm(c, rngs=rngs),
+                "in": InstanceNorm}[norm]
+        self.norms = nnx.List([make(c) for c in ch])
 
     def __call__(self, x):
         for c, n in zip(self.convs, self.norms):
@@ -73,23 +89,55 @@ class ConvStem(nnx.Module):
         return x
 
 
+class HMLPStem(nnx.Module):
+    """Touvron et al.'s hierarchical-MLP stem in 3D: three non-overlapping 2^3 patch merges
+    (kernel = stride convolutions, computed as reshape + matmul), each followed by a norm and
+    GELU, so an 8^3 patch becomes one token through local nonlinear features."""
+
+    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32), norm: str = "in"):
+        ch = (1, *widths, dim)
+        init = jax.nn.initializers.lecun_normal()
+        self.kernels = nnx.List([nnx.Param(init(rngs.params(), (2, 2, 2, a, b))) for a, b in zip(ch[:-1], ch[1:])])
+        self.biases = nnx.List([nnx.Param(jnp.zeros((b,))) for b in ch[1:]])
+        self.norms = nnx.List([InstanceNorm(c) if norm == "in" else nnx.LayerNorm(c, rngs=rngs) for c in ch[1:]])
+
+    def __call__(self, x):
+        for k, b, n in zip(self.kernels, self.biases, self.norms):
+            B, D, H, W, C = x.shape
+            x = x.reshape(B, D // 2, 2, H // 2, 2, W // 2, 2, C)
+            x = jnp.einsum("bipjqkrc,pqrce->bijke", x, k[...]) + b[...]
+            x = jax.nn.gelu(n(x))
+        return x
+
+
 class Net(nnx.Module):
     def __init__(self, variant: str, k: int, size: int, rngs: nnx.Rngs, dim: int = 64):
         from decipher_jax.models.vit3d import ViT3D, ViTConfig
 
-        bn = variant.startswith("bn")  # bncnn / bnconv: BatchNorm in the conv stem instead of LayerNorm
-        variant = variant[2:] if bn else variant
-        self.variant = variant
-        if bn:
-            self.stem = ConvStem(dim, rngs, batch_norm=True)
-        if variant == "widecnn":  # 4x the channels: 64 at 16^3, 128 at 8^3, 256 at 4^3
+        # bncnn / bnconv: BatchNorm in the conv stem; incnn / inconv: InstanceNorm; hmlp / lnhmlp: the
+        # hMLP stem with InstanceNorm / LayerNorm + the 1^3-patch ViT; linear8tn: InstanceNorm over the
+        # tokens after the linear patch stem; widecnn: the LayerNorm CNN with 4x the channels.
+        self.tokennorm = variant.endswith("tn")
+        variant = variant[:-2] if self.tokennorm else variant
+        if variant.startswith("stem"):  # stem8 / stem4: our ViT3D with stem="conv" (InstanceNorm'd), the library's
+            p = int(variant[len("stem"):])
+            self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(p,) * 3,
+                                       img_size=(size,) * 3, stem="conv"), rngs=rngs)
+            variant = "vit"
+        elif variant in ("hmlp", "lnhmlp"):
+            self.stem, variant = HMLPStem(dim, rngs, norm="in" if variant == "hmlp" else "ln"), "conv"
+        elif variant == "widecnn":  # 64 at 16^3, 128 at 8^3, 256 at 4^3
             variant, dim = "cnn", 256
-            self.variant = "cnn"
             self.stem = ConvStem(dim, rngs, widths=(64, 128))
-        elif variant in ("conv", "cnn") and not bn:
+        elif variant[2:] in ("conv", "cnn") and variant[:2] in ("bn", "in"):
+            self.stem, variant = ConvStem(dim, rngs, norm=variant[:2]), variant[2:]
+        elif variant in ("conv", "cnn"):
             self.stem = ConvStem(dim, rngs)
+        self.variant = variant
         if variant == "cnn":
             self.conv = nnx.Conv(dim, dim, (3, 3, 3), padding="SAME", rngs=rngs)
+        elif variant == "vit":
+            pass
         elif variant == "conv":  # a 1^3-patch ViT over the stem's grid
             self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(1, 1, 1),
                                        img_size=(size // 8,) * 3, in_channels=dim), rngs=rngs)
@@ -97,12 +145,18 @@ class Net(nnx.Module):
             p = int(variant[len("linear"):])
             self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(p,) * 3,
                                        img_size=(size,) * 3), rngs=rngs)
+        if self.tokennorm:
+            self.tn = InstanceNorm(dim, axes=(1,))
         self.head = nnx.Linear(dim, k, rngs=rngs)
 
     def __call__(self, x):
         if self.variant == "cnn":
             return self.head(jax.nn.gelu(self.conv(self.stem(x))).mean((1, 2, 3)))
         h = self.stem(x) if self.variant == "conv" else x
+        if self.tokennorm:
+            tok, _ = self.vit.embed(h)
+            tok, _ = self.vit.blocks(self.tn(tok))
+            return self.head(self.vit.norm(tok).mean(1))
         return self.head(self.vit(h)["patch"].mean(1))
 
 

@@ -24,7 +24,7 @@ from decipher_jax.sharding import path_str
 
 # DINOv2 (param_groups.py): no decay on biases, norms, LayerScale; the issue adds embeddings;
 # CLIP / SigLIP: none on the learnt temperature and bias.
-DEFAULT_NO_DECAY = (r".*(bias|_bias|/scale|ln\d_scale|ls\d|pos_embed|cls|registers|mask_token|embeddings|last_layer_g|bn_scale"
+DEFAULT_NO_DECAY = (r".*(bias|_bias|/scale|ln\d_scale|ls\d|pos_embed|cls|registers|mask_token|embeddings|last_layer_g|bn_scale|stem_norm"
                     r"|logit_scale).*")
 
 

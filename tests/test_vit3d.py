@@ -135,3 +135,63 @@ def test_drop_path(rng):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic given the key
     assert not np.allclose(np.asarray(a), np.asarray(ref))
     np.testing.assert_allclose(np.asarray(m(x, drop_path=0.0, key=jax.random.key(0))["cls"]), np.asarray(ref), atol=1e-6)
+
+
+@pytest.mark.parametrize("strides", [(2, 2, 2), (2, 2, 1), (1, 1, 1)])
+def test_conv3d_im2col_and_xla_match_torch(strides, rng):
+    """Both implementations of layers.conv3d against torch's Conv3d (padding k//2), values and
+    input / kernel gradients."""
+    import torch
+
+    from decipher_jax.models.layers import conv3d
+
+    x = rng.normal(size=(2, 8, 6, 4, 3)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 3, 3, 5)).astype(np.float32)
+    xt = torch.tensor(x.transpose(0, 4, 1, 2, 3), requires_grad=True)
+    kt = torch.tensor(k.transpose(4, 3, 0, 1, 2), requires_grad=True)
+    ref = torch.nn.functional.conv3d(xt, kt, stride=strides, padding=1)
+    (ref ** 2).sum().backward()
+    want = ref.detach().numpy().transpose(0, 2, 3, 4, 1)
+    for impl in ("im2col", "xla"):
+        y, (gx, gk) = jax.value_and_grad(lambda a, b: jnp.sum(conv3d(a, b, strides, impl) ** 2), argnums=(0, 1))(x, k)
+        got = conv3d(x, k, strides, impl)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy().transpose(0, 2, 3, 4, 1), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(gk), kt.grad.numpy().transpose(2, 3, 4, 1, 0), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="odd kernel"):
+        conv3d(x, np.zeros((2, 2, 2, 3, 5), np.float32), (1, 1, 1))
+
+
+def test_conv_stem(rng):
+    """stem="conv": one stride-2 conv per halving (an axis stops at its patch size), the token
+    grid of the linear stem, the same output under either conv implementation, a per-sample
+    InstanceNorm (another sample in the batch changes nothing), masks still act on tokens,
+    and refusals for non-power-of-two patches and for MONAI export."""
+    from decipher_jax.interop.monai_vit import export_monai
+
+    c = ViTConfig(**SMALL, stem="conv")
+    assert c.stem_plan() == [(16, (2, 2, 2)), (32, (2, 2, 2)), (48, (2, 2, 1))]
+    m = _model(stem="conv")
+    assert set(nnx.to_pure_dict(nnx.state(m))["stem_kernel"]) == {0, 1, 2}
+    assert m.patch_kernel.shape == (1, 1, 1, 48, 48)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 16, 1)), jnp.float32)
+    out = m(x)
+    assert out["patch"].shape == (2, 64, 48) and np.isfinite(np.asarray(out["patch"])).all()
+    xla = randomise(ViT3D(ViTConfig(**SMALL, stem="conv", conv_impl="xla"), rngs=nnx.Rngs(0)), seed=1)
+    np.testing.assert_allclose(np.asarray(xla(x)["patch"]), np.asarray(out["patch"]), atol=2e-4)
+    other = x.at[1].multiply(5.0).at[1].add(3.0)
+    np.testing.assert_allclose(np.asarray(m(other)["patch"][0]), np.asarray(out["patch"][0]), atol=1e-5)
+    mask = jnp.zeros((2, 64), bool).at[:, :10].set(True)
+    tok, _ = m.embed(x, mask)
+    tok2, _ = m.embed(x * 0 + 7.0, mask)
+    np.testing.assert_allclose(np.asarray(tok[:, :10]), np.asarray(tok2[:, :10]), atol=1e-6)
+    g = nnx.grad(lambda mod: jnp.sum(mod(x)["cls"] ** 2))(m)
+    assert float(jnp.abs(g.stem_kernel[0][...]).sum()) > 0
+    assert ViTConfig(**SMALL, stem="conv", stem_channels=[8, 16, 24]).stem_plan()[2] == (24, (2, 2, 1))
+    with pytest.raises(ValueError, match="one width per stride-2 conv"):
+        ViTConfig(**SMALL, stem="conv", stem_channels=(8,))
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTConfig(dim=48, depth=1, heads=4, mlp_dim=96, patch_size=6, img_size=24, stem="conv")
+    with pytest.raises(ValueError, match="no MONAI layout"):
+        export_monai(m)

@@ -39,6 +39,8 @@ def config_from_monai(
 
 
 def monai_to_ours(sd: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarray]:
+    if c.stem != "linear":
+        raise ValueError(f"MONAI's ViT has a linear patch embedding; a ViT with stem={c.stem!r} has no MONAI layout")
     E, H, L = c.dim, c.heads, c.depth
     D = E // H
     used: set[str] = set()
@@ -82,6 +84,8 @@ def monai_to_ours(sd: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarr
 
 
 def ours_to_monai(arrays: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarray]:
+    if c.stem != "linear":
+        raise ValueError(f"MONAI's ViT has a linear patch embedding; a ViT with stem={c.stem!r} has no MONAI layout")
     """Our weights in MONAI's state-dict layout (``ViT(..., proj_type='conv')``, MONAI >= 1.4)."""
     if c.num_registers or c.pos_embed != "learned":
         raise ValueError("MONAI's ViT has no register tokens and stores a learned-shape position embedding; "

@@ -47,6 +47,51 @@ def layer_norm(x, scale, bias, eps: float):
     return y.astype(x.dtype)
 
 
+def instance_norm(x, scale, bias, eps: float = 1e-5):
+    """Each channel of each sample standardised over the spatial axes ``(B, D, H, W, C)``, then a
+    per-channel affine; computed in float32. A pure function of one sample (no batch statistics),
+    yet per channel: the property that makes small lesions learnable (BENCHMARKS.md, "The conv
+    stem")."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean((1, 2, 3), keepdims=True)
+    var = jnp.square(xf - mean).mean((1, 2, 3), keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def conv3d(x, kernel, strides: Sequence[int], impl: str = "auto"):
+    """A 3D convolution, channels last: ``x (B, D, H, W, C)``, ``kernel (kd, kh, kw, C, O)`` with odd
+    sizes, zero padding of ``k // 2`` on both sides (PyTorch / MONAI ``padding=k//2``), output
+    ``ceil(size / stride)`` per axis.
+
+    ``impl``: ``"xla"`` is ``lax.conv_general_dilated``; ``"im2col"`` gathers the ``kd*kh*kw``
+    shifted strided views and contracts them in one matmul, 20-70x faster forward + backward
+    under XLA:CPU, whose 3D convolutions are slow (BENCHMARKS.md); ``"auto"`` takes im2col on the
+    CPU and XLA's convolution on accelerators, where im2col would cost ``kd*kh*kw`` times the
+    input's memory."""
+    ks = kernel.shape[:3]
+    if any(k % 2 == 0 for k in ks):
+        raise ValueError(f"conv3d needs odd kernel sizes, got {ks}")
+    strides = tuple(int(s) for s in strides)
+    pads = tuple((k // 2, k // 2) for k in ks)
+    if impl == "auto":
+        impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads,
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    if impl != "im2col":
+        raise ValueError(f"conv3d impl must be 'auto', 'xla' or 'im2col', got {impl!r}")
+    b, *spatial, c = x.shape
+    out = [-(-n // s) for n, s in zip(spatial, strides)]
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    cols = [xp[:, i: i + (out[0] - 1) * strides[0] + 1: strides[0],
+               j: j + (out[1] - 1) * strides[1] + 1: strides[1],
+               k: k + (out[2] - 1) * strides[2] + 1: strides[2]]
+            for i in range(ks[0]) for j in range(ks[1]) for k in range(ks[2])]
+    cols = jnp.stack(cols, axis=-2)  # (B, d, h, w, taps, C)
+    return jnp.einsum("bdhwtc,tco->bdhwo", cols, kernel.reshape(-1, c, kernel.shape[-1]).astype(x.dtype))
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
         self.eps = eps

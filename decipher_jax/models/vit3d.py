@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decipher_jax.models.layers import LayerNorm, StackConfig, TransformerStack, param, trunc_normal, zeros
+from decipher_jax.models.layers import (LayerNorm, StackConfig, TransformerStack, conv3d, instance_norm, ones, param,
+                                       trunc_normal, zeros)
 from decipher_jax.sharding import DEFAULT_RULES, Rules, constrain
 
 Triple = tuple[int, int, int]
@@ -66,10 +67,27 @@ class ViTConfig:
     remat: str = "none"
     scan: bool = False
     attention_impl: str | None = None
+    # "linear": the standard patch embedding (one matmul per patch, MONAI's layout). "conv": a
+    # convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"):
+    # log2(patch) stride-2 3^3 convolutions, each followed by InstanceNorm and GELU, then a linear
+    # projection of each cell to ``dim``. Small lesions are learnable through it where the linear
+    # stem stays at chance (BENCHMARKS.md, "The conv stem"). Patch sizes must be powers of two.
+    stem: str = "linear"
+    stem_channels: tuple[int, ...] = ()  # per conv; () -> 16, 32, ... doubling, capped at dim
+    conv_impl: str = "auto"  # layers.conv3d: "auto" | "xla" | "im2col"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", _triple(self.patch_size))
         object.__setattr__(self, "img_size", _triple(self.img_size))
+        object.__setattr__(self, "stem_channels", tuple(int(w) for w in self.stem_channels))
+        if self.stem not in ("linear", "conv"):
+            raise ValueError(f"stem must be 'linear' or 'conv', got {self.stem!r}")
+        if self.stem == "conv":
+            if any(p & (p - 1) for p in self.patch_size):
+                raise ValueError(f"a conv stem needs power-of-two patch sizes, got {self.patch_size}")
+            if self.stem_channels and len(self.stem_channels) != self.stem_depth:
+                raise ValueError(f"stem_channels {self.stem_channels} must name one width per stride-2 conv "
+                                 f"({self.stem_depth} for patch size {self.patch_size})")
         for s, p in zip(self.img_size, self.patch_size):
             if s % p:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -79,6 +97,16 @@ class ViTConfig:
     @property
     def grid(self) -> Triple:
         return tuple(s // p for s, p in zip(self.img_size, self.patch_size))  # type: ignore[return-value]
+
+    @property
+    def stem_depth(self) -> int:
+        """Stride-2 convolutions of the conv stem: log2 of the largest patch side."""
+        return max(p.bit_length() - 1 for p in self.patch_size)
+
+    def stem_plan(self) -> list[tuple[int, Triple]]:
+        """(output channels, strides) of each conv; an axis stops striding at its patch size."""
+        widths = self.stem_channels or tuple(min(self.dim, 16 * 2 ** i) for i in range(self.stem_depth))
+        return [(w, tuple(2 if p >> (i + 1) else 1 for p in self.patch_size)) for i, w in enumerate(widths)]
 
     @property
     def num_prefix(self) -> int:
@@ -151,8 +179,21 @@ class ViT3D(nnx.Module):
         c = self.config = config
         self.rules = rules
         pdt = jnp.dtype(c.param_dtype)
+        cells, cin = c.patch_size, c.in_channels
+        if c.stem == "conv":
+            he = jax.nn.initializers.he_normal(in_axis=(0, 1, 2, 3), out_axis=4)
+            ks, bs, ss, ns = [], [], [], []
+            for w, _ in c.stem_plan():
+                ks.append(param(rngs.params(), he, (3, 3, 3, cin, w), ("patch", "patch", "patch", "channels", None), pdt))
+                bs.append(param(rngs.params(), zeros, (w,), ("norm",), pdt))
+                ss.append(param(rngs.params(), ones, (w,), ("norm",), pdt))
+                ns.append(param(rngs.params(), zeros, (w,), ("norm",), pdt))
+                cin = w
+            self.stem_kernel, self.stem_bias = nnx.List(ks), nnx.List(bs)
+            self.stem_norm_scale, self.stem_norm_bias = nnx.List(ss), nnx.List(ns)
+            cells = (1, 1, 1)  # the stem has already reduced each patch to one cell
         self.patch_kernel = param(
-            rngs.params(), trunc_normal, c.patch_size + (c.in_channels, c.dim),
+            rngs.params(), trunc_normal, cells + (cin, c.dim),
             ("patch", "patch", "patch", "channels", "embed"), pdt,
         )
         self.patch_bias = param(rngs.params(), zeros, (c.dim,), ("norm",), pdt)
@@ -187,9 +228,12 @@ class ViT3D(nnx.Module):
         dtype = jnp.dtype(c.dtype)
         grid = self.token_grid(x.shape[1:4])
         (gd, gh, gw), (pd, ph, pw) = grid, c.patch_size
-        b = x.shape[0]
+        b, x = x.shape[0], x.astype(dtype)
+        if c.stem == "conv":
+            x = self.conv_stem(x)
+            pd = ph = pw = 1
         # A stride=kernel conv is a reshape + matmul: patches (B, gd, gh, gw, pd, ph, pw, C).
-        x = x.astype(dtype).reshape(b, gd, pd, gh, ph, gw, pw, c.in_channels)
+        x = x.reshape(b, gd, pd, gh, ph, gw, pw, x.shape[-1])
         tok = jnp.einsum("bipjqkrc,pqrce->bijke", x, self.patch_kernel[...].astype(dtype))
         tok = tok.reshape(b, gd * gh * gw, c.dim) + self.patch_bias[...].astype(dtype)
         if mask is not None:
@@ -198,6 +242,14 @@ class ViT3D(nnx.Module):
             tok = jnp.where(mask[..., None], self.mask_token[...].astype(dtype), tok)
         tok = tok + self.position_embedding(grid).reshape(1, -1, c.dim).astype(dtype)
         return tok, grid
+
+    def conv_stem(self, x):
+        """The conv stem's feature map ``(B, gd, gh, gw, C_last)`` of a ``(B, D, H, W, C)`` volume."""
+        c = self.config
+        for i, (_, strides) in enumerate(c.stem_plan()):
+            x = conv3d(x, self.stem_kernel[i][...], strides, c.conv_impl) + self.stem_bias[i][...].astype(x.dtype)
+            x = jax.nn.gelu(instance_norm(x, self.stem_norm_scale[i][...], self.stem_norm_bias[i][...]), approximate=False)
+        return x
 
     def __call__(self, x, *, mask=None, collect: Sequence[int] = (), drop_path: float = 0.0, key=None):
         c = self.config

@@ -64,7 +64,8 @@ def get_config(arg=None):
     c.model = mlc.ConfigDict()
     # Used when init.vision is "" (random image tower); otherwise the stage-1 run's ViT is read.
     if tiny:
-        c.model.vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32))
+        c.model.vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32),
+                           stem="linear")
     else:
         c.model.vit = dict(dim=768, depth=12, heads=12, mlp_dim=3072, patch_size=(16, 16, 16), img_size=(96, 96, 96),
                            num_registers=4)

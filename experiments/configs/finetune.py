@@ -51,7 +51,7 @@ def get_config(arg=None):
     c.model = mlc.ConfigDict()
     # From scratch: this ViT (the demo's stage-1 ViT at tiny scale); with init, the run's.
     c.model.vit = (dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32),
-                        num_registers=0, layerscale=None, pos_embed="learned") if tiny else
+                        num_registers=0, layerscale=None, pos_embed="learned", stem="linear") if tiny else
                    dict(dim=768, depth=12, heads=12, mlp_dim=3072, patch_size=(16, 16, 16), img_size=(96, 96, 96),
                         dtype="bfloat16", remat="dots", scan=True, num_registers=4, layerscale=1e-5))
     c.model.vit_overrides = {}

@@ -47,7 +47,7 @@ def get_config(arg=None):
 
     c.model = mlc.ConfigDict()
     if tiny:
-        vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32))
+        vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32), stem="linear")
         head = dict(out_dim=256, hidden=128, bottleneck=64, n_layers=3, batch_norm=True)
     else:
         vit = dict(dim=768, depth=12, heads=12, mlp_dim=3072, patch_size=(16, 16, 16), img_size=(96, 96, 96),
