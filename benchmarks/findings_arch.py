@@ -9,7 +9,11 @@ finding's body regions as the fine-tuner's, AdamW with warm-up + cosine, batch 1
 voxels; ``conv``: three stride-2 3^3 conv blocks (16, 32, 64 channels) to a 4^3 grid, then the
 same transformer; ``cnn``: the same conv stem, one more conv, global mean; ``widecnn``: the CNN
 with 64, 128 and 256 channels; ``bncnn`` / ``bnconv``: the CNN / the conv-stem ViT with BatchNorm
-in the stem instead of LayerNorm. ``--sanity``: the body
+in the stem instead of LayerNorm; ``incnn`` / ``inconv``: the same with InstanceNorm; ``stem8`` /
+``stem4``: the library's ViT3D with ``stem="conv"`` (InstanceNorm'd, im2col convolutions);
+``hmlp`` / ``lnhmlp``: a hierarchical-MLP stem (three non-overlapping 2^3 merges) with
+InstanceNorm / LayerNorm; ``linear8tn`` / ``linear4tn``: the linear stem with an InstanceNorm over
+the tokens after it. ``--sanity``: the body
 region as the target (learnable by anything). ``--voxel-lr``: scikit-learn logistic regression
 on the flattened 32^3 voxels instead of a network. Prints the mean training loss of the last
 300 steps and the test AUROC per finding.
