@@ -203,8 +203,13 @@ class TransformerStack(nnx.Module):
             hidden = {i: ys[i] for i in collect}
         else:
             hidden = {}
+            # One unstack per parameter, not L slices: the transpose of a slice is a pad to the
+            # whole stack, and XLA:CPU then sums L padded copies of every gradient, inside each
+            # optimiser update that consumes it (656 against 319 ms for the ViT-S/16 step at 64^3;
+            # BENCHMARKS.md, "Training step"). The transpose of an unstack is one stack.
+            per_layer = {n: jnp.unstack(v) for n, v in params.items()}
             for i in range(L):
-                p_i = jax.tree.map(lambda a: a[i], params)
+                p_i = {n: v[i] for n, v in per_layer.items()}
                 x, _ = body(x, (p_i, jnp.asarray(i), rates[i]))
                 if i in collect:
                     hidden[i] = x
