@@ -72,15 +72,14 @@ class InstanceNorm(nnx.Module):
         self.scale, self.bias = nnx.Param(jnp.ones((c,))), nnx.Param(jnp.zeros((c,)))
 
     def __call__(self, x):
-        mean = x.mean(self.axes, keepdims=True)
-        var = jnp.square(x - mean).mean(self.axes, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...]
+        from decipher_jax.models.layers import instance_norm
+
+        return instance_norm(x, self.scale[...], self.bias[...], axes=self.axes)
 
 
 class ConvStem(nnx.Module):
-    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32), batch_norm: bool = False, norm: str = "ln"):
+    def __init__(self, dim: int, rngs: nnx.Rngs, widths=(16, 32), norm: str = "ln"):
         ch = (*widths, dim)
-        norm = "bn" if batch_norm else norm
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3, 3), strides=2, padding="SAME", rngs=rngs)
                                for a, b in zip((1,) + ch[:-1], ch)])
         make = {"bn": lambda c: nnx.BatchNorm(c, momentum=0.9, rngs=rngs), "ln": lambda c: nnx.LayerNorm(c, rngs=rngs),
@@ -140,12 +139,10 @@ class Net(nnx.Module):
         self.variant = variant
         if variant == "cnn":
             self.conv = nnx.Conv(dim, dim, (3, 3, 3), padding="SAME", rngs=rngs)
-        elif variant == "vit":
-            pass
         elif variant == "conv":  # a 1^3-patch ViT over the stem's grid
             self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(1, 1, 1),
                                        img_size=(size // 8,) * 3, in_channels=dim), rngs=rngs)
-        else:
+        elif variant != "vit":  # (stem8 / stem4 built theirs above)
             p = int(variant[len("linear"):])
             self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(p,) * 3,
                                        img_size=(size,) * 3), rngs=rngs)

@@ -51,8 +51,8 @@ def make_norm(name, c):
                 with torch.no_grad():
                     if self.calibrating:  # an average over the calibration batches
                         self.n = getattr(self, "n", 0) + 1
-                        self.mean += (mean - self.mean) / self.n if self.n > 1 else mean - self.mean
-                        self.var += (var - self.var) / self.n if self.n > 1 else var - self.var
+                        self.mean += (mean - self.mean) / self.n
+                        self.var += (var - self.var) / self.n
                     else:
                         self.mean.lerp_(mean, 0.1)
                         self.var.lerp_(var, 0.1)

@@ -38,9 +38,13 @@ def config_from_monai(
     )
 
 
-def monai_to_ours(sd: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarray]:
+def _require_linear_stem(c: ViTConfig):
     if c.stem != "linear":
         raise ValueError(f"MONAI's ViT has a linear patch embedding; a ViT with stem={c.stem!r} has no MONAI layout")
+
+
+def monai_to_ours(sd: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarray]:
+    _require_linear_stem(c)
     E, H, L = c.dim, c.heads, c.depth
     D = E // H
     used: set[str] = set()
@@ -84,9 +88,8 @@ def monai_to_ours(sd: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarr
 
 
 def ours_to_monai(arrays: dict[str, np.ndarray], c: ViTConfig) -> dict[str, np.ndarray]:
-    if c.stem != "linear":
-        raise ValueError(f"MONAI's ViT has a linear patch embedding; a ViT with stem={c.stem!r} has no MONAI layout")
     """Our weights in MONAI's state-dict layout (``ViT(..., proj_type='conv')``, MONAI >= 1.4)."""
+    _require_linear_stem(c)
     if c.num_registers or c.pos_embed != "learned":
         raise ValueError("MONAI's ViT has no register tokens and stores a learned-shape position embedding; "
                          f"cannot export num_registers={c.num_registers}, pos_embed={c.pos_embed!r}")

@@ -38,25 +38,26 @@ def param(key, init, shape: Sequence[int], axes: Sequence[str | None], dtype=jnp
     return nnx.Param(init(key, shape, dtype), logical_axes=tuple(axes))
 
 
+def _standardise(x, axes, scale, bias, eps: float):
+    """``x`` centred and scaled over ``axes``, then the affine; in float32, cast back."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(axes, keepdims=True)
+    var = jnp.square(xf - mean).mean(axes, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 def layer_norm(x, scale, bias, eps: float):
     """LayerNorm computed in float32 and cast back to the input dtype."""
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return _standardise(x, -1, scale, bias, eps)
 
 
-def instance_norm(x, scale, bias, eps: float = 1e-5):
-    """Each channel of each sample standardised over the spatial axes ``(B, D, H, W, C)``, then a
-    per-channel affine; computed in float32. A pure function of one sample (no batch statistics),
-    yet per channel: the property that makes small lesions learnable (BENCHMARKS.md, "The conv
-    stem")."""
-    xf = x.astype(jnp.float32)
-    mean = xf.mean((1, 2, 3), keepdims=True)
-    var = jnp.square(xf - mean).mean((1, 2, 3), keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+def instance_norm(x, scale, bias, eps: float = 1e-5, axes=(1, 2, 3)):
+    """Each channel of each sample standardised over the spatial axes of ``(B, D, H, W, C)`` (or
+    the token axis of ``(B, N, C)`` with ``axes=(1,)``), then a per-channel affine; in float32. A
+    pure function of one sample (no batch statistics), yet per channel: the property that makes
+    small lesions learnable (BENCHMARKS.md, "The conv stem")."""
+    return _standardise(x, axes, scale, bias, eps)
 
 
 def conv3d(x, kernel, strides: Sequence[int], impl: str = "auto"):
@@ -65,7 +66,7 @@ def conv3d(x, kernel, strides: Sequence[int], impl: str = "auto"):
     ``ceil(size / stride)`` per axis.
 
     ``impl``: ``"xla"`` is ``lax.conv_general_dilated``; ``"im2col"`` gathers the ``kd*kh*kw``
-    shifted strided views and contracts them in one matmul, 20-70x faster forward + backward
+    shifted strided views and contracts them in one matmul, 18-60x faster forward + backward
     under XLA:CPU, whose 3D convolutions are slow (BENCHMARKS.md); ``"auto"`` takes im2col on the
     CPU and XLA's convolution on accelerators, where im2col would cost ``kd*kh*kw`` times the
     input's memory."""
@@ -205,7 +206,7 @@ class TransformerStack(nnx.Module):
             hidden = {}
             # One unstack per parameter, not L slices: the transpose of a slice is a pad to the
             # whole stack, and XLA:CPU then sums L padded copies of every gradient, inside each
-            # optimiser update that consumes it (656 against 319 ms for the ViT-S/16 step at 64^3;
+            # optimiser update that consumes it (656 against 367 ms for the ViT-S/16 step at 64^3;
             # BENCHMARKS.md, "Training step"). The transpose of an unstack is one stack.
             per_layer = {n: jnp.unstack(v) for n, v in params.items()}
             for i in range(L):
