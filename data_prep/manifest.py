@@ -20,7 +20,7 @@ import math
 import os
 import re
 
-from data_prep import reports
+from data_prep import reports, storage
 from data_prep.schema import MANIFEST_COLUMNS, PATHS, REQUIRED, ROLES, SeriesRow
 
 
@@ -86,13 +86,13 @@ def read(path: str, errors: list[ManifestError] | None = None) -> list[SeriesRow
     name) skips that row and is appended to ``errors`` (a batch job records it and goes on), or
     raised when ``errors`` is None."""
     try:
-        with open(path, "rb") as f:
+        with (storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")) as f:
             text = reports.decode_utf8(f.read(), "manifest")  # a BOM (Excel "CSV UTF-8") is dropped
     except OSError as e:
         raise ManifestError(path, f"cannot read the manifest ({e.strerror or e})") from None
     except ValueError as e:
         raise ManifestError(path, str(e)) from None
-    base = os.path.dirname(os.path.abspath(path))
+    base = path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
     raw: list[tuple[int, dict]] = []
     if path.endswith((".jsonl", ".json")):
         for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is valid inside JSON strings
@@ -146,8 +146,8 @@ def _row(r: dict, base: str, path: str, line: int) -> SeriesRow:
     if kw.get("role", "") not in ROLES:
         raise ManifestError(path, f"unknown role {kw['role']!r}; expected one of {ROLES}", line, "role", sid)
     for k in PATHS:
-        if kw.get(k) and not os.path.isabs(kw[k]):
-            kw[k] = os.path.join(base, kw[k])
+        if kw.get(k):
+            kw[k] = storage.resolve(base, kw[k])
     try:
         age = parse_age(kw.pop("age", ""))
     except ValueError as e:

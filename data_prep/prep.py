@@ -34,6 +34,7 @@ import numpy as np
 from data_prep import dicom
 from data_prep import manifest as manifest_lib
 from data_prep import reports as reports_lib
+from data_prep import storage
 from data_prep import volume as volume_lib
 from data_prep.schema import DATASET_NAME, FORMAT_VERSION
 
@@ -241,47 +242,75 @@ def _build_tfds(out_dir: str, cache_dir: str, by_split: dict, compression: str) 
     staging = os.path.join(out_dir, "tfds.staging")
     shutil.rmtree(staging, ignore_errors=True)
     path = build(staging, cache_dir, {s: rows for s, rows in by_split.items() if rows}, compression)
-    # Swap in the complete new build; the previous one stays until the new one is whole.
-    if os.path.exists(final):
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        os.replace(final, final + ".old")
-    os.replace(staging, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
+    _swap_in(staging, final)
     return path.replace(staging, final)
 
 
-def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_path, dicom_card=None) -> dict:
-    counts, stats = {}, {}
+def _swap_in(staging: str, final: str) -> None:
+    """Swaps the complete new build in; the previous one stays until the new one is whole. (In
+    object storage a folder's rename is a copy of each object, not atomic; the old one still goes
+    only after the copy.)"""
+    if not storage.is_remote(final):
+        if os.path.exists(final):
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
+        os.replace(staging, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        return
+    old = storage.path(final + ".old")
+    if old.exists():
+        old.rmtree()
+    if storage.path(final).exists():
+        storage.path(final).rename(old)
+    storage.path(staging).rename(final)
+    if old.exists():
+        old.rmtree()
+
+
+def series_stats(z) -> dict:
+    """What the dataset card summarises of one prepared series (``z``: its cache file)."""
+    v = z["volume"].astype(np.float32)
+    return {"mean": float(v.mean()), "std": float(v.std()), "orig_spacing": [float(x) for x in z["orig_spacing"]],
+            "shape": list(v.shape), "clip": [float(z["clip_lo"]), float(z["clip_hi"])]}
+
+
+def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_path, dicom_card=None,
+                stats: dict | None = None) -> dict:
+    """Writes ``dataset_card.json``; ``stats`` (series id -> :func:`series_stats`) when the
+    caller has them, else they are read from the cache."""
+    counts, summary = {}, {}
     for split, rows in by_split.items():
         counts[split] = {
             "series": len(rows), "studies": len({r.study_id for r in rows}), "patients": len({r.patient_id for r in rows}),
             "body_region": _count(r.body_region for r in rows), "sequence": _count(r.sequence for r in rows),
             "findings": _count(f for r in rows for f in r.findings.split(";") if f),
         }
-    means, stds, orig_sp, shapes, clip = [], [], [], [], []
+    per = []
     for rows in by_split.values():
         for r in rows:
-            with np.load(os.path.join(cache_dir, f"{r.series_id}.npz")) as z:
-                v = z["volume"].astype(np.float32)
-                means.append(v.mean()), stds.append(v.std())
-                orig_sp.append(z["orig_spacing"]), shapes.append(v.shape), clip.append((z["clip_lo"], z["clip_hi"]))
-    if means:
-        sp, sh, cl = np.array(orig_sp), np.array(shapes), np.array(clip)
-        stats = {
-            "stored_intensity": {"mean": float(np.mean(means)), "std_mean": float(np.mean(stds))},
+            if stats is None:
+                with np.load(os.path.join(cache_dir, f"{r.series_id}.npz")) as z:
+                    per.append(series_stats(z))
+            else:
+                per.append(stats[r.series_id])
+    if per:
+        sp, sh = np.array([s["orig_spacing"] for s in per]), np.array([s["shape"] for s in per])
+        cl = np.array([s["clip"] for s in per])
+        summary = {
+            "stored_intensity": {"mean": float(np.mean([s["mean"] for s in per])),
+                                 "std_mean": float(np.mean([s["std"] for s in per]))},
             "raw_clip_range": {"lo": _summ(cl[:, 0]), "hi": _summ(cl[:, 1])},
             "original_spacing_mm": {ax: _summ(sp[:, i]) for i, ax in enumerate("xyz")},
             "stored_shape": {ax: _summ(sh[:, i]) for i, ax in enumerate("xyz")},
         }
     card = {
         "name": DATASET_NAME, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "manifest": os.path.abspath(manifest_path), "counts": counts, "statistics": stats,
+        "manifest": storage.absolute(manifest_path), "counts": counts, "statistics": summary,
         "errors": len(errors), "preprocessing": preprocessing_spec(cfg),
         # Where the rows came from: a DICOM scan's files, volumes, skipped objects and pseudonymisation.
         **({"dicom": dicom_card} if dicom_card is not None else {}),
     }
-    with open(os.path.join(out_dir, "dataset_card.json"), "w") as f:
-        json.dump(card, f, indent=1)
+    storage.write_text(storage.resolve(out_dir, "dataset_card.json"), json.dumps(card, indent=1))
     return counts
 
 

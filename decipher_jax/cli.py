@@ -68,11 +68,19 @@ def _prep(args) -> int:
     if args.dicom and not dicom_source(args.dicom):
         print(f"prep: error: {args.dicom}: --dicom takes a folder or a DICOMDIR file", file=sys.stderr)
         return 2
+    if args.beam_options and args.runner != "beam":
+        print("prep: error: --beam-options needs --runner beam", file=sys.stderr)
+        return 2
     cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers,
                           compression=args.compression,
                           dicom=prep.DicomOptions(reports=args.reports or "", pseudonymise=args.pseudonymise, salt=salt))
     try:
-        res = prep.run(source, args.out, cfg, progress=not args.quiet)
+        if args.runner == "beam":
+            from data_prep import beam_prep
+
+            res = beam_prep.run(source, args.out, cfg, beam_options=args.beam_options, progress=not args.quiet)
+        else:
+            res = prep.run(source, args.out, cfg, progress=not args.quiet)
     except (manifest.ManifestError, volume.BadInput) as e:  # the source as a whole is unusable (a bad DICOMDIR)
         print(f"prep: error: {e}", file=sys.stderr)
         return 2
@@ -268,7 +276,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default="none", choices=["none", "zlib"],
                    help="volume encoding in the records: none (fast reads) or zlib (half the size)")
-    p.add_argument("--workers", type=int, default=0, help="0: one per core")
+    p.add_argument("--workers", type=int, default=0, help="0: one per core (the local pool, or the DirectRunner's)")
+    p.add_argument("--runner", default="local", choices=["local", "beam"],
+                   help="local: a process pool on this machine; beam: Apache Beam pipelines (TFDS's engine)")
+    p.add_argument("--beam-options", default="",
+                   help='with --runner beam: pipeline options, e.g. "--runner=DataflowRunner --project=P '
+                        '--region=R --temp_location=gs://B/tmp --setup_file=./setup.py" (default: the DirectRunner)')
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_prep)
 

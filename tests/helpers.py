@@ -1,6 +1,10 @@
 """Shared test utilities."""
 
+import gzip
+import os
+
 import jax
+import nibabel as nib
 import numpy as np
 from flax import nnx
 
@@ -60,3 +64,41 @@ def assert_run_spec(workdir: str, kind: str, starts: int = 1) -> dict:
     assert d["preprocessing"] and d["preprocessing"]["orientation"].startswith("RAS")
     assert len(d["history"]) == starts and d["history"][0]["step"] == 0
     return d
+
+
+def bad_rows(d, good):
+    """One row per kind of bad input, each otherwise like a good row."""
+    base = dict(good)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    rows = {}
+
+    def row(name, **kw):
+        rows[name] = {**base, "series_id": f"bad_{name}", "label": "", **kw}
+
+    trunc = os.path.join(d, "truncated.nii.gz")
+    with open(good["image"], "rb") as f:
+        blob = f.read()
+    with open(trunc, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    row("truncated", image=trunc)
+    txt = os.path.join(d, "not_nifti.nii.gz")
+    with gzip.open(txt, "wt") as f:
+        f.write("this is not an image")
+    row("not_nifti", image=txt)
+    row("twod", image=save_plain(d, "twod.nii.gz", np.ones((20, 20), np.float32), aff))
+    row("nan", image=save_plain(d, "nan.nii.gz", np.full((20, 20, 20), np.nan, np.float32), aff))
+    empty = os.path.join(d, "empty.nii.gz")
+    open(empty, "wb").close()
+    row("zero_size", image=empty)
+    row("label_grid", label=save_plain(d, "lab_other.nii.gz", np.zeros((10, 10, 10), np.uint8), aff))
+    row("missing", image=os.path.join(d, "does_not_exist.nii.gz"))
+    er = os.path.join(d, "empty_report.txt")
+    open(er, "w").close()
+    row("empty_report", report_file=er)
+    return rows
+
+
+def save_plain(d, name, data, aff):
+    p = os.path.join(d, name)
+    nib.save(nib.Nifti1Image(data, aff), p)
+    return p

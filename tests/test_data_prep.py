@@ -1,7 +1,6 @@
 """decipher prep: geometry against nilearn on a real volume, label alignment, bad inputs, resume, splits."""
 
 import csv
-import gzip
 import json
 import os
 
@@ -13,6 +12,7 @@ from data_prep import manifest as manifest_lib
 from data_prep import prep, reports, volume
 from decipher_jax import cli
 from decipher_jax.data import synthetic
+from helpers import bad_rows
 
 nilearn_datasets = pytest.importorskip("nilearn.datasets")
 from nilearn.image import resample_img  # noqa: E402
@@ -125,47 +125,9 @@ def small_corpus(tmp_path_factory):
     return str(d), rows
 
 
-def _bad_rows(d, good):
-    """One row per kind of bad input, each otherwise like a good row."""
-    base = dict(good)
-    aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    rows = {}
-
-    def row(name, **kw):
-        rows[name] = {**base, "series_id": f"bad_{name}", "label": "", **kw}
-
-    trunc = os.path.join(d, "truncated.nii.gz")
-    with open(good["image"], "rb") as f:
-        blob = f.read()
-    with open(trunc, "wb") as f:
-        f.write(blob[: len(blob) // 2])
-    row("truncated", image=trunc)
-    txt = os.path.join(d, "not_nifti.nii.gz")
-    with gzip.open(txt, "wt") as f:
-        f.write("this is not an image")
-    row("not_nifti", image=txt)
-    row("twod", image=_save_plain(d, "twod.nii.gz", np.ones((20, 20), np.float32), aff))
-    row("nan", image=_save_plain(d, "nan.nii.gz", np.full((20, 20, 20), np.nan, np.float32), aff))
-    empty = os.path.join(d, "empty.nii.gz")
-    open(empty, "wb").close()
-    row("zero_size", image=empty)
-    row("label_grid", label=_save_plain(d, "lab_other.nii.gz", np.zeros((10, 10, 10), np.uint8), aff))
-    row("missing", image=os.path.join(d, "does_not_exist.nii.gz"))
-    er = os.path.join(d, "empty_report.txt")
-    open(er, "w").close()
-    row("empty_report", report_file=er)
-    return rows
-
-
-def _save_plain(d, name, data, aff):
-    p = os.path.join(d, name)
-    nib.save(nib.Nifti1Image(data, aff), p)
-    return p
-
-
 def test_bad_inputs_are_recorded_and_the_rest_processed_then_resumed(small_corpus, tmp_path):
     d, good = small_corpus
-    bad = _bad_rows(d, good[0])
+    bad = bad_rows(d, good[0])
     rows = good + list(bad.values())
     m = manifest_lib.write(str(tmp_path / "manifest.csv"), rows)
     out = str(tmp_path / "prep")
