@@ -37,28 +37,6 @@ import apache_beam as beam
 from data_prep import dicom
 from data_prep import manifest as manifest_lib
 from data_prep import prep, storage
-from data_prep.schema import SeriesRow
-
-ROWS_PER_FILE = 1000  # rows per file handed to the workers (a 203k-series manifest: 204 files)
-
-
-def write_rows(rows, folder: str, name: str) -> list[str]:
-    """``rows`` as JSON-lines files under ``folder``; the pipelines read them on the workers, so a
-    job's graph carries file names rather than the whole manifest (Dataflow caps a job's request)."""
-    paths = []
-    for i in range(0, max(len(rows), 1), ROWS_PER_FILE):
-        p = storage.resolve(folder, f"{name}-{i // ROWS_PER_FILE:05d}.jsonl")
-        storage.write_text(p, "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows[i: i + ROWS_PER_FILE]))
-        paths.append(p)
-    return paths
-
-
-def read_rows(path: str):
-    with storage.path(path).open("r") as f:
-        for line in f:
-            if line.strip():
-                yield SeriesRow(**json.loads(line))
-
 
 class _WriteStatuses(beam.DoFn):
     """Each bundle's statuses as one JSON-lines file in ``folder``, written when the bundle ends (a
@@ -177,7 +155,8 @@ def run(manifest_path: str, out_dir: str, cfg: prep.PrepConfig = prep.PrepConfig
         storage.path(work).rmtree()
     storage.path(work).mkdir(parents=True)
     with beam.Pipeline(options=options) as p:
-        _ = (p | "RowFiles" >> beam.Create(write_rows(rows, work, "rows")) | "Rows" >> beam.FlatMap(read_rows)
+        _ = (p | "RowFiles" >> beam.Create(manifest_lib.write_row_files(rows, work, "rows"))
+             | "Rows" >> beam.FlatMap(manifest_lib.read_row_file)
              | "Spread" >> beam.Reshuffle() | "Process" >> beam.Map(_Process(cfg.volume, cache_dir))
              | "Statuses" >> beam.ParDo(_WriteStatuses(work)))
     statuses = {}
@@ -207,7 +186,7 @@ def run(manifest_path: str, out_dir: str, cfg: prep.PrepConfig = prep.PrepConfig
     by_split = {s: [r for r in good if split_of[r.patient_id] == s] for s in prep.SPLITS}
 
     # 3. The shards, written by TFDS's Beam writer.
-    row_files = {s: write_rows(r, work, f"{s}-rows") for s, r in by_split.items() if r}
+    row_files = {s: manifest_lib.write_row_files(r, work, f"{s}-rows") for s, r in by_split.items() if r}
     tfds_dir = _build(out_dir, cache_dir, row_files, cfg.compression, options)
     storage.path(work).rmtree()  # errors.jsonl and the card keep what the statuses said
     # 4. The card, from the workers' statistics.

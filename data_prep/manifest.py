@@ -6,14 +6,16 @@ SeriesDescription as the scanner wrote it, e.g. "AX T2 FLAIR"; stage 2 can pair 
 it and its study's report), ``sequence``, ``body_region``, ``age``, ``sex``, ``findings``
 (``;``-separated labels), ``role`` (empty for a patient's series, ``template`` for an atlas or
 template volume: its label map holds tissue classes, so the lesion task leaves it out). Relative
-paths are relative to the manifest's folder. UTF-8 (a BOM is fine); ``age`` is in years or a
-DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``). The columns are
+paths are relative to the manifest's folder; the manifest and its paths may be in object storage
+(``gs://``: :mod:`data_prep.storage`, read by ``--runner beam``). UTF-8 (a BOM is fine); ``age``
+is in years or a DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``). The columns are
 :data:`data_prep.schema.MANIFEST_COLUMNS`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -164,3 +166,27 @@ def write(path: str, rows: list[dict]) -> str:
         w.writerows(rows)
     os.replace(path + ".tmp", path)  # a reader never sees half a manifest
     return path
+
+
+ROWS_PER_FILE = 1000  # rows per file handed to the workers (a 203k-series manifest: 204 files)
+
+
+def write_row_files(rows, folder: str, name: str) -> list[str]:
+    """Parsed ``rows`` as JSON-lines files ``<name>-NNNNN.jsonl`` under ``folder`` (local or
+    remote), :data:`ROWS_PER_FILE` each; returns their paths. The Beam pipelines read them on the
+    workers, so a job's graph carries file names rather than the whole manifest (Dataflow caps the
+    size of a job's request)."""
+    paths = []
+    for i in range(0, max(len(rows), 1), ROWS_PER_FILE):
+        p = storage.resolve(folder, f"{name}-{i // ROWS_PER_FILE:05d}.jsonl")
+        storage.write_text(p, "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows[i: i + ROWS_PER_FILE]))
+        paths.append(p)
+    return paths
+
+
+def read_row_file(path: str):
+    """The rows of one file of :func:`write_row_files`."""
+    with storage.path(path).open("r") as f:
+        for line in f:
+            if line.strip():
+                yield SeriesRow(**json.loads(line))

@@ -171,6 +171,10 @@ def _summ(values) -> dict:
 
 def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progress: bool = True) -> PrepResult:
     """Prepares ``manifest_path``: a manifest (CSV / JSONL), or a DICOM folder or DICOMDIR."""
+    for p in (manifest_path, out_dir):
+        if storage.is_remote(p):
+            raise manifest_lib.ManifestError(p, "object storage is read and written by the Beam runner "
+                                                "(decipher prep --runner beam); the local pool takes local paths")
     out_dir = os.path.abspath(out_dir)  # the DICOM route's manifest names files under it
     os.makedirs(out_dir, exist_ok=True)
     skipped, dicom_card, source = [], None, manifest_path

@@ -109,12 +109,12 @@ class DecipherMri(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(rows) for split, rows in self._rows_by_split.items()}
 
     def _generate_examples(self, rows):
-        if self._beam:  # ``rows``: files of rows (data_prep.beam_prep.write_rows), so the graph carries paths
+        if self._beam:  # ``rows``: files of rows (data_prep.manifest.write_row_files), so the graph carries paths
             import apache_beam as beam
 
-            from data_prep.beam_prep import read_rows
+            from data_prep.manifest import read_row_file
 
-            return (beam.Create(list(rows)) | beam.FlatMap(read_rows) | beam.Reshuffle()  # spread over the workers
+            return (beam.Create(list(rows)) | beam.FlatMap(read_row_file) | beam.Reshuffle()  # spread over the workers
                     | beam.Map(lambda r, d=self._cache_dir: example(d, r)))
         return (example(self._cache_dir, r) for r in rows)
 

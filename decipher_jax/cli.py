@@ -5,6 +5,7 @@
     decipher corpus --out data/embedded      # write the embedded default corpus + manifest.csv
     decipher prep --manifest M.csv --out D   # NIfTI + reports -> ArrayRecord records (TFDS)
     decipher prep --dicom DIR --reports R.csv --out D [--pseudonymise --salt S]   # DICOM in
+    decipher prep --manifest M.csv --out D --runner beam [--beam-options "--runner=DataflowRunner ..."]
     decipher train --config F.py[:arg] --workdir W [--config.a.b=v]
     decipher eval --config experiments/configs/eval.py[:arg] --workdir W [--config.runs.align=R]
     decipher zeroshot --workdir W --split test --sentences "there is an acute infarct" ...

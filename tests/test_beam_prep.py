@@ -195,6 +195,8 @@ def test_gs_paths_end_to_end(corpus, local, tmp_path, monkeypatch):
         assert "image file not found" in err["bad_missing"]["reason"]
         c, ref = card(str(bucket / "prep")), card(local[0])
         assert c["statistics"] == ref["statistics"] and c["counts"] == ref["counts"] and c["manifest"] == "gs://bucket/corpus/manifest.csv"
+        with pytest.raises(manifest_lib.ManifestError, match="--runner beam"):
+            prep.run("gs://bucket/corpus/manifest.csv", str(tmp_path / "out"), prep.PrepConfig(volume=CFG))
         again = beam_prep.run("gs://bucket/corpus/manifest.csv", "gs://bucket/prep",
                               prep.PrepConfig(volume=CFG, workers=1), progress=False)
         assert again.processed == 0 and again.reused == len(good)
