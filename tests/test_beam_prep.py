@@ -1,5 +1,5 @@
 """decipher prep --runner beam (the DirectRunner): the same records, splits, card and errors as the
-local pool; bad inputs recorded; a killed run finished by a rerun; gs:// paths end to end."""
+local pool; bad inputs recorded; a killed run finished by a rerun; gs:// paths end to end; a DICOM tree."""
 
 import csv
 import glob
@@ -202,3 +202,23 @@ def test_gs_paths_end_to_end(corpus, local, tmp_path, monkeypatch):
         assert again.processed == 0 and again.reused == len(good)
     finally:
         backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_dicom_tree_through_beam_equals_local(tmp_path):
+    from test_dicom import _tree  # two patients' oblique DICOM series, an SR to skip, a reports CSV
+
+    _tree(tmp_path)
+    cfg = prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(2.0, 2.0, 2.0)), workers=1,
+                          dicom=prep.DicomOptions(reports=str(tmp_path / "reports.csv"), pseudonymise=True, salt="s"))
+    ref = prep.run(str(tmp_path / "tree"), str(tmp_path / "local"), cfg, progress=False)
+    res = beam_prep.run(str(tmp_path / "tree"), str(tmp_path / "beam"), cfg, progress=False)
+    assert res.processed == ref.processed == 3
+    assert [s["reason"] for s in res.skipped] == ["not an image (Basic Text SR Storage)"]
+    assert same(records(res.tfds_dir), records(ref.tfds_dir))
+    with open(tmp_path / "beam" / "errors.jsonl") as a, open(tmp_path / "local" / "errors.jsonl") as b:
+        assert a.read() == b.read()  # the skipped SR, named by number in SOURCE.json
+    ca, cb = card(str(tmp_path / "beam")), card(str(tmp_path / "local"))
+    assert ca.pop("manifest").endswith("beam/dicom/manifest.csv") and cb.pop("manifest").endswith("local/dicom/manifest.csv")
+    assert ca == cb and ca["dicom"]["pseudonymised"]
+    with pytest.raises(manifest_lib.ManifestError, match="local --out"):
+        beam_prep.run(str(tmp_path / "tree"), "gs://bucket/out", cfg, progress=False)
