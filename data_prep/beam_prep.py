@@ -38,6 +38,7 @@ from data_prep import dicom
 from data_prep import manifest as manifest_lib
 from data_prep import prep, storage
 
+
 class _WriteStatuses(beam.DoFn):
     """Each bundle's statuses as one JSON-lines file in ``folder``, written when the bundle ends (a
     retried bundle may leave a second file with the same lines; the driver keys them by series)."""
@@ -72,9 +73,11 @@ def pipeline_options(beam_options: str = "", workers: int = 0):
 
 
 class _Process:
-    """One series through :func:`data_prep.prep.process_row`, as a Beam ``DoFn`` body. Inputs
-    in object storage are streamed to a worker-local folder first; with a remote cache the series
-    is prepared locally and uploaded, and a cached series is reused without being downloaded."""
+    """One series through :func:`data_prep.prep.process_row`, the body of the pipeline's ``Map``.
+    Inputs in object storage are streamed to a worker-local folder first; with a remote cache the
+    series is prepared locally and uploaded, and a cached series is reused without being
+    downloaded. A bad input is a status, never an exception; a storage failure while uploading is
+    raised, so that the runner retries the bundle."""
 
     def __init__(self, vcfg, cache_dir: str):
         self.vcfg, self.cache_dir = vcfg, cache_dir
@@ -115,12 +118,17 @@ class _Process:
 
     @staticmethod
     def _with_stats(res: dict, cached: str) -> dict:
-        """The dataset card's statistics of a prepared series, read where it was prepared."""
+        """The dataset card's statistics of a prepared series, read where it was prepared. A cache
+        entry that cannot be read is that series' error (delete it and rerun), not the job's."""
         if res["status"] in ("processed", "reused"):
             import numpy as np
 
-            with storage.path(cached).open("rb") as f, np.load(f) as z:
-                res["stats"] = prep.series_stats(z)
+            try:
+                with storage.path(cached).open("rb") as f, np.load(f) as z:
+                    res["stats"] = prep.series_stats(z)
+            except Exception as e:  # noqa: BLE001 - e.g. a truncated file left by another tool
+                return prep._error(res["series_id"], cached, f"{cached}: the prepared series cannot be read "
+                                   f"({type(e).__name__}: {e}); delete it and rerun")
         return res
 
 
@@ -128,22 +136,15 @@ def run(manifest_path: str, out_dir: str, cfg: prep.PrepConfig = prep.PrepConfig
         progress: bool = True) -> prep.PrepResult:
     """Prepares ``manifest_path`` (a manifest, or a DICOM folder or DICOMDIR) into ``out_dir``
     with Beam; the result, the files written and their contents are those of :func:`prep.run`."""
-
     out_dir = storage.absolute(out_dir)
     remote = storage.is_remote(out_dir)
     if not remote:
         os.makedirs(out_dir, exist_ok=True)
-    skipped, dicom_card, source, index, opts = [], None, manifest_path, None, None
-    if dicom.is_dicom_source(manifest_path):
-        if remote:
-            raise manifest_lib.ManifestError(manifest_path, "a DICOM tree is scanned on this machine and needs a "
-                                             f"local --out (not {out_dir}); prepare to a local folder or a gcsfuse mount")
-        opts = dicom.ScanOptions(min_slices=cfg.volume.min_size, max_voxels=cfg.volume.max_voxels,
-                                 pseudonymise=cfg.dicom.pseudonymise, salt=cfg.dicom.salt)
-        manifest_path, skipped, dicom_card, index = dicom.to_manifest(source, os.path.join(out_dir, "dicom"), opts,
-                                                                      cfg.dicom.reports, progress)
-    row_errors: list[manifest_lib.ManifestError] = []
-    rows = manifest_lib.read(manifest_path, row_errors)
+    if dicom.is_dicom_source(manifest_path) and remote:
+        raise manifest_lib.ManifestError(manifest_path, "a DICOM tree is scanned on this machine and needs a "
+                                         f"local --out (not {out_dir}); prepare to a local folder or a gcsfuse mount")
+    manifest_path, rows, row_errors, skipped, dicom_card, index, opts = prep.read_source(manifest_path, out_dir, cfg,
+                                                                                         progress)
     cache_dir = storage.resolve(out_dir, f"cache/{cfg.cache_key()}")
     if not remote:
         os.makedirs(cache_dir, exist_ok=True)

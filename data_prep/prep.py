@@ -169,6 +169,20 @@ def _summ(values) -> dict:
     return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())} if a.size else {}
 
 
+def read_source(source: str, out_dir: str, cfg: PrepConfig, progress: bool):
+    """``(manifest, rows, row errors, skipped DICOM objects, DICOM card, DICOM index, scan
+    options)`` of a manifest, or of a DICOM tree scanned into ``out_dir/dicom/manifest.csv``."""
+    skipped, dicom_card, index, opts, manifest_path = [], None, None, None, source
+    if dicom.is_dicom_source(source):
+        opts = dicom.ScanOptions(min_slices=cfg.volume.min_size, max_voxels=cfg.volume.max_voxels,
+                                 pseudonymise=cfg.dicom.pseudonymise, salt=cfg.dicom.salt)
+        manifest_path, skipped, dicom_card, index = dicom.to_manifest(source, os.path.join(out_dir, "dicom"), opts,
+                                                                      cfg.dicom.reports, progress)
+    row_errors: list[manifest_lib.ManifestError] = []
+    rows = manifest_lib.read(manifest_path, row_errors)
+    return manifest_path, rows, row_errors, skipped, dicom_card, index, opts
+
+
 def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progress: bool = True) -> PrepResult:
     """Prepares ``manifest_path``: a manifest (CSV / JSONL), or a DICOM folder or DICOMDIR."""
     for p in (manifest_path, out_dir):
@@ -177,14 +191,8 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
                                                 "(decipher prep --runner beam); the local pool takes local paths")
     out_dir = os.path.abspath(out_dir)  # the DICOM route's manifest names files under it
     os.makedirs(out_dir, exist_ok=True)
-    skipped, dicom_card, source = [], None, manifest_path
-    if dicom.is_dicom_source(manifest_path):
-        opts = dicom.ScanOptions(min_slices=cfg.volume.min_size, max_voxels=cfg.volume.max_voxels,
-                                 pseudonymise=cfg.dicom.pseudonymise, salt=cfg.dicom.salt)
-        manifest_path, skipped, dicom_card, index = dicom.to_manifest(source, os.path.join(out_dir, "dicom"), opts,
-                                                                      cfg.dicom.reports, progress)
-    row_errors: list[manifest_lib.ManifestError] = []
-    rows = manifest_lib.read(manifest_path, row_errors)
+    source = manifest_path
+    manifest_path, rows, row_errors, skipped, dicom_card, index, opts = read_source(source, out_dir, cfg, progress)
     cache_dir = os.path.join(out_dir, "cache", cfg.cache_key())
     os.makedirs(cache_dir, exist_ok=True)
     err_path = os.path.join(out_dir, "errors.jsonl")
