@@ -4,7 +4,8 @@
     python benchmarks/train_step.py --variant B/16 --size 128 --batch 32 --dtype bfloat16 --compile   # on a GPU
 
 Rows:
-- backbone: ViT forward + backward + AdamW on (batch, size^3, 1) volumes, ours (jax.jit) vs
+- backbone: ViT forward + backward + AdamW on (batch, size^3, 1) volumes, ours (jax.jit; the
+  layers under ``lax.scan`` and unrolled, ``--layers``) vs
   MONAI ``ViT`` (torch, eager; ``--compile`` adds ``torch.compile`` rows, with MONAI's attention
   as shipped and with its ``use_flash_attention`` switch on), same shapes, dtype and optimizer.
 - stage-1: the real ``vision_ssl`` step (student + EMA teacher, heads, multi-crop) at the
@@ -77,16 +78,26 @@ def matmul_peak(dtype, n=8192 if jax.default_backend() != "cpu" else 1024, reps=
 
 
 def ours_backbone(args, batch, dim, depth, heads, mlp):
+    compiled, run, cfg = ours_backbone_step(args, batch, dim, depth, heads, mlp, with_cfg=True)
+    from decipher_jax.aot import vit_train_flops
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    dt = timeit(run, iters=args.iters)
+    return dt, vit_train_flops(cfg, batch, (args.size,) * 3), float(cost.get("flops", np.nan))
+
+
+def ours_backbone_step(args, batch, dim, depth, heads, mlp, with_cfg=False):
+    """(the compiled step, a call of it that waits for the result[, the ViT config])."""
     import optax
     from flax import nnx
 
-    from decipher_jax.aot import vit_train_flops
     from decipher_jax.models.vit3d import ViT3D, ViTConfig
     from decipher_jax.state import merge_pure
 
     p = int(args.variant.split("/")[1])
     cfg = ViTConfig(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, patch_size=p, img_size=args.size, cls_token=False,
-                    qkv_bias=False, dtype=args.dtype, remat=args.remat, scan=False,
+                    qkv_bias=False, dtype=args.dtype, remat=args.remat, scan=args.scan,
                     attention_impl="cudnn" if jax.default_backend() == "gpu" and args.dtype == "bfloat16" else None)
     graphdef, state = nnx.split(ViT3D(cfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(state)
@@ -104,16 +115,13 @@ def ours_backbone(args, batch, dim, depth, heads, mlp):
         return optax.apply_updates(params, u), opt, l
 
     compiled = step.lower(params, opt, x).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     box = [params, opt]
 
     def run():
         box[0], box[1], l = compiled(box[0], box[1], x)
         l.block_until_ready()
 
-    dt = timeit(run, iters=args.iters)
-    return dt, vit_train_flops(cfg, batch, (args.size,) * 3), float(cost.get("flops", np.nan))
+    return (compiled, run, cfg) if with_cfg else (compiled, run)
 
 
 def monai_backbone(args, batch, dim, depth, heads, mlp, *, compile=False, flash=False):
@@ -152,7 +160,7 @@ def ssl_step(args):
     cfg = common.load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                                           "vision_ssl.py") + ":tiny")
     dim, depth, heads, mlp = VARIANTS[args.variant.split("/")[0]]
-    cfg.model.vit.update(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, dtype=args.dtype)
+    cfg.model.vit.update(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, dtype=args.dtype, scan=args.scan)
     cfg.data.batch_size = args.batch
     mesh = sh.make_mesh({"data": -1})
     b = vision_ssl.setup(cfg, mesh)
@@ -183,6 +191,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also torch.compile the MONAI model (eager is always timed)")
     p.add_argument("--skip-monai", action="store_true")
     p.add_argument("--skip-ssl", action="store_true")
+    p.add_argument("--layers", default="scan,unrolled",
+                   help="our backbone's layer loop(s), timed side by side: scan (lax.scan) and / or unrolled")
     args = p.parse_args(argv)
     batches = [int(b) for b in str(args.batch).split(",")]
     args.batch = batches[0]
@@ -193,11 +203,15 @@ def main(argv=None):
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {machine()}", flush=True)
     rows = []
     for batch in batches:
-        dt, flops, xla = ours_backbone(args, batch, *dims)
-        rows.append([f"backbone ViT-{args.variant} {args.size}^3, batch {batch}", "decipher_jax (jax.jit)",
-                     f"{1 / dt:.2f}", f"{batch / dt:.1f}", f"{flops / dt / peak:.1%}",
-                     f"{flops / 1e9:.0f} / {xla / 1e9:.0f}"])
-        print(rows[-1], flush=True)
+        dt = None
+        for i, loop in enumerate(args.layers.split(",")):
+            args.scan = loop == "scan"
+            ldt, flops, xla = ours_backbone(args, batch, *dims)
+            dt = ldt if dt is None else min(dt, ldt)
+            rows.append([f"backbone ViT-{args.variant} {args.size}^3, batch {batch}" if i == 0 else "",
+                         f"decipher_jax (jax.jit, {loop} layers)", f"{1 / ldt:.2f}", f"{batch / ldt:.1f}",
+                         f"{flops / ldt / peak:.1%}", f"{flops / 1e9:.0f} / {xla / 1e9:.0f}"])
+            print(rows[-1], flush=True)
         if args.skip_monai:
             continue
         variants = [("MONAI ViT (eager)", False, False)]
@@ -209,12 +223,15 @@ def main(argv=None):
             best = mdt if best is None else min(best, mdt)
             rows.append(["", name, f"{1 / mdt:.2f}", f"{batch / mdt:.1f}", f"{flops / mdt / peak:.1%}", ""])
             print(rows[-1], flush=True)
-        rows.append(["", "speed-up over the fastest MONAI", f"{best / dt:.2f}x", "", "", ""])
+        rows.append(["", "speed-up of our fastest over the fastest MONAI", f"{best / dt:.2f}x", "", "", ""])
     if not args.skip_ssl:
-        sdt, sflops, cfg = ssl_step(args)
-        rows.append([f"stage-1 SSL step ViT-{args.variant.split('/')[0]}/8, batch {args.batch}, "
-                     f"2x{cfg.data.global_size[0]}^3 + {cfg.data.n_local}x{cfg.data.local_size[0]}^3", "decipher_jax",
-                     f"{1 / sdt:.2f}", f"{args.batch / sdt:.1f}", f"{sflops / sdt / peak:.1%}", f"{sflops / 1e9:.0f} / -"])
+        for i, loop in enumerate(args.layers.split(",")):
+            args.scan = loop == "scan"
+            sdt, sflops, cfg = ssl_step(args)
+            rows.append([f"stage-1 SSL step ViT-{args.variant.split('/')[0]}/8, batch {args.batch}, "
+                         f"2x{cfg.data.global_size[0]}^3 + {cfg.data.n_local}x{cfg.data.local_size[0]}^3" if i == 0
+                         else "", f"decipher_jax ({loop} layers)", f"{1 / sdt:.2f}", f"{args.batch / sdt:.1f}",
+                         f"{sflops / sdt / peak:.1%}", f"{sflops / 1e9:.0f} / -"])
     print(table(["step", "implementation", "steps/s", "volumes/s", "MFU", "GFLOP/step analytic / XLA"], rows))
     print(f"# command: python {' '.join(sys.argv)}")
 
