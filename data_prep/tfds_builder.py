@@ -49,9 +49,8 @@ def _value(f: Field, v):
 def example(cache_dir: str, row) -> tuple[str, dict]:
     """``(key, example)`` of one series: the manifest's metadata from ``row``, the rest, made by
     prep, from the series' cache file (local or remote)."""
-    p = f"{cache_dir.rstrip('/')}/{row.series_id}.npz" if storage.is_remote(cache_dir) else \
-        os.path.join(cache_dir, f"{row.series_id}.npz")
-    with (storage.path(p).open("rb") if storage.is_remote(p) else open(p, "rb")) as f, np.load(f) as z:
+    p = storage.resolve(cache_dir, f"{row.series_id}.npz")
+    with (storage.path(p).open("rb") if storage.is_remote(p) else open(p, "rb")) as fh, np.load(fh) as z:
         ex = {f.name: _value(f, getattr(row, f.name) if f.name in METADATA else z[f.name]) for f in RECORD}
     return row.series_id, ex
 
