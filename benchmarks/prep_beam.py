@@ -50,7 +50,7 @@ def _one(kind: str, manifest: str, out: str, workers: int, spacing: float) -> No
                 write[0] += time.perf_counter() - t
         return f
 
-    prep._build_tfds, beam_prep._build = timed(prep._build_tfds), timed(beam_prep._build)
+    prep._build_tfds = timed(prep._build_tfds)  # both runners write through it
     t0 = time.perf_counter()
     res = (beam_prep.run if kind == "beam" else prep.run)(manifest, out, cfg, progress=False)
     dt = time.perf_counter() - t0

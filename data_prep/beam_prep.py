@@ -188,21 +188,10 @@ def run(manifest_path: str, out_dir: str, cfg: prep.PrepConfig = prep.PrepConfig
 
     # 3. The shards, written by TFDS's Beam writer.
     row_files = {s: manifest_lib.write_row_files(r, work, f"{s}-rows") for s, r in by_split.items() if r}
-    tfds_dir = _build(out_dir, cache_dir, row_files, cfg.compression, options)
+    tfds_dir = prep._build_tfds(out_dir, cache_dir, row_files, cfg.compression, beam_options=options)
     storage.path(work).rmtree()  # errors.jsonl and the card keep what the statuses said
     # 4. The card, from the workers' statistics.
     counts = prep._write_card(out_dir, cache_dir, cfg, by_split, errors, manifest_path, dicom_card,
                               stats={sid: s["stats"] for sid, s in statuses.items() if "stats" in s})
     n = {k: sum(s["status"] == k for s in statuses.values()) for k in ("processed", "reused")}
     return prep.PrepResult(out_dir, tfds_dir, counts, errors, n["processed"], n["reused"], skipped)
-
-
-def _build(out_dir: str, cache_dir: str, row_files: dict, compression: str, options) -> str:
-    from data_prep.tfds_builder import build
-
-    final, staging = storage.resolve(out_dir, "tfds"), storage.resolve(out_dir, "tfds.staging")
-    if storage.path(staging).exists():
-        storage.path(staging).rmtree()
-    path = build(staging, cache_dir, row_files, compression, beam_options=options)
-    prep._swap_in(staging, final)
-    return path.replace(staging, final)

@@ -247,13 +247,15 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="prep", unit="series", disable=not enabled, file=sys.stderr)
 
 
-def _build_tfds(out_dir: str, cache_dir: str, by_split: dict, compression: str) -> str:
+def _build_tfds(out_dir: str, cache_dir: str, by_split: dict, compression: str, beam_options=None) -> str:
+    """Builds the records into ``tfds.staging`` and swaps them in as ``tfds`` (local or remote);
+    ``by_split``: each split's rows, or with ``beam_options`` its files of rows (Beam writes)."""
     from data_prep.tfds_builder import build
 
-    final = os.path.join(out_dir, "tfds")
-    staging = os.path.join(out_dir, "tfds.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    path = build(staging, cache_dir, {s: rows for s, rows in by_split.items() if rows}, compression)
+    final, staging = storage.resolve(out_dir, "tfds"), storage.resolve(out_dir, "tfds.staging")
+    if storage.path(staging).exists():
+        storage.path(staging).rmtree()
+    path = build(staging, cache_dir, {s: rows for s, rows in by_split.items() if rows}, compression, beam_options)
     _swap_in(staging, final)
     return path.replace(staging, final)
 
