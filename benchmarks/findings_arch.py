@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-FINDINGS = ("absent_kidney", "acl_tear", "cord_lesion", "effusion", "herniation", "infarct", "liver_lesion", "mass")
+FINDINGS = ("absent_kidney", "acl_tear", "cord_lesion", "effusion", "fracture", "infarct", "liver_lesion", "mass")
 REGION = {"absent_kidney": "abdomen", "liver_lesion": "abdomen", "acl_tear": "knee", "effusion": "knee",
-          "cord_lesion": "spine", "herniation": "spine", "infarct": "brain", "mass": "brain"}
+          "cord_lesion": "spine", "fracture": "spine", "infarct": "brain", "mass": "brain"}
 
 
 def load(prep: str, size: int = 32) -> dict:

@@ -24,6 +24,27 @@ def test_demo_is_a_pipeline_config():
         module_for("eval.py", mlc.ConfigDict())
 
 
+def test_the_larger_ladder_is_the_demo_scaled():
+    """experiments/configs/ladder.py (benchmarks/ladder.py): the demo's stages with a larger
+    corpus, the conv stem in every ViT the pipeline trains, and longer fine-tuning runs."""
+    from decipher_jax.trainers import common
+
+    base = demo.config()
+    for arg, patients, steps in (("", 400, 1200), ("gpu", 1000, 3000)):
+        cfg = common.load_config("experiments/configs/ladder.py" + (f":{arg}" if arg else ""))
+        assert cfg.stages.data.patients == patients and patients > base.stages.data.patients
+        assert [n for n in base.order if n != "mesh_check"] == list(cfg.order)
+        for name in ("stage1_vision", "stage2"):
+            over = dict(cfg.stages[name].overrides)
+            assert over["model.vit.stem"] == "conv" and over["data.dir"] == "{data}"
+        assert dict(cfg.stages.ladder.overrides)["steps"] == steps
+        vit = common.load_config(pipeline.config_path(cfg.stages.stage1_vision.config),
+                                 {"model.vit.stem": "conv"}).model.vit
+        assert vit.stem == "conv"
+    with pytest.raises(ValueError, match="ladder.py:cpu"):
+        common.load_config("experiments/configs/ladder.py:cpu")
+
+
 def test_missing_requirement_stops_later_stages_and_keeps_the_summary(tmp_path):
     cfg = mlc.ConfigDict({"title": "t", "devices": 8, "mesh": {"data": -1}, "order": ("first", "needs", "after"),
                           "stages": {"first": {"kind": "prepared", "dir": str(tmp_path / "nowhere")},

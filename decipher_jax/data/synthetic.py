@@ -41,12 +41,14 @@ TISSUE = {
     "wm": (0.65, 0.45, 0.4, 0.3),
     "muscle": (0.4, 0.3, 0.3, 0.2),
     "cartilage": (0.35, 0.55, 0.5, 0.25),
-    "fluid": (0.15, 0.9, 0.3, 0.1),
+    # Free water is suppressed on FLAIR, as CSF is (version 3: 0.3, level with muscle, so a knee
+    # effusion did not show on FLAIR at all).
+    "fluid": (0.15, 0.9, 0.05, 0.1),
     "ligament": (0.08, 0.08, 0.08, 0.05),
     "disc": (0.35, 0.7, 0.5, 0.25),
     "cord": (0.5, 0.5, 0.45, 0.3),
     "liver": (0.55, 0.35, 0.35, 0.3),
-    "kidney": (0.28, 0.6, 0.55, 0.45),  # darker than muscle on T1 (version 1: 0.4, the same)
+    "kidney": (0.22, 0.6, 0.55, 0.45),  # darker than muscle on T1 (version 1: 0.4, the same; 3: 0.28)
     "spleen": (0.45, 0.55, 0.5, 0.5),
     # findings
     "infarct": (0.3, 0.85, 0.9, 1.0),
@@ -55,19 +57,27 @@ TISSUE = {
     # a bright blob like an infarct on every sequence but DWI).
     "mass": (0.25, 0.5, 0.45, 0.75),
     "cyst": (0.1, 1.0, 0.2, 0.05),
-    "herniation": (0.35, 0.7, 0.5, 0.25),
     "cord_lesion": (0.4, 0.9, 0.85, 0.6),
     "edema": (0.38, 0.85, 0.8, 0.4),  # vasogenic (round a mass) or bone-bruise / torn-ligament oedema
+    # A fractured vertebral body's marrow oedema: dark on T1, and on T2 and FLAIR brighter than
+    # the paravertebral fat it sits in (the plain "edema" was level with that fat there).
+    "marrow_edema": (0.2, 0.95, 0.95, 0.3),
 }
 
 # region -> (field of view in mm (x, y, z), findings it can have)
 REGIONS = {
     "brain": ((180.0, 210.0, 170.0), ("infarct", "mass")),
     "knee": ((150.0, 150.0, 170.0), ("effusion", "acl_tear")),
-    "spine": ((120.0, 140.0, 260.0), ("herniation", "cord_lesion")),
+    "spine": ((120.0, 140.0, 260.0), ("fracture", "cord_lesion")),
     "abdomen": ((320.0, 240.0, 220.0), ("liver_lesion", "absent_kidney")),
 }
 FINDINGS = tuple(f for _, fs in REGIONS.values() for f in fs)
+# The sequences each region's protocol acquires (a study draws 2-3 of them): a finding is then
+# visible on every series it is labelled on (tests/test_synthetic.py). Version 3 drew any of
+# the four everywhere, so a knee effusion was labelled on DWI series where fluid and muscle are
+# both dark, and a spine series could be a DWI of nothing in particular.
+PROTOCOLS = {"brain": SEQUENCES, "knee": ("T1", "T2", "FLAIR"), "spine": ("T1", "T2", "FLAIR"),
+             "abdomen": ("T1", "T2", "DWI")}
 
 
 @dataclasses.dataclass
@@ -111,9 +121,15 @@ def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float =
             side = r.choice([-1, 1])
             y = r.uniform(-45, 45)
             rad = r.uniform(*LESIONS[f])
-            c = (side * r.uniform(22, 34), y, r.uniform(-5, 20))
+            # An infarct sits in a cortical territory, a mass (a glioma) deep in the white matter
+            # beside the ventricle it compresses (version 3: both 22-34 mm from the midline, and
+            # no mass effect, so on T2 and FLAIR a mass's oedema and an infarct looked alike).
+            c = (side * r.uniform(*((22, 34) if f == "infarct" else (12, 22))), y, r.uniform(-5, 20))
             radii = np.array([rad, rad * r.uniform(0.8, 1.2), rad])
             if f == "mass":
+                for j, p in enumerate(parts[5:7]):  # the lateral ventricle on the mass's side, effaced
+                    if np.sign(p.center[0]) == side:
+                        parts[5 + j] = _e("csf", p.center - np.array([side * 4.0, 0, 0]), p.radii * np.array([0.35, 0.6, 0.6]))
                 parts.append(_e("edema", c, radii * 1.5, True))
             parts.append(_e(f, c, radii, True))
             facts[f] = {"side": "right" if side > 0 else "left", "lobe": "frontal" if y > 15 else "parietal" if y > -20 else "occipital",
@@ -155,10 +171,16 @@ def _spine(r, findings, facts, age=50):
         z = -100 + i * 45
         parts += [_e("bone", (0, 20, z), (22, 18, 17)), _e("marrow", (0, 20, z), (19, 15, 14)), _e("disc", (0, 20, z + 22), (20, 16, disc))]
     parts += [_e("csf", (0, -8, 0), (9, 8, 130)), _e("cord", (0, -8, 20), (5, 5, 90))]
-    if "herniation" in findings:  # disc material pushed back into the canal, displacing its CSF
+    if "fracture" in findings:  # an acute compression fracture: the body loses height, its marrow is oedema
         i = int(r.integers(0, 5))
-        parts.append(_e("herniation", (r.uniform(-5, 5), -6, -100 + i * 45 + 22), LESIONS["herniation"], True))
-        facts["herniation"] = {"level": levels[i]}
+        z = -100 + i * 45
+        loss = float(r.uniform(*LESIONS["fracture"]))
+        k = 1.0 - loss
+        for j, p in enumerate(parts):
+            if p.tissue in ("bone", "marrow") and p.center[2] == z:
+                parts[j] = _e("marrow_edema" if p.tissue == "marrow" else "bone", p.center, p.radii * np.array([1.0, 1.0, k]),
+                              lesion=p.tissue == "marrow")
+        facts["fracture"] = {"level": f"L{i + 1}", "loss": int(round(100 * loss / 5) * 5)}
     if "cord_lesion" in findings:  # an expansile intramedullary lesion: wider than the 10 mm cord
         z = r.uniform(0, 70)
         rx, rz = LESIONS["cord_lesion"][0], r.uniform(*LESIONS["cord_lesion"][1:])
@@ -194,9 +216,16 @@ BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen
 # the disc's back edge, an ACL 8 mm thick whose tear left no trace but its absence, and a bias
 # field of up to 2x: on its demo corpus a ResNet-10 trained on the finding labels reached a
 # mean test AUROC of 0.59 (BENCHMARKS.md, "A learnable world").
+#
+# Version 4 replaced the disc herniation with an acute vertebral compression fracture (the
+# vertebral body's height loss, a fraction drawn from LESIONS["fracture"], and its marrow
+# turned to oedema: dark on T1, bright on T2 and FLAIR). At 32^3 over the spine's 260 mm the
+# canal is 5 x 4 voxels across, so the herniation's disc material displacing its CSF changed
+# 12-14 voxels on three of the four sequences and no model learnt it (best test AUROC 0.55:
+# the BatchNorm CNN; MONAI's ResNet-10 0.55, a voxel logistic regression 0.53).
 LESIONS = {"infarct": (18.0, 28.0), "mass": (14.0, 22.0), "liver_lesion": (20.0, 32.0),
-           "herniation": (14.0, 12.0, 14.0), "cord_lesion": (7.5, 24.0, 40.0)}
-GENERATOR_VERSION = 3
+           "fracture": (0.15, 0.4), "cord_lesion": (7.5, 32.0, 50.0)}
+GENERATOR_VERSION = 4
 
 
 def scale_body(parts: list[Ellipsoid], facts: dict, scale: float) -> list[Ellipsoid]:
@@ -276,8 +305,9 @@ _POS = {
     "effusion": ["{size} joint effusion.", "There is a {size} knee joint effusion.", "Suprapatellar effusion, {size}."],
     "acl_tear": ["{kind} tear of the anterior cruciate ligament.", "The ACL is not visualized, compatible with a {kind} tear.",
                  "Anterior cruciate ligament rupture."],
-    "herniation": ["Disc herniation at {level}.", "{level} disc protrusion with mild canal narrowing.",
-                   "There is a posterior disc herniation at the {level} level."],
+    "fracture": ["Acute compression fracture of the {level} vertebral body with {loss}% height loss.",
+                 "{level} compression deformity with marrow edema, consistent with an acute fracture.",
+                 "There is an acute fracture of {level} with about {loss}% loss of vertebral body height."],
     "cord_lesion": ["T2 hyperintense lesion within the spinal cord, {size_mm} mm in length.",
                     "Intramedullary signal abnormality suggestive of myelitis.", "Focal cord lesion is present."],
     "liver_lesion": ["A {size_mm} mm cystic lesion in the {segment} of the liver.",
@@ -290,7 +320,7 @@ _NEG = {
     "mass": ["No intracranial mass.", "No mass effect or midline shift.", "No space-occupying lesion is identified."],
     "effusion": ["No joint effusion.", "There is no effusion."],
     "acl_tear": ["The ACL is intact.", "Cruciate ligaments are intact.", "No ligament tear."],
-    "herniation": ["No disc herniation.", "The intervertebral discs are preserved without herniation."],
+    "fracture": ["Vertebral body heights are maintained.", "No fracture.", "No vertebral compression deformity."],
     "cord_lesion": ["The spinal cord is normal in signal.", "No cord lesion."],
     "liver_lesion": ["No focal liver lesion.", "The liver is unremarkable."],
     "absent_kidney": ["Both kidneys are present and normal in size.", "Kidneys are unremarkable."],
@@ -298,7 +328,7 @@ _NEG = {
 _NORMAL = {
     "brain": ["Gray-white matter differentiation is preserved."],
     "knee": ["The menisci are intact.", "Bone marrow signal is normal."],
-    "spine": ["Vertebral body heights are maintained.", "Normal lumbar lordosis."],
+    "spine": ["Normal lumbar lordosis.", "No spondylolisthesis."],
     "abdomen": ["The spleen is normal.", "No free fluid."],
 }
 _IMPRESSION_NORMAL = ["No acute abnormality.", "Normal study.", "Unremarkable examination."]
@@ -399,7 +429,7 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             facts: dict = {}
             parts = scale_body(BUILDERS[region](r, findings, facts, age=age), facts, body_scale(sex, seed, p))
             findings = set(facts) | findings  # facts may be richer (e.g. sizes)
-            seqs = sorted(r.choice(SEQUENCES, size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
+            seqs = sorted(r.choice(PROTOCOLS[region], size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
             study = f"P{p:04d}_S{s}"
             # The report draws from its own stream, so its wording never shifts the images'.
             report = write_report(np.random.default_rng([seed, p, 2, s]), region, seqs, findings, facts, age, sex)

@@ -29,7 +29,7 @@ PROMPTS = {
     "mass": "there is a mass suspicious for neoplasm",
     "cord_lesion": "there is a spinal cord lesion",
     "liver_lesion": "there is a focal liver lesion",
-    "herniation": "there is a disc herniation",
+    "fracture": "there is a vertebral compression fracture",
     "effusion": "there is a joint effusion",
 }
 
