@@ -23,9 +23,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RUNG_ORDER = ("random", "ssl_teacher", "align", "supervised", "fine-tuned")
-RUNG_NAME = {"random": "random init, frozen", "ssl_teacher": "stage 1 (DINO teacher), frozen",
-             "align": "stage 2 (CLIP), frozen", "supervised": "supervised (from random init)",
+# the ladder's rungs bottom to top (the probes name the frozen ones by their encoders' names)
+RUNG_ORDER = ("random init", "stage 1 (DINO teacher)", "stage 2 (CLIP)", "supervised", "fine-tuned")
+RUNG_NAME = {"random init": "random init, frozen", "stage 1 (DINO teacher)": "stage 1 (DINO teacher), frozen",
+             "stage 2 (CLIP)": "stage 2 (CLIP), frozen", "supervised": "supervised (from random init)",
              "fine-tuned": "fine-tuned from stage 2"}
 
 
@@ -47,9 +48,28 @@ def ladder_table(workdir: str) -> str:
         n = next(r["n_studies"] for r in rows if r["task"] == task)
         out.append(f"{task} ({metric}, {n} test studies):\n"
                    + table(["rung"] + [f"{f:.0%} labels" for f in fractions], body))
-    for key, run in sorted(res.get("runs", {}).items()):
-        out.append(f"  {key}: best val step {run['best_step']}, test {run['test']:.3f}")
-    return "\n\n".join(out)
+    out.append("\n".join(f"  {key}: best val step {run['best_step']}, test {run['test']:.3f}"
+                          for key, run in sorted(res.get("runs", {}).items())))
+    out.append(per_finding_table(workdir))
+    return "\n\n".join(o for o in out if o)
+
+
+def per_finding_table(workdir: str) -> str:
+    """The frozen probes' test AUROC per finding, all labels, first seed (``eval/probes.json``)."""
+    from benchmarks.common import table
+
+    path = os.path.join(workdir, "eval", "probes.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        rows = [r for r in json.load(f) if r["task"].startswith("finding: ") and r["fraction"] == 1.0
+                and r["seed"] == 0 and r.get("feature", "mean") == "mean"]
+    encs = sorted({r["encoder"] for r in rows}, key=lambda e: RUNG_ORDER.index(e) if e in RUNG_ORDER else 99)
+    tasks = sorted({r["task"] for r in rows})
+    by = {(r["encoder"], r["task"]): r["auroc"] for r in rows}
+    body = [[e] + [f"{by[(e, t)]:.2f}" if (e, t) in by else "-" for t in tasks] for e in encs]
+    return "frozen probes per finding (test AUROC, all labels, seed 0):\n" + table(
+        ["encoder"] + [t[len("finding: "):] for t in tasks], body)
 
 
 def main(argv=None) -> int:
