@@ -113,8 +113,37 @@ class HMLPStem(nnx.Module):
         return x
 
 
+class JaxCNN(nnx.Module):
+    """The torch InstanceNorm CNN of ``findings_norm.py`` in JAX on the library's pieces: the
+    conv-stem ViT's own stem (three stride-2 3^3 convolutions, InstanceNorm, GELU; im2col), one
+    more 3^3 convolution + InstanceNorm + GELU, a global mean. No transformer."""
+
+    def __init__(self, dim: int, size: int, rngs: nnx.Rngs):
+        from decipher_jax.models.vit3d import ViT3D, ViTConfig
+
+        self.vit = ViT3D(ViTConfig(dim=dim, depth=1, heads=4, mlp_dim=dim, patch_size=(8, 8, 8),
+                                   img_size=(size,) * 3, stem="conv", stem_channels=(16, 32, dim)), rngs=rngs)
+        he = jax.nn.initializers.he_normal(in_axis=(0, 1, 2, 3), out_axis=4)
+        self.kernel = nnx.Param(he(rngs.params(), (3, 3, 3, dim, dim)))
+        self.bias, self.nb = nnx.Param(jnp.zeros((dim,))), nnx.Param(jnp.zeros((dim,)))
+        self.ns = nnx.Param(jnp.ones((dim,)))
+
+    def __call__(self, x):
+        from decipher_jax.models.layers import conv3d, instance_norm
+
+        h = conv3d(self.vit.conv_stem(x), self.kernel[...], (1, 1, 1)) + self.bias[...]
+        return jax.nn.gelu(instance_norm(h, self.ns[...], self.nb[...]), approximate=False)
+
+
 class Net(nnx.Module):
-    def __init__(self, variant: str, k: int, size: int, rngs: nnx.Rngs, dim: int = 64):
+    def __init__(self, variant: str, k: int, size: int, rngs: nnx.Rngs, dim: int = 64, depth: int = 2,
+                 pool: str = "mean", final_norm: bool = True, layerscale: float | None = None):
+        self.depth, self.pool, self.final_norm, self.ls = depth, pool, final_norm, layerscale is not None
+        if variant == "jcnn":  # the JAX InstanceNorm CNN on the library's conv stem
+            self.variant, self.cnn = "jcnn", JaxCNN(dim, size, rngs)
+            self.tokennorm = False
+            self.head = nnx.Linear(dim, k, rngs=rngs)
+            return
         from decipher_jax.models.vit3d import ViT3D, ViTConfig
 
         # bncnn / bnconv: BatchNorm in the conv stem; incnn / inconv: InstanceNorm; hmlp / lnhmlp: the
@@ -124,8 +153,8 @@ class Net(nnx.Module):
         variant = variant[:-2] if self.tokennorm else variant
         if variant.startswith("stem"):  # stem8 / stem4: our ViT3D with stem="conv" (InstanceNorm'd), the library's
             p = int(variant[len("stem"):])
-            self.vit = ViT3D(ViTConfig(dim=dim, depth=2, heads=4, mlp_dim=2 * dim, patch_size=(p,) * 3,
-                                       img_size=(size,) * 3, stem="conv"), rngs=rngs)
+            self.vit = ViT3D(ViTConfig(dim=dim, depth=max(depth, 1), heads=4, mlp_dim=2 * dim, patch_size=(p,) * 3,
+                                       img_size=(size,) * 3, stem="conv", layerscale=layerscale), rngs=rngs)
             variant = "vit"
         elif variant in ("hmlp", "lnhmlp"):
             self.stem, variant = HMLPStem(dim, rngs, norm="in" if variant == "hmlp" else "ln"), "conv"
@@ -150,7 +179,21 @@ class Net(nnx.Module):
             self.tn = InstanceNorm(dim, axes=(1,))
         self.head = nnx.Linear(dim, k, rngs=rngs)
 
+    def readout(self, tok):
+        """(B, N, E) tokens -> (B, E): the final LayerNorm (optional), then the mean or max over
+        tokens."""
+        tok = self.vit.norm(tok) if self.final_norm else tok
+        return tok.max(1) if self.pool == "max" else tok.mean(1)
+
     def __call__(self, x):
+        if self.variant == "jcnn":
+            h = self.cnn(x)
+            return self.head(h.max((1, 2, 3)) if self.pool == "max" else h.mean((1, 2, 3)))
+        if self.variant == "vit" and (self.depth != 2 or self.pool != "mean" or not self.final_norm or self.ls):
+            tok, _ = self.vit.embed(x)  # depth 0: the stem's tokens straight to the readout
+            if self.depth:
+                tok, _ = self.vit.blocks(tok)
+            return self.head(self.readout(tok))
         if self.variant == "cnn":
             return self.head(jax.nn.gelu(self.conv(self.stem(x))).mean((1, 2, 3)))
         h = self.stem(x) if self.variant == "conv" else x
@@ -170,6 +213,15 @@ def main(argv=None):
     p.add_argument("--no-flips", action="store_true")
     p.add_argument("--sanity", action="store_true")
     p.add_argument("--voxel-lr", action="store_true")
+    p.add_argument("--depth", type=int, default=2, help="stem*: transformer blocks (0: the stem's tokens read out)")
+    p.add_argument("--pool", choices=("mean", "max"), default="mean", help="stem* / jcnn: the readout over tokens")
+    p.add_argument("--layerscale", type=float, default=None, help="stem*: LayerScale's initial value")
+    p.add_argument("--patch-std", type=float, default=None,
+                   help="stem*: redraw the per-cell projection with this std (the library: 0.02)")
+    p.add_argument("--no-final-norm", action="store_true", help="stem*: no LayerNorm before the readout")
+    p.add_argument("--recipe", choices=("jax", "torch"), default="jax",
+                   help="jax: warm-up + cosine, weight decay 0.05, per-sample flips; torch: findings_norm.py's "
+                        "constant lr, weight decay 0.01, one flip per batch")
     args = p.parse_args(argv)
     from sklearn.metrics import roc_auc_score
 
@@ -196,9 +248,17 @@ def main(argv=None):
         au = aurocs(prob)
         print(f"voxel LR: test mean AUROC {np.nanmean(au):.3f} {np.round(au, 2).tolist()}")
         return
-    model = Net(args.variant, ytr.shape[1], xtr.shape[1], nnx.Rngs(0))
-    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, 50, args.steps)
-    opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.05), wrt=nnx.Param)
+    model = Net(args.variant, ytr.shape[1], xtr.shape[1], nnx.Rngs(0), depth=args.depth, pool=args.pool,
+                final_norm=not args.no_final_norm, layerscale=args.layerscale)
+    if args.patch_std is not None:
+        k = model.vit.patch_kernel
+        k[...] = jax.random.normal(jax.random.key(1), k.shape) * args.patch_std
+        model.ls = True  # the readout path (no CLS), as --layerscale
+    if args.recipe == "torch":
+        opt = nnx.Optimizer(model, optax.adamw(args.lr, weight_decay=0.01), wrt=nnx.Param)
+    else:
+        sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, 50, args.steps)
+        opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.05), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, x, y, m):
@@ -216,7 +276,10 @@ def main(argv=None):
     for s in range(1, args.steps + 1):
         idx = rng.choice(len(xtr), 16, replace=False)
         x = xtr[idx].astype(np.float32)
-        if not args.no_flips:
+        if not args.no_flips and args.recipe == "torch":
+            axes = [a + 1 for a in range(3) if rng.random() < 0.5]
+            x = np.flip(x, axes).copy() if axes else x
+        elif not args.no_flips:
             for ax in (1, 2, 3):
                 f = rng.random(16) < 0.5
                 x[f] = np.flip(x[f], axis=ax)

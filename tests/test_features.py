@@ -3,6 +3,7 @@ the crop, each equal to a direct single-device forward, written in chunks and re
 
 import jax
 import numpy as np
+import pytest
 
 from decipher_jax import sharding as sh
 from decipher_jax.data import pipelines as P
@@ -27,7 +28,7 @@ def _direct(params, vols):
     p1 = jax.device_put(jax.device_get(params), rep)
     with jax.set_mesh(one):
         out = model(p1)(jax.device_put(np.asarray(vols, np.float32), rep))
-    return np.asarray(out["cls"]), np.asarray(out["patch"]).mean(1)
+    return np.asarray(out["cls"]), np.asarray(out["patch"]).mean(1), np.asarray(out["patch"]).max(1)
 
 
 def test_whole_volume_features_equal_a_direct_forward(prepared, tmp_path):
@@ -43,9 +44,14 @@ def test_whole_volume_features_equal_a_direct_forward(prepared, tmp_path):
     ids = [T.Decode().map(src[i])["series_id"] for i in range(len(src))]
     assert list(feats["series_id"]) == ids
     vols = np.stack([T.Resize(CFG.img_size).map(T.Decode().map(src[i]))["image"] for i in range(len(src))])
-    cls, mean = _direct(params, vols)
+    cls, mean, mx = _direct(params, vols)
     np.testing.assert_allclose(feats["cls"], cls, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(feats["mean"], mean, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(feats["max"], mx, rtol=2e-4, atol=2e-5)
+    both = features.combined(feats, "mean+max")
+    np.testing.assert_array_equal(both, np.concatenate([feats["mean"], feats["max"]], 1))
+    with pytest.raises(KeyError, match="'pooled'"):
+        features.combined(feats, "mean+pooled")
 
 
 def test_sliding_window_features_equal_a_loop_over_windows(prepared, tmp_path):
@@ -64,7 +70,7 @@ def test_sliding_window_features_equal_a_loop_over_windows(prepared, tmp_path):
         padded = seghead.pad_to_window(vol[None], window)[0]
         corners = seghead.window_corners(padded.shape[:3], window, 0.5)
         wins = np.stack([padded[x:x + 8, y:y + 8, z:z + 8] for x, y, z in corners])
-        cls, mean = _direct(params, wins)
+        cls, mean, _ = _direct(params, wins)
         np.testing.assert_allclose(feats["cls"][i], cls.mean(0), rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(feats["mean"][i], mean.mean(0), rtol=2e-4, atol=2e-5)
     np.testing.assert_array_equal(features.load(str(tmp_path / "w"))["mean"], feats["mean"])

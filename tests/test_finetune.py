@@ -151,3 +151,30 @@ def test_early_stopping_keeps_the_best_val_step(prepared_val, tmp_path):
     assert max(_losses(w)) == 4
     with open(os.path.join(w, "test.json")) as f:
         assert json.load(f)["best_step"] == 2
+
+
+def test_pooled_readout_and_its_max_gradient():
+    """The head's features are the named pools side by side; the max is each channel's max over
+    the tokens, with jnp.max's gradient where the max is unique, and an old run's two-pool
+    classifier still builds."""
+    from flax import nnx
+
+    from decipher_jax.models.classifier import Classifier, check_pool, pool_features, token_max
+    from decipher_jax.models.vit3d import ViTConfig
+
+    rng = np.random.default_rng(0)
+    patch = jnp.asarray(rng.normal(size=(3, 7, 5)), jnp.float32)
+    np.testing.assert_array_equal(token_max(patch), patch.max(1))
+    g = jax.grad(lambda p: (token_max(p) * jnp.arange(1.0, 6.0)).sum())(patch)
+    g_ref = jax.grad(lambda p: (p.max(1) * jnp.arange(1.0, 6.0)).sum())(patch)
+    np.testing.assert_allclose(g, g_ref)
+    out = {"cls": patch[:, 0], "patch": patch}
+    f = pool_features(out, ("cls", "mean", "max"))
+    np.testing.assert_allclose(f, np.concatenate([patch[:, 0], patch.mean(1), patch.max(1)], 1), rtol=1e-6)
+    with pytest.raises(ValueError, match="distinct names"):
+        check_pool(("mean", "mean"))
+    vit = ViTConfig(**SMALL_VIT)
+    for pool in (("cls", "mean"), ("cls", "mean", "max")):
+        m = Classifier(vit, 3, rngs=nnx.Rngs(0), pool=pool)
+        assert m.head_kernel.shape == (len(pool) * vit.dim, 3)
+        assert m(jnp.zeros((2, 16, 16, 16, 1))).shape == (2, 3)

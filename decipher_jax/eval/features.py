@@ -1,8 +1,9 @@
-"""Frozen ViT features of a prepared split: CLS, mean-pooled patch tokens and selected
+"""Frozen ViT features of a prepared split: CLS, mean- and max-pooled patch tokens and selected
 intermediate layers, extracted in sharded batches and streamed to disk chunk by chunk.
 
     feats = extract(model, params, source, mesh, size=(32, 32, 32), out_dir="W/features/test")
-    feats = load("W/features/test")        # {"cls": (N, D), "mean": (N, D), "layer3_mean": ..., metadata}
+    feats = load("W/features/test")        # {"cls": (N, D), "mean": (N, D), "max": (N, D), "layer3_mean": ..., metadata}
+    x = combined(feats, "mean+max")        # (N, 2D): named vectors side by side
 
 A chunk file is written atomically every ``chunk_batches`` batches, so a long extraction keeps
 little in memory and an interrupted one leaves only complete chunks. Volumes are resized
@@ -29,11 +30,22 @@ from decipher_jax.data import transforms as T
 from decipher_jax.eval import embed
 
 
+def combined(feats: dict, feature: str) -> np.ndarray:
+    """The feature vector ``feature`` of a split's features: one name (``"mean"``), or names
+    joined by ``+`` (``"mean+max"``), concatenated in that order."""
+    names = feature.split("+")
+    missing = [n for n in names if n not in feats]
+    if missing:
+        raise KeyError(f"feature {feature!r}: no {missing} among {sorted(k for k in feats if not isinstance(feats[k][0], str))}")
+    return np.concatenate([np.asarray(feats[n], np.float32) for n in names], axis=-1)
+
+
 @functools.lru_cache(maxsize=8)
 def _encoder(model, layers: tuple[int, ...]):
     def f(params, batch):
         out = model(params)(batch["image"], collect=layers)
-        res = {"cls": out["cls"].astype(jnp.float32), "mean": out["patch"].mean(1).astype(jnp.float32)}
+        res = {"cls": out["cls"].astype(jnp.float32), "mean": out["patch"].mean(1).astype(jnp.float32),
+               "max": out["patch"].max(1).astype(jnp.float32)}
         for i in layers:
             res[f"layer{i}_mean"] = out["layers"][i].mean(1).astype(jnp.float32)
         return res

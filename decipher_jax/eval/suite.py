@@ -133,6 +133,8 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
         for split, source in sources.items():
             feats[split] = features.extract(model, params, source, mesh, size=vit.img_size,
                                             out_dir=os.path.join(pdir.features, tag, split))
+        for split in feats:  # "mean+max": the named vectors side by side
+            feats[split][feature] = features.combined(feats[split], feature)
         held = val_targets(feats["train"], feats.get("val"))
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time

@@ -36,7 +36,7 @@ import numpy as np
 from decipher_jax import checkpoint as ckpt
 from decipher_jax import optim, runs, runspec
 from decipher_jax.data import pipelines as P
-from decipher_jax.models.classifier import Classifier
+from decipher_jax.models.classifier import DEFAULT_POOL, Classifier
 from decipher_jax.models.vit3d import ViTConfig
 from decipher_jax.trainers import common
 
@@ -224,7 +224,10 @@ def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: 
     ``max_series``) training volumes, whole-volume resized as in evaluation."""
     f = predict(jax.jit(lambda p, x: model(p).features(x)), params, source, spec, size, mesh, cfg.eval.batch_size,
                 max_series)["out"].astype(np.float64)
-    mean, scale = f.mean(0), 1.0 / (f.std(0) + 1e-6)
+    # A feature that barely varies over the training volumes (the max of a channel that saturates
+    # on every one) must not be scaled by 1e6: its std is floored at a hundredth of the median.
+    std = f.std(0)
+    mean, scale = f.mean(0), 1.0 / np.maximum(std, 1e-2 * np.median(std) + 1e-6)
     put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
     return {**params, "feat_mean": put(mean, "feat_mean"), "feat_scale": put(scale, "feat_scale")}
 
@@ -278,7 +281,8 @@ def setup(cfg, mesh) -> common.Setup:
     spec = task_spec(cfg.task, meta)
     rows = label_indices(meta, cfg.data.label_fraction, cfg.data.label_seed)
     vit = vit_config(cfg)
-    model = common.Model(lambda r: Classifier(vit, spec.n_out, rngs=r), mesh)
+    pool = tuple(cfg.model.get("pool", DEFAULT_POOL))
+    model = common.Model(lambda r: Classifier(vit, spec.n_out, rngs=r, pool=pool), mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
     oc = cfg.optim.copy_and_resolve_references()
     oc.lr_rules = [("feat_.*", None)] + [tuple(r) for r in oc.get("lr_rules", ())]  # fixed statistics
