@@ -13,7 +13,10 @@ in the stem instead of LayerNorm; ``incnn`` / ``inconv``: the same with Instance
 ``stem4``: the library's ViT3D with ``stem="conv"`` (InstanceNorm'd, im2col convolutions);
 ``hmlp`` / ``lnhmlp``: a hierarchical-MLP stem (three non-overlapping 2^3 merges) with
 InstanceNorm / LayerNorm; ``linear8tn`` / ``linear4tn``: the linear stem with an InstanceNorm over
-the tokens after it. ``--sanity``: the body
+the tokens after it; ``jcnn``: the InstanceNorm CNN in JAX on the library's conv stem (no
+transformer). For ``stem*``: ``--depth``, ``--pool mean|max``, ``--layerscale``, ``--no-final-norm``
+(any of them reads the tokens out without a CLS token); ``--recipe torch``: ``findings_norm.py``'s
+constant lr, weight decay 0.01 and one flip per batch. ``--sanity``: the body
 region as the target (learnable by anything). ``--voxel-lr``: scikit-learn logistic regression
 on the flattened 32^3 voxels instead of a network. Prints the mean training loss of the last
 300 steps and the test AUROC per finding.
@@ -138,7 +141,9 @@ class JaxCNN(nnx.Module):
 class Net(nnx.Module):
     def __init__(self, variant: str, k: int, size: int, rngs: nnx.Rngs, dim: int = 64, depth: int = 2,
                  pool: str = "mean", final_norm: bool = True, layerscale: float | None = None):
-        self.depth, self.pool, self.final_norm, self.ls = depth, pool, final_norm, layerscale is not None
+        self.depth, self.pool, self.final_norm = depth, pool, final_norm
+        # stem* with any of the options below: embed -> blocks -> readout, with no CLS token
+        self.readout_path = depth != 2 or pool != "mean" or not final_norm or layerscale is not None
         if variant == "jcnn":  # the JAX InstanceNorm CNN on the library's conv stem
             self.variant, self.cnn = "jcnn", JaxCNN(dim, size, rngs)
             self.tokennorm = False
@@ -189,7 +194,7 @@ class Net(nnx.Module):
         if self.variant == "jcnn":
             h = self.cnn(x)
             return self.head(h.max((1, 2, 3)) if self.pool == "max" else h.mean((1, 2, 3)))
-        if self.variant == "vit" and (self.depth != 2 or self.pool != "mean" or not self.final_norm or self.ls):
+        if self.variant == "vit" and self.readout_path:
             tok, _ = self.vit.embed(x)  # depth 0: the stem's tokens straight to the readout
             if self.depth:
                 tok, _ = self.vit.blocks(tok)
@@ -216,8 +221,6 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=2, help="stem*: transformer blocks (0: the stem's tokens read out)")
     p.add_argument("--pool", choices=("mean", "max"), default="mean", help="stem* / jcnn: the readout over tokens")
     p.add_argument("--layerscale", type=float, default=None, help="stem*: LayerScale's initial value")
-    p.add_argument("--patch-std", type=float, default=None,
-                   help="stem*: redraw the per-cell projection with this std (the library: 0.02)")
     p.add_argument("--no-final-norm", action="store_true", help="stem*: no LayerNorm before the readout")
     p.add_argument("--recipe", choices=("jax", "torch"), default="jax",
                    help="jax: warm-up + cosine, weight decay 0.05, per-sample flips; torch: findings_norm.py's "
@@ -250,10 +253,6 @@ def main(argv=None):
         return
     model = Net(args.variant, ytr.shape[1], xtr.shape[1], nnx.Rngs(0), depth=args.depth, pool=args.pool,
                 final_norm=not args.no_final_norm, layerscale=args.layerscale)
-    if args.patch_std is not None:
-        k = model.vit.patch_kernel
-        k[...] = jax.random.normal(jax.random.key(1), k.shape) * args.patch_std
-        model.ls = True  # the readout path (no CLS), as --layerscale
     if args.recipe == "torch":
         opt = nnx.Optimizer(model, optax.adamw(args.lr, weight_decay=0.01), wrt=nnx.Param)
     else:

@@ -37,6 +37,8 @@ def combined(feats: dict, feature: str) -> np.ndarray:
     missing = [n for n in names if n not in feats]
     if missing:
         raise KeyError(f"feature {feature!r}: no {missing} among {sorted(k for k in feats if not isinstance(feats[k][0], str))}")
+    if len(names) == 1:
+        return feats[names[0]]
     return np.concatenate([np.asarray(feats[n], np.float32) for n in names], axis=-1)
 
 

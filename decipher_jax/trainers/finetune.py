@@ -224,10 +224,7 @@ def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: 
     ``max_series``) training volumes, whole-volume resized as in evaluation."""
     f = predict(jax.jit(lambda p, x: model(p).features(x)), params, source, spec, size, mesh, cfg.eval.batch_size,
                 max_series)["out"].astype(np.float64)
-    # A feature that barely varies over the training volumes (the max of a channel that saturates
-    # on every one) must not be scaled by 1e6: its std is floored at a hundredth of the median.
-    std = f.std(0)
-    mean, scale = f.mean(0), 1.0 / np.maximum(std, 1e-2 * np.median(std) + 1e-6)
+    mean, scale = f.mean(0), 1.0 / (f.std(0) + 1e-6)
     put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
     return {**params, "feat_mean": put(mean, "feat_mean"), "feat_scale": put(scale, "feat_scale")}
 

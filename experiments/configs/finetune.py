@@ -19,6 +19,7 @@ token and the patch tokens' mean and max (``model.pool``).
 
 import ml_collections as mlc
 
+from decipher_jax.models.classifier import DEFAULT_POOL
 from decipher_jax.trainers.finetune import TASKS
 
 
@@ -64,7 +65,7 @@ def get_config(arg=None):
     # The head's features: the CLS token and the patch tokens' mean and max (a finding in a few
     # patches moves the max; the mean dilutes it by the token count; BENCHMARKS.md, "The ViT's
     # readout").
-    c.model.pool = ("cls", "mean", "max")
+    c.model.pool = DEFAULT_POOL
     c.model.drop_path = 0.0 if tiny else 0.1
 
     c.optim = mlc.ConfigDict()
