@@ -62,13 +62,14 @@ def per_finding_table(workdir: str) -> str:
     if not os.path.exists(path):
         return ""
     with open(path) as f:
-        rows = [r for r in json.load(f) if r["task"].startswith("finding: ") and r["fraction"] == 1.0
-                and r["seed"] == 0 and r.get("feature", "mean") == "mean"]
+        rows = [r for r in json.load(f) if r["task"].startswith("finding: ") and r["fraction"] == 1.0 and r["seed"] == 0]
+    feature = rows[0].get("feature", "mean") if rows else "mean"  # the feature the probes read (one per run)
+    rows = [r for r in rows if r.get("feature", "mean") == feature]
     encs = sorted({r["encoder"] for r in rows}, key=lambda e: RUNG_ORDER.index(e) if e in RUNG_ORDER else 99)
     tasks = sorted({r["task"] for r in rows})
     by = {(r["encoder"], r["task"]): r["auroc"] for r in rows}
     body = [[e] + [f"{by[(e, t)]:.2f}" if (e, t) in by else "-" for t in tasks] for e in encs]
-    return "frozen probes per finding (test AUROC, all labels, seed 0):\n" + table(
+    return f"frozen probes per finding (test AUROC on the {feature} feature, all labels, seed 0):\n" + table(
         ["encoder"] + [t[len("finding: "):] for t in tasks], body)
 
 

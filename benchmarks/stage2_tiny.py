@@ -10,7 +10,8 @@ vision and text towers on its prepared corpus, then fits the demo's logistic pro
 (``suite.probe_encoders``: C chosen on the val split, 3 seeds, all labels) on the stage-2
 image tower's mean-pooled patch tokens, beside a random-init ViT of the same shape. Prints two
 tables: the trainer's logged steps/s (last window, compile excluded), the final loss,
-held-out study R@5, and test AUROC per probe task (the finding probes grouped into their mean); then each run's gain over random init per task with
+held-out study R@5, the zero-shot finding queries' mean test AUROC
+(``evaluators.FINDING_QUERIES``), and test AUROC per probe task (the finding probes grouped into their mean); then each run's gain over random init per task with
 its 95% study-bootstrap interval (``suite.compare``). A ``steps`` override stretches the lr
 schedule with it (the configs derive ``optim.total_steps`` from ``steps``).
 """
@@ -34,14 +35,15 @@ def main(argv=None) -> int:
     p.add_argument("--demo", required=True, help="a `decipher demo` workdir (data/prep, stage1_vision, stage1_text)")
     p.add_argument("--run", action="append", required=True, help="NAME|config options|{json overrides}")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--feature", default="mean", help="the probes' frozen feature: mean, max, mean+max, ...")
     args = p.parse_args(argv)
 
     import jax
 
     from benchmarks.common import table
-    from decipher_jax import runs
+    from decipher_jax import runs, zeroshot
     from decipher_jax import sharding as sh
-    from decipher_jax.eval import suite
+    from decipher_jax.eval import evaluators, suite
     from decipher_jax.models.vit3d import ViT3D
     from decipher_jax.state import Model
     from decipher_jax.trainers import clip_align, common
@@ -61,13 +63,16 @@ def main(argv=None) -> int:
         m = clip_align.train(cfg, os.path.join(wd, "stage2"))
         with open(os.path.join(wd, "stage2", "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
+        zs = zeroshot.ZeroShot.from_workdir(os.path.join(wd, "stage2"))
+        zq = evaluators.finding_queries(zs, zs.embed_split(prep, "test"))
         model, params2, spec2 = runs.load_align(os.path.join(wd, "stage2"), mesh=mesh)
         vit = runs.align_vit_config(spec2)
         image = Model(lambda r: ViT3D(vit, rngs=r), mesh)
         # The random-init baseline beside every run (the same init each time), so that each run
         # gets its paired gains with study-bootstrap intervals (suite.compare -> eval/compare.json).
         encs = {"stage 2": (image, params2["image"]), "random init": (image, image.init(jax.random.key(123)))}
-        probe_rows = suite.probe_encoders(wd, prep, fractions=(1.0,), seeds=(0, 1, 2), mesh=mesh, encs=(encs, vit))
+        probe_rows = suite.probe_encoders(wd, prep, fractions=(1.0,), seeds=(0, 1, 2), mesh=mesh, encs=(encs, vit),
+                                          feature=args.feature)
         scores = {k[:2]: v[0] for k, v in suite.summarise(probe_rows, "auroc", group_findings=True).items()}
         with open(os.path.join(wd, "eval", "compare.json")) as f:
             cmp = {c["task"]: c for c in json.load(f) if not c["task"].startswith(suite.FINDING)}
@@ -75,12 +80,12 @@ def main(argv=None) -> int:
         gain_tasks = list(cmp)
         if tasks is None:
             tasks = sorted({t for _, t in scores}, key=suite.task_order)
-            rows.append(["random init", "-", "-", "-", "-", "-"] + [f"{scores[('random init', t)]:.3f}" for t in tasks])
+            rows.append(["random init", "-", "-", "-", "-", "-", "-"] + [f"{scores[('random init', t)]:.3f}" for t in tasks])
         rows.append([name, opts, cfg.steps, f"{last['steps_per_s']:.2f}", f"{m['loss']:.3f}",
-                     f"{m.get('eval/test/i2t_study/R@5', float('nan')):.2f}"]
+                     f"{m.get('eval/test/i2t_study/R@5', float('nan')):.2f}", f"{zq.get('mean_auroc', float('nan')):.3f}"]
                     + [f"{scores.get(('stage 2', t), float('nan')):.3f}" for t in tasks])
         print(rows[-1], flush=True)
-    print(table(["run", "config", "steps", "steps/s", "loss", "study R@5"] + [f"AUROC {t}" for t in tasks], rows))
+    print(table(["run", "config", "steps", "steps/s", "loss", "study R@5", "zero-shot findings AUROC"] + [f"AUROC {t}" for t in tasks], rows))
     print("stage 2 minus random init (AUROC; age: MAE in years, positive = stage 2 better), all labels, "
           "95% study-bootstrap interval:")
     print(table(["run"] + gain_tasks, gains))

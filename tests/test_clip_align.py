@@ -162,7 +162,8 @@ def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_pat
     """A locked text tower's texts (series description + report) are encoded once and looked
     up: the step is the same step."""
     cfg = _cfg("tiny,locktext", **{"data.dir": prepared_heldout, "init.text": str(minilm_path),
-                                   "data.max_length": 64, "optim.warmup_steps": 1})
+                                   "data.max_length": 64, "optim.warmup_steps": 1,
+                                   "loss.sentence_weight": 0.0})  # (the sentences: a test of their own)
     mesh = sh.make_mesh({"data": 2, "fsdp": 4})
     b = clip_align.setup(cfg, mesh)
     params = clip_align.initial_params(cfg, b)
@@ -276,3 +277,86 @@ def test_tiny_stage2_lifts_heldout_retrieval(prepared_heldout, tmp_path):
     ex = np.load(tmp_path / "loc" / "examples.npz")
     assert ex["heat"].shape == ex["mask"].shape == ex["image"].shape and ex["mask"].any()
     shutil.rmtree(out)
+
+
+def test_report_sentences_split_and_dedupe():
+    rep = ("HISTORY: 45-year-old man with headache.\nFINDINGS:\nNo acute infarct. A 12.5 mm mass in the left frontal lobe."
+           "  no acute infarct.\n\nIMPRESSION:\nMass? Normal ventricles!")
+    assert P.report_sentences(rep) == ["HISTORY: 45-year-old man with headache.", "No acute infarct.",
+                                       "A 12.5 mm mass in the left frontal lobe.", "Mass?", "Normal ventricles!"]
+    assert P.report_sentences("") == []
+
+
+def test_batch_sentences_and_their_loss(rng):
+    """The batch's distinct sentences, each once; pos[i, c] exactly when sentence c is in row
+    i's report; the loss equals clip_loss on the valid columns, and SigLIP's on the valid pairs."""
+    from decipher_jax import losses
+
+    reports = [{0, 3, 5}, {3}, {1, 2, 5, 7}, set(), {0, 3, 5}, {6}]
+    k = 4
+    bags = np.full((len(reports), k), -1, np.int32)
+    for i, b in enumerate(reports):
+        bags[i, k - len(b):] = sorted(b)
+    cols, pos = jax.jit(clip_align.batch_sentences)(bags)
+    cols, pos = np.asarray(cols), np.asarray(pos)
+    valid = cols >= 0
+    assert sorted(cols[valid]) == sorted(set().union(*reports))
+    for i, b in enumerate(reports):
+        assert [int(c) in b and c >= 0 for c in cols] == pos[i].tolist()
+    zi = rng.normal(size=(6, 8)).astype(np.float32)
+    zs = rng.normal(size=(len(cols), 8)).astype(np.float32)
+    zi, zs = zi / np.linalg.norm(zi, axis=1, keepdims=True), zs / np.linalg.norm(zs, axis=1, keepdims=True)
+    got = float(clip_align.sentence_loss(zi, zs, valid, pos, jnp.float32(1.5)))
+    keep = np.arange(6) != 3  # the row without a sentence has no positive in either direction
+    # clip_loss over the valid columns and the rows with a positive, image->text, plus text->image
+    lg = np.exp(1.5) * zi @ zs[valid].T
+    p = pos[:, valid].astype(np.float64)
+
+    def ce(logit, pp):
+        lsm = logit - np.log(np.exp(logit).sum(1, keepdims=True))
+        n = pp.sum(1)
+        return -(pp * lsm).sum(1) / n - np.log(n)
+
+    want = (ce(lg[keep], p[keep]).mean() + ce(lg.T, p.T).mean()) / 2
+    assert got == pytest.approx(want, rel=1e-5)
+    sig = float(clip_align.sentence_loss(zi, zs, valid, pos, jnp.float32(1.5), jnp.float32(-2.0)))
+    want_sig = float(losses.siglip_loss(jnp.asarray(zi), jnp.asarray(zs[valid]), 1.5, -2.0, jnp.asarray(pos[:, valid])))
+    assert sig == pytest.approx(want_sig * 1.0, rel=1e-5)  # siglip_loss: / B (rows), as sentence_loss
+
+
+def test_sentence_positives_are_cached_and_add_to_the_loss(prepared_heldout, minilm_path):
+    """``loss.sentence_weight``: each training text's report sentences are encoded once by the
+    locked tower (as a zero-shot query is); the step adds the weighted sentence loss."""
+    from decipher_jax.data import transforms as T
+
+    kw = {"data.dir": prepared_heldout, "init.text": str(minilm_path), "data.max_length": 64, "optim.warmup_steps": 1}
+    cfg = _cfg("tiny,locktext", **kw, **{"loss.sentence_weight": 0.5})
+    mesh = sh.make_mesh({"data": 2, "fsdp": 4})
+    b = clip_align.setup(cfg, mesh)
+    params = clip_align.initial_params(cfg, b)
+    cache = clip_align.text_cache(cfg, b, params, mesh)
+    bags, sent = np.asarray(cache["bags"]), np.asarray(cache["sent_feats"])
+    src = P.data_source(prepared_heldout, "train")
+    ex = P.PairText(cfg.data.text).map(T.Decode().map(src[0]))
+    row = list(np.asarray(cache["hash"])).index(P.ToIds().map({"pair_id": ex["pair_id"]})["pair_id_hash"])
+    mine = [r for r in bags[row] if r >= 0]
+    assert len(mine) == len(P.report_sentences(ex["report"])) and list(bags[row]) == sorted(bags[row])
+    tok = P.Tokenize(str(minilm_path), 64, field="text")
+    e = tok.map({"text": P.report_sentences(ex["report"])[0]})
+    with jax.set_mesh(mesh):
+        ref = jax.jit(lambda p, i, m: b.model(p).text_features(i, m))(params, e["input_ids"][None], e["attention_mask"][None])
+    dist = np.abs(sent[mine] - np.asarray(ref)).max(axis=1)
+    assert dist.min() < 1e-4  # the report's first sentence is one of its rows
+    batch = next(iter(P.pairs(src, P.LoaderConfig(batch_size=8, seed=0), b.vit.img_size, str(minilm_path),
+                              max_length=64, crop_scale=(0.6, 1.0), text=cfg.data.text)))
+    plain = clip_align.setup(_cfg("tiny,locktext", **kw, **{"loss.sentence_weight": 0.0}), mesh)
+    with jax.set_mesh(mesh):
+        g = P.to_global(batch, mesh)
+        state = {"step": jnp.ones([], jnp.int32), "params": params, "opt": b.tx.init(params)}
+        _, m = jax.jit(b.step)(state, g, cache)
+        _, m0 = jax.jit(plain.step)(state, g, {k: cache[k] for k in ("hash", "feats")})
+    assert float(m["sentence_loss"]) > 0 and "sentence_loss" not in m0
+    assert float(m["loss"]) == pytest.approx(float(m0["loss"]) + 0.5 * float(m["sentence_loss"]), rel=1e-5)
+    trained = _cfg("tiny", **kw, **{"loss.sentence_weight": 0.5})
+    with pytest.raises(ValueError, match="locked text tower"):
+        clip_align.text_cache(trained, clip_align.setup(trained, mesh), params, mesh)

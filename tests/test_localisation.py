@@ -28,3 +28,32 @@ def test_upsample_is_trilinear_and_keeps_the_peak_region():
     assert peak[0] >= 24 and peak[1] < 8 and peak[2] < 8  # in the corner patch's voxels
     const = np.asarray(L.upsample(np.full((1, 4, 4, 4), 0.3, np.float32), (8, 8, 8)))
     np.testing.assert_allclose(const, 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["max", "mean", "mean+max"])
+def test_patch_contributions_sum_to_the_image_embedding(pool):
+    """Each patch's share of a pooled image embedding: the shares sum to the projected pooled
+    features, and under a max only the channels' arg-max patches hold any."""
+    import jax
+    from flax import nnx
+
+    from decipher_jax.models.bert import BertConfig
+    from decipher_jax.models.towers import TowersConfig, TwoTowers
+    from decipher_jax.models.vit3d import ViTConfig
+
+    vit = ViTConfig(dim=16, depth=1, heads=2, mlp_dim=32, patch_size=(4, 4, 4), img_size=(8, 8, 8))
+    bert = BertConfig.from_hf(dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=16), mlm_head=False)
+    m = TwoTowers(vit, bert, TowersConfig(image_pool=pool, embed_dim=8), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 8, 1))
+    c = np.asarray(m.patch_contributions(x))
+    pooled, patch = m.image_features(x)
+    assert c.shape == (3, patch.shape[1], 8)
+    np.testing.assert_allclose(c.sum(1), np.asarray(m.project_image(pooled)), rtol=1e-4, atol=1e-5)
+    if pool == "max":  # a patch that is the arg-max of no channel contributes nothing
+        owners = np.asarray(patch).argmax(1)  # (B, D)
+        for b in range(3):
+            idle = sorted(set(range(patch.shape[1])) - set(owners[b].tolist()))
+            assert np.all(c[b, idle] == 0)
+    cls = TwoTowers(vit, bert, TowersConfig(image_pool="cls", embed_dim=8), rngs=nnx.Rngs(0))
+    assert cls.patch_contributions(x) is None

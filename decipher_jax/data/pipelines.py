@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import zlib
 
@@ -153,6 +154,22 @@ class ToIds(grain.transforms.Map):
 
 PAIR_TEXTS = ("report", "description+report")
 DESCRIPTION_LENGTH = 16  # tokens of the "SERIES: ..." line alone (desc_ids / desc_mask)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def report_sentences(report: str) -> list[str]:
+    """A report's sentences, in order, each once: split after ``.``, ``!`` or ``?`` and at line
+    breaks; whitespace collapsed; section headings alone ("FINDINGS:") and empty pieces
+    dropped. Stage 2's sentence positives (``loss.sentence_weight``) are these."""
+    out, seen = [], set()
+    for piece in _SENTENCE_END.split(report or ""):
+        t = " ".join(piece.split())
+        if not t or (t.endswith(":") and t[:-1].isupper()):
+            continue
+        if t.lower() not in seen:
+            seen.add(t.lower())
+            out.append(t)
+    return out
 
 
 @dataclasses.dataclass

@@ -281,6 +281,65 @@ class Rerank(Evaluator):
                 f"{b['i2t_series/R@1']:.2f}, MRR {a['i2t_series/MRR']:.2f} -> {b['i2t_series/MRR']:.2f}"]
 
 
+def _query(region, positive, negative, label, positives):
+    return {"region": region, "positive": positive, "negative": negative, "label": label, "positives": positives}
+
+
+# Each finding of the corpus as a zero-shot query: a prompt ensemble of positive and of negated
+# phrasings (``ZeroShot.contrast``), scored on the held-out series of the finding's body region.
+# Paraphrases in a radiologist's words, not the generator's templates where a short clinical
+# phrase allows it.
+FINDING_QUERIES = {
+    "infarct": _query("brain", ("there is an acute infarct", "acute ischemic stroke"),
+                      ("no acute infarct", "no evidence of stroke"),
+                      "'there is an acute infarct' vs 'no acute infarct'", "an infarct"),
+    "mass": _query("brain", ("there is an intracranial mass", "a brain tumour with surrounding edema"),
+                   ("no intracranial mass", "no mass lesion in the brain"),
+                   "'there is an intracranial mass' vs 'no intracranial mass'", "a mass"),
+    "effusion": _query("knee", ("there is a knee joint effusion", "fluid distends the joint"),
+                       ("no joint effusion", "no fluid in the knee joint"),
+                       "'there is a knee joint effusion' vs 'no joint effusion'", "an effusion"),
+    "acl_tear": _query("knee", ("the anterior cruciate ligament is torn", "ACL rupture"),
+                       ("the anterior cruciate ligament is intact", "no ACL tear"),
+                       "'the anterior cruciate ligament is torn' vs '... is intact'", "an ACL tear"),
+    "fracture": _query("spine", ("acute vertebral compression fracture", "a collapsed lumbar vertebral body"),
+                       ("no vertebral fracture", "normal vertebral body heights"),
+                       "'acute vertebral compression fracture' vs 'no vertebral fracture'", "a fracture"),
+    "cord_lesion": _query("spine", ("there is a spinal cord lesion", "T2 hyperintense signal in the cord"),
+                          ("the spinal cord is normal", "no cord signal abnormality"),
+                          "'there is a spinal cord lesion' vs 'the spinal cord is normal'", "a cord lesion"),
+    "liver_lesion": _query("abdomen", ("there is a focal liver lesion", "a hepatic cyst"),
+                           ("no focal liver lesion", "the liver is normal"),
+                           "'there is a focal liver lesion' vs 'no focal liver lesion'", "a liver lesion"),
+    "absent_kidney": _query("abdomen", ("the kidney has been removed", "status post nephrectomy"),
+                            ("both kidneys are present", "two normal kidneys"),
+                            "'the kidney has been removed' vs 'both kidneys are present'", "one kidney"),
+}
+
+
+def finding_queries(zs, e: dict, queries: dict = FINDING_QUERIES) -> dict:
+    """Each query's AUROC on the embedded series ``e`` (``ZeroShot.embed_split``) of its body
+    region: ``{"queries": {finding: {auroc, n, positive, where}}, "mean_auroc", "table"}``. A
+    query whose region has no positive or no negative series is left out."""
+    from sklearn.metrics import roc_auc_score
+
+    out, table = {}, {}
+    for finding, q in queries.items():
+        rows = e["body_region"] == q["region"] if q.get("region") else np.ones(len(e["image"]), bool)
+        y = np.array([finding in str(f).split(";") for f in e["findings"]])[rows]
+        score = zs.contrast(positive=list(q["positive"]), negative=list(q["negative"]), image_embeddings=e["image"][rows])
+        if 0 < y.sum() < len(y):
+            auc = float(roc_auc_score(y, score))
+            where = f"{q['region']} series" if q.get("region") else "series"
+            out[finding] = {"auroc": auc, "n": int(len(y)), "positive": int(y.sum()), "where": where}
+            table[f"{q['label']} ({len(y)} {where}, {int(y.sum())} positive)"] = f"AUROC {auc:.2f}"
+    res = {"queries": out, "table": table}
+    if out:
+        res["mean_auroc"] = float(np.mean([q["auroc"] for q in out.values()]))
+        table[f"mean over the {len(out)} finding queries"] = f"AUROC {res['mean_auroc']:.2f}"
+    return res
+
+
 @register
 class ZeroShotQueries(Evaluator):
     """Zero-shot body region from its name alone, and finding queries (positive vs negated phrasings)."""
@@ -289,10 +348,7 @@ class ZeroShotQueries(Evaluator):
 
     @classmethod
     def defaults(cls):
-        return {"split": "test", "queries": {"infarct": {
-            "region": "brain", "positive": ("there is an acute infarct", "acute ischemic stroke"),
-            "negative": ("no acute infarct", "no evidence of stroke"),
-            "label": "'there is an acute infarct' vs 'no acute infarct'", "positives": "an infarct"}}}
+        return {"split": "test", "queries": FINDING_QUERIES}
 
     def run(self, ctx):
         zs = ctx.zeroshot()
@@ -305,20 +361,10 @@ class ZeroShotQueries(Evaluator):
         acc = float(np.mean(np.asarray(names)[p.argmax(1)][keep] == e["body_region"][keep]))
         chance = 1 / max(len(regions), 1)
         table = {f"body region from its name ({int(keep.sum())} series, chance {chance:.2f})": f"accuracy {acc:.2f}"}
-        out = {"body_region": {"accuracy": acc, "chance": chance, "n": int(keep.sum())}, "queries": {}, "table": table}
-        for finding, q in self.settings["queries"].items():
-            rows = e["body_region"] == q["region"] if q.get("region") else np.ones(len(e["image"]), bool)
-            y = np.array([finding in str(f).split(";") for f in e["findings"]])[rows]
-            score = zs.contrast(positive=list(q["positive"]), negative=list(q["negative"]),
-                                image_embeddings=e["image"][rows])
-            if 0 < y.sum() < len(y):
-                from sklearn.metrics import roc_auc_score
-
-                auc = float(roc_auc_score(y, score))
-                where = f"{q['region']} series" if q.get("region") else "series"
-                out["queries"][finding] = {"auroc": auc, "n": int(len(y)), "positive": int(y.sum()), "where": where}
-                table[f"{q['label']} ({len(y)} {where}, {int(y.sum())} positive)"] = f"AUROC {auc:.2f}"
-        return out
+        out = {"body_region": {"accuracy": acc, "chance": chance, "n": int(keep.sum())}, "table": table}
+        q = finding_queries(zs, e, self.settings["queries"])
+        table.update(q.pop("table"))
+        return out | q
 
     def summary(self, r, ctx):
         b = r["body_region"]
@@ -328,6 +374,8 @@ class ZeroShotQueries(Evaluator):
             s = self.settings["queries"][finding]
             lines.append(f"  query {s['label']} on {q['n']} {q['where']}: AUROC {q['auroc']:.2f} ({q['positive']} with "
                          f"{s['positives']})")
+        if "mean_auroc" in r:
+            lines.append(f"  mean AUROC over the {len(r['queries'])} finding queries: {r['mean_auroc']:.2f}")
         return lines
 
 
@@ -365,7 +413,7 @@ class Probes(Evaluator):
 
     @classmethod
     def defaults(cls):
-        return {"fractions": (0.1, 0.3, 1.0), "seeds": (0, 1, 2), "feature": "mean", "encoders": None}
+        return {"fractions": (0.1, 0.3, 1.0), "seeds": (0, 1, 2), "feature": "mean+max", "encoders": None}
 
     def run(self, ctx):
         from decipher_jax.eval import suite

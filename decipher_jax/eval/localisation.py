@@ -1,5 +1,7 @@
-"""Text-guided anomaly localisation: a prompt's similarity to every patch token of a stage-2
-image tower gives a 3D heatmap, upsampled (trilinear) to the volume, scored against lesion masks.
+"""Text-guided anomaly localisation: a prompt's score read per patch token of a stage-2 image
+tower gives a 3D heatmap, upsampled (trilinear) to the volume, scored against lesion masks. With
+a mean or max readout a patch's value is its share of the image's score for the prompt
+(``TwoTowers.patch_contributions``); with a CLS readout, its own embedding's similarity.
 
     res = evaluate_split(zs, "outputs/demo/data/prep", "test", out="outputs/demo/localisation")
 
@@ -54,7 +56,10 @@ def voxel_auroc(heat, mask) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _patches(model):
     def f(params, batch):
-        _, patch = model(params).encode_image(batch["image"], patches=True)
+        m = model(params)
+        patch = m.patch_contributions(batch["image"]) if hasattr(m, "patch_contributions") else None
+        if patch is None:  # a CLS readout: each patch's own embedding
+            _, patch = m.encode_image(batch["image"], patches=True)
         return {"patch": patch, "label": batch["label"], "image": batch["image"][..., 0]}
 
     return jax.jit(f)

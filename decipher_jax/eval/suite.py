@@ -119,7 +119,7 @@ def _finding_tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.nd
 
 
 def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2), mesh=None,
-                   feature: str = "mean", encs: tuple[dict, ViTConfig] | None = None) -> list[dict]:
+                   feature: str = "mean+max", encs: tuple[dict, ViTConfig] | None = None) -> list[dict]:
     """``encs``: the output of :func:`encoders` when the caller already holds it."""
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decipher_jax.models.bert import Bert, BertConfig
+from decipher_jax.models.classifier import POOLS, check_pool, pool_features
 from decipher_jax.models.layers import param
 from decipher_jax.models.vit3d import ViT3D, ViTConfig
 
@@ -41,7 +42,9 @@ OBJECTIVES = ("clip", "siglip", "regress")
 class TowersConfig:
     objective: str = "clip"  # clip | siglip | regress
     embed_dim: int = 512  # shared space (ignored by "regress": the text space is used)
-    image_pool: str = "cls"  # cls | mean (mean of the patch tokens)
+    # cls | mean | max (the patch tokens' mean / channel-wise max), or names joined by "+"
+    # ("mean+max": side by side, the projection's input is twice the width).
+    image_pool: str = "cls"
     text_pool: str = "cls"  # cls | mean (masked mean: sentence-transformers' pooling, e.g. MiniLM)
     # open_clip: t = 1/0.07; SigLIP: t' = log 10 and b = -10.
     logit_scale_init: float | None = None
@@ -54,9 +57,16 @@ class TowersConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("image_pool", "text_pool"):
-            if getattr(self, name) not in ("cls", "mean"):
-                raise ValueError(f"{name} must be 'cls' or 'mean', got {getattr(self, name)!r}")
+        try:
+            check_pool(self.image_pools)
+        except ValueError as e:
+            raise ValueError(f"image_pool {self.image_pool!r}: names of {POOLS} joined by '+'") from e
+        if self.text_pool not in ("cls", "mean"):
+            raise ValueError(f"text_pool must be 'cls' or 'mean', got {self.text_pool!r}")
+
+    @property
+    def image_pools(self) -> tuple[str, ...]:
+        return tuple(self.image_pool.split("+"))
 
     @property
     def scale_init(self) -> float:
@@ -88,7 +98,7 @@ class TwoTowers(nnx.Module):
         self.image = ViT3D(vit, rngs=rngs)
         self.text = Bert(bert, rngs=rngs)
         out = bert.hidden_size if cfg.objective == "regress" else cfg.embed_dim
-        self.image_proj = param(rngs.params(), _xavier, (vit.dim, out), ("embed", None))
+        self.image_proj = param(rngs.params(), _xavier, (len(cfg.image_pools) * vit.dim, out), ("embed", None))
         if cfg.objective != "regress":
             self.text_proj = param(rngs.params(), _xavier, (bert.hidden_size, out), ("embed", None))
             if cfg.center_text:
@@ -99,9 +109,11 @@ class TwoTowers(nnx.Module):
 
     # -- towers ------------------------------------------------------------------------------
     def image_features(self, x, *, freeze: bool = False, drop_path: float = 0.0, key=None):
-        """Pooled backbone features ``(B, Dv)`` and patch tokens ``(B, N, Dv)``."""
+        """Pooled backbone features ``(B, k Dv)`` (``k`` pools side by side) and patch tokens
+        ``(B, N, Dv)``."""
         out = self.image(x, drop_path=drop_path, key=key)
-        pooled = out["cls"] if self.cfg.image_pool == "cls" else out["patch"].mean(axis=1)
+        pools = self.cfg.image_pools
+        pooled = out["cls"] if pools == ("cls",) else pool_features(out, pools).astype(out["patch"].dtype)
         if freeze:  # a locked tower: no backward pass through it at all (LiT)
             pooled, patch = jax.lax.stop_gradient((pooled, out["patch"]))
             return pooled, patch
@@ -135,7 +147,14 @@ class TwoTowers(nnx.Module):
 
     # -- shared space --------------------------------------------------------------------------
     def project_image(self, feats):
-        return feats.astype(jnp.float32) @ self.image_proj[...]
+        """Pooled features ``(..., k Dv)`` into the shared space; patch tokens ``(..., Dv)`` too
+        when ``k > 1``: a single patch is its own mean and max, so it projects through the sum of
+        the ``k`` blocks (the embedding of an image made of that one patch)."""
+        w = self.image_proj[...]
+        k = len(self.cfg.image_pools)
+        if k > 1 and feats.shape[-1] * k == w.shape[0]:
+            w = w.reshape(k, feats.shape[-1], -1).sum(0)
+        return feats.astype(jnp.float32) @ w
 
     def project_text(self, feats):
         if self.cfg.objective == "regress":
@@ -150,6 +169,29 @@ class TwoTowers(nnx.Module):
         pooled, patch = self.image_features(x, **kw)
         z = normalise(self.project_image(pooled))
         return (z, normalise(self.project_image(patch))) if patches else z
+
+    def patch_contributions(self, x):
+        """``(B, N, d)``: each patch token's share of the image's projected (unnormalised)
+        embedding, summing over the patches to ``project_image`` of the pooled features: ``1/N``
+        of its projection for the mean, and for the max its own value on each channel where it
+        is the arg-max (a max-pooled score is read from those patches only). A query's dot
+        product with it is that patch's part of the query's score: the heatmap a pooled readout
+        implies. ``None`` with a CLS readout, which no patch owns."""
+        pools = self.cfg.image_pools
+        if "cls" in pools:
+            return None
+        patch = self.image(x)["patch"].astype(jnp.float32)
+        n, dim = patch.shape[1], patch.shape[2]
+        w = self.image_proj[...].astype(jnp.float32)
+        total = 0.0
+        for i, p in enumerate(pools):
+            wp = w[i * dim : (i + 1) * dim]
+            if p == "mean":
+                total = total + (patch / n) @ wp
+            else:  # max: the arg-max patch of each channel owns it (as classifier.token_max)
+                own = jax.nn.one_hot(jnp.argmax(patch, axis=1), n, axis=1, dtype=patch.dtype)
+                total = total + (patch * own) @ wp
+        return total
 
     def encode_text(self, input_ids, attention_mask, *, tokens: bool = False, **kw):
         """L2-normalised report embeddings ``(B, d)`` (and per-token embeddings ``(B, T, d)``,

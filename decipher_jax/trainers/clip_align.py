@@ -16,6 +16,12 @@ of a series with a description mixes in the description line alone
 (``model.towers.description_weight``), so a few description tokens are not lost in the mean
 over a long report.
 
+With ``loss.sentence_weight`` (and a locked text tower) the report's sentences are extra
+positives: each step also aligns the images with every distinct sentence of the batch's reports
+(:func:`batch_sentences`, :func:`sentence_loss`), a sentence being a positive of each report
+that holds it, so "No joint effusion." is a negative of the effusion reports in the batch. This
+is what a zero-shot query scores against: one sentence, not a whole report.
+
 Towers start from stage 1: the vision tower from a ``vision_ssl`` workdir (the EMA teacher's
 backbone, as DINOv2 evaluates it; its architecture is read from the run's ``run_spec.json``),
 the text tower from a Hugging Face directory (a ``text_mlm`` run's ``hf_export``, PubMedBERT, or
@@ -81,8 +87,11 @@ def towers_config(cfg) -> TowersConfig:
 # -- the step -----------------------------------------------------------------------------------
 
 def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression: str = "mse",
-               drop_path: float = 0.0, key=None):
-    """``(loss, aux)`` of one global batch; used by the step and by the parity tests."""
+               drop_path: float = 0.0, key=None, sentence_w: float = 0.0):
+    """``(loss, aux)`` of one global batch; used by the step and by the parity tests. With
+    ``sent_feats`` / ``sent_valid`` / ``sent_pos`` in the batch (:func:`batch_sentences`) the
+    loss adds ``sentence_w`` times the same objective between the images and every distinct
+    sentence of the batch's reports (:func:`sentence_loss`)."""
     fi, _ = m.image_features(batch["image"], freeze=frozen.get("image", False), drop_path=drop_path, key=key)
     if "text_feats" in batch:  # a locked text tower's features, looked up (see text_cache)
         ft = jax.lax.stop_gradient(batch["text_feats"])
@@ -99,12 +108,56 @@ def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression:
         loss = losses.siglip_loss(zi_n, zt_n, m.logit_scale[...], m.logit_bias[...], pos)
     else:  # regress: the raw projection against the frozen text embedding
         loss = losses.regression_loss(zi, zt, regression)
+    aux = {}
+    if "sent_feats" in batch:  # the batch's report sentences, positives by membership
+        zs_n = normalise(m.project_text(jax.lax.stop_gradient(batch["sent_feats"])))
+        sl = sentence_loss(zi_n, zs_n, batch["sent_valid"], batch["sent_pos"], m.logit_scale[...],
+                           m.logit_bias[...] if objective == "siglip" else None)
+        loss = loss + sentence_w * sl
+        aux["sentence_loss"] = sl
     sim = zi_n @ zt_n.T
     hit = jnp.take_along_axis(pos, jnp.argmax(sim, axis=1)[:, None], axis=1)[:, 0]
-    aux = {"i2t_acc": hit.mean(), "positives_per_row": pos.sum(1).mean(),
+    aux |= {"i2t_acc": hit.mean(), "positives_per_row": pos.sum(1).mean(),
            "temperature": jnp.exp(jnp.minimum(m.logit_scale[...], losses.LOG_MAX_SCALE)), "bias": m.logit_bias[...],
            "embed_std": zi_n.std(axis=0).mean()}
     return loss, aux
+
+
+def batch_sentences(bags):
+    """Every distinct report sentence of the batch and which rows' reports hold it: the
+    sentence rows ``(C,)`` (``C = B K``; -1 marks an unused column) and the positives ``(B, C)``,
+    ``pos[i, c]`` when sentence ``c`` is in row ``i``'s report ("No acute infarct." is a
+    positive of every report that says it, and a negative of the ones that report an infarct).
+    ``bags``: ``(B, K)`` sentence rows, each row sorted with its -1 padding first
+    (:func:`sentence_table`)."""
+    b, k = bags.shape
+    cols = jnp.unique(bags.reshape(-1), size=b * k, fill_value=-1)  # sorted; -1 first (padding) and last (fill)
+    at = jax.vmap(lambda row: jnp.searchsorted(row, cols))(bags)  # (B, C)
+    pos = (jnp.take_along_axis(bags, jnp.clip(at, 0, k - 1), axis=1) == cols[None, :]) & (cols >= 0)[None, :]
+    return cols, pos
+
+
+def sentence_loss(zi_n, zs_n, valid, pos, log_scale, bias=None):
+    """Stage 2's objective between ``B`` images and ``C`` sentences (``valid``: the columns in
+    use) with several positives per row and per column: CLIP's symmetric multi-positive
+    InfoNCE (:func:`decipher_jax.losses.clip_loss`, over the valid columns), or with ``bias``
+    SigLIP's sigmoid loss over the valid pairs."""
+    if bias is not None:
+        logits = losses.pair_logits(zi_n, zs_n, log_scale, bias, max_log_scale=None)
+        labels = 2.0 * pos.astype(jnp.float32) - 1.0
+        return -jnp.sum(jnp.where(valid[None, :], jax.nn.log_sigmoid(labels * logits), 0.0)) / zi_n.shape[0]
+    logits = losses.pair_logits(zi_n, zs_n, log_scale)
+    neg = jnp.finfo(jnp.float32).min
+    p = pos.astype(jnp.float32)
+    li = jax.nn.log_softmax(jnp.where(valid[None, :], logits, neg), axis=1)
+    ni = p.sum(1)
+    row = -(jnp.where(pos, li, 0.0).sum(1) / jnp.maximum(ni, 1.0)) - jnp.log(jnp.maximum(ni, 1.0))
+    lt = jax.nn.log_softmax(logits, axis=0)
+    nt = p.sum(0)
+    col = -(jnp.where(pos, lt, 0.0).sum(0) / jnp.maximum(nt, 1.0)) - jnp.log(jnp.maximum(nt, 1.0))
+    has_i, has_t = ni > 0, valid & (nt > 0)
+    return (jnp.sum(jnp.where(has_i, row, 0.0)) / jnp.maximum(has_i.sum(), 1)
+            + jnp.sum(jnp.where(has_t, col, 0.0)) / jnp.maximum(has_t.sum(), 1)) / 2
 
 
 def make_step(cfg, model: common.Model, tx, frozen: dict):
@@ -120,10 +173,15 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
             batch = {**batch, "text_feats": cache["feats"][idx]}
             # A text missing from the table would silently borrow a neighbour's: count them.
             extra["text_cache_misses"] = jnp.sum(cache["hash"][idx] != batch["pair_id_hash"])
+            if "bags" in cache:
+                cols, pos = batch_sentences(cache["bags"][idx])
+                batch = {**batch, "sent_feats": cache["sent_feats"][jnp.maximum(cols, 0)], "sent_valid": cols >= 0,
+                         "sent_pos": pos}
 
         def loss_fn(params):
             return batch_loss(model(params), batch, objective=objective, frozen=frozen,
-                              regression=cfg.loss.regression, drop_path=cfg.model.drop_path, key=key)
+                              regression=cfg.loss.regression, drop_path=cfg.model.drop_path, key=key,
+                              sentence_w=sentence_weight(cfg))
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -189,7 +247,9 @@ def setup(cfg, mesh) -> common.Setup:
         cache = text_cache(cfg, s, state["params"], mesh, table=table[0] if table else None)
         if cache is None:
             return ()
-        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training texts encoded once", flush=True)
+        print(f"clip_align: locked text tower; {cache['hash'].shape[0]} training texts encoded once"
+              + (f", and their {cache['sent_feats'].shape[0]} distinct report sentences" if "bags" in cache else ""),
+              flush=True)
         return (cache,)
 
     def on_end(state, metrics, workdir):
@@ -237,24 +297,35 @@ def text_cache(cfg, s: common.Setup, params, mesh, split: str = "train", table=N
     ``None`` when the text tower trains or ``data.cache_text`` is off. The tower is
     deterministic and frozen, so its output for a text never changes: the step looks it up by
     ``pair_id_hash`` instead of running the tower forward again (most of a tiny step's time).
-    ``table``: :func:`text_table`'s output for these params when already computed."""
+    ``table``: :func:`text_table`'s output for these params when already computed.
+
+    With ``loss.sentence_weight`` the cache also holds the report sentences
+    (:func:`sentence_table`): ``"sent_feats"`` ``(S, Dt)``, one row per distinct sentence, and
+    ``"bags"`` ``(R, K)``, each text's sentence rows sorted, padded with -1."""
     locked = s.frozen["text"] or s.towers.objective == "regress"
     if not (locked and cfg.data.get("cache_text", True)):
+        if sentence_weight(cfg):
+            raise ValueError("loss.sentence_weight needs a locked text tower with data.cache_text (clip_align.py:"
+                             "tiny,locktext): the report sentences are encoded once, into the text cache")
         return None
     hashes, feats = table if table is not None else text_table(cfg, s, params, mesh, split)
     rep = common.replicated(mesh)
-    return {"hash": jax.device_put(hashes, rep), "feats": jax.device_put(feats, rep)}
+    out = {"hash": hashes, "feats": feats}
+    if sentence_weight(cfg):
+        out["bags"], out["sent_feats"] = sentence_table(cfg, s, params, mesh, hashes, split)
+    return {k: jax.device_put(v, rep) for k, v in out.items()}
 
 
-def text_table(cfg, s: common.Setup, params, mesh, split: str = "train"):
-    """``(hashes, feats)``: the text tower's pooled features ``(R, Dt)`` (NumPy) of every distinct
-    stage-2 text of ``split`` (``TwoTowers.pair_text_features``), sorted by ``pair_id`` hash."""
-    import numpy as np
+def sentence_weight(cfg) -> float:
+    return float(cfg.get("loss", {}).get("sentence_weight", 0.0))
 
+
+def _split_texts(cfg, split: str) -> dict[int, tuple[str, str, str]]:
+    """``{pair_id hash: (text, description line, report)}`` of every distinct stage-2 text of ``split``."""
     from decipher_jax.data import transforms as T
 
     source = P.data_source(cfg.data.dir, split)
-    texts: dict[int, tuple[str, str]] = {}
+    texts: dict[int, tuple[str, str, str]] = {}
     decode, pair, ids = T.Decode(), P.PairText(cfg.data.get("text", "report")), P.ToIds()
     for i in range(len(source)):
         ex = decode.map(source[i])
@@ -262,9 +333,31 @@ def text_table(cfg, s: common.Setup, params, mesh, split: str = "train"):
             continue
         ex = pair.map(ex)
         h = int(ids.map({"pair_id": ex["pair_id"]})["pair_id_hash"])
-        if texts.setdefault(h, (ex["text"], ex["desc_text"]))[0] != ex["text"]:
+        if texts.setdefault(h, (ex["text"], ex["desc_text"], ex["report"]))[0] != ex["text"]:
             raise ValueError(f"{cfg.data.dir} ({split}): two different stage-2 texts share the pair_id hash {h} "
                              f"(study {ex['study_id']!r}); set data.cache_text=False")
+    return texts
+
+
+def _encode(fn, params, mesh, enc: list[dict], keys, bs: int = 32):
+    import numpy as np
+
+    feats = []
+    for lo in range(0, len(enc), bs):
+        chunk = enc[lo : lo + bs]
+        pad = chunk + [chunk[-1]] * (bs - len(chunk))
+        with jax.set_mesh(mesh):
+            out = fn(params, {k: np.stack([e[k] for e in pad]) for k in keys})
+        feats.append(np.asarray(jax.device_get(out), np.float32)[: len(chunk)])
+    return np.concatenate(feats)
+
+
+def text_table(cfg, s: common.Setup, params, mesh, split: str = "train"):
+    """``(hashes, feats)``: the text tower's pooled features ``(R, Dt)`` (NumPy) of every distinct
+    stage-2 text of ``split`` (``TwoTowers.pair_text_features``), sorted by ``pair_id`` hash."""
+    import numpy as np
+
+    texts = _split_texts(cfg, split)
     hashes = np.array(sorted(texts), np.int32)
     tok = P.Tokenize(tokenizer_path(cfg), cfg.data.max_length, field="text")
     dtok = P.Tokenize(tokenizer_path(cfg), P.DESCRIPTION_LENGTH, field="desc_text", names=("desc_ids", "desc_mask"))
@@ -273,15 +366,37 @@ def text_table(cfg, s: common.Setup, params, mesh, split: str = "train"):
     model = s.model
     fn = jax.jit(lambda p, e: model(p).pair_text_features(e["input_ids"], e["attention_mask"], e["desc_ids"],
                                                           e["desc_mask"], e["has_desc"]))
-    keys = ("input_ids", "attention_mask", "desc_ids", "desc_mask", "has_desc")
-    feats, bs = [], 32
-    for lo in range(0, len(enc), bs):
-        chunk = enc[lo : lo + bs]
-        pad = chunk + [chunk[-1]] * (bs - len(chunk))
-        with jax.set_mesh(mesh):
-            out = fn(params, {k: np.stack([e[k] for e in pad]) for k in keys})
-        feats.append(np.asarray(jax.device_get(out), np.float32)[: len(chunk)])
-    return hashes, np.concatenate(feats)
+    return hashes, _encode(fn, params, mesh, enc, ("input_ids", "attention_mask", "desc_ids", "desc_mask", "has_desc"))
+
+
+def sentence_table(cfg, s: common.Setup, params, mesh, hashes, split: str = "train"):
+    """``(bags, feats)``: every distinct report sentence of ``split``
+    (:func:`decipher_jax.data.pipelines.report_sentences`, compared without case) encoded once by
+    the text tower alone (``TwoTowers.text_features``, as a zero-shot query is), ``(S, Dt)``;
+    and per text of ``hashes`` its sentences' rows, sorted, padded with -1 to the longest
+    report, ``(R, K)`` int32."""
+    import numpy as np
+
+    texts = _split_texts(cfg, split)
+    rows: dict[str, int] = {}
+    first: list[str] = []
+    bags = []
+    for h in hashes:
+        bag = set()
+        for t in P.report_sentences(texts[int(h)][2]):
+            if t.lower() not in rows:
+                rows[t.lower()] = len(first)
+                first.append(t)
+            bag.add(rows[t.lower()])
+        bags.append(sorted(bag))
+    k = max(1, max(map(len, bags)))
+    out = np.full((len(bags), k), -1, np.int32)
+    for i, b in enumerate(bags):
+        out[i, k - len(b):] = b  # -1 first: each row stays sorted for the step's searchsorted
+    tok = P.Tokenize(tokenizer_path(cfg), cfg.data.max_length, field="text")
+    model = s.model
+    fn = jax.jit(lambda p, e: model(p).text_features(e["input_ids"], e["attention_mask"]))
+    return out, _encode(fn, params, mesh, [tok.map({"text": t}) for t in first], ("input_ids", "attention_mask"))
 
 
 def set_text_center(cfg, s: common.Setup, params, mesh, table=None) -> dict:

@@ -6,10 +6,10 @@
 The demo's pipeline (:mod:`demo`) with a corpus about 2.7 times larger (400 patients: about 930
 training and 460 test series, 18-23 positive test patients per finding, where the demo's 150
 have 3-13), the ViT on the convolutional stem (three stride-2 3^3 convolutions with
-InstanceNorm; BENCHMARKS.md, "The conv stem"), stage 1 vision 300 steps, and each of the
+InstanceNorm; BENCHMARKS.md, "The conv stem"), stage 1 vision 300 steps, stage 2 2000, and each of the
 ladder's fine-tuning runs 1200 steps with the val split scored every 150 (patience 4). The
 probes keep the evaluation's label fractions (10%, 30%, 100%); the trained rungs run at 10% and
-100%. ``gpu``: 1000 patients, stage 1 vision 2000 steps, fine-tuning 3000 (for an H100 / H200,
+100%. ``gpu``: 1000 patients, stage 1 vision 2000 steps, stage 2 4000, fine-tuning 3000 (for an H100 / H200,
 about 8 minutes); no simulated devices.
 """
 
@@ -34,7 +34,7 @@ def get_config(arg=None):
     st.data.patients = 1000 if gpu else 400
     conv = (("model.vit.stem", "conv"),)
     st.stage1_vision.overrides = tuple(st.stage1_vision.overrides) + conv + (("steps", 2000 if gpu else 300),)
-    st.stage2.overrides = tuple(st.stage2.overrides) + conv
+    st.stage2.overrides = tuple(st.stage2.overrides) + conv + (("steps", 4000 if gpu else 2000),)
     st.ladder.overrides = (("steps", 3000 if gpu else 1200), ("eval.every", 150), ("eval.patience", 4))
     if gpu:
         c.devices = 0
