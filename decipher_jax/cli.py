@@ -244,7 +244,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="run the whole pipeline at tiny scale on the embedded data")
     p.add_argument("--workdir", default="outputs/demo")
     p.add_argument("--seed", type=int, default=0, help="the embedded corpus's generator seed")
-    p.add_argument("--devices", type=int, default=8, help="simulated CPU devices when running on the CPU")
+    p.add_argument("--devices", type=int, default=None,
+                   help="simulated CPU devices when running on the CPU (default: the demo config's, 2)")
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("pipeline", help="run a pipeline config (data -> stage 1 -> stage 2 -> evals -> report)")

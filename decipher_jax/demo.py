@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 
-def config(seed: int = 0, devices: int = 8, **stages):
+def config(seed: int = 0, devices: int | None = None, **stages):
     """The demo's pipeline config; ``stages`` update single stages, e.g. ``data={"patients": 250}``."""
     from decipher_jax import pipeline
     from decipher_jax.trainers import common
 
     cfg = common.load_config(pipeline.config_path("demo.py"))
-    cfg.seed, cfg.devices = seed, devices
+    cfg.seed = seed
+    if devices is not None:  # else the config's own count
+        cfg.devices = devices
     for name, fields in stages.items():
         cfg.stages[name].update(fields)
     return cfg
 
 
-def run(workdir: str, devices: int = 8, seed: int = 0, **stages) -> int:
+def run(workdir: str, devices: int | None = None, seed: int = 0, **stages) -> int:
     from decipher_jax import pipeline
 
     return pipeline.run(config(seed, devices, **stages), workdir)

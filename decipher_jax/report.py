@@ -317,31 +317,43 @@ def localisation_section(workdir: str) -> str:
     m = _load_result(workdir, "localisation")
     if m is None or not m.get("n_series"):
         return ""
-    out = ["<h2>Text-guided localisation</h2>",
-           f'<p class="note">Cosine of the finding\'s query sentence with every patch embedding, upsampled '
-           f'trilinearly; {m["n_series"]} held-out series with a lesion mask. Pointing game: the heatmap maximum '
-           f'falls in the lesion ({m["pointing_game"]:.2f}; a random point: {m["pointing_game_random"]:.3f}). '
-           f'Voxel AUROC {m["voxel_auroc"]:.2f} (random: 0.50).</p>',
-           _table(["finding", "series", "pointing game", "voxel AUROC"],
-                  [[k, v["n"], f"{v['pointing_game']:.2f}", f"{v['voxel_auroc']:.2f}"]
-                   for k, v in m.get("per_finding", {}).items()])]
+    how = ("each patch's own embedding" if m.get("text_map") == "patch" else "each patch's share of the image's score")
+    maps = [("text-guided (stage 2)", m)] + [(f"visual, {k}", v) for k, v in m.get("visual", {}).items()]
+    cell = lambda v, k: "-" if k not in v else f"{v[k]:.2f}"  # noqa: E731
+    out = ["<h2>Anomaly localisation</h2>",
+           f'<p class="note">{m["n_series"]} held-out series with a lesion mask. Text-guided: {how} on the finding '
+           "query's direction (positive minus negative prompt ensemble). Visual (no text): each patch token's "
+           f"distance to the nearest token of {m.get('bank_series', '?')} training series without findings of the "
+           "same region and sequence. Maps upsampled trilinearly. Pointing game: the map's maximum falls in the "
+           f'lesion (a random point: {m["pointing_game_random"]:.3f}, in the body '
+           f'{m.get("pointing_game_body_random", float("nan")):.3f}); voxel AUROC: random 0.50.</p>',
+           _table(["map", "voxel AUROC", "voxel AUROC, body", "pointing game", "pointing game, body"],
+                  [[name, cell(v, "voxel_auroc"), cell(v, "voxel_auroc_body"), cell(v, "pointing_game"),
+                    cell(v, "pointing_game_body")] for name, v in maps], left=1),
+           _table(["finding", "series"] + [name for name, _ in maps],
+                  [[k, v["n"]] + [cell(mv.get("per_finding", {}).get(k, {}), "voxel_auroc_body") for _, mv in maps]
+                   for k, v in m.get("per_finding", {}).items()], left=2),
+           '<p class="note">Per finding: voxel AUROC in the body.</p>']
     ex_path = os.path.join(d, "examples.npz")
     if os.path.exists(ex_path):
         plt = _pyplot()
 
         ex = np.load(ex_path)
         n = len(ex["heat"])
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
-        for ax, img, heat, mask, sid, q in zip(axes[0], ex["image"], ex["heat"], ex["mask"], ex["series_id"],
-                                               ex["query"]):
-            ax.imshow(img.T, cmap="gray", origin="lower")
-            ax.imshow(heat.T, cmap="inferno", alpha=0.45, origin="lower")
-            if mask.any():
-                ax.contour(mask.T, levels=[0.5], colors="cyan", linewidths=1.2, origin="lower")
-            ax.set_title(f"{sid}\n'{q}'", fontsize=8)
-            ax.axis("off")
+        rows = [("heat", "text-guided")] + ([("visual", "visual")] if "visual" in ex else [])
+        fig, axes = plt.subplots(len(rows), n, figsize=(3.2 * n, 3.4 * len(rows)), squeeze=False)
+        for r, (key, title) in enumerate(rows):
+            for ax, img, heat, mask, sid, q in zip(axes[r], ex["image"], ex[key], ex["mask"], ex["series_id"],
+                                                   ex["query"]):
+                ax.imshow(img.T, cmap="gray", origin="lower")
+                ax.imshow(heat.T, cmap="inferno", alpha=0.45, origin="lower")
+                if mask.any():
+                    ax.contour(mask.T, levels=[0.5], colors="cyan", linewidths=1.2, origin="lower")
+                ax.set_title(f"{sid}\n{title}: {q}", fontsize=8)
+                ax.axis("off")
         fig.tight_layout()
-        out.append(_png(fig) + '<p class="note">Axial slice through each lesion (cyan contour); heatmap overlaid.</p>')
+        out.append(_png(fig) + '<p class="note">Axial slice through each lesion (cyan contour); the text-guided '
+                   "map (top) and the visual map (bottom) overlaid.</p>")
     return "\n".join(out)
 
 

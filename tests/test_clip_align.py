@@ -357,6 +357,35 @@ def test_sentence_positives_are_cached_and_add_to_the_loss(prepared_heldout, min
         _, m0 = jax.jit(plain.step)(state, g, {k: cache[k] for k in ("hash", "feats")})
     assert float(m["sentence_loss"]) > 0 and "sentence_loss" not in m0
     assert float(m["loss"]) == pytest.approx(float(m0["loss"]) + 0.5 * float(m["sentence_loss"]), rel=1e-5)
-    trained = _cfg("tiny", **kw, **{"loss.sentence_weight": 0.5})
-    with pytest.raises(ValueError, match="locked text tower"):
-        clip_align.text_cache(trained, clip_align.setup(trained, mesh), params, mesh)
+    # loss.patch_weight: the same objective on each image's best patch per sentence, added on top.
+    pcfg = _cfg("tiny,locktext", **kw, **{"loss.sentence_weight": 0.5, "loss.patch_weight": 0.25})
+    pb = clip_align.setup(pcfg, mesh)
+    with jax.set_mesh(mesh):
+        _, mp = jax.jit(pb.step)(state, g, cache)
+    assert float(mp["patch_loss"]) > 0 and "patch_loss" not in m
+    assert float(mp["loss"]) == pytest.approx(float(m["loss"]) + 0.25 * float(mp["patch_loss"]), rel=1e-5)
+    for over in ({"loss.sentence_weight": 0.5}, {"loss.sentence_weight": 0.0, "loss.patch_weight": 1.0}):
+        trained = _cfg("tiny", **kw, **over)
+        with pytest.raises(ValueError, match="locked text tower"):
+            clip_align.text_cache(trained, clip_align.setup(trained, mesh), params, mesh)
+
+
+def test_patch_sentence_similarity_is_the_best_patch(rng):
+    """Each image's score for a sentence is its best patch's cosine; the loss on it is the
+    sentence loss's formula on those scores (CLIP and SigLIP)."""
+    zp = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    zp /= np.linalg.norm(zp, axis=-1, keepdims=True)
+    zs = rng.normal(size=(6, 4)).astype(np.float32)
+    zs /= np.linalg.norm(zs, axis=-1, keepdims=True)
+    sim = np.asarray(clip_align.patch_sentence_sim(jnp.asarray(zp), jnp.asarray(zs)))
+    ref = np.array([[max(float(zp[b, n] @ zs[c]) for n in range(5)) for c in range(6)] for b in range(3)])
+    np.testing.assert_allclose(sim, ref, atol=1e-6)
+    valid = jnp.asarray([True] * 5 + [False])
+    pos = jnp.asarray(rng.random((3, 6)) < 0.4) & valid[None]
+    # With one patch per image the best patch is the image itself: the plain sentence loss.
+    one = jnp.asarray(zp[:, :1])
+    for bias in (None, jnp.asarray(-1.0)):
+        a = clip_align.sentence_loss(one[:, 0], jnp.asarray(zs), valid, pos, jnp.asarray(2.0), bias)
+        b = clip_align.sentence_loss(None, None, valid, pos, jnp.asarray(2.0), bias,
+                                     sim=clip_align.patch_sentence_sim(one, jnp.asarray(zs)))
+        assert float(a) == pytest.approx(float(b), rel=1e-6)

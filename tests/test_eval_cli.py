@@ -49,6 +49,9 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     assert r["n_studies"] >= 10 and 0 <= r["i2t_study/R@5"] <= 1
     assert "before" not in res["retrieval"]  # this run recorded no "before" evaluation
     assert 0 <= res["zeroshot"]["body_region"]["accuracy"] <= 1
+    loc = res["localisation"]  # the text-guided map, and the visual map of stage 2 and of its floor
+    assert loc["n_series"] > 0 and set(loc["visual"]) == {"stage 2", "random init"} and loc["bank_series"] > 0
+    assert all(0 <= v["voxel_auroc_body"] <= 1 for v in [loc, *loc["visual"].values()])
     rows = res["probes"]
     # Stable ids; the display name says how the run was trained (SigLIP, not "CLIP").
     assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
@@ -72,7 +75,8 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
 
     assert cli.main(["report", "--workdir", out]) == 0
     page = open(os.path.join(out, "report.html")).read()
-    for h in ("The ladder", "Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank"):
+    for h in ("The ladder", "Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank",
+              "Anomaly localisation"):
         assert f"<h2>{h}</h2>" in page, h
     assert "Cross-sex test" in page
     assert "skipped: " in page

@@ -57,3 +57,42 @@ def test_patch_contributions_sum_to_the_image_embedding(pool):
             assert np.all(c[b, idle] == 0)
     cls = TwoTowers(vit, bert, TowersConfig(image_pool="cls", embed_dim=8), rngs=nnx.Rngs(0))
     assert cls.patch_contributions(x) is None
+
+
+def test_visual_map_is_the_nearest_normal_patch_within_reach(rng):
+    """Against a brute-force loop: the cosine distance to the nearest bank token of the same
+    group at most one grid step away; an anomalous patch stands out; a group the bank lacks
+    is compared with the whole bank."""
+    grid, d = (3, 3, 2), 16
+    n = int(np.prod(grid))
+    bank = rng.normal(size=(4, n, d)).astype(np.float32)
+    bank_groups = ["brain/T1", "brain/T1", "knee/T2", "knee/T2"]
+    test = bank[[0, 2, 3]].copy() + 0.01 * rng.normal(size=(3, n, d)).astype(np.float32)
+    test[0, 7] = -bank[0, 7] * 3  # an anomaly: opposite to every normal token near it
+    groups = ["brain/T1", "knee/T2", "spine/T2"]
+    got = L.visual_map(test, groups, bank, bank_groups, grid)
+    assert got.shape == (3, *grid)
+    pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, 3)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    for i, g in enumerate(groups):
+        rows = [k for k, bg in enumerate(bank_groups) if bg == g] or list(range(4))
+        for p in range(n):
+            best = max(float(unit(test[i, p]) @ unit(bank[k, q])) for k in rows for q in range(n)
+                       if np.abs(pos[p] - pos[q]).max() <= 1)
+            assert got[i].reshape(-1)[p] == pytest.approx(1 - best, abs=1e-5)
+    assert got[0].reshape(-1).argmax() == 7 and got[0].reshape(-1)[7] > 0.3
+    assert np.delete(got[0].reshape(-1), 7).max() < 0.01  # the normal patches find themselves
+
+
+def test_score_maps_in_the_body():
+    """Voxels outside the body neither count for the AUROC nor win the pointing game."""
+    mask = np.zeros((1, 4, 4, 4), bool)
+    mask[0, 1, 1, 1] = True
+    body = np.zeros((1, 4, 4, 4), bool)
+    body[0, :2] = True
+    heat = np.zeros((1, 4, 4, 4))
+    heat[0, 3] = 9.0  # air lights up
+    heat[0, 1, 1, 1] = 5.0
+    s = L.score_maps(heat, mask, body)
+    assert not s["pointing_game"][0] and s["pointing_game_body"][0]
+    assert s["voxel_auroc"][0] < 0.8 and s["voxel_auroc_body"][0] == pytest.approx(1.0)

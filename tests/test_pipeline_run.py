@@ -12,6 +12,7 @@ from decipher_jax import demo, pipeline
 def test_demo_is_a_pipeline_config():
     cfg = demo.config(seed=3, data={"patients": 20})
     assert cfg.seed == 3 and cfg.stages.data.patients == 20 and cfg.stages.data.matrix == 40
+    assert cfg.devices == 2 and demo.config(devices=8).devices == 8  # one simulated device per core by default
     assert list(cfg.order) == ["data", "mesh_check", "stage1_vision", "stage1_text", "stage2", "ladder", "eval", "report"]
     kinds = {n: cfg.stages[n].kind for n in cfg.order}
     assert set(kinds.values()) <= set(pipeline.STAGES)

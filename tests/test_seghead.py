@@ -126,3 +126,23 @@ def test_batched_window_prediction_equals_sliding_window(rng):
 
     ref = S.sliding_window(fn, vol[None], window, overlap=0.5)[0].argmax(-1)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_unetr_second_image_convolution_is_a_residual(rng):
+    """UNETR's first block: the image skip's second 3^3 convolution adds to the first's output,
+    so with its weights at zero the head is the one-convolution head exactly."""
+    tokens = jnp.asarray(rng.normal(size=(2, 2, 2, 2, 6)), jnp.float32)
+    images = jnp.asarray(rng.normal(size=(2, 8, 8, 8, 1)), jnp.float32)
+    two = S.init_head("unetr", jax.random.key(0), 6, 3, hidden=16, skip_convs=2)
+    one = S.init_head("unetr", jax.random.key(0), 6, 3, hidden=16)  # the default: one convolution
+    assert set(two) - set(one) == {"skip2_w", "skip2_b"}
+    for k in one:  # the shared weights are drawn alike
+        np.testing.assert_array_equal(np.asarray(one[k]), np.asarray(two[k]))
+    two_zero = {**one, "skip2_w": jnp.zeros_like(two["skip2_w"]), "skip2_b": jnp.zeros_like(two["skip2_b"])}
+    np.testing.assert_allclose(np.asarray(S.apply_head("unetr", two_zero, tokens, (8, 8, 8), images)),
+                               np.asarray(S.apply_head("unetr", one, tokens, (8, 8, 8), images)), atol=1e-6)
+    assert not np.allclose(np.asarray(S.apply_head("unetr", {**one, "skip2_w": two["skip2_w"], "skip2_b": two["skip2_b"]},
+                                                   tokens, (8, 8, 8), images)),
+                           np.asarray(S.apply_head("unetr", one, tokens, (8, 8, 8), images)))
+    with pytest.raises(ValueError, match="skip_convs"):
+        S.init_head("unetr", jax.random.key(0), 6, 3, skip_convs=3)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from decipher_jax import layout
+from decipher_jax.eval.queries import FINDING_QUERIES
 
 REGISTRY: dict[str, type] = {}
 
@@ -281,40 +282,7 @@ class Rerank(Evaluator):
                 f"{b['i2t_series/R@1']:.2f}, MRR {a['i2t_series/MRR']:.2f} -> {b['i2t_series/MRR']:.2f}"]
 
 
-def _query(region, positive, negative, label, positives):
-    return {"region": region, "positive": positive, "negative": negative, "label": label, "positives": positives}
-
-
-# Each finding of the corpus as a zero-shot query: a prompt ensemble of positive and of negated
-# phrasings (``ZeroShot.contrast``), scored on the held-out series of the finding's body region.
-# Paraphrases in a radiologist's words, not the generator's templates where a short clinical
-# phrase allows it.
-FINDING_QUERIES = {
-    "infarct": _query("brain", ("there is an acute infarct", "acute ischemic stroke"),
-                      ("no acute infarct", "no evidence of stroke"),
-                      "'there is an acute infarct' vs 'no acute infarct'", "an infarct"),
-    "mass": _query("brain", ("there is an intracranial mass", "a brain tumour with surrounding edema"),
-                   ("no intracranial mass", "no mass lesion in the brain"),
-                   "'there is an intracranial mass' vs 'no intracranial mass'", "a mass"),
-    "effusion": _query("knee", ("there is a knee joint effusion", "fluid distends the joint"),
-                       ("no joint effusion", "no fluid in the knee joint"),
-                       "'there is a knee joint effusion' vs 'no joint effusion'", "an effusion"),
-    "acl_tear": _query("knee", ("the anterior cruciate ligament is torn", "ACL rupture"),
-                       ("the anterior cruciate ligament is intact", "no ACL tear"),
-                       "'the anterior cruciate ligament is torn' vs '... is intact'", "an ACL tear"),
-    "fracture": _query("spine", ("acute vertebral compression fracture", "a collapsed lumbar vertebral body"),
-                       ("no vertebral fracture", "normal vertebral body heights"),
-                       "'acute vertebral compression fracture' vs 'no vertebral fracture'", "a fracture"),
-    "cord_lesion": _query("spine", ("there is a spinal cord lesion", "T2 hyperintense signal in the cord"),
-                          ("the spinal cord is normal", "no cord signal abnormality"),
-                          "'there is a spinal cord lesion' vs 'the spinal cord is normal'", "a cord lesion"),
-    "liver_lesion": _query("abdomen", ("there is a focal liver lesion", "a hepatic cyst"),
-                           ("no focal liver lesion", "the liver is normal"),
-                           "'there is a focal liver lesion' vs 'no focal liver lesion'", "a liver lesion"),
-    "absent_kidney": _query("abdomen", ("the kidney has been removed", "status post nephrectomy"),
-                            ("both kidneys are present", "two normal kidneys"),
-                            "'the kidney has been removed' vs 'both kidneys are present'", "one kidney"),
-}
+# The zero-shot finding queries live in decipher_jax.eval.queries (localisation reads them too).
 
 
 def finding_queries(zs, e: dict, queries: dict = FINDING_QUERIES) -> dict:
@@ -381,27 +349,35 @@ class ZeroShotQueries(Evaluator):
 
 @register
 class Localisation(Evaluator):
-    """Text-guided localisation: the finding query's cosine with every patch, against the lesion mask."""
+    """Anomaly localisation against the lesion masks: the finding query's score per patch
+    (text-guided) and each patch's distance to normal studies' patches (visual), with a
+    random-init ViT's visual map as the floor."""
 
     name = "localisation"
 
     @classmethod
     def defaults(cls):
-        return {"split": "test"}
+        return {"split": "test", "floor": True, "bank_per_group": 64}
 
     def run(self, ctx):
         from decipher_jax.eval import localisation
 
         zs = ctx.zeroshot()
         ctx.source(self.settings["split"])
-        return localisation.evaluate_split(zs, ctx.data, self.settings["split"], out=ctx.dir.arrays(self.name))
+        e = ctx.encoders(("random",)).get("random") if self.settings["floor"] else None
+        floor = None if e is None else (e.model, e.params)
+        return localisation.evaluate_split(zs, ctx.data, self.settings["split"], out=ctx.dir.arrays(self.name),
+                                           floor=floor, bank_per_group=self.settings["bank_per_group"])
 
     def summary(self, loc, ctx):
         if not loc.get("n_series"):
             return []
-        return [f"text-guided localisation on {loc['n_series']} held-out lesion series: voxel AUROC "
-                f"{loc['voxel_auroc']:.2f} (random 0.50), pointing game {loc['pointing_game']:.2f} "
-                f"(random point {loc['pointing_game_random']:.3f})"]
+        lines = [f"localisation on {loc['n_series']} held-out lesion series (voxel AUROC in the body, random 0.50; "
+                 f"pointing game in the body, a random point {loc['pointing_game_body_random']:.3f}): text-guided "
+                 f"{loc['voxel_auroc_body']:.2f} / {loc['pointing_game_body']:.2f}"]
+        lines += [f"  visual, {k}: {v['voxel_auroc_body']:.2f} / {v['pointing_game_body']:.2f}"
+                  for k, v in loc.get("visual", {}).items()]
+        return lines
 
 
 @register
@@ -505,7 +481,9 @@ class Segmentation(Evaluator):
 
     @classmethod
     def defaults(cls):
-        return {"encoders": ("align", "random"), "steps": 150, "batch": 4, "lrs": (1e-2, 3e-2), "seeds": (0,)}
+        # skip_convs: the unetr head's image skip, one 3^3 convolution or UNETR's two (seghead).
+        return {"encoders": ("align", "random"), "steps": 150, "batch": 4, "lrs": (1e-2, 3e-2), "seeds": (0,),
+                "skip_convs": 1}
 
     def run(self, ctx):
         from decipher_jax.eval import segtasks
@@ -513,7 +491,8 @@ class Segmentation(Evaluator):
         s = self.settings
         encs, vit = ctx.legacy_encoders(s["encoders"])
         return segtasks.run(encs, ctx.data, ctx.mesh, size=vit.img_size, out=ctx.dir.arrays(self.name),
-                            steps=s["steps"], batch=s["batch"], lrs=tuple(s["lrs"]), seeds=tuple(s["seeds"]))
+                            steps=s["steps"], batch=s["batch"], lrs=tuple(s["lrs"]), seeds=tuple(s["seeds"]),
+                            skip_convs=s.get("skip_convs", 1))
 
     def summary(self, seg, ctx):
         lines = ["segmentation heads on frozen tokens (linear, decoder, unetr with an image skip; lr x seed grids "

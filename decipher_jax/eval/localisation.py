@@ -1,14 +1,22 @@
-"""Text-guided anomaly localisation: a prompt's score read per patch token of a stage-2 image
-tower gives a 3D heatmap, upsampled (trilinear) to the volume, scored against lesion masks. With
-a mean or max readout a patch's value is its share of the image's score for the prompt
-(``TwoTowers.patch_contributions``); with a CLS readout, its own embedding's similarity.
+"""Anomaly localisation on lesion series, read from a frozen stage-2 model in two ways.
+
+- **Text-guided**: each patch's score for the finding's query, the direction between its
+  positive and its negative prompt ensembles (``queries.FINDING_QUERIES``). With a mean or max
+  readout a patch's score is its share of the image's score (``TwoTowers.patch_contributions``);
+  with a CLS readout, or a model trained to align patches with the report's sentences
+  (``loss.patch_weight``), the patch's own embedding's.
+- **Visual** (text-free): each patch token's distance to the nearest patch token, at the same
+  grid position or one step away, of training series of the same body region and sequence
+  without findings (:func:`visual_map`; PatchCore's nearest-neighbour anomaly score, position
+  aware), for the stage-2 image tower and for a random-init ViT of the same shape (the floor).
 
     res = evaluate_split(zs, "outputs/demo/data/prep", "test", out="outputs/demo/localisation")
 
-Scores per series with a lesion: the pointing game (is the heatmap's maximum inside the
-lesion?) and voxel AUROC (heatmap as a voxel classifier of the mask). Baselines for the same
-masks: a uniformly random point hits with probability = lesion fraction; random voxel scores
-give AUROC 0.5.
+Each map, upsampled trilinearly from the patch grid, is scored per lesion series: the pointing
+game (is the map's maximum inside the lesion?) and voxel AUROC (the map as a voxel classifier
+of the mask), over the whole volume and over the body (voxels above ``BODY``). Baselines for the
+same masks: a uniformly random point hits with probability = the lesion fraction; random voxel
+scores give AUROC 0.5.
 """
 
 from __future__ import annotations
@@ -24,17 +32,7 @@ import numpy as np
 from decipher_jax.data import transforms as T
 from decipher_jax.eval import embed
 from decipher_jax.eval.probes import auroc
-
-# Finding name in the records -> the query sentence (prompt-ensembled by ZeroShot).
-PROMPTS = {
-    "infarct": "there is an acute infarct",
-    "mass": "there is a mass suspicious for neoplasm",
-    "cord_lesion": "there is a spinal cord lesion",
-    "liver_lesion": "there is a focal liver lesion",
-    "fracture": "there is a vertebral compression fracture",
-    "effusion": "there is a joint effusion",
-}
-
+from decipher_jax.eval.queries import FINDING_QUERIES
 
 def upsample(grid_heat, size):
     """(B, gd, gh, gw) -> (B, *size), trilinear."""
@@ -53,49 +51,167 @@ def voxel_auroc(heat, mask) -> np.ndarray:
     return np.array([auroc(h.ravel(), m.ravel() > 0) for h, m in zip(np.asarray(heat), np.asarray(mask))])
 
 
+BODY = 0.1  # prepared intensities are in [0, 1]; air sits below this
+
+
 @functools.lru_cache(maxsize=4)
-def _patches(model):
+def _patches(model, own: bool):
+    """Per series: ``text`` the patches' text-guided embeddings ``(B, N, d)`` (``own``: each
+    patch's own normalised embedding; else its share of the pooled one), ``tokens`` the image
+    tower's patch tokens ``(B, N, D)``, the lesion label and the image."""
     def f(params, batch):
         m = model(params)
-        patch = m.patch_contributions(batch["image"]) if hasattr(m, "patch_contributions") else None
-        if patch is None:  # a CLS readout: each patch's own embedding
-            _, patch = m.encode_image(batch["image"], patches=True)
-        return {"patch": patch, "label": batch["label"], "image": batch["image"][..., 0]}
+        share = None if own else m.patch_contributions(batch["image"])
+        _, per_patch = m.encode_image(batch["image"], patches=True)
+        tokens = m.image(batch["image"])["patch"].astype(jnp.float32)
+        return {"text": per_patch if share is None else share, "tokens": tokens, "label": batch["label"],
+                "image": batch["image"][..., 0]}
 
     return jax.jit(f)
 
 
-def evaluate_split(zs, data_dir: str, split: str, prompts: dict = PROMPTS, out: str | None = None,
-                   n_examples: int = 4) -> dict:
-    """Heatmaps for every series with a lesion and a finding in ``prompts``; metrics (and examples)."""
+@functools.lru_cache(maxsize=4)
+def _vit_tokens(model):
+    return jax.jit(lambda params, batch: {"tokens": model(params)(batch["image"])["patch"].astype(jnp.float32)})
+
+
+class _Subset:
+    """The records of ``source`` at ``idx``, in that order (a grain random-access source)."""
+
+    def __init__(self, source, idx):
+        self.source, self.idx = source, [int(i) for i in idx]
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.source[self.idx[i]]
+
+
+def _field(ex, k):
+    v = ex.get(k, b"")
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def group_of(body_region, sequence) -> str:
+    return f"{body_region}/{sequence}"
+
+
+def normal_index(source, per_group: int = 64, seed: int = 0) -> list[int]:
+    """Rows of ``source`` without findings (templates left out), at most ``per_group`` of each
+    body region and sequence (a fixed random subset): the visual map's memory bank stays
+    bounded whatever the corpus' size."""
+    by: dict[str, list[int]] = {}
+    for i in range(len(source)):
+        ex = source[i]
+        if _field(ex, "findings").strip() or _field(ex, "role") == "template":
+            continue
+        by.setdefault(group_of(_field(ex, "body_region"), _field(ex, "sequence")), []).append(i)
+    rng = np.random.default_rng(seed)
+    return sorted(j for idx in by.values() for j in (idx if len(idx) <= per_group else rng.choice(idx, per_group, replace=False)))
+
+
+def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.ndarray:
+    """``(M, *grid)``: each patch token's cosine distance to the nearest bank token of its
+    series' group (body region / sequence) at most ``reach`` grid steps away (Chebyshev); a
+    group the bank lacks is compared with the whole bank. ``tokens`` ``(M, N, D)``, ``bank``
+    ``(K, N, D)``, ``N = prod(grid)``."""
+    def unit(t):
+        t = np.asarray(t, np.float32)
+        return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
+
+    pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, len(grid))
+    near = np.abs(pos[:, None] - pos[None]).max(-1) <= reach  # (N, N)
+    t, b = unit(tokens), unit(bank)
+    groups, bank_groups = np.asarray(groups), np.asarray(bank_groups)
+    out = np.zeros(t.shape[:2], np.float32)
+    for g in np.unique(groups):
+        bi = np.flatnonzero(bank_groups == g)
+        bg = b[bi] if len(bi) else b
+        for i in np.flatnonzero(groups == g):
+            sim = np.einsum("pd,kqd->pkq", t[i], bg)
+            out[i] = 1.0 - np.where(near[:, None, :], sim, -np.inf).max(axis=(1, 2))
+    return out.reshape(len(t), *grid)
+
+
+def score_maps(heat, mask, body) -> dict:
+    """Per series: voxel AUROC and the pointing game, over the volume and over the body."""
+    heat, mask, body = np.asarray(heat), np.asarray(mask) > 0, np.asarray(body)
+    in_body = np.where(body, heat, -np.inf)
+    return {"voxel_auroc": voxel_auroc(heat, mask),
+            "voxel_auroc_body": np.array([auroc(h[b], m[b]) for h, m, b in zip(heat, mask, body)]),
+            "pointing_game": pointing_game(heat, mask), "pointing_game_body": pointing_game(in_body, mask)}
+
+
+def _summary(sc, query, idx, names) -> dict:
+    out = {k: float(np.nanmean(v)) for k, v in sc.items()}
+    out["per_finding"] = {n: {"n": int(sum(query[i] == n for i in idx)),
+                              **{k: float(np.nanmean([x for x, i in zip(v, idx) if query[i] == n])) for k, v in sc.items()}}
+                          for n in names}
+    return out
+
+
+def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, out: str | None = None,
+                   n_examples: int = 4, *, floor=None, bank_split: str = "train", bank_per_group: int = 64) -> dict:
+    """Text-guided and visual maps for every series with a lesion and a finding in ``queries``;
+    their scores (and example slices). ``floor``: ``(model, params)`` of a random-init ViT of the
+    stage-2 tower's shape, whose visual map is scored beside the tower's."""
     from decipher_jax.data import pipelines as P
 
+    queries = FINDING_QUERIES if queries is None else queries
     source = P.data_source(data_dir, split)
     size = zs.image_size
     grid = tuple(s // p for s, p in zip(size, zs.spec["vit"]["patch_size"]))
-    fn = functools.partial(_patches(zs.model), zs.params)
+    loss = zs.spec.get("config", {}).get("loss", {})
+    own = bool(loss.get("patch_weight")) or zs.spec["towers"].get("image_pool", "cls") == "cls"
+    fn = functools.partial(_patches(zs.model, own), zs.params)
+    bs = embed.round_batch(zs.batch_size, zs.mesh)
     tf = [T.Decode(keep_label=True), T.Resize(size)]
-    res = embed.apply(fn, embed.scan_split(source, tf, embed.round_batch(zs.batch_size, zs.mesh)), zs.mesh, ["image", "label"])
+    res = embed.apply(fn, embed.scan_split(source, tf, bs), zs.mesh, ["image", "label"])
     findings = [str(f).split(";") for f in res["findings"]]
-    query = [next((f for f in fs if f in prompts), None) for fs in findings]
-    keep = np.array([q is not None and lab.any() for q, lab in zip(query, res["label"])])
+    query = [next((f for f in fs if f in queries), None) for fs in findings]
+    mask_all = res["label"][..., 0] if res["label"].ndim == 5 else res["label"]
+    keep = np.array([q is not None and (m > 0).any() for q, m in zip(query, mask_all)])
     if not keep.any():
         return {"n_series": 0}
-    names = sorted({q for q, k in zip(query, keep) if k})
-    text = dict(zip(names, zs.encode_sentences([prompts[n] for n in names])))
     idx = np.flatnonzero(keep)
-    t = np.stack([text[query[i]] for i in idx])  # (M, d)
-    cos = np.einsum("mnd,md->mn", res["patch"][idx], t).reshape(len(idx), *grid)
-    heat = np.asarray(upsample(cos, size))
-    mask = res["label"][idx][..., 0] if res["label"].ndim == 5 else res["label"][idx]
-    hits, aucs = pointing_game(heat, mask), voxel_auroc(heat, mask)
-    frac = mask.reshape(len(mask), -1).mean(1)
-    out_d = {"n_series": int(len(idx)), "pointing_game": float(hits.mean()),
-             "pointing_game_random": float(frac.mean()), "voxel_auroc": float(np.nanmean(aucs)),
-             "per_finding": {n: {"n": int(sum(query[i] == n for i in idx)),
-                                 "pointing_game": float(np.mean([h for h, i in zip(hits, idx) if query[i] == n])),
-                                 "voxel_auroc": float(np.nanmean([a for a, i in zip(aucs, idx) if query[i] == n]))}
-                             for n in names}}
+    names = sorted({query[i] for i in idx})
+    direction = {}
+    for n in names:  # the query's direction: positive ensemble minus negative ensemble
+        zp = zs.encode_sentences(list(queries[n]["positive"])).mean(0)
+        zn = zs.encode_sentences(list(queries[n]["negative"])).mean(0)
+        direction[n] = zp / np.linalg.norm(zp) - zn / np.linalg.norm(zn)
+    t = np.stack([direction[query[i]] for i in idx])  # (M, d)
+    text = np.einsum("mnd,md->mn", res["text"][idx], t).reshape(len(idx), *grid)
+    groups = np.array([group_of(r, q) for r, q in zip(res["body_region"][idx], res["sequence"][idx])])
+    bank_src = _Subset(P.data_source(data_dir, bank_split), normal_index(P.data_source(data_dir, bank_split),
+                                                                          bank_per_group))
+    bank_tf = [T.Decode(), T.Resize(size)]
+    maps = {"text": text}
+    encoders = {"stage 2": (zs.model, None)} | ({"random init": floor} if floor is not None else {})
+    for name, (model, params) in encoders.items():
+        if params is None:  # the stage-2 image tower: its tokens came with the text maps
+            tok_test = res["tokens"][idx]
+            f = jax.jit(lambda p, b: {"tokens": zs.model(p).image(b["image"])["patch"].astype(jnp.float32)})
+            bank = embed.apply(functools.partial(f, zs.params), embed.scan_split(bank_src, bank_tf, bs), zs.mesh,
+                               ["image"])
+        else:
+            vf = functools.partial(_vit_tokens(model), params)
+            tok_test = embed.apply(vf, embed.scan_split(_Subset(source, idx), bank_tf, bs), zs.mesh, ["image"])["tokens"]
+            bank = embed.apply(vf, embed.scan_split(bank_src, bank_tf, bs), zs.mesh, ["image"])
+        bank_groups = [group_of(r, q) for r, q in zip(bank["body_region"], bank["sequence"])]
+        maps[f"visual, {name}"] = visual_map(tok_test, groups, bank["tokens"], bank_groups, grid)
+    mask = mask_all[idx]
+    body = res["image"][idx] > BODY
+    heats = {k: np.asarray(upsample(v, size)) for k, v in maps.items()}
+    scores = {k: score_maps(h, mask, body) for k, h in heats.items()}
+    frac = mask.reshape(len(mask), -1).astype(bool).mean(1)
+    frac_body = np.array([(m[b] > 0).mean() for m, b in zip(mask, body)])
+    txt = _summary(scores["text"], query, idx, names)
+    out_d = {"n_series": int(len(idx)), "bank_series": int(len(bank_src)), "text_map": "patch" if own else "share",
+             **{k: v for k, v in txt.items()},
+             "pointing_game_random": float(frac.mean()), "pointing_game_body_random": float(frac_body.mean()),
+             "visual": {k.split(", ", 1)[1]: _summary(v, query, idx, names) for k, v in scores.items() if k != "text"}}
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "localisation.json"), "w") as f:
@@ -104,8 +220,9 @@ def evaluate_split(zs, data_dir: str, split: str, prompts: dict = PROMPTS, out: 
         ex = idx[: n_examples]
         image = res["image"][ex]
         sl = [int(np.round(np.argwhere(m).mean(0)[2])) for m in mask[: len(ex)]]
-        np.savez(os.path.join(out, "examples.npz"), heat=np.stack([h[..., z] for h, z in zip(heat[: len(ex)], sl)]),
-                 mask=np.stack([m[..., z] for m, z in zip(mask[: len(ex)], sl)]),
-                 image=np.stack([v[..., z] for v, z in zip(image, sl)]),
-                 series_id=np.asarray(res["series_id"][ex]), query=np.asarray([prompts[query[i]] for i in ex]))
+        pick = lambda vols: np.stack([v[..., z] for v, z in zip(vols[: len(ex)], sl)])  # noqa: E731
+        np.savez(os.path.join(out, "examples.npz"), heat=pick(heats["text"]), visual=pick(heats["visual, stage 2"]),
+                 mask=pick(mask), image=np.stack([v[..., z] for v, z in zip(image, sl)]),
+                 series_id=np.asarray(res["series_id"][ex]),
+                 query=np.asarray([queries[query[i]]["label"] for i in ex]))
     return out_d

@@ -136,10 +136,11 @@ def _scores(pred, gt, classes, spacing=None, region=None):
 
 
 def brain_tissue(encoders: dict, prep_dir: str, mesh, *, window, layers=(), lrs=(3e-3, 1e-2), seeds=(0, 1),
-                 steps: int = 300, hidden: int = 32, batch: int = 8, n_random: int = 48, seed: int = 0,
+                 steps: int = 300, hidden: int = 32, batch: int = 8, skip_convs: int = 1, n_random: int = 48, seed: int = 0,
                  series_id: str = "MNI152_T1", transfer_id: str = "COLIN27_T1") -> dict:
     """GM/WM on the real MNI152 volume, split by hemisphere; ``{}`` when the volume is absent."""
-    grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch}
+    grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch,
+            "skip_convs": skip_convs}
     rec = find_series(prep_dir, series_id)
     if rec is None:
         return {}
@@ -248,9 +249,10 @@ def _split_arrays(prep_dir, split, size, lesion_only: bool):
 
 
 def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 1e-2), seeds=(0, 1),
-            steps: int = 300, hidden: int = 32, batch: int = 8) -> dict:
+            steps: int = 300, hidden: int = 32, batch: int = 8, skip_convs: int = 1) -> dict:
     """Lesion segmentation on the synthetic corpus (train -> val for the lr -> test)."""
-    grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch}
+    grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch,
+            "skip_convs": skip_convs}
     size = tuple(size)
     tr_img, tr_lab, _, _ = _split_arrays(prep_dir, "train", size, lesion_only=True)
     va_img, va_lab, _, _ = _split_arrays(prep_dir, "val", size, lesion_only=True)

@@ -20,7 +20,11 @@ With ``loss.sentence_weight`` (and a locked text tower) the report's sentences a
 positives: each step also aligns the images with every distinct sentence of the batch's reports
 (:func:`batch_sentences`, :func:`sentence_loss`), a sentence being a positive of each report
 that holds it, so "No joint effusion." is a negative of the effusion reports in the batch. This
-is what a zero-shot query scores against: one sentence, not a whole report.
+is what a zero-shot query scores against: one sentence, not a whole report. With
+``loss.patch_weight`` the same objective is also applied at the patch level: an image's score for a
+sentence is its best patch's cosine (:func:`patch_sentence_sim`), so a finding's sentence must be
+matched by some patch of the images that report it (multiple-instance alignment, for text-guided
+localisation; BENCHMARKS.md, "Anomaly localisation").
 
 Towers start from stage 1: the vision tower from a ``vision_ssl`` workdir (the EMA teacher's
 backbone, as DINOv2 evaluates it; its architecture is read from the run's ``run_spec.json``),
@@ -87,12 +91,16 @@ def towers_config(cfg) -> TowersConfig:
 # -- the step -----------------------------------------------------------------------------------
 
 def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression: str = "mse",
-               drop_path: float = 0.0, key=None, sentence_w: float = 0.0):
+               drop_path: float = 0.0, key=None, sentence_w: float = 0.0, patch_w: float = 0.0):
     """``(loss, aux)`` of one global batch; used by the step and by the parity tests. With
     ``sent_feats`` / ``sent_valid`` / ``sent_pos`` in the batch (:func:`batch_sentences`) the
     loss adds ``sentence_w`` times the same objective between the images and every distinct
-    sentence of the batch's reports (:func:`sentence_loss`)."""
-    fi, _ = m.image_features(batch["image"], freeze=frozen.get("image", False), drop_path=drop_path, key=key)
+    sentence of the batch's reports (:func:`sentence_loss`), and ``patch_w`` times it at the
+    patch level: an image's score for a sentence is its best-matching patch's
+    (:func:`patch_sentence_sim`), so a finding's sentence has to be found in some patch of the
+    images that report it and in none of the others' (multiple-instance alignment, for
+    text-guided localisation)."""
+    fi, fp = m.image_features(batch["image"], freeze=frozen.get("image", False), drop_path=drop_path, key=key)
     if "text_feats" in batch:  # a locked text tower's features, looked up (see text_cache)
         ft = jax.lax.stop_gradient(batch["text_feats"])
     else:
@@ -115,6 +123,12 @@ def batch_loss(m: TwoTowers, batch, *, objective: str, frozen: dict, regression:
                            m.logit_bias[...] if objective == "siglip" else None)
         loss = loss + sentence_w * sl
         aux["sentence_loss"] = sl
+        if patch_w:
+            sim = patch_sentence_sim(normalise(m.project_image(fp)), zs_n)
+            pl = sentence_loss(None, None, batch["sent_valid"], batch["sent_pos"], m.logit_scale[...],
+                               m.logit_bias[...] if objective == "siglip" else None, sim=sim)
+            loss = loss + patch_w * pl
+            aux["patch_loss"] = pl
     sim = zi_n @ zt_n.T
     hit = jnp.take_along_axis(pos, jnp.argmax(sim, axis=1)[:, None], axis=1)[:, 0]
     aux |= {"i2t_acc": hit.mean(), "positives_per_row": pos.sum(1).mean(),
@@ -137,16 +151,25 @@ def batch_sentences(bags):
     return cols, pos
 
 
-def sentence_loss(zi_n, zs_n, valid, pos, log_scale, bias=None):
+def patch_sentence_sim(zp_n, zs_n):
+    """``(B, C)``: each image's best patch cosine with each sentence; ``zp_n`` ``(B, N, d)``
+    normalised patch embeddings, ``zs_n`` ``(C, d)``."""
+    return jnp.max(jnp.einsum("bnd,cd->bnc", zp_n.astype(jnp.float32), zs_n.astype(jnp.float32)), axis=1)
+
+
+def sentence_loss(zi_n, zs_n, valid, pos, log_scale, bias=None, *, sim=None):
     """Stage 2's objective between ``B`` images and ``C`` sentences (``valid``: the columns in
     use) with several positives per row and per column: CLIP's symmetric multi-positive
     InfoNCE (:func:`decipher_jax.losses.clip_loss`, over the valid columns), or with ``bias``
-    SigLIP's sigmoid loss over the valid pairs."""
+    SigLIP's sigmoid loss over the valid pairs. ``sim``: the ``(B, C)`` cosines when they are
+    not ``zi_n @ zs_n.T`` (:func:`patch_sentence_sim`)."""
+    if sim is None:
+        sim = zi_n.astype(jnp.float32) @ zs_n.astype(jnp.float32).T
     if bias is not None:
-        logits = losses.pair_logits(zi_n, zs_n, log_scale, bias, max_log_scale=None)
+        logits = jnp.exp(log_scale) * sim + bias
         labels = 2.0 * pos.astype(jnp.float32) - 1.0
-        return -jnp.sum(jnp.where(valid[None, :], jax.nn.log_sigmoid(labels * logits), 0.0)) / zi_n.shape[0]
-    logits = losses.pair_logits(zi_n, zs_n, log_scale)
+        return -jnp.sum(jnp.where(valid[None, :], jax.nn.log_sigmoid(labels * logits), 0.0)) / sim.shape[0]
+    logits = jnp.exp(jnp.minimum(log_scale, losses.LOG_MAX_SCALE)) * sim
     neg = jnp.finfo(jnp.float32).min
     p = pos.astype(jnp.float32)
     li = jax.nn.log_softmax(jnp.where(valid[None, :], logits, neg), axis=1)
@@ -181,7 +204,7 @@ def make_step(cfg, model: common.Model, tx, frozen: dict):
         def loss_fn(params):
             return batch_loss(model(params), batch, objective=objective, frozen=frozen,
                               regression=cfg.loss.regression, drop_path=cfg.model.drop_path, key=key,
-                              sentence_w=sentence_weight(cfg))
+                              sentence_w=sentence_weight(cfg), patch_w=patch_weight(cfg))
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -299,25 +322,34 @@ def text_cache(cfg, s: common.Setup, params, mesh, split: str = "train", table=N
     ``pair_id_hash`` instead of running the tower forward again (most of a tiny step's time).
     ``table``: :func:`text_table`'s output for these params when already computed.
 
-    With ``loss.sentence_weight`` the cache also holds the report sentences
+    With ``loss.sentence_weight`` or ``loss.patch_weight`` the cache also holds the report sentences
     (:func:`sentence_table`): ``"sent_feats"`` ``(S, Dt)``, one row per distinct sentence, and
     ``"bags"`` ``(R, K)``, each text's sentence rows sorted, padded with -1."""
     locked = s.frozen["text"] or s.towers.objective == "regress"
     if not (locked and cfg.data.get("cache_text", True)):
-        if sentence_weight(cfg):
-            raise ValueError("loss.sentence_weight needs a locked text tower with data.cache_text (clip_align.py:"
-                             "tiny,locktext): the report sentences are encoded once, into the text cache")
+        if uses_sentences(cfg):
+            raise ValueError("loss.sentence_weight and loss.patch_weight need a locked text tower with data.cache_text "
+                             "(clip_align.py:tiny,locktext): the report sentences are encoded once, into the text cache")
         return None
     hashes, feats = table if table is not None else text_table(cfg, s, params, mesh, split)
     rep = common.replicated(mesh)
     out = {"hash": hashes, "feats": feats}
-    if sentence_weight(cfg):
+    if uses_sentences(cfg):
         out["bags"], out["sent_feats"] = sentence_table(cfg, s, params, mesh, hashes, split)
     return {k: jax.device_put(v, rep) for k, v in out.items()}
 
 
 def sentence_weight(cfg) -> float:
     return float(cfg.get("loss", {}).get("sentence_weight", 0.0))
+
+
+def patch_weight(cfg) -> float:
+    return float(cfg.get("loss", {}).get("patch_weight", 0.0))
+
+
+def uses_sentences(cfg) -> bool:
+    """The steps read the report sentences (the text cache holds them)."""
+    return bool(sentence_weight(cfg) or patch_weight(cfg))
 
 
 def _split_texts(cfg, split: str) -> dict[int, tuple[str, str, str]]:

@@ -97,6 +97,7 @@ def get_config(arg=None):
     # Tiny + locktext: on (every distinct sentence of the batch's reports; zero-shot finding
     # queries 0.56 -> 0.62, frozen finding probes 0.78 -> 0.81 at 400 patients).
     c.loss.sentence_weight = 1.0 if tiny and "locktext" in opts else 0.0
+    c.loss.patch_weight = 0.0  # patch-level multiple-instance alignment with the sentences (needs them)
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-3 if tiny else 5e-4
