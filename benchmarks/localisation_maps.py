@@ -101,13 +101,12 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from decipher_jax import layout, runs
+    from decipher_jax import runs
     from decipher_jax import sharding as sh
     from decipher_jax.eval import evaluators, segtasks
     from decipher_jax.eval import localisation as L
     from decipher_jax.zeroshot import ZeroShot
 
-    pdir = layout.PipelineDir(args.workdir)
     prep = os.path.join(args.workdir, "data", "prep")
     mesh = sh.make_mesh({"data": -1})
     align, ssl = os.path.join(args.workdir, "stage2"), os.path.join(args.workdir, "stage1_vision")
@@ -126,12 +125,11 @@ def main(argv=None):
     print(f"{keep.sum()} test lesion series with a query, bank of {len(bank['image'])} training series without "
           f"findings; grid {grid}, patch {patch}, shift {args.shift}", flush=True)
     names = sorted({q for q in query if q})
-    direction, positive = {}, {}
+    direction = {n: L.query_direction(zs, queries[n]) for n in names}
+    positive = {}
     for n in names:
         zp = zs.encode_sentences(list(queries[n]["positive"])).mean(0)
-        zn = zs.encode_sentences(list(queries[n]["negative"])).mean(0)
-        zp, zn = zp / np.linalg.norm(zp), zn / np.linalg.norm(zn)
-        direction[n], positive[n] = zp - zn, zp
+        positive[n] = zp / np.linalg.norm(zp)
     w = np.asarray(jax.device_get(zs.params["image_proj"]), np.float32)
     pools = zs.spec["towers"].get("image_pool", "cls")
     pools = tuple(pools.split("+"))
@@ -142,12 +140,11 @@ def main(argv=None):
     offsets = [(0, 0, 0)] if args.shift <= 0 else list(itertools.product(*[range(0, q, args.shift) for q in patch]))
     maps: dict[str, list] = {}
 
-    def add(name, vals, off, ok_acc):
+    def add(name, vals, off):
         v, ok = to_voxels(vals, off, patch, size)
         s, c = maps.setdefault(name, [np.zeros_like(v), np.zeros(size, np.float32)])
         s += v
         c += ok
-        del ok_acc
 
     trilinear = {}
     for off in offsets:
@@ -160,7 +157,7 @@ def main(argv=None):
             if args.shift <= 0:
                 trilinear[f"visual, {e.name}"] = vis
             else:
-                add(f"visual, {e.name}", vis, off, None)
+                add(f"visual, {e.name}", vis, off)
             if key != "align":
                 continue
             tok = tt[..., :d].reshape(len(tt), -1, d)  # (M, P, D)
@@ -193,7 +190,7 @@ def main(argv=None):
                 if args.shift <= 0:
                     trilinear[name] = v
                 else:
-                    add(name, v, off, None)
+                    add(name, v, off)
         print(f"offset {off} done", flush=True)
     if args.shift <= 0:
         heats = {k: np.asarray(L.upsample(v, size)) for k, v in trilinear.items()}
@@ -215,7 +212,6 @@ def main(argv=None):
     for name, r in rows.items():
         print(f"  {name}: " + ", ".join(f"{n} ({(q == n).sum()}) {np.nanmean(r['voxel_auroc_body'][q == n]):.2f}/"
                                         f"{r['pointing_game_body'][q == n].mean():.2f}" for n in names))
-    del pdir
 
 
 if __name__ == "__main__":

@@ -136,9 +136,15 @@ def pair_logits(z_img, z_txt, log_scale, bias=None, max_log_scale: float | None 
     Under jit with batch-sharded inputs this is the all-gather of the text embeddings that
     open_clip's ``gather_with_grad`` / big_vision do by hand: negatives span the whole mesh.
     """
+    return scaled_logits(z_img.astype(jnp.float32) @ z_txt.astype(jnp.float32).T, log_scale, bias, max_log_scale)
+
+
+def scaled_logits(sim, log_scale, bias=None, max_log_scale: float | None = LOG_MAX_SCALE):
+    """``exp(log_scale) * sim (+ bias)``: cosines ``sim`` to logits, the scale clamped at
+    ``exp(max_log_scale)`` (``None``: unclamped)."""
     if max_log_scale is not None:
         log_scale = jnp.minimum(log_scale, max_log_scale)
-    logits = jnp.exp(log_scale) * (z_img.astype(jnp.float32) @ z_txt.astype(jnp.float32).T)
+    logits = jnp.exp(log_scale) * sim.astype(jnp.float32)
     return logits if bias is None else logits + bias
 
 

@@ -492,7 +492,7 @@ class Segmentation(Evaluator):
         encs, vit = ctx.legacy_encoders(s["encoders"])
         return segtasks.run(encs, ctx.data, ctx.mesh, size=vit.img_size, out=ctx.dir.arrays(self.name),
                             steps=s["steps"], batch=s["batch"], lrs=tuple(s["lrs"]), seeds=tuple(s["seeds"]),
-                            skip_convs=s.get("skip_convs", 1))
+                            skip_convs=s["skip_convs"])
 
     def summary(self, seg, ctx):
         lines = ["segmentation heads on frozen tokens (linear, decoder, unetr with an image skip; lr x seed grids "

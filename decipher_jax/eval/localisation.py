@@ -33,6 +33,7 @@ from decipher_jax.data import transforms as T
 from decipher_jax.eval import embed
 from decipher_jax.eval.probes import auroc
 from decipher_jax.eval.queries import FINDING_QUERIES
+from decipher_jax.models.towers import normalise
 
 def upsample(grid_heat, size):
     """(B, gd, gh, gw) -> (B, *size), trilinear."""
@@ -56,36 +57,35 @@ BODY = 0.1  # prepared intensities are in [0, 1]; air sits below this
 
 @functools.lru_cache(maxsize=4)
 def _patches(model, own: bool):
-    """Per series: ``text`` the patches' text-guided embeddings ``(B, N, d)`` (``own``: each
-    patch's own normalised embedding; else its share of the pooled one), ``tokens`` the image
-    tower's patch tokens ``(B, N, D)``, the lesion label and the image."""
+    """Per series, from one pass of the image tower: ``text`` the patches' text-guided
+    embeddings ``(B, N, d)`` (``own``: each patch's own normalised embedding; else its share of
+    the pooled one), ``tokens`` the tower's patch tokens ``(B, N, D)``, the label and the image."""
     def f(params, batch):
         m = model(params)
-        share = None if own else m.patch_contributions(batch["image"])
-        _, per_patch = m.encode_image(batch["image"], patches=True)
-        tokens = m.image(batch["image"])["patch"].astype(jnp.float32)
-        return {"text": per_patch if share is None else share, "tokens": tokens, "label": batch["label"],
+        tokens = m.image(batch["image"])["patch"]
+        text = normalise(m.project_image(tokens)) if own else m.patch_shares(tokens)
+        return {"text": text, "tokens": tokens.astype(jnp.float32), "label": batch["label"],
                 "image": batch["image"][..., 0]}
 
     return jax.jit(f)
 
 
 @functools.lru_cache(maxsize=4)
-def _vit_tokens(model):
-    return jax.jit(lambda params, batch: {"tokens": model(params)(batch["image"])["patch"].astype(jnp.float32)})
+def _tokens(model, tower: bool):
+    """Patch tokens ``(B, N, D)`` of a ViT (``tower``: a two-tower model's image tower)."""
+    def f(params, batch):
+        m = model(params)
+        return {"tokens": (m.image if tower else m)(batch["image"])["patch"].astype(jnp.float32)}
+
+    return jax.jit(f)
 
 
-class _Subset:
-    """The records of ``source`` at ``idx``, in that order (a grain random-access source)."""
-
-    def __init__(self, source, idx):
-        self.source, self.idx = source, [int(i) for i in idx]
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.source[self.idx[i]]
+def query_direction(zs, query: dict) -> np.ndarray:
+    """A finding query's direction in the shared space: its positive prompt ensemble minus its
+    negative one, each normalised."""
+    zp = zs.encode_sentences(list(query["positive"])).mean(0)
+    zn = zs.encode_sentences(list(query["negative"])).mean(0)
+    return zp / np.linalg.norm(zp) - zn / np.linalg.norm(zn)
 
 
 def _field(ex, k):
@@ -176,29 +176,23 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
         return {"n_series": 0}
     idx = np.flatnonzero(keep)
     names = sorted({query[i] for i in idx})
-    direction = {}
-    for n in names:  # the query's direction: positive ensemble minus negative ensemble
-        zp = zs.encode_sentences(list(queries[n]["positive"])).mean(0)
-        zn = zs.encode_sentences(list(queries[n]["negative"])).mean(0)
-        direction[n] = zp / np.linalg.norm(zp) - zn / np.linalg.norm(zn)
+    direction = {n: query_direction(zs, queries[n]) for n in names}
     t = np.stack([direction[query[i]] for i in idx])  # (M, d)
     text = np.einsum("mnd,md->mn", res["text"][idx], t).reshape(len(idx), *grid)
     groups = np.array([group_of(r, q) for r, q in zip(res["body_region"][idx], res["sequence"][idx])])
-    bank_src = _Subset(P.data_source(data_dir, bank_split), normal_index(P.data_source(data_dir, bank_split),
-                                                                          bank_per_group))
+    bank_source = P.data_source(data_dir, bank_split)
+    bank_src = P.Subset(bank_source, normal_index(bank_source, bank_per_group))
     bank_tf = [T.Decode(), T.Resize(size)]
     maps = {"text": text}
-    encoders = {"stage 2": (zs.model, None)} | ({"random init": floor} if floor is not None else {})
-    for name, (model, params) in encoders.items():
-        if params is None:  # the stage-2 image tower: its tokens came with the text maps
+    encoders = {"stage 2": (zs.model, zs.params, True)} | ({"random init": (*floor, False)} if floor is not None else {})
+    for name, (model, params, tower) in encoders.items():
+        fn_tok = functools.partial(_tokens(model, tower), params)
+        bank = embed.apply(fn_tok, embed.scan_split(bank_src, bank_tf, bs), zs.mesh, ["image"])
+        if tower:  # the stage-2 image tower: the test series' tokens came with the text maps
             tok_test = res["tokens"][idx]
-            f = jax.jit(lambda p, b: {"tokens": zs.model(p).image(b["image"])["patch"].astype(jnp.float32)})
-            bank = embed.apply(functools.partial(f, zs.params), embed.scan_split(bank_src, bank_tf, bs), zs.mesh,
-                               ["image"])
         else:
-            vf = functools.partial(_vit_tokens(model), params)
-            tok_test = embed.apply(vf, embed.scan_split(_Subset(source, idx), bank_tf, bs), zs.mesh, ["image"])["tokens"]
-            bank = embed.apply(vf, embed.scan_split(bank_src, bank_tf, bs), zs.mesh, ["image"])
+            tok_test = embed.apply(fn_tok, embed.scan_split(P.Subset(source, idx), bank_tf, bs), zs.mesh,
+                                   ["image"])["tokens"]
         bank_groups = [group_of(r, q) for r, q in zip(bank["body_region"], bank["sequence"])]
         maps[f"visual, {name}"] = visual_map(tok_test, groups, bank["tokens"], bank_groups, grid)
     mask = mask_all[idx]
@@ -209,7 +203,7 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
     frac_body = np.array([(m[b] > 0).mean() for m, b in zip(mask, body)])
     txt = _summary(scores["text"], query, idx, names)
     out_d = {"n_series": int(len(idx)), "bank_series": int(len(bank_src)), "text_map": "patch" if own else "share",
-             **{k: v for k, v in txt.items()},
+             **txt,
              "pointing_game_random": float(frac.mean()), "pointing_game_body_random": float(frac_body.mean()),
              "visual": {k.split(", ", 1)[1]: _summary(v, query, idx, names) for k, v in scores.items() if k != "text"}}
     if out:

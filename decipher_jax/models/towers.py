@@ -177,10 +177,15 @@ class TwoTowers(nnx.Module):
         is the arg-max (a max-pooled score is read from those patches only). A query's dot
         product with it is that patch's part of the query's score: the heatmap a pooled readout
         implies. ``None`` with a CLS readout, which no patch owns."""
-        pools = self.cfg.image_pools
-        if "cls" in pools:
+        if "cls" in self.cfg.image_pools:
             return None
-        patch = self.image(x)["patch"].astype(jnp.float32)
+        return self.patch_shares(self.image(x)["patch"])
+
+    def patch_shares(self, patch):
+        """:meth:`patch_contributions` from the image tower's patch tokens ``(B, N, Dv)``
+        already computed (a mean or max readout)."""
+        pools = self.cfg.image_pools
+        patch = patch.astype(jnp.float32)
         n, dim = patch.shape[1], patch.shape[2]
         w = self.image_proj[...].astype(jnp.float32)
         total = 0.0

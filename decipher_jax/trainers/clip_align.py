@@ -166,10 +166,10 @@ def sentence_loss(zi_n, zs_n, valid, pos, log_scale, bias=None, *, sim=None):
     if sim is None:
         sim = zi_n.astype(jnp.float32) @ zs_n.astype(jnp.float32).T
     if bias is not None:
-        logits = jnp.exp(log_scale) * sim + bias
+        logits = losses.scaled_logits(sim, log_scale, bias, max_log_scale=None)
         labels = 2.0 * pos.astype(jnp.float32) - 1.0
         return -jnp.sum(jnp.where(valid[None, :], jax.nn.log_sigmoid(labels * logits), 0.0)) / sim.shape[0]
-    logits = jnp.exp(jnp.minimum(log_scale, losses.LOG_MAX_SCALE)) * sim
+    logits = losses.scaled_logits(sim, log_scale)
     neg = jnp.finfo(jnp.float32).min
     p = pos.astype(jnp.float32)
     li = jax.nn.log_softmax(jnp.where(valid[None, :], logits, neg), axis=1)
