@@ -1,0 +1,149 @@
+"""Report generation and visual question answering: a decoder trained on the frozen stage-2 image
+tower's tokens (:class:`decipher_jax.models.captioner.Captioner`).
+
+    decipher train --config experiments/configs/caption.py:tiny --workdir W --config.init.align=STAGE2
+    decipher train --config experiments/configs/caption.py:tiny,prior --workdir W2   # no image: the language prior
+
+Each training example is a series' report or one of its templated questions
+(:mod:`decipher_jax.data.captions`), with the answer from the record's facts. The image tower is
+the ``init.align`` run's (frozen by the rule ``image/.*``; a regex rule can slow it instead); the
+resampler, the projector and the decoder learn. The decoder is trained from scratch over a
+compact vocabulary of the report tokenizer's word pieces (``vocab`` in the run spec). The
+evaluation (:mod:`decipher_jax.captioning`) generates on held-out patients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from decipher_jax import optim, runs, runspec
+from decipher_jax.data import captions as C
+from decipher_jax.data import pipelines as P
+from decipher_jax.data import transforms as T
+from decipher_jax.models.captioner import Captioner, CaptionerConfig
+from decipher_jax.models.decoder import DecoderConfig
+from decipher_jax.models.vit3d import ViTConfig
+from decipher_jax.trainers import common
+
+
+def token_loss(logits, labels, mask):
+    """Mean next-token cross-entropy over the masked positions, and the accuracy there."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    n = jnp.maximum(mask.sum(), 1.0)
+    acc = ((logits.argmax(-1) == labels) * mask).sum() / n
+    return (nll * mask).sum() / n, acc
+
+
+def vit_config(cfg) -> ViTConfig | None:
+    """The ``init.align`` run's image tower (its run spec), else ``model.vit``; None without the image."""
+    if not cfg.model.use_image:
+        return None
+    if cfg.init.align:
+        return runs.align_vit_config(runs.read_spec(cfg.init.align))
+    return ViTConfig(**runs.from_json(dict(cfg.model.vit)))
+
+
+def tokenizer_path(cfg) -> str:
+    """The report tokenizer: the align run's, else ``data.tokenizer`` (``minilm``: the packaged one)."""
+    from decipher_jax.trainers.text_mlm import resolve_model_path
+
+    if cfg.init.align:
+        return runs.read_spec(cfg.init.align)["tokenizer"]
+    if not cfg.data.tokenizer:
+        raise ValueError("caption: set init.align (a stage-2 run) or data.tokenizer")
+    return resolve_model_path(cfg.data.tokenizer)
+
+
+def train_reports(source) -> list[str]:
+    """The training split's report texts (one metadata pass)."""
+    out = []
+    for i in range(len(source)):
+        r = source[i].get("report", b"")
+        out.append(r.decode("utf-8") if isinstance(r, bytes) else str(r))
+    return out
+
+
+def decoder_config(cfg, vocab_size: int) -> DecoderConfig:
+    return DecoderConfig(**dict(cfg.model.decoder), vocab_size=vocab_size, bos_token_id=C.BOS, eos_token_id=C.EOS,
+                         pad_token_id=C.PAD)
+
+
+def make_step(cfg, model: common.Model, tx, freeze_image: bool):
+    def step(state, batch):
+        def loss_fn(params):
+            logits = model(params)(batch["image"], batch["ids"], batch["ids"] != C.PAD, freeze_image=freeze_image)
+            return token_loss(logits, batch["labels"], batch["loss_mask"])
+
+        (value, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        new, guard = common.guard_update(value, {"step": state["step"] + 1, "params": params, "opt": opt}, state,
+                                         params=state["params"], new_params=params,
+                                         max_update_ratio=cfg.guard_update_ratio)
+        return new, {"loss": value, "token_acc": acc, **guard, "grad_norm": common.tree_norm(grads),
+                     **optim.current_hparams(opt)}
+
+    return step
+
+
+def setup(cfg, mesh) -> common.Setup:
+    """The caption trainer on ``mesh``; reads the training split's reports (the vocabulary) and no
+    weights until ``init``."""
+    train_src = P.data_source(cfg.data.dir, "train")
+    tok_path = tokenizer_path(cfg)
+    vocab = C.SubVocab.build(tok_path, train_reports(train_src))
+    vit = vit_config(cfg)
+    dec = decoder_config(cfg, len(vocab))
+    ccfg = CaptionerConfig(**dict(cfg.model.captioner), use_image=bool(cfg.model.use_image))
+    model = common.Model(lambda r: Captioner(vit, dec, ccfg, rngs=r), mesh)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    tx = optim.build(cfg.optim, params_shape)
+    shardings, shapes = common.params_state(model, tx, mesh, params_shape)
+    freeze = optim.frozen_towers(cfg.optim, params_shape, ["image"]).get("image", False)
+    size = tuple(vit.img_size) if vit else tuple(cfg.model.vit["img_size"])
+
+    def init():
+        params = model.init(jax.random.key(cfg.seed))
+        if vit is not None and cfg.init.align:
+            from decipher_jax.trainers.finetune import backbone_params
+
+            params["image"], where = backbone_params(cfg.init.align, params_shape["image"], model.shardings["image"])
+            print(f"caption: image tower <- {where}", flush=True)
+        opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
+        return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
+
+    def data():
+        print(f"caption: {len(train_src)} training series, vocabulary {len(vocab)} ids "
+              f"({'image prefix of ' + str(ccfg.num_latents) + ' latents' if vit else 'no image: language prior'})",
+              flush=True)
+        loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+        ds, per_host = P._base(train_src, loader)
+        ds = ds.map(C.DecodeWithFacts()).map(T.Resize(size))
+        ds = ds.random_map(C.Examples(vocab, cfg.data.max_length, cfg.data.report_fraction))
+        return iter(P._finish(ds.map(P.DropStrings()), per_host, loader))
+
+    def run_spec():
+        return runspec.RunSpec("caption", {**runspec.as_json(cfg), "vocab": list(vocab.pieces)}, vit=vit,
+                               tokenizer=common.tokenizer_dir(tok_path), preprocessing=runspec.preprocessing(cfg.data.dir))
+
+    b, t = cfg.data.batch_size, cfg.data.max_length
+    batch_spec = {"image": ((b, *size, 1), jnp.float32), "ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32),
+                  "loss_mask": ((b, t), jnp.float32)}
+    s = common.Setup("caption", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, model, tx, freeze), batch_spec,
+                     init, data, run_spec, log_keys=("loss", "token_acc"), vit=vit)
+    s.frozen = {"image": freeze}
+    return s
+
+
+@common.locked
+def train(cfg, workdir: str) -> dict:
+    """Runs (or resumes) the caption / VQA decoder; returns the last metrics."""
+    return common.train(setup(cfg, common.make_mesh(cfg, "caption")), workdir)
+
+
+def summary(cfg, m: dict, seconds: float) -> str:
+    what = "image-conditioned decoder" if cfg.model.use_image else "language-prior decoder (no image)"
+    return (f"{what}, {cfg.steps} steps in {seconds:.0f} s: answer-token loss {m['loss']:.3f}, "
+            f"accuracy {m['token_acc']:.3f}")

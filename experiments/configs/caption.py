@@ -1,0 +1,69 @@
+"""Report generation and VQA from the frozen stage-2 image tower (:mod:`decipher_jax.trainers.caption`).
+
+    decipher train --config experiments/configs/caption.py:tiny --workdir W --config.init.align=outputs/demo/stage2
+    decipher train --config experiments/configs/caption.py:tiny,prior --workdir W2   # the language prior
+    decipher caption --workdir W --split test          # generated reports and VQA, with the baselines
+
+Arguments: ``tiny`` (a CPU-sized decoder trained from scratch on the corpus's reports), ``prior``
+(the same decoder without the image: the language-prior baseline). The image tower is frozen
+(``optim.lr_rules``); the perceiver resampler, the projector and the decoder learn.
+"""
+
+import ml_collections as mlc
+
+
+def get_config(arg=None):
+    opts = {o for o in (arg or "").split(",") if o}
+    unknown = opts - {"tiny", "prior"}
+    if unknown:
+        raise ValueError(f"caption.py: unknown options {sorted(unknown)}; known: tiny, prior")
+    tiny = "tiny" in opts
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.steps = 1500 if tiny else 50_000
+    c.log_every = 50 if tiny else 100
+    c.checkpoint_every = 500 if tiny else 2000
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    c.stop_after = 0
+    c.guard_update_ratio = 1.0
+    c.preemption_grace_s = 30.0
+
+    c.init = mlc.ConfigDict()
+    c.init.align = "" if "prior" in opts else ("outputs/demo/stage2" if tiny else "checkpoints/stage2")
+
+    c.data = mlc.ConfigDict()
+    c.data.dir = "outputs/demo/data/prep" if tiny else "data/prep"
+    c.data.tokenizer = "minilm"  # the report tokenizer when there is no align run (the prior)
+    c.data.batch_size = 32 if tiny else 256
+    c.data.num_workers = 0 if tiny else 8
+    c.data.max_length = 112 if tiny else 256  # [BOS] question [SEP] answer [EOS], in word pieces
+    c.data.report_fraction = 0.5  # the rest of the examples are templated questions
+
+    c.model = mlc.ConfigDict()
+    c.model.use_image = "prior" not in opts
+    # Without an align run (the prior) the ViT only fixes the input size.
+    c.model.vit = dict(dim=64, depth=2, heads=4, mlp_dim=128, patch_size=(8, 8, 8), img_size=(32, 32, 32), stem="linear")
+    c.model.captioner = dict(num_latents=16 if tiny else 32, resampler_depth=2, resampler_heads=4)
+    if tiny:
+        c.model.decoder = dict(family="llama", hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
+                               intermediate_size=384, max_position=256)
+    else:  # about GPT-2 small, in Llama's layout
+        c.model.decoder = dict(family="llama", hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                               intermediate_size=2048, max_position=1024, dtype="bfloat16", remat="dots", scan=True)
+
+    c.optim = mlc.ConfigDict()
+    c.optim.lr = 1e-3 if tiny else 3e-4
+    c.optim.min_lr = 0.0
+    c.optim.warmup_steps = 100 if tiny else 1000
+    c.optim.total_steps = c.get_ref("steps") * 1
+    c.optim.b1, c.optim.b2 = 0.9, 0.98
+    c.optim.weight_decay = 0.01
+    c.optim.weight_decay_end = c.optim.weight_decay
+    c.optim.clip_norm = 1.0
+    c.optim.lr_rules = [("image/.*", None)]  # the stage-2 image tower stays frozen
+
+    c.eval = mlc.ConfigDict()
+    c.eval.batch_size = 32 if tiny else 256
+    return c

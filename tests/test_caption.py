@@ -1,0 +1,150 @@
+"""Report generation and VQA: the sequence format, the vocabulary, a frozen image tower that
+shapes the output, a short training run that learns, and the held-out evaluation with its
+language-prior baseline."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from decipher_jax.data import captions as C
+from decipher_jax.models.captioner import Captioner, CaptionerConfig
+from decipher_jax.models.decoder import DecoderConfig
+from decipher_jax.models.vit3d import ViTConfig
+
+VIT = dict(dim=32, depth=1, heads=2, mlp_dim=64, patch_size=(8, 8, 8), img_size=(16, 16, 16), stem="linear")
+
+
+@pytest.fixture(scope="module")
+def vocab(minilm_path):
+    return C.SubVocab.build(minilm_path, ["No acute infarct. A 20 mm mass in the left frontal lobe."])
+
+
+def test_sequence_masks_the_answer_and_its_end(vocab):
+    q, a = "is there a lesion?", "yes"
+    ids, labels, mask = C.sequence(vocab, q, a, 12)
+    nq = len(vocab.encode(q))
+    assert list(ids[: nq + 2]) == C.prompt(vocab, q)  # generation starts exactly where training's answer does
+    assert list(labels[mask > 0]) == vocab.encode(a) + [C.EOS]
+    assert (labels[:-1][ids[1:] != C.PAD] == ids[1:][ids[1:] != C.PAD]).all()  # labels are the next tokens
+    report = "No acute infarct. A 20 mm mass in the left frontal lobe."
+    ids, labels, mask = C.sequence(vocab, "", report, 40)
+    assert list(ids[:2]) == [C.BOS, C.SEP] and vocab.decode(labels[mask > 0]) == report.lower()
+    _, _, cut = C.sequence(vocab, "", report, 6)  # too long: cut, no end token
+    assert cut.sum() == 5
+
+
+def test_vocabulary_round_trip_and_unknown_pieces(vocab):
+    assert vocab.decode(vocab.encode("no acute infarct.") + [C.EOS] + vocab.encode("mass")) == "no acute infarct."
+    assert C.UNK in vocab.encode("pneumothorax")  # a piece no training text used
+    assert len(vocab) == len(C.SPECIAL) + len(vocab.pieces) < 200
+
+
+def _captioner(use_image=True, seed=0):
+    dec = DecoderConfig(family="llama", vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, max_position=64)
+    return Captioner(ViTConfig(**VIT), dec, CaptionerConfig(use_image=use_image, num_latents=4, resampler_depth=1),
+                     rngs=nnx.Rngs(seed))
+
+
+def test_the_prefix_carries_the_image_and_only_the_image_tower_is_stopped(rng):
+    m = _captioner()
+    ids = jnp.asarray(rng.integers(5, 40, (2, 7)))
+    a, b = (jnp.asarray(rng.standard_normal((2, 16, 16, 16, 1)), jnp.float32) for _ in range(2))
+    la, lb = m(a, ids), m(b, ids)
+    assert la.shape == (2, 7, 40) and float(jnp.abs(la - lb).max()) > 1e-3
+    prior = _captioner(use_image=False)
+    assert float(jnp.abs(prior(a, ids) - prior(b, ids)).max()) == 0.0 and prior.num_prefix == 0
+    graphdef, state = nnx.split(m)
+
+    def loss(s, freeze):
+        return jnp.sum(nnx.merge(graphdef, s)(a, ids, freeze_image=freeze) ** 2)
+
+    frozen, free = jax.grad(loss)(state, True), jax.grad(loss)(state, False)
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(frozen["image"]))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(free["image"]))
+    assert float(jnp.abs(frozen["resampler"]["latents"][...]).max()) > 0
+
+
+def _cfg(data, prior=False, steps=80):
+    from decipher_jax.trainers import common
+
+    cfg = common.load_config(f"experiments/configs/caption.py:tiny{',prior' if prior else ''}",
+                             {"data.dir": data, "init.align": "", "steps": steps, "log_every": 10,
+                              "checkpoint_every": 20, "data.batch_size": 8, "data.max_length": 80,
+                              "optim.warmup_steps": 5, "optim.lr": 3e-3})
+    cfg.model.vit = VIT
+    cfg.model.captioner = dict(num_latents=4, resampler_depth=1, resampler_heads=4)
+    cfg.model.decoder = dict(family="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                             intermediate_size=128, max_position=128)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_heldout, tmp_path_factory):
+    from decipher_jax.trainers import caption
+
+    d = tmp_path_factory.mktemp("caption")
+    runs = {}
+    for name, prior in (("model", False), ("prior", True)):
+        w = str(d / name)
+        caption.train(_cfg(prepared_heldout, prior=prior), w)
+        runs[name] = w
+    return runs
+
+
+def test_training_lowers_the_loss_and_keeps_the_tower_frozen(trained, prepared_heldout):
+    import json
+
+    from decipher_jax import checkpoint as ckpt
+    from decipher_jax.trainers import caption, common
+
+    with open(os.path.join(trained["model"], "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert losses[-1] < 0.7 * losses[0], losses
+    # The image tower is the init's (here the seed's random init), bitwise, and has no optimiser state.
+    s = caption.setup(_cfg(prepared_heldout), common.make_mesh(_cfg(prepared_heldout), "t"))
+    fresh = s.init()
+    _, restored = ckpt.restore_subtree(os.path.join(trained["model"], "checkpoints"), {"params": s.abstract_state()["params"]})
+    for a, b in zip(jax.tree.leaves(fresh["params"]["image"]), jax.tree.leaves(restored["params"]["image"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not any("image" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(fresh["opt"]))
+    assert s.frozen == {"image": True}
+
+
+def test_held_out_evaluation_with_the_prior(trained, prepared_heldout):
+    from decipher_jax import captioning
+    from decipher_jax.eval import textgen
+
+    res = captioning.evaluate(trained["model"], prepared_heldout, "test", prior=trained["prior"], max_series=12)
+    assert set(res["systems"]) == {"model", "prior"} and res["n_series"] == 12
+    assert res["patients_disjoint_from_train"]
+    for s in res["systems"].values():
+        assert 0.0 <= s["rougeL"] <= 1.0 and "tok:13a" in s["bleu"]["signature"]
+        assert set(s["vqa"]) >= {"lesion", "region", "sequence"}
+    ex = res["examples"][0]
+    assert ex["generated"] and ex["stated"] == textgen.mentions(ex["generated"])
+    # The examples are the model's own greedy reports of those series, and score as they should.
+    cm = captioning.CaptionModel.from_workdir(trained["model"])
+    rows = captioning.read_split(prepared_heldout, "test", 4)
+    gen = cm.generate(rows["volume"][:2])
+    assert [e["generated"] for e in res["examples"][:2]] == gen
+    assert res["systems"]["model"]["rougeL"] > 0.0
+    assert captioning.summary(res)[1].startswith("  model: BLEU-4")
+
+
+def test_prefix_generation_with_and_without_the_cache_agree(trained, prepared_heldout):
+    from decipher_jax import captioning
+    from decipher_jax.eval import textgen
+
+    cm = captioning.CaptionModel.from_workdir(trained["model"])
+    rows = captioning.read_split(prepared_heldout, "test", 3)
+    # Prompts of different lengths: left padding between the image prefix and the text.
+    qs = ["", textgen.QUESTIONS["lesion"], textgen.QUESTIONS["size"]]
+    for method in ("greedy", "beam"):
+        a = cm.generate(rows["volume"], qs, method=method, num_beams=3, max_new_tokens=16)
+        b = cm.generate(rows["volume"], qs, method=method, num_beams=3, max_new_tokens=16, use_cache=False)
+        assert a == b and any(a), (method, a, b)
