@@ -37,6 +37,8 @@ class CaptionModel:
     def __init__(self, model: Model, params, spec: dict, vocab: C.SubVocab, mesh, size):
         self.model, self.params, self.spec, self.vocab, self.mesh, self.size = model, params, spec, vocab, mesh, size
         self.max_length = int(spec["config"]["data"]["max_length"])
+        self.retrieve = int(spec["config"]["data"].get("retrieve", 0))  # retrieved reports before each question
+        self.align = spec["config"]["init"].get("align", "")
         self._prefix = jax.jit(lambda p, x: model(p).prefix(x))
         self._embed = jax.jit(lambda p, ids: model(p).decoder.embed(ids))
 
@@ -61,21 +63,27 @@ class CaptionModel:
         size = tuple(vit.img_size) if vit else tuple(cfg["model"]["vit"]["img_size"])
         return cls(model, part["params"], spec | {"step": step}, vocab, mesh, size)
 
-    def generate(self, volumes, questions=None, *, max_new_tokens: int | None = None, method: str = "greedy",
-                 num_beams: int = 4, batch_size: int = 32, use_cache: bool = True) -> list[str]:
+    def generate(self, volumes, questions=None, *, contexts=None, max_new_tokens: int | None = None,
+                 method: str = "greedy", num_beams: int = 4, batch_size: int = 32, use_cache: bool = True) -> list[str]:
         """One text per volume: its report (question "" or None) or the answer to its question.
-        ``volumes``: prepared arrays ``(X, Y, Z[, 1])`` (resized whole to the model's grid)."""
+        ``volumes``: prepared arrays ``(X, Y, Z[, 1])`` (resized whole to the model's grid).
+        ``contexts``: a retrieval-augmented run's retrieved reports per volume
+        (:func:`retrieved_reports`); such a run refuses to generate without them."""
         n = len(volumes)
         questions = [""] * n if questions is None else list(questions)
         if len(questions) != n:
             raise ValueError(f"{len(questions)} questions for {n} volumes")
+        if self.retrieve and contexts is None:
+            raise ValueError(f"this run reads {self.retrieve} retrieved report(s) before each question: pass contexts")
+        if contexts is not None:
+            questions = [C.with_context(q, c) for q, c in zip(questions, contexts)]
         max_new = int(max_new_tokens or self.max_length)
         out: list[str] = []
         with jax.set_mesh(self.mesh):
             for lo in range(0, n, batch_size):
                 vols = [np.asarray(v, np.float32) for v in volumes[lo: lo + batch_size]]
                 x = np.stack([T._resize(v[..., None] if v.ndim == 3 else v, self.size) for v in vols])
-                prompts = [C.prompt(self.vocab, q) for q in questions[lo: lo + batch_size]]
+                prompts = [C.prompt(self.vocab, q, self.max_length) for q in questions[lo: lo + batch_size]]
                 width = max(map(len, prompts))
                 ids = np.full((len(prompts), width), C.PAD, np.int32)
                 valid = np.zeros((len(prompts), width), bool)
@@ -131,6 +139,32 @@ def score(reports: list[str], answers: list[str], rows: dict, kinds: list[str], 
             "vqa": textgen.vqa_accuracy(kinds, answers, truth)}
 
 
+def retrieved_reports(align: str, data_dir: str, split: str, k: int) -> dict[str, str]:
+    """``{series_id: the k training reports}`` the stage-2 run ranks first for each series' image
+    (best first, joined), never from the series' own patient: a training series does not read
+    its own report."""
+    from decipher_jax import zeroshot
+
+    zs = zeroshot.ZeroShot.from_workdir(align)
+    train = zs.embed_pairs(data_dir, "train")
+    query = train if split == "train" else zs.embed_pairs(data_dir, split)
+    sims = query["image"] @ train["text"].T
+    same = query["patient_id"][:, None] == train["patient_id"][None, :]
+    sims = np.where(same, -np.inf, sims)
+    out = {}
+    for i, sid in enumerate(query["series_id"]):
+        # Series of one study share a report: take k distinct texts.
+        picked: list[str] = []
+        for j in np.argsort(-sims[i]):
+            r = str(train["report"][j])
+            if np.isfinite(sims[i, j]) and r not in picked:
+                picked.append(r)
+            if len(picked) == k:
+                break
+        out[str(sid)] = " ".join(picked)
+    return out
+
+
 def retrieval_baseline(align: str, data_dir: str, split: str, rows: dict, kinds, idx) -> tuple[list[str], list[str]]:
     """Each held-out series gets the report of the training series whose report the stage-2 tower
     ranks first for its image, and that training series' answers (``""`` where it has none)."""
@@ -152,9 +186,10 @@ def retrieval_baseline(align: str, data_dir: str, split: str, rows: dict, kinds,
 
 
 def evaluate(caption: str, data_dir: str, split: str = "test", *, prior: str = "", align: str = "",
-             method: str = "greedy", num_beams: int = 4, max_series: int | None = None, batch_size: int = 32,
-             examples: int = 6) -> dict:
-    """The model and its baselines on ``split`` (see the module docstring)."""
+             others: dict | None = None, method: str = "greedy", num_beams: int = 4, max_series: int | None = None,
+             batch_size: int = 32, examples: int = 6) -> dict:
+    """The model and its baselines on ``split`` (see the module docstring); ``others``: more caption
+    runs to score beside them, ``{name: workdir}`` (e.g. a retrieval-augmented one)."""
     rows = read_split(data_dir, split, max_series)
     train_patients = set(read_split(data_dir, "train")["patient_id"]) if split != "train" else set()
     leaked = sorted(set(rows["patient_id"]) & train_patients)
@@ -167,12 +202,19 @@ def evaluate(caption: str, data_dir: str, split: str = "test", *, prior: str = "
 
     def run(name, workdir):
         cm = CaptionModel.from_workdir(workdir)
-        reports = cm.generate(rows["volume"], method=method, num_beams=num_beams, batch_size=batch_size)
-        answers = cm.generate([rows["volume"][i] for i in idx], qs, max_new_tokens=4, batch_size=batch_size)
+        ctx = None
+        if cm.retrieve:
+            found = retrieved_reports(cm.align, data_dir, split, cm.retrieve)
+            ctx = [found.get(s, "") for s in rows["series_id"]]
+        reports = cm.generate(rows["volume"], contexts=ctx, method=method, num_beams=num_beams, batch_size=batch_size)
+        answers = cm.generate([rows["volume"][i] for i in idx], qs, contexts=ctx and [ctx[i] for i in idx],
+                              max_new_tokens=4, batch_size=batch_size)
         out["systems"][name] = score(reports, answers, rows, kinds, truth)
         return reports
 
     generated = run("model", caption)
+    for name, workdir in (others or {}).items():
+        run(name, workdir)
     if prior:
         run("prior", prior)
     if align:

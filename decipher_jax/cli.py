@@ -12,6 +12,8 @@
     decipher embed --run W --images a.nii.gz dicom_dir/ --out emb.npz [--sentences "..."]
     decipher export --run W/stage2 --out my_model   # a bundle: bundle.from_pretrained(my_model)
     decipher report --workdir W              # HTML page with the run's tables and figures
+    decipher caption --workdir W --split test [--prior P --align A]   # generated reports and VQA, scored
+    decipher ask --workdir W --series ID "is there a lesion?"         # one answer from a caption run
     decipher sweep --sweep experiments/sweeps/probes.py --workdir W
 
 Subcommands import their dependencies lazily so that ``--help`` is instant and environment
@@ -238,6 +240,58 @@ def _sweep(args) -> int:
     return 0
 
 
+def _caption_data(args) -> str:
+    from decipher_jax import runs
+
+    return args.data or runs.read_spec(args.workdir)["config"]["data"]["dir"]
+
+
+def _caption(args) -> int:
+    import json
+
+    from decipher_jax import captioning
+
+    try:
+        res = captioning.evaluate(args.workdir, _caption_data(args), args.split, prior=args.prior or "",
+                                  align=args.align or "", method=args.method, num_beams=args.beams,
+                                  max_series=args.max_series)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"caption: error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(args.workdir, f"caption_{args.split}.json")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    print("\n".join(captioning.summary(res)))
+    for e in res["examples"][: args.show]:
+        print(f"\n{e['series_id']} (findings: {', '.join(e['findings']) or 'none'})\n  generated: {e['generated']}"
+              f"\n  reference: {e['reference']}")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _ask(args) -> int:
+    from decipher_jax import captioning
+    from decipher_jax.data import pipelines as P
+    from decipher_jax.data import transforms as T
+
+    data = _caption_data(args)
+    for split in ("test", "val", "train"):
+        try:
+            src = P.data_source(data, split)
+        except (KeyError, ValueError, FileNotFoundError):
+            continue
+        for i in range(len(src)):
+            ex = src[i]
+            sid = ex["series_id"].decode() if isinstance(ex["series_id"], bytes) else str(ex["series_id"])
+            if sid == args.series:
+                cm = captioning.CaptionModel.from_workdir(args.workdir)
+                volume = T.Decode().map(ex)["image"]
+                print(cm.generate([volume], [" ".join(args.question) if args.question else ""])[0])
+                return 0
+    print(f"ask: error: no series {args.series!r} in {data}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decipher", description="Decipher-MR in JAX: 3D MRI foundation models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,6 +392,26 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", help="default: WORKDIR/report.html")
     p.set_defaults(fn=_report)
+
+    p = sub.add_parser("caption", help="generate reports and answer VQA questions on a prepared split, scored")
+    p.add_argument("--workdir", required=True, help="a caption run (experiments/configs/caption.py)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
+    p.add_argument("--prior", help="a caption run without the image (caption.py:prior): the language-prior baseline")
+    p.add_argument("--align", help="the stage-2 run: the retrieval-only baseline")
+    p.add_argument("--method", default="greedy", choices=["greedy", "beam"])
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--max-series", type=int)
+    p.add_argument("--show", type=int, default=3, help="generated reports to print beside their references")
+    p.add_argument("--out", help="JSON path (default: WORKDIR/caption_SPLIT.json)")
+    p.set_defaults(fn=_caption)
+
+    p = sub.add_parser("ask", help="a caption run's answer about one series of the prepared data")
+    p.add_argument("--workdir", required=True, help="a caption run")
+    p.add_argument("--series", required=True, help="a series id of the prepared data")
+    p.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
+    p.add_argument("question", nargs="*", help='e.g. "is there a lesion?" (none: the report)')
+    p.set_defaults(fn=_ask)
     args, extra = parser.parse_known_args(argv)
     from decipher_jax import env
 

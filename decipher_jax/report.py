@@ -364,9 +364,47 @@ def zeroshot_section(workdir: str) -> str:
     return "<h2>Zero-shot</h2>" + _table(["query", "result"], [[k, v] for k, v in z["table"].items()], left=2)
 
 
+def caption_section(workdir: str) -> str:
+    """Report generation and VQA (``eval/caption.json``): each system's scores, then generated
+    reports beside their references with each stated finding marked right or wrong."""
+    from decipher_jax.eval.textgen import QUESTIONS
+
+    c = _load_result(workdir, "caption")
+    if not isinstance(c, dict) or not c.get("systems"):
+        return ""
+    kinds = [k for k in QUESTIONS if k in c["systems"]["model"]["vqa"]]
+    names = {"model": "image-conditioned decoder", "rag": "image + retrieved training report (retrieval-augmented)",
+             "retrieval": "retrieval only (nearest training report)", "prior": "language prior (no image)"}
+    rows = []
+    for key in ("model", "rag", "retrieval", "prior"):
+        s = c["systems"].get(key)
+        if s:
+            v = s["vqa"]
+            rows.append([names[key], f"{s['bleu']['bleu4']:.1f}", f"{s['rougeL']:.3f}",
+                         f"{s['clinical']['macro_f1']:.3f} / {s['clinical']['micro_f1']:.3f}",
+                         f"{v.get('image_dependent', {}).get('accuracy', float('nan')):.3f}"]
+                        + [f"{v[k]['accuracy']:.2f}" for k in kinds])
+    out = ["<h2>Report generation and VQA</h2>",
+           f'<p class="note">{c["n_series"]} held-out series ({c["split"]}; patients disjoint from training), '
+           f'{c["n_questions"]} templated questions whose answers come from the record (mask, affine, metadata), '
+           f'{c["method"]} decoding. BLEU-4: sacrebleu {html.escape(c["systems"]["model"]["bleu"]["signature"])}; '
+           "ROUGE-L: rouge-score F-measure, stemmed. Finding F1: the findings each generated report states present "
+           "(negations parsed) against the series' labels.</p>",
+           _table(["system", "BLEU-4", "ROUGE-L", "finding F1 macro / micro", "VQA, image-dependent"]
+                  + [f"VQA {k}" for k in kinds], rows)]
+    ex_rows = []
+    for e in c.get("examples", []):
+        marks = [f"{f} {'right' if (f in e['findings']) == v else 'wrong'}" for f, v in e["stated"].items() if v]
+        missed = [f"{f} missed" for f in e["findings"] if not e["stated"].get(f)]
+        ex_rows.append([e["series_id"], e["generated"], e["reference"], "; ".join(marks + missed) or "none stated"])
+    if ex_rows:
+        out.append(_table(["series", "generated", "reference", "findings stated present"], ex_rows, left=4))
+    return "\n".join(out)
+
+
 # Evaluator name (its eval/<name>.json) -> section, in page order.
 SECTIONS = {"ladder": ladder_section, "retrieval": retrieval, "rerank": rerank_section, "probes": probes_section, "zeroshot": zeroshot_section,
-            "localisation": localisation_section, "segmentation": segmentation_section}
+            "localisation": localisation_section, "segmentation": segmentation_section, "caption": caption_section}
 
 
 def build(workdir: str, out: str | None = None) -> str:

@@ -12,7 +12,9 @@ student + EMA teacher, DINO / iBOT heads with 65536 prototypes, 2 global + 8 loc
 ``clip_align`` (the real stage-2 step of ``experiments/configs/clip_align.py``: ViT + BERT-base
 towers, the contrastive loss over the whole global batch, AdamW with the towers' lr rules) and
 ``text_mlm`` (the real stage-1 text step of ``experiments/configs/text_mlm.py``: BERT-base MLM with
-the tied decoder at the masked slots, AdamW; ``--text-layers`` shrinks it for a quick check).
+the tied decoder at the masked slots, AdamW; ``--text-layers`` shrinks it for a quick check) and
+``caption`` (report generation, ``experiments/configs/caption.py``: a Llama-3.2-1B-sized decoder
+with LoRA adapters over a frozen ViT's tokens).
 """
 
 from __future__ import annotations
@@ -132,7 +134,41 @@ def text_mlm_step(args, topology: str) -> aot.AotResult:
     return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), encoder + decoder)
 
 
-STEPS = {"vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step, "text_mlm": text_mlm_step}
+def caption_step(args, topology: str) -> aot.AotResult:
+    """The report-generation step (trainers/caption.py) at scale: a Llama-3.2-1B-sized decoder
+    (vocabulary 128256, GQA 32/8 heads, tied embeddings) with LoRA rank 16 on every projection
+    and its base weights frozen, over a frozen ViT image tower's tokens through the resampler."""
+    from decipher_jax.trainers import caption, common
+
+    cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "caption.py"), {"init.align": ""})
+    dim, depth, heads, mlp = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096)}[args.variant.split("/")[0]]
+    patch = int(args.variant.split("/")[1])
+    cfg.model.vit = dict(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, patch_size=(patch,) * 3,
+                         img_size=(args.size,) * 3, num_registers=4, dtype="bfloat16", remat=args.remat, scan=args.scan)
+    cfg.model.vocab_size = 128256
+    cfg.model.decoder = dict(family="llama", hidden_size=2048, num_layers=args.decoder_layers, num_heads=32, num_kv_heads=8, head_dim=64,
+                             intermediate_size=8192, max_position=131072, norm_eps=1e-5, rope_theta=500000.0,
+                             rope_llama3=(32.0, 1.0, 4.0, 8192), tie_embeddings=True, dtype="bfloat16",
+                             remat=args.remat, scan=args.scan, lora_rank=16,
+                             lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+    cfg.optim.lr_rules = [("image/.*", None), ("decoder/(?!.*_lora_).*", None)]
+    cfg.data.max_length = args.text_length
+    chips = len(aot.topology_mesh(topology, {"data": -1})[1])
+    cfg.data.batch_size = args.per_chip_batch * chips
+    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, math.gcd(dim, 2048)))
+    b = caption.setup(cfg, mesh)
+    n, t = cfg.data.batch_size, cfg.data.max_length + cfg.model.captioner["num_latents"]
+    d = cfg.model.decoder
+    per_token = 2 * d["num_layers"] * (d["hidden_size"] * 64 * (32 + 2 * 8) + 32 * 64 * d["hidden_size"]
+                                       + 3 * d["hidden_size"] * d["intermediate_size"]) + 2 * d["hidden_size"] * 128256
+    # Frozen base weights still need the backward through the activations (2x forward), not the weight gradients.
+    analytic = aot.vit_train_flops(b.vit, n, b.vit.img_size) / 3 + 3.0 * n * t * per_token
+    name = (f"caption: Llama-3.2-1B-sized decoder, LoRA r16 (base frozen), {t} slots + frozen ViT-{args.variant} "
+            f"{args.size}^3, b{n}")
+    return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), analytic)
+
+
+STEPS = {"caption": caption_step, "vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step, "text_mlm": text_mlm_step}
 
 
 def main(argv=None) -> int:
@@ -142,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--objective", default="clip", choices=["clip", "siglip"], help="clip_align step only")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=12, help="text_mlm step only: BERT layers")
+    p.add_argument("--text-length", type=int, default=256, help="caption step only: text slots after the image prefix")
+    p.add_argument("--decoder-layers", type=int, default=16, help="caption step only: decoder layers (Llama-3.2-1B: 16)")
     p.add_argument("--per-chip-batch", type=int, default=4)
     p.add_argument("--remat", default="dots", choices=["none", "dots", "full"])
     # XLA's cost analysis counts a while-loop body once: with --scan its FLOPs are per layer.

@@ -43,7 +43,7 @@ if os.environ.get("DECIPHER_TEST_XLA_CACHE", "1") != "0":
 # last file to start is a short one and the two workers end together; `make test` passes
 # --no-loadscope-reorder, which keeps this order (xdist's default puts files with more tests first,
 # and left the 4-minute notebook test running alone at the end).
-LONGEST_FIRST = ("test_notebook.py", "test_clip_align.py", "test_training_guards.py", "test_finetune.py",
+LONGEST_FIRST = ("test_notebook.py", "test_clip_align.py", "test_training_guards.py", "test_finetune.py", "test_caption.py",
                  "test_eval_cli.py", "test_vision_ssl.py", "test_text_mlm.py", "test_multihost.py", "test_aot.py",
                  "test_seghead.py", "test_sweep.py")
 

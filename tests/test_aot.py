@@ -35,8 +35,8 @@ def test_batch_that_does_not_divide_is_refused():
                                {"image": ((6, 16, 16, 16, 1), jnp.float32)}, "v5e:2x2", {"data": 4})
 
 
-def test_text_mlm_step_compiles_from_its_config(tmp_path):
-    """The stage-1 text trainer's real step (text_mlm.build), compiled for v5e:2x2 without weights."""
+def _aot_script():
+    """experiments/aot_compile.py as a module (it is a script, not part of the package)."""
     import importlib.util
     import os
 
@@ -44,8 +44,25 @@ def test_text_mlm_step_compiles_from_its_config(tmp_path):
     spec = importlib.util.spec_from_file_location("aot_compile_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_text_mlm_step_compiles_from_its_config(tmp_path):
+    """The stage-1 text trainer's real step (text_mlm.build), compiled for v5e:2x2 without weights."""
+    script = _aot_script()
     out = tmp_path / "aot.md"
     assert script.main(["--step", "text_mlm", "--topology", "v5e:2x2", "--per-chip-batch", "2", "--text-layers", "1",
                         "--mesh", "fsdp=-1", "--markdown", str(out)]) == 0
     row = [line for line in out.read_text().splitlines() if "text MLM" in line]
+    assert len(row) == 1 and "| v5e:2x2 | 4 |" in row[0], row
+
+
+def test_caption_step_with_lora_compiles_from_its_config(tmp_path):
+    """Report generation's real step (trainers/caption.py) with a Llama-3.2-1B-width decoder (one
+    layer here), LoRA adapters and frozen base weights, compiled for v5e:2x2 without data."""
+    script = _aot_script()
+    out = tmp_path / "aot.md"
+    assert script.main(["--step", "caption", "--topology", "v5e:2x2", "--per-chip-batch", "1", "--decoder-layers", "1",
+                        "--size", "32", "--text-length", "16", "--mesh", "fsdp=-1", "--scan", "--markdown", str(out)]) == 0
+    row = [line for line in out.read_text().splitlines() if "caption" in line]
     assert len(row) == 1 and "| v5e:2x2 | 4 |" in row[0], row

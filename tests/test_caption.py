@@ -27,7 +27,7 @@ def test_sequence_masks_the_answer_and_its_end(vocab):
     q, a = "is there a lesion?", "yes"
     ids, labels, mask = C.sequence(vocab, q, a, 12)
     nq = len(vocab.encode(q))
-    assert list(ids[: nq + 2]) == C.prompt(vocab, q)  # generation starts exactly where training's answer does
+    assert list(ids[: nq + 2]) == C.prompt(vocab, q, 12)  # generation starts exactly where training's answer does
     assert list(labels[mask > 0]) == vocab.encode(a) + [C.EOS]
     assert (labels[:-1][ids[1:] != C.PAD] == ids[1:][ids[1:] != C.PAD]).all()  # labels are the next tokens
     report = "No acute infarct. A 20 mm mass in the left frontal lobe."
@@ -35,6 +35,12 @@ def test_sequence_masks_the_answer_and_its_end(vocab):
     assert list(ids[:2]) == [C.BOS, C.SEP] and vocab.decode(labels[mask > 0]) == report.lower()
     _, _, cut = C.sequence(vocab, "", report, 6)  # too long: cut, no end token
     assert cut.sum() == 5
+    # Retrieved reports before the question are cut from the front, as the prompt cuts them.
+    long_q = C.with_context(q, report + " " + report)
+    ids, labels, mask = C.sequence(vocab, long_q, a, 24)
+    p = C.prompt(vocab, long_q, 24)
+    assert len(p) == 24 // 2 + 2 and list(ids[: len(p)]) == p and p[-1 - nq: -1] == vocab.encode(q)
+    assert list(labels[mask > 0]) == vocab.encode(a) + [C.EOS]
 
 
 def test_vocabulary_round_trip_and_unknown_pieces(vocab):
@@ -148,3 +154,73 @@ def test_prefix_generation_with_and_without_the_cache_agree(trained, prepared_he
         a = cm.generate(rows["volume"], qs, method=method, num_beams=3, max_new_tokens=16)
         b = cm.generate(rows["volume"], qs, method=method, num_beams=3, max_new_tokens=16, use_cache=False)
         assert a == b and any(a), (method, a, b)
+
+
+def test_caption_and_ask_commands(trained, prepared_heldout, tmp_path, capsys):
+    import json
+
+    from decipher_jax import captioning, cli
+
+    out = str(tmp_path / "c.json")
+    assert cli.main(["caption", "--workdir", trained["model"], "--data", prepared_heldout, "--max-series", "3",
+                     "--out", out, "--show", "1"]) == 0
+    with open(out) as f:
+        res = json.load(f)
+    assert res["n_series"] == 3 and "model" in res["systems"]
+    assert "reference:" in capsys.readouterr().out
+    rows = captioning.read_split(prepared_heldout, "test", 1)
+    assert cli.main(["ask", "--workdir", trained["model"], "--data", prepared_heldout, "--series",
+                     rows["series_id"][0], "is", "there", "a", "lesion?"]) == 0
+    cm = captioning.CaptionModel.from_workdir(trained["model"])
+    want = cm.generate(rows["volume"], ["is there a lesion?"])[0]
+    assert capsys.readouterr().out.strip() == want
+    assert cli.main(["ask", "--workdir", trained["model"], "--data", prepared_heldout, "--series", "nope"]) == 2
+
+
+def test_evaluator_and_report_section(trained, prepared_heldout, tmp_path):
+    from decipher_jax import report
+    from decipher_jax.eval import evaluators
+
+    ctx = evaluators.Context(out=str(tmp_path), data=prepared_heldout, random=False,
+                             runs={"caption": trained["model"], "caption_prior": trained["prior"]})
+    res = evaluators.run_all(evaluators.from_config({"caption": {"max_series": 3}}), ctx, say=lambda s: None)
+    assert set(res["caption"]["systems"]) == {"model", "prior"}
+    page = open(report.build(str(tmp_path))).read()
+    assert "Report generation and VQA" in page and "language prior (no image)" in page
+    assert res["caption"]["examples"][0]["generated"] in page.replace("&#x27;", "'")
+    skipped = evaluators.run_all(evaluators.from_config({"caption": {}}),
+                                 evaluators.Context(out=str(tmp_path / "none"), data=prepared_heldout, random=False),
+                                 say=lambda s: None)
+    assert "no caption run" in skipped["caption"]["skipped"]
+
+
+def test_retrieved_reports_skip_the_own_patient_and_repeats(monkeypatch):
+    from decipher_jax import captioning, zeroshot
+
+    emb = np.eye(4, dtype=np.float32)
+    train = {"image": emb, "text": emb, "series_id": np.array(["a1", "a2", "b1", "c1"]),
+             "patient_id": np.array(["A", "A", "B", "C"]), "report": np.array(["ra", "ra", "rb", "rc"])}
+    query = {"image": np.array([[1.0, 0.9, 0.5, 0.0]], np.float32), "series_id": np.array(["t1"]),
+             "patient_id": np.array(["T"])}
+
+    class Fake:
+        def embed_pairs(self, data_dir, split):
+            return train if split == "train" else query
+
+    monkeypatch.setattr(zeroshot.ZeroShot, "from_workdir", classmethod(lambda cls, w: Fake()))
+    # A held-out series: the best-ranked reports, each text once (a1 and a2 share a study's report).
+    assert captioning.retrieved_reports("run", "data", "test", 2) == {"t1": "ra rb"}
+    # A training series never reads its own patient's report.
+    got = captioning.retrieved_reports("run", "data", "train", 1)
+    assert got["a1"] in ("rb", "rc") and got["a2"] != "ra" and got["b1"] != "rb"
+
+
+def test_examples_put_the_retrieved_report_before_the_question(vocab):
+    ex = {"series_id": "s1", "report": "No acute infarct.", "qa": {"lesion": "no"}}
+    rng = np.random.default_rng(0)
+    plain = C.Examples(vocab, 40, report_fraction=0.0).random_map(dict(ex), rng)
+    rag = C.Examples(vocab, 40, report_fraction=0.0, context={"s1": "A 20 mm mass."}).random_map(dict(ex), rng)
+    n = int((rag["ids"] != C.PAD).sum()) - int((plain["ids"] != C.PAD).sum())
+    assert n == len(vocab.encode("A 20 mm mass."))
+    assert vocab.decode(rag["ids"][1:1 + n]) == "a 20 mm mass."
+    np.testing.assert_array_equal(rag["labels"][rag["loss_mask"] > 0], plain["labels"][plain["loss_mask"] > 0])

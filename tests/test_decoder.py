@@ -141,3 +141,68 @@ def test_unsupported_configs_are_refused():
                                    "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         D.DecoderConfig(family="llama", hidden_size=24, num_heads=3, num_kv_heads=2)
+
+
+def test_lora_starts_as_the_base_model_and_merges_exactly(tmp_path, rng):
+    import dataclasses
+
+    _llama(tmp_path)
+    base = hf_decoder.from_pretrained(str(tmp_path))
+    lora = hf_decoder.from_pretrained(str(tmp_path), lora_rank=4, lora_targets=("q", "v", "o", "down", "gate"))
+    ids, mask = _batch(rng)
+    valid = mask.astype(bool)
+    np.testing.assert_array_equal(_ours_logits(lora, ids, mask)[valid], _ours_logits(base, ids, mask)[valid])
+    # Trained adapters (random A and B): the forward equals the merged kernels' model.
+    state = nnx.state(lora)
+    r = np.random.default_rng(5)
+    nnx.update(lora, jax.tree_util.tree_map_with_path(
+        lambda p, v: v.replace(jnp.asarray(r.standard_normal(v.get_value().shape) * 0.05, jnp.float32))
+        if "_lora_" in str(p) else v, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    merged = D.merge_lora(lora)
+    assert merged.config == dataclasses.replace(lora.config, lora_rank=0)
+    a, m = _ours_logits(lora, ids, mask)[valid], _ours_logits(merged, ids, mask)[valid]
+    np.testing.assert_allclose(a, m, atol=2e-5, rtol=0)
+    assert np.abs(a - _ours_logits(base, ids, mask)[valid]).max() > 1e-2  # the adapters do something
+    with pytest.raises(ValueError, match="merge the LoRA"):
+        hf_decoder.save_pretrained(lora, str(tmp_path / "x"))
+    hf_decoder.save_pretrained(merged, str(tmp_path / "merged"))  # exportable once merged
+
+
+def test_lora_training_moves_only_the_adapters(rng):
+    import ml_collections as mlc
+    import optax
+
+    from decipher_jax import optim
+    from decipher_jax.state import merge_pure
+
+    c = D.DecoderConfig(family="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=48, lora_rank=2)
+    model = D.Decoder(c, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    oc = mlc.ConfigDict(dict(lr=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.1,
+                             lr_rules=[("(?!.*_lora_).*", None)]))
+    tx = optim.build(oc, params)
+    opt = tx.init(params)
+    # Optimiser state only for the adapters (two moments each), none for the frozen base weights.
+    n_state = sum(x.size for x in jax.tree.leaves(opt) if x.ndim)
+    n_lora = sum(v.size for k, v in params.items() if "_lora_" in k)
+    assert n_state == 2 * n_lora
+    ids = jnp.asarray(rng.integers(0, VOCAB, (2, 9)))
+
+    def loss(p):
+        lm = merge_pure(graphdef, state, p)
+        logits, _ = lm(lm.embed(ids[:, :-1]))
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+    new = params
+    for _ in range(3):
+        g = jax.grad(loss)(new)
+        upd, opt = tx.update(g, opt, new)
+        new = optax.apply_updates(new, upd)
+    for k in params:
+        if "_lora_" in k:
+            assert not np.array_equal(np.asarray(new[k]), np.asarray(params[k])), k
+        else:
+            np.testing.assert_array_equal(np.asarray(new[k]), np.asarray(params[k]), err_msg=k)
+    assert float(loss(new)) < float(loss(params))

@@ -85,11 +85,24 @@ class SubVocab:
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
+def question_ids(vocab: SubVocab, question: str, length: int) -> list[int]:
+    """A question's ids, its last ``length // 2`` at most: a retrieval-augmented question starts
+    with retrieved reports, which are cut from the front (the question itself ends it)."""
+    q = vocab.encode(question) if question else []
+    return q[-(length // 2):] if len(q) > length // 2 else q
+
+
+def with_context(question: str, context: str) -> str:
+    """A retrieval-augmented question: the retrieved reports, then the question (or nothing more:
+    report generation)."""
+    return f"{context} {question}".strip() if context else question
+
+
 def sequence(vocab: SubVocab, question: str, answer: str, length: int):
     """``(ids, labels, loss_mask)`` of one example, padded to ``length``: ``labels[i]`` is the token
     after ``ids[i]``; the mask covers the answer and its end token (a too-long answer is cut, and
     then has no end token)."""
-    q, a = vocab.encode(question) if question else [], vocab.encode(answer)
+    q, a = question_ids(vocab, question, length), vocab.encode(answer)
     full = [BOS] + q + [SEP] + a + [EOS]
     first = len(q) + 2  # index in ``full`` of the answer's first token
     if len(full) > length + 1:
@@ -103,9 +116,10 @@ def sequence(vocab: SubVocab, question: str, answer: str, length: int):
     return ids, labels, mask
 
 
-def prompt(vocab: SubVocab, question: str = "") -> list[int]:
-    """The ids a generation starts from: ``[BOS] question [SEP]`` (a report: no question)."""
-    return [BOS] + (vocab.encode(question) if question else []) + [SEP]
+def prompt(vocab: SubVocab, question: str, length: int) -> list[int]:
+    """The ids a generation starts from: ``[BOS] question [SEP]`` (a report: no question), the
+    question cut as in training (``length``: the run's ``data.max_length``)."""
+    return [BOS] + question_ids(vocab, question, length) + [SEP]
 
 
 @dataclasses.dataclass
@@ -122,11 +136,13 @@ class DecodeWithFacts(grain.transforms.Map):
 @dataclasses.dataclass
 class Examples(grain.transforms.RandomMap):
     """A decoded record with ``qa`` -> one training example: its report with probability
-    ``report_fraction`` (when it has one), else one of its questions, uniformly."""
+    ``report_fraction`` (when it has one), else one of its questions, uniformly. With ``context``
+    (series id -> retrieved reports) the question starts with the series' retrieved reports."""
 
     vocab: SubVocab
     length: int
     report_fraction: float = 0.5
+    context: dict | None = None
 
     def random_map(self, ex, rng):
         report = ex.get("report", "")
@@ -136,5 +152,7 @@ class Examples(grain.transforms.RandomMap):
         else:
             kind = sorted(qa)[int(rng.integers(len(qa)))]
             q, a = textgen.QUESTIONS[kind], qa[kind]
+        if self.context is not None:
+            q = with_context(q, self.context.get(ex["series_id"], ""))
         ids, labels, mask = sequence(self.vocab, q, a, self.length)
         return {**ex, "ids": ids, "labels": labels, "loss_mask": mask}

@@ -258,6 +258,35 @@ def pair_metrics(model, params, source, mesh, *, image_size, tokenizer: str, max
 
 
 @register
+class Captioning(Evaluator):
+    """Report generation and VQA of a caption run (``runs["caption"]``) on held-out patients, with
+    the language prior (``runs["caption_prior"]``) and retrieval-only (``runs["align"]``) baselines
+    (:func:`decipher_jax.captioning.evaluate`)."""
+
+    name = "caption"
+
+    @classmethod
+    def defaults(cls):
+        return {"split": "test", "method": "greedy", "num_beams": 4, "max_series": None}
+
+    def run(self, ctx):
+        from decipher_jax import captioning
+
+        if not ctx.runs.get("caption"):
+            raise MissingSplit("no caption run to evaluate (runs.caption)")
+        ctx.source(self.settings["split"])
+        return captioning.evaluate(ctx.runs["caption"], ctx.data, self.settings["split"],
+                                   prior=ctx.runs.get("caption_prior", ""), align=ctx.runs.get("align", ""),
+                                   method=self.settings["method"], num_beams=self.settings["num_beams"],
+                                   max_series=self.settings["max_series"])
+
+    def summary(self, r, ctx):
+        from decipher_jax import captioning
+
+        return captioning.summary(r)
+
+
+@register
 class Rerank(Evaluator):
     """Token-level re-ranking of the top k (patch-to-word), its weight chosen on the val split."""
 

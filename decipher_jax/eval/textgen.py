@@ -154,7 +154,9 @@ QUESTIONS = {
 }
 # Questions whose answer needs the image: the language prior alone cannot beat the base rate.
 IMAGE_DEPENDENT = ("lesion", "side", "organ_missing")
-# Lesion volume bins (mL) for "how large": the thirds of the embedded corpus's lesion volumes.
+# Lesion volume bins (mL) for "how large": small below a 44 mm sphere, large above a 60 mm one. Of
+# the demo corpus's 216 training series with a lesion (4 mm records): 61 % small, 28 % medium, 11 %
+# large (a spinal cord lesion or a fracture is small, a mass or a liver cyst medium or large).
 SIZE_BINS_ML = (45.0, 110.0)
 _LATERAL = ("infarct", "mass")  # lesions whose side the report gives (brain)
 

@@ -211,9 +211,14 @@ def read_config(path: str, **overrides) -> DecoderConfig:
 
 
 def load_into(model: Decoder, path: str) -> None:
-    """Overwrites ``model``'s parameters from a HF directory; every parameter must be there."""
+    """Overwrites ``model``'s parameters from a HF directory; every parameter must be there, but
+    for LoRA adapters (they keep their initialisation: a zero update)."""
     wfile = weights_file(path)
-    state, _ = fill_state(nnx.state(model), hf_to_ours(read_torch_weights(wfile), model.config), wfile)
+    state, missing = fill_state(nnx.state(model), hf_to_ours(read_torch_weights(wfile), model.config), wfile,
+                                allow_missing=True)
+    absent = [m for m in missing if "_lora_" not in m]
+    if absent:
+        raise ValueError(f"{wfile}: no weights for {absent}")
     nnx.update(model, state)
 
 
@@ -229,6 +234,8 @@ def save_pretrained(model: Decoder, path: str, tokenizer_dir: str | None = None)
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
+    if model.config.lora_rank:
+        raise ValueError("merge the LoRA adapters first (decoder.merge_lora): Hugging Face layouts have no place for them")
     sd = ours_to_hf(flat_arrays(nnx.state(model)), model.config)
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:

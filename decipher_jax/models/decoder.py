@@ -63,6 +63,12 @@ class DecoderConfig:
     remat: str = "none"
     scan: bool = False
     attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation
+    # LoRA (Hu et al. 2021): W + (alpha / rank) A B on the ``lora_targets`` projections; B starts at
+    # zero, so a fresh adapter changes nothing. Freeze the rest with an optimiser rule (configs:
+    # ``("decoder/(?!.*_lora_).*", None)``): it then has no optimiser state, the point of LoRA.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -75,6 +81,10 @@ class DecoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.family == "llama" and self.dim_head % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.dim_head}")
+        known = {"q", "k", "v", "o", "up", "down"} | ({"gate"} if self.family == "llama" else set())
+        if self.lora_rank and set(self.lora_targets) - known:
+            raise ValueError(f"lora_targets {sorted(set(self.lora_targets) - known)} are not projections of a "
+                             f"{self.family} block ({sorted(known)})")
 
     @property
     def heads(self) -> int:
@@ -168,6 +178,14 @@ def _param_table(c: DecoderConfig):
         t["k_bias"] = ((L, K, D), ("layers", "heads", "kv"), zeros)
         t["v_bias"] = ((L, K, D), ("layers", "heads", "kv"), zeros)
         t["o_bias"] = ((L, E), ("layers", "norm"), zeros)
+    if c.lora_rank:
+        r = c.lora_rank
+        for n in c.lora_targets:
+            shape, axes, _ = t[f"{n}_kernel"]
+            # A: the kernel's input axes to the rank (axes as the kernel's); B: the rank to its output axes.
+            n_in = 2 if n == "o" else 1
+            t[f"{n}_lora_a"] = ((L, *shape[1: 1 + n_in], r), ("layers", *axes[1: 1 + n_in], None), normal)
+            t[f"{n}_lora_b"] = ((L, r, *shape[1 + n_in:]), ("layers", None, *axes[1 + n_in:]), zeros)
     if c.has_mlp_bias:
         t["up_bias"] = ((L, M), ("layers", "mlp"), zeros)
         t["down_bias"] = ((L, E), ("layers", "norm"), zeros)
@@ -285,6 +303,9 @@ def _layer(p, x, pos, mask, cache_k, cache_v, index, inv_freq, c: DecoderConfig,
     cache's slots with this call's written in, or this call's own without a cache)."""
     dtype = x.dtype
     w = {n: (v if n.startswith("ln") else v.astype(dtype)) for n, v in p.items()}
+    for n in c.lora_targets if c.lora_rank else ():
+        delta = jnp.tensordot(w.pop(f"{n}_lora_a"), w.pop(f"{n}_lora_b"), axes=1)
+        w[f"{n}_kernel"] = w[f"{n}_kernel"] + (c.lora_alpha / c.lora_rank) * delta
     norm = ((lambda h, i: layer_norm(h, p[f"ln{i}_scale"], p[f"ln{i}_bias"], c.norm_eps)) if c.family == "gpt2"
             else (lambda h, i: rms_norm(h, p[f"ln{i}_scale"], c.norm_eps)))
     heads = ("act_batch", "act_len", "act_heads", None)
@@ -321,3 +342,20 @@ def _layer(p, x, pos, mask, cache_k, cache_v, index, inv_freq, c: DecoderConfig,
     if "down_bias" in w:
         m = m + w["down_bias"]
     return constrain(x + m, _ACT, rules), k, v
+
+
+def merge_lora(model: Decoder) -> Decoder:
+    """The same function without adapters: each adapted kernel holds ``W + (alpha / rank) A B``
+    (for export to Hugging Face layouts, or serving without the extra matmuls)."""
+    c = model.config
+    if not c.lora_rank:
+        return model
+    state = nnx.to_pure_dict(nnx.state(model))
+    scale = c.lora_alpha / c.lora_rank
+    for n in c.lora_targets:
+        a, b = state.pop(f"{n}_lora_a"), state.pop(f"{n}_lora_b")
+        state[f"{n}_kernel"] = state[f"{n}_kernel"] + scale * jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
+    out = nnx.eval_shape(lambda: Decoder(dataclasses.replace(c, lora_rank=0), rngs=nnx.Rngs(0), rules=model.rules))
+    graphdef, template = nnx.split(out)
+    nnx.replace_by_pure_dict(template, state)
+    return nnx.merge(graphdef, template)

@@ -91,11 +91,15 @@ def make_step(cfg, model: common.Model, tx, freeze_image: bool):
 def setup(cfg, mesh) -> common.Setup:
     """The caption trainer on ``mesh``; reads the training split's reports (the vocabulary) and no
     weights until ``init``."""
-    train_src = P.data_source(cfg.data.dir, "train")
-    tok_path = tokenizer_path(cfg)
-    vocab = C.SubVocab.build(tok_path, train_reports(train_src))
+    fixed_vocab = int(cfg.model.get("vocab_size", 0))
+    if fixed_vocab:  # ahead-of-time compilation at a given vocabulary size: no data, no tokenizer
+        train_src = tok_path = vocab = None
+    else:
+        train_src = P.data_source(cfg.data.dir, "train")
+        tok_path = tokenizer_path(cfg)
+        vocab = C.SubVocab.build(tok_path, train_reports(train_src))
     vit = vit_config(cfg)
-    dec = decoder_config(cfg, len(vocab))
+    dec = decoder_config(cfg, fixed_vocab or len(vocab))
     ccfg = CaptionerConfig(**dict(cfg.model.captioner), use_image=bool(cfg.model.use_image))
     model = common.Model(lambda r: Captioner(vit, dec, ccfg, rngs=r), mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
@@ -115,13 +119,23 @@ def setup(cfg, mesh) -> common.Setup:
         return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
 
     def data():
+        if vocab is None:
+            raise ValueError("caption: model.vocab_size is for ahead-of-time compilation only; training builds the "
+                             "vocabulary from the training split (set model.vocab_size = 0)")
         print(f"caption: {len(train_src)} training series, vocabulary {len(vocab)} ids "
               f"({'image prefix of ' + str(ccfg.num_latents) + ' latents' if vit else 'no image: language prior'})",
               flush=True)
         loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
         ds, per_host = P._base(train_src, loader)
         ds = ds.map(C.DecodeWithFacts()).map(T.Resize(size))
-        ds = ds.random_map(C.Examples(vocab, cfg.data.max_length, cfg.data.report_fraction))
+        context = None
+        if cfg.data.get("retrieve", 0):
+            from decipher_jax.captioning import retrieved_reports
+
+            if not cfg.init.align:
+                raise ValueError("caption: data.retrieve needs init.align (the stage-2 run that retrieves)")
+            context = retrieved_reports(cfg.init.align, cfg.data.dir, "train", int(cfg.data.retrieve))
+        ds = ds.random_map(C.Examples(vocab, cfg.data.max_length, cfg.data.report_fraction, context))
         return iter(P._finish(ds.map(P.DropStrings()), per_host, loader))
 
     def run_spec():
