@@ -16,6 +16,8 @@ ranks first for its image) and ``prior`` (the same decoder trained without the i
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +60,10 @@ class CaptionModel:
         mesh = mesh or sh.make_mesh({"data": -1})
         model = Model(lambda r: Captioner(vit, dec, ccfg, rngs=r), mesh)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-        step, part = ckpt.restore_subtree(layout.RunDir(workdir).checkpoints,
-                                          {"params": abstract(shapes, model.shardings)}, step=step)
+        # The best val step's parameters when the run kept them (early stopping), else its latest.
+        best = os.path.join(workdir, "best")
+        folder = best if step is None and os.path.isdir(best) else layout.RunDir(workdir).checkpoints
+        step, part = ckpt.restore_subtree(folder, {"params": abstract(shapes, model.shardings)}, step=step)
         size = tuple(vit.img_size) if vit else tuple(cfg["model"]["vit"]["img_size"])
         return cls(model, part["params"], spec | {"step": step}, vocab, mesh, size)
 

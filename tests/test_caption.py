@@ -15,6 +15,14 @@ from decipher_jax.models.captioner import Captioner, CaptionerConfig
 from decipher_jax.models.decoder import DecoderConfig
 from decipher_jax.models.vit3d import ViTConfig
 
+@pytest.fixture(scope="module")
+def prepared_val(tmp_path_factory):
+    """28 synthetic patients at 5 mm: train, val (early stopping) and test splits."""
+    from conftest import _prepare
+
+    return _prepare(tmp_path_factory.mktemp("prepared_val"), n_patients=28, seed=5, splits=(0.6, 0.15, 0.25), workers=2)
+
+
 VIT = dict(dim=32, depth=1, heads=2, mlp_dim=64, patch_size=(8, 8, 8), img_size=(16, 16, 16), stem="linear")
 
 
@@ -81,7 +89,7 @@ def _cfg(data, prior=False, steps=80):
     cfg = common.load_config(f"experiments/configs/caption.py:tiny{',prior' if prior else ''}",
                              {"data.dir": data, "init.align": "", "steps": steps, "log_every": 10,
                               "checkpoint_every": 20, "data.batch_size": 8, "data.max_length": 80,
-                              "optim.warmup_steps": 5, "optim.lr": 3e-3})
+                              "optim.warmup_steps": 5, "optim.lr": 3e-3, "eval.every": 40, "eval.patience": 5})
     cfg.model.vit = VIT
     cfg.model.captioner = dict(num_latents=4, resampler_depth=1, resampler_heads=4)
     cfg.model.decoder = dict(family="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -90,19 +98,19 @@ def _cfg(data, prior=False, steps=80):
 
 
 @pytest.fixture(scope="module")
-def trained(prepared_heldout, tmp_path_factory):
+def trained(prepared_val, tmp_path_factory):
     from decipher_jax.trainers import caption
 
     d = tmp_path_factory.mktemp("caption")
     runs = {}
     for name, prior in (("model", False), ("prior", True)):
         w = str(d / name)
-        caption.train(_cfg(prepared_heldout, prior=prior), w)
+        caption.train(_cfg(prepared_val, prior=prior), w)
         runs[name] = w
     return runs
 
 
-def test_training_lowers_the_loss_and_keeps_the_tower_frozen(trained, prepared_heldout):
+def test_training_lowers_the_loss_and_keeps_the_tower_frozen(trained, prepared_val):
     import json
 
     from decipher_jax import checkpoint as ckpt
@@ -112,20 +120,29 @@ def test_training_lowers_the_loss_and_keeps_the_tower_frozen(trained, prepared_h
         losses = [json.loads(line)["loss"] for line in f]
     assert losses[-1] < 0.7 * losses[0], losses
     # The image tower is the init's (here the seed's random init), bitwise, and has no optimiser state.
-    s = caption.setup(_cfg(prepared_heldout), common.make_mesh(_cfg(prepared_heldout), "t"))
+    s = caption.setup(_cfg(prepared_val), common.make_mesh(_cfg(prepared_val), "t"))
     fresh = s.init()
     _, restored = ckpt.restore_subtree(os.path.join(trained["model"], "checkpoints"), {"params": s.abstract_state()["params"]})
     for a, b in zip(jax.tree.leaves(fresh["params"]["image"]), jax.tree.leaves(restored["params"]["image"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not any("image" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(fresh["opt"]))
     assert s.frozen == {"image": True}
+    # Early stopping on the val split: two evaluations, the best step's parameters kept and read back.
+    with open(os.path.join(trained["model"], "best.json")) as f:
+        best = json.load(f)
+    assert sorted(map(int, best["evals"])) == [40, 80] and best["step"] in (40, 80)
+    assert best["score"] == max(best["evals"].values()) and best["score"] < 0
+    from decipher_jax import captioning
+
+    cm = captioning.CaptionModel.from_workdir(trained["model"])
+    assert cm.spec["step"] == best["step"]
 
 
-def test_held_out_evaluation_with_the_prior(trained, prepared_heldout):
+def test_held_out_evaluation_with_the_prior(trained, prepared_val):
     from decipher_jax import captioning
     from decipher_jax.eval import textgen
 
-    res = captioning.evaluate(trained["model"], prepared_heldout, "test", prior=trained["prior"], max_series=12)
+    res = captioning.evaluate(trained["model"], prepared_val, "test", prior=trained["prior"], max_series=12)
     assert set(res["systems"]) == {"model", "prior"} and res["n_series"] == 12
     assert res["patients_disjoint_from_train"]
     for s in res["systems"].values():
@@ -135,19 +152,19 @@ def test_held_out_evaluation_with_the_prior(trained, prepared_heldout):
     assert ex["generated"] and ex["stated"] == textgen.mentions(ex["generated"])
     # The examples are the model's own greedy reports of those series, and score as they should.
     cm = captioning.CaptionModel.from_workdir(trained["model"])
-    rows = captioning.read_split(prepared_heldout, "test", 4)
+    rows = captioning.read_split(prepared_val, "test", 4)
     gen = cm.generate(rows["volume"][:2])
     assert [e["generated"] for e in res["examples"][:2]] == gen
     assert res["systems"]["model"]["rougeL"] > 0.0
     assert captioning.summary(res)[1].startswith("  model: BLEU-4")
 
 
-def test_prefix_generation_with_and_without_the_cache_agree(trained, prepared_heldout):
+def test_prefix_generation_with_and_without_the_cache_agree(trained, prepared_val):
     from decipher_jax import captioning
     from decipher_jax.eval import textgen
 
     cm = captioning.CaptionModel.from_workdir(trained["model"])
-    rows = captioning.read_split(prepared_heldout, "test", 3)
+    rows = captioning.read_split(prepared_val, "test", 3)
     # Prompts of different lengths: left padding between the image prefix and the text.
     qs = ["", textgen.QUESTIONS["lesion"], textgen.QUESTIONS["size"]]
     for method in ("greedy", "beam"):
@@ -156,32 +173,32 @@ def test_prefix_generation_with_and_without_the_cache_agree(trained, prepared_he
         assert a == b and any(a), (method, a, b)
 
 
-def test_caption_and_ask_commands(trained, prepared_heldout, tmp_path, capsys):
+def test_caption_and_ask_commands(trained, prepared_val, tmp_path, capsys):
     import json
 
     from decipher_jax import captioning, cli
 
     out = str(tmp_path / "c.json")
-    assert cli.main(["caption", "--workdir", trained["model"], "--data", prepared_heldout, "--max-series", "3",
+    assert cli.main(["caption", "--workdir", trained["model"], "--data", prepared_val, "--max-series", "3",
                      "--out", out, "--show", "1"]) == 0
     with open(out) as f:
         res = json.load(f)
     assert res["n_series"] == 3 and "model" in res["systems"]
     assert "reference:" in capsys.readouterr().out
-    rows = captioning.read_split(prepared_heldout, "test", 1)
-    assert cli.main(["ask", "--workdir", trained["model"], "--data", prepared_heldout, "--series",
+    rows = captioning.read_split(prepared_val, "test", 1)
+    assert cli.main(["ask", "--workdir", trained["model"], "--data", prepared_val, "--series",
                      rows["series_id"][0], "is", "there", "a", "lesion?"]) == 0
     cm = captioning.CaptionModel.from_workdir(trained["model"])
     want = cm.generate(rows["volume"], ["is there a lesion?"])[0]
     assert capsys.readouterr().out.strip() == want
-    assert cli.main(["ask", "--workdir", trained["model"], "--data", prepared_heldout, "--series", "nope"]) == 2
+    assert cli.main(["ask", "--workdir", trained["model"], "--data", prepared_val, "--series", "nope"]) == 2
 
 
-def test_evaluator_and_report_section(trained, prepared_heldout, tmp_path):
+def test_evaluator_and_report_section(trained, prepared_val, tmp_path):
     from decipher_jax import report
     from decipher_jax.eval import evaluators
 
-    ctx = evaluators.Context(out=str(tmp_path), data=prepared_heldout, random=False,
+    ctx = evaluators.Context(out=str(tmp_path), data=prepared_val, random=False,
                              runs={"caption": trained["model"], "caption_prior": trained["prior"]})
     res = evaluators.run_all(evaluators.from_config({"caption": {"max_series": 3}}), ctx, say=lambda s: None)
     assert set(res["caption"]["systems"]) == {"model", "prior"}
@@ -189,7 +206,7 @@ def test_evaluator_and_report_section(trained, prepared_heldout, tmp_path):
     assert "Report generation and VQA" in page and "language prior (no image)" in page
     assert res["caption"]["examples"][0]["generated"] in page.replace("&#x27;", "'")
     skipped = evaluators.run_all(evaluators.from_config({"caption": {}}),
-                                 evaluators.Context(out=str(tmp_path / "none"), data=prepared_heldout, random=False),
+                                 evaluators.Context(out=str(tmp_path / "none"), data=prepared_val, random=False),
                                  say=lambda s: None)
     assert "no caption run" in skipped["caption"]["skipped"]
 

@@ -14,17 +14,22 @@ evaluation (:mod:`decipher_jax.captioning`) generates on held-out patients.
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decipher_jax import optim, runs, runspec
 from decipher_jax.data import captions as C
 from decipher_jax.data import pipelines as P
 from decipher_jax.data import transforms as T
+from decipher_jax.eval import textgen
 from decipher_jax.models.captioner import Captioner, CaptionerConfig
 from decipher_jax.models.decoder import DecoderConfig
 from decipher_jax.models.vit3d import ViTConfig
 from decipher_jax.trainers import common
+from decipher_jax.trainers.finetune import Best
 
 
 def token_loss(logits, labels, mask):
@@ -88,6 +93,69 @@ def make_step(cfg, model: common.Model, tx, freeze_image: bool):
     return step
 
 
+def val_examples(cfg, vocab: C.SubVocab, size) -> dict[str, np.ndarray]:
+    """Every val series' report and every one of its questions as examples (in order, the same
+    at every evaluation), with the retrieved context when the run uses one."""
+    src = P.data_source(cfg.data.dir, "val")
+    context = None
+    if cfg.data.get("retrieve", 0):
+        from decipher_jax.captioning import retrieved_reports
+
+        context = retrieved_reports(cfg.init.align, cfg.data.dir, "val", int(cfg.data.retrieve))
+    out: dict[str, list] = {k: [] for k in ("image", "ids", "labels", "loss_mask")}
+    for i in range(len(src)):
+        ex = T.Resize(size).map(C.DecodeWithFacts().map(src[i]))
+        tasks = ([("", ex["report"])] if ex.get("report", "").strip() else []) + \
+            [(textgen.QUESTIONS[k], a) for k, a in sorted(ex["qa"].items())]
+        for q, a in tasks:
+            if context is not None:
+                q = C.with_context(q, context.get(ex["series_id"], ""))
+            ids, labels, mask = C.sequence(vocab, q, a, cfg.data.max_length)
+            for k, v in (("image", ex["image"]), ("ids", ids), ("labels", labels), ("loss_mask", mask)):
+                out[k].append(v)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+class BestVal(Best):
+    """Early stopping on the val split's answer-token loss (its negation is the score to maximise):
+    the best step's parameters are kept in ``best/`` (``CaptionModel`` reads them), and the run
+    stops after ``eval.patience`` evaluations without improvement. A decoder on a few hundred
+    templated reports memorises them long before its steps run out."""
+
+    label = "caption"
+
+    def __init__(self, cfg, model, mesh, vocab, size):
+        self.cfg, self.model, self.mesh, self.vocab, self.size = cfg, model, mesh, vocab, size
+        self.workdir, self.examples = None, None
+        self.record = {"step": None, "score": None, "evals": {}}
+        self.spec = types.SimpleNamespace(task="-(answer-token loss)")
+        self._loss = jax.jit(lambda p, b: token_loss(model(p)(b["image"], b["ids"], b["ids"] != C.PAD), b["labels"],
+                                                     b["loss_mask"])[0] * jnp.maximum(b["loss_mask"].sum(), 1.0))
+
+    def evaluate(self, params, split):
+        from decipher_jax import sharding as sh
+        from decipher_jax.eval import embed
+
+        if self.examples is None:
+            self.examples = val_examples(self.cfg, self.vocab, self.size)
+        n, bs = len(self.examples["ids"]), embed.round_batch(self.cfg.eval.batch_size, self.mesh)
+        total = 0.0
+        with jax.set_mesh(self.mesh):
+            for lo in range(0, n, bs):
+                b = {k: v[lo: lo + bs] for k, v in self.examples.items()}
+                pad = bs - len(b["ids"])
+                if pad:  # padded rows carry no loss
+                    b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+                total += float(self._loss(params, sh.shard_batch(b, self.mesh)))
+        loss = total / max(float(self.examples["loss_mask"].sum()), 1.0)
+        return {"score": -loss, "loss": loss}, {}
+
+    def finish(self, state) -> dict:
+        step = self.record["step"]
+        return {"best_step": int(step) if step is not None else int(state["step"]),
+                "val_loss": -self.record["score"] if self.record["score"] is not None else float("nan")}
+
+
 def setup(cfg, mesh) -> common.Setup:
     """The caption trainer on ``mesh``; reads the training split's reports (the vocabulary) and no
     weights until ``init``."""
@@ -148,6 +216,16 @@ def setup(cfg, mesh) -> common.Setup:
     s = common.Setup("caption", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, model, tx, freeze), batch_spec,
                      init, data, run_spec, log_keys=("loss", "token_acc"), vit=vit)
     s.frozen = {"image": freeze}
+    if vocab is not None and cfg.eval.get("every", 0):
+        best = BestVal(cfg, model, mesh, vocab, size)
+
+        def stopped(workdir):
+            best.open(workdir)
+            return best.record.get("stopped", False)
+
+        s.on_start = lambda state, workdir, fresh: (best.open(workdir), ())[1]
+        s.after_step, s.stopped = best.after_step, stopped
+        s.on_end = lambda state, metrics, workdir: {**metrics, **best.finish(state)}
     return s
 
 
@@ -159,5 +237,6 @@ def train(cfg, workdir: str) -> dict:
 
 def summary(cfg, m: dict, seconds: float) -> str:
     what = "image-conditioned decoder" if cfg.model.use_image else "language-prior decoder (no image)"
-    return (f"{what}, {cfg.steps} steps in {seconds:.0f} s: answer-token loss {m['loss']:.3f}, "
-            f"accuracy {m['token_acc']:.3f}")
+    best = f"; best val answer-token loss {m['val_loss']:.3f} at step {m['best_step']}" if "val_loss" in m else ""
+    return (f"{what}, {cfg.steps} steps at most, in {seconds:.0f} s: training answer-token loss {m['loss']:.3f}, "
+            f"accuracy {m['token_acc']:.3f}{best}")

@@ -342,6 +342,8 @@ class Best:
     """Early stopping on the val split: scores every ``eval.every`` steps, keeps the best step's
     parameters (``best/``) and its record (``best.json``, read back on resume)."""
 
+    label = "finetune"  # the trainer's name in what it prints
+
     def __init__(self, cfg, spec, model, mesh, size):
         self.cfg, self.spec, self.model, self.mesh, self.size = cfg, spec, model, mesh, size
         self.workdir = None
@@ -362,7 +364,7 @@ class Best:
 
             evaluators.open_split(self.cfg.data.dir, "val")
         except evaluators.MissingSplit as e:  # no early stopping: the last step is the result
-            print(f"finetune: no val split ({e}); the last step's parameters are kept", flush=True)
+            print(f"{self.label}: no val split ({e}); the last step's parameters are kept", flush=True)
             self.has_val = False
 
     def evaluate(self, params, split: str) -> tuple[dict, dict]:
@@ -395,13 +397,13 @@ class Best:
             self.record.update(step=step, score=m["score"])
             self._save(step, state["params"])
         self._write()
-        print(f"finetune: val {self.spec.task} {m['score']:.3f} at step {step} (best {self.record['score']:.3f} "
+        print(f"{self.label}: val {self.spec.task} {m['score']:.3f} at step {step} (best {self.record['score']:.3f} "
               f"at step {self.record['step']})", flush=True)
         later = [s for s in map(int, self.record["evals"]) if s > self.record["step"]]
         if len(later) >= self.cfg.eval.patience:
             self.record["stopped"] = True  # a rerun goes straight to the test split
             self._write()
-            print(f"finetune: no val improvement in {len(later)} evaluations; stopping at step {step}", flush=True)
+            print(f"{self.label}: no val improvement in {len(later)} evaluations; stopping at step {step}", flush=True)
             return True
         return False
 

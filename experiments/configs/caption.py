@@ -73,4 +73,7 @@ def get_config(arg=None):
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 32 if tiny else 256
+    # Early stopping on the val split's answer-token loss (the best step's parameters are the run's).
+    c.eval.every = 100 if tiny else 1000
+    c.eval.patience = 3
     return c
