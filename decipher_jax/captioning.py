@@ -104,8 +104,9 @@ class CaptionModel:
 
 # -- the held-out evaluation ---------------------------------------------------------------------
 
-def read_split(data_dir: str, split: str, max_series: int | None = None) -> dict:
-    """Every series of ``split`` with a report: volumes, reports, findings, facts' questions, ids."""
+def read_split(data_dir: str, split: str, max_series: int | None = None, *, volumes: bool = True) -> dict:
+    """Every series of ``split`` with a report: volumes (unless ``volumes=False``), reports,
+    findings, facts' questions, ids."""
     from decipher_jax.data import pipelines as P
 
     src = P.data_source(data_dir, split)
@@ -115,7 +116,8 @@ def read_split(data_dir: str, split: str, max_series: int | None = None) -> dict
         d = T.Decode().map(ex)
         if not d.get("report", "").strip():
             continue
-        rows["volume"].append(np.asarray(d["image"], np.float32))
+        if volumes:
+            rows["volume"].append(np.asarray(d["image"], np.float32))
         rows["report"].append(d["report"])
         rows["findings"].append({f for f in d.get("findings", "").split(";") if f})
         rows["qa"].append(textgen.questions_for(textgen.record_facts(ex)))
@@ -182,7 +184,7 @@ def retrieval_baseline(align: str, data_dir: str, split: str, rows: dict, kinds,
         raise ValueError(f"retrieval baseline: series without stage-2 embeddings: {missing[:5]}")
     sims = test["image"][[order[s] for s in rows["series_id"]]] @ train["text"].T
     nearest = sims.argmax(1)
-    train_rows = read_split(data_dir, "train")
+    train_rows = read_split(data_dir, "train", volumes=False)
     by_series = dict(zip(train_rows["series_id"], train_rows["qa"]))
     reports = [str(train["report"][j]) for j in nearest]
     answers = [by_series.get(str(train["series_id"][nearest[i]]), {}).get(k, "") for i, k in zip(idx, kinds)]
@@ -195,7 +197,7 @@ def evaluate(caption: str, data_dir: str, split: str = "test", *, prior: str = "
     """The model and its baselines on ``split`` (see the module docstring); ``others``: more caption
     runs to score beside them, ``{name: workdir}`` (e.g. a retrieval-augmented one)."""
     rows = read_split(data_dir, split, max_series)
-    train_patients = set(read_split(data_dir, "train")["patient_id"]) if split != "train" else set()
+    train_patients = set(read_split(data_dir, "train", volumes=False)["patient_id"]) if split != "train" else set()
     leaked = sorted(set(rows["patient_id"]) & train_patients)
     if leaked:
         raise ValueError(f"{split} shares patients with train ({leaked[:5]}): a generated-text score would leak")

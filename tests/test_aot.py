@@ -57,9 +57,14 @@ def test_text_mlm_step_compiles_from_its_config(tmp_path):
     assert len(row) == 1 and "| v5e:2x2 | 4 |" in row[0], row
 
 
+@pytest.mark.slow
 def test_caption_step_with_lora_compiles_from_its_config(tmp_path):
     """Report generation's real step (trainers/caption.py) with a Llama-3.2-1B-width decoder (one
-    layer here), LoRA adapters and frozen base weights, compiled for v5e:2x2 without data."""
+    layer here), LoRA adapters and frozen base weights, compiled for v5e:2x2 without data.
+
+    Slow (107 s on CPU-2: the 128256-word vocabulary at width 2048): the caption step itself runs
+    sharded in tests/test_caption.py and the LoRA freezing rule in tests/test_decoder.py; the
+    full-size compile's figures are in BENCHMARKS.md."""
     script = _aot_script()
     out = tmp_path / "aot.md"
     assert script.main(["--step", "caption", "--topology", "v5e:2x2", "--per-chip-batch", "1", "--decoder-layers", "1",
