@@ -241,3 +241,16 @@ def test_examples_put_the_retrieved_report_before_the_question(vocab):
     assert n == len(vocab.encode("A 20 mm mass."))
     assert vocab.decode(rag["ids"][1:1 + n]) == "a 20 mm mass."
     np.testing.assert_array_equal(rag["labels"][rag["loss_mask"] > 0], plain["labels"][plain["loss_mask"] > 0])
+
+
+def test_config_variants():
+    from decipher_jax.trainers import common
+
+    load = lambda arg: common.load_config(f"experiments/configs/caption.py:{arg}")  # noqa: E731
+    tiny, rag, prior, full = load("tiny"), load("tiny,rag"), load("tiny,prior"), load("")
+    assert rag.data.retrieve == 1 and rag.data.max_length == 2 * tiny.data.max_length and tiny.data.retrieve == 0
+    assert not prior.model.use_image and prior.init.align == "" and tiny.model.use_image
+    assert full.model.decoder["scan"] and full.steps > tiny.steps and full.optim.lr_rules == [("image/.*", None)]
+    for bad in ("prior,rag", "huge"):
+        with pytest.raises(ValueError, match="caption.py"):
+            load(bad)
