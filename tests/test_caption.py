@@ -254,3 +254,21 @@ def test_config_variants():
     for bad in ("prior,rag", "huge"):
         with pytest.raises(ValueError, match="caption.py"):
             load(bad)
+
+
+def test_val_selection_on_the_answers_alone(trained, prepared_val):
+    from decipher_jax import checkpoint as ckpt
+    from decipher_jax.trainers import caption, common
+
+    cfg = _cfg(prepared_val)
+    s = caption.setup(cfg, common.make_mesh(cfg, "t"))
+    vocab = C.SubVocab(caption.tokenizer_path(cfg), caption.runs.read_spec(trained["model"])["config"]["vocab"])
+    ex = caption.val_examples(cfg, vocab, tuple(VIT["img_size"]))
+    reports = ex["is_question"] == 0
+    assert reports.any() and (~reports).any() and (ex["ids"][reports][:, 1] == C.SEP).all()
+    _, part = ckpt.restore_subtree(os.path.join(trained["model"], "checkpoints"), {"params": s.abstract_state()["params"]})
+    losses = {}
+    for select in ("all", "answers"):
+        cfg.eval.select = select
+        losses[select] = caption.BestVal(cfg, s.model, s.mesh, vocab, tuple(VIT["img_size"])).evaluate(part["params"], "val")[0]["loss"]
+    assert np.isfinite(losses["all"]) and np.isfinite(losses["answers"]) and losses["all"] != losses["answers"]

@@ -102,7 +102,7 @@ def val_examples(cfg, vocab: C.SubVocab, size) -> dict[str, np.ndarray]:
         from decipher_jax.captioning import retrieved_reports
 
         context = retrieved_reports(cfg.init.align, cfg.data.dir, "val", int(cfg.data.retrieve))
-    out: dict[str, list] = {k: [] for k in ("image", "ids", "labels", "loss_mask")}
+    out: dict[str, list] = {k: [] for k in ("image", "ids", "labels", "loss_mask", "is_question")}
     for i in range(len(src)):
         ex = T.Resize(size).map(C.DecodeWithFacts().map(src[i]))
         tasks = ([("", ex["report"])] if ex.get("report", "").strip() else []) + \
@@ -111,7 +111,8 @@ def val_examples(cfg, vocab: C.SubVocab, size) -> dict[str, np.ndarray]:
             if context is not None:
                 q = C.with_context(q, context.get(ex["series_id"], ""))
             ids, labels, mask = C.sequence(vocab, q, a, cfg.data.max_length)
-            for k, v in (("image", ex["image"]), ("ids", ids), ("labels", labels), ("loss_mask", mask)):
+            for k, v in (("image", ex["image"]), ("ids", ids), ("labels", labels), ("loss_mask", mask),
+                         ("is_question", np.float32(bool(a != ex.get("report"))))):
                 out[k].append(v)
     return {k: np.stack(v) for k, v in out.items()}
 
@@ -120,7 +121,9 @@ class BestVal(Best):
     """Early stopping on the val split's answer-token loss (its negation is the score to maximise):
     the best step's parameters are kept in ``best/`` (``CaptionModel`` reads them), and the run
     stops after ``eval.patience`` evaluations without improvement. A decoder on a few hundred
-    templated reports memorises them long before its steps run out."""
+    templated reports memorises them long before its steps run out. ``eval.select``: ``"all"``
+    (every answer token, reports included: mostly report tokens) or ``"answers"`` (the questions'
+    answers alone)."""
 
     label = "caption"
 
@@ -138,6 +141,9 @@ class BestVal(Best):
 
         if self.examples is None:
             self.examples = val_examples(self.cfg, self.vocab, self.size)
+            if self.cfg.eval.get("select", "all") == "answers":  # the questions' answers alone
+                self.examples["loss_mask"] = self.examples["loss_mask"] * self.examples["is_question"][:, None]
+            self.examples.pop("is_question")
         n, bs = len(self.examples["ids"]), embed.round_batch(self.cfg.eval.batch_size, self.mesh)
         total = 0.0
         with jax.set_mesh(self.mesh):

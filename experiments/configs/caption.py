@@ -76,4 +76,5 @@ def get_config(arg=None):
     # Early stopping on the val split's answer-token loss (the best step's parameters are the run's).
     c.eval.every = 100 if tiny else 1000
     c.eval.patience = 3
+    c.eval.select = "all"  # or "answers": the val loss of the questions' answers alone picks the step
     return c
