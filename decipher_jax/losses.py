@@ -193,3 +193,31 @@ def regression_loss(pred, target, kind: str = "mse"):
             jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1), 1e-8)
         return jnp.mean(1.0 - cos)
     raise ValueError(f"unknown regression loss {kind!r} (mse or cosine)")
+
+
+# -- multi-parametric MRI (BrainMVP) -------------------------------------------------------------
+
+def masked_mse(pred, target, weights):
+    """``sum(w * (pred - target)^2) / sum(w)`` in float32 (0 when nothing is weighted): the
+    reconstruction error over the masked voxels only. ``weights`` broadcasts against ``pred``."""
+    w = jnp.broadcast_to(weights.astype(jnp.float32), pred.shape)
+    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    return jnp.sum(w * err) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def info_nce(z_a, z_b, temperature: float, valid=None):
+    """Symmetric InfoNCE between two views: row i of ``z_a`` and row i of ``z_b`` (L2-normalised,
+    (B, D)) are the positives, every other row of the *global* batch a negative (under jit with
+    batch-sharded inputs the similarity matrix spans the mesh: BrainMVP's negatives were the 3
+    cases on one GPU). ``logits = z_a @ z_b.T / temperature``; the loss is the mean of the two
+    directions' cross-entropies. ``valid`` (B,) drops rows from both the anchors and the
+    negatives (padding)."""
+    logits = (z_a.astype(jnp.float32) @ z_b.astype(jnp.float32).T) / temperature
+    b = logits.shape[0]
+    v = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
+    logits = jnp.where(v[None, :] & v[:, None] | jnp.eye(b, dtype=bool), logits, -1e9)
+    diag = jnp.diagonal(logits)
+    w = v.astype(jnp.float32)
+    ce_a = jax.nn.logsumexp(logits, axis=1) - diag
+    ce_b = jax.nn.logsumexp(logits, axis=0) - diag
+    return jnp.sum(w * (ce_a + ce_b)) / (2 * jnp.maximum(jnp.sum(w), 1.0))

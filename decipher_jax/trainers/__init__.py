@@ -7,7 +7,8 @@ import importlib
 # A config file's name -> its trainer (a config may also name one: ``config.trainer``).
 TRAINERS = {"vision_ssl.py": "decipher_jax.trainers.vision_ssl", "text_mlm.py": "decipher_jax.trainers.text_mlm",
             "clip_align.py": "decipher_jax.trainers.clip_align", "finetune.py": "decipher_jax.trainers.finetune",
-            "caption.py": "decipher_jax.trainers.caption"}
+            "caption.py": "decipher_jax.trainers.caption",
+            "multiparam.py": "decipher_jax.trainers.multiparam"}
 
 
 def module_for(config_spec: str, cfg):
