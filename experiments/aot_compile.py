@@ -14,7 +14,8 @@ towers, the contrastive loss over the whole global batch, AdamW with the towers'
 ``text_mlm`` (the real stage-1 text step of ``experiments/configs/text_mlm.py``: BERT-base MLM with
 the tied decoder at the masked slots, AdamW; ``--text-layers`` shrinks it for a quick check) and
 ``caption`` (report generation, ``experiments/configs/caption.py``: a Llama-3.2-1B-sized decoder
-with LoRA adapters over a frozen ViT's tokens).
+with LoRA adapters over a frozen ViT's tokens) and ``multiparam`` (multi-parametric pretraining,
+``experiments/configs/multiparam.py``: the multi-sequence ViT on four sequences, two views).
 """
 
 from __future__ import annotations
@@ -168,7 +169,32 @@ def caption_step(args, topology: str) -> aot.AotResult:
     return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), analytic)
 
 
-STEPS = {"caption": caption_step, "vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step, "text_mlm": text_mlm_step}
+def multiparam_step(args, topology: str) -> aot.AotResult:
+    """The multi-parametric pretraining step (trainers/multiparam.py): the multi-sequence ViT over
+    four sequences' tokens (4 x the single-volume sequence), two views per study, the decoder,
+    the templates and the global-batch InfoNCE."""
+    from decipher_jax.trainers import common, multiparam
+
+    cfg = common.load_config(os.path.join(os.path.dirname(__file__), "configs", "multiparam.py"))
+    dim, depth, heads, mlp = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096)}[args.variant.split("/")[0]]
+    patch = int(args.variant.split("/")[1])
+    cfg.model.vit.update(dim=dim, depth=depth, heads=heads, mlp_dim=mlp, patch_size=(patch,) * 3,
+                         img_size=(args.size,) * 3, remat=args.remat, scan=args.scan)
+    cfg.data.size = (args.size,) * 3
+    cfg.pretrain.block = patch
+    chips = len(aot.topology_mesh(topology, {"data": -1})[1])
+    cfg.data.batch_size = args.per_chip_batch * chips
+    mesh, devices = aot.topology_mesh(topology, parse_mesh(args.mesh, chips, dim))
+    b = multiparam.setup(cfg, mesh)
+    s, n = len(cfg.data.sequences), cfg.data.batch_size
+    tokens = s * (args.size // patch) ** 3 + b.vit.num_prefix
+    per_token = 2 * depth * (4 * dim * dim + 2 * dim * mlp) + 2 * depth * 2 * tokens * dim  # matmuls + attention
+    analytic = 2 * 3.0 * n * tokens * per_token  # two views, forward + backward
+    name = f"multiparam: {s}-sequence ViT-{args.variant} {args.size}^3 ({tokens} tokens), 2 views, b{n}"
+    return aot.compile_and_measure(name, topology, mesh, devices, b.jit_step(), (b.abstract_state(), b.abstract_batch()), analytic)
+
+
+STEPS = {"caption": caption_step, "multiparam": multiparam_step, "vit": vit_step, "vision_ssl": vision_ssl_step, "clip_align": clip_align_step, "text_mlm": text_mlm_step}
 
 
 def main(argv=None) -> int:

@@ -71,3 +71,16 @@ def test_caption_step_with_lora_compiles_from_its_config(tmp_path):
                         "--size", "32", "--text-length", "16", "--mesh", "fsdp=-1", "--scan", "--markdown", str(out)]) == 0
     row = [line for line in out.read_text().splitlines() if "caption" in line]
     assert len(row) == 1 and "| v5e:2x2 | 4 |" in row[0], row
+
+
+@pytest.mark.slow
+def test_multiparam_step_compiles_from_its_config(tmp_path):
+    """Multi-parametric pretraining's real step (trainers/multiparam.py) with a small ViT over four
+    sequences, compiled for v5e:2x2 without weights or data (scanned layers: one layer to compile). Slow (57 s on CPU-2); the step
+    itself runs sharded on a 2x2x2 mesh in tests/test_multiparam.py."""
+    script = _aot_script()
+    out = tmp_path / "aot.md"
+    assert script.main(["--step", "multiparam", "--variant", "B/16", "--size", "32", "--topology", "v5e:2x2",
+                        "--per-chip-batch", "1", "--mesh", "fsdp=-1", "--scan", "--markdown", str(out)]) == 0
+    row = [line for line in out.read_text().splitlines() if "multiparam" in line]
+    assert len(row) == 1 and "| v5e:2x2 | 4 |" in row[0] and "4-sequence" in row[0], row
