@@ -136,6 +136,10 @@ def run(manifest_path: str, out_dir: str, cfg: prep.PrepConfig = prep.PrepConfig
         progress: bool = True) -> prep.PrepResult:
     """Prepares ``manifest_path`` (a manifest, or a DICOM folder or DICOMDIR) into ``out_dir``
     with Beam; the result, the files written and their contents are those of :func:`prep.run`."""
+    if cfg.studies:  # process_row would need each series' study grid, read from the headers on the driver
+        raise ValueError(f"PrepConfig.studies={cfg.studies!r}: study grouping is done by the local runner "
+                         "(data_prep.prep.run, decipher prep without --runner beam); the Beam runner prepares each "
+                         "series on its own grid")
     out_dir = storage.absolute(out_dir)
     remote = storage.is_remote(out_dir)
     if not remote:

@@ -11,6 +11,9 @@ Stages, each safe to interrupt:
    atomically to ``cache/<config-hash>/<series>.npz``. A rerun skips cached series, so a
    crash loses nothing already written. Bad inputs (and unusable manifest rows) are skipped and
    recorded, one JSON line each, in ``errors.jsonl`` (file + reason); the rest is processed.
+   With ``studies`` (multi-parametric studies) the study grids are read from the headers first:
+   "resample" puts every series of a study on its first series' RAS grid, "check" records the
+   series off it as errors (STUDY_MODES).
 2. Patient-level split (no patient in two splits), deterministic in the seed.
 3. A TFDS builder writes ``tfds/decipher_mri/<version>/`` ArrayRecord shards, read back with
    ``tfds.builder_from_directory(path).as_data_source(split)`` (no TensorFlow needed).
@@ -39,6 +42,15 @@ from data_prep import volume as volume_lib
 from data_prep.schema import DATASET_NAME, FORMAT_VERSION
 
 SPLITS = ("train", "val", "test")
+# How the series of a study are put on voxel grids (PrepConfig.studies), in the dataset card's words.
+STUDY_MODES = {
+    "": "each series resampled onto its own RAS grid (the series of a study may differ in grid)",
+    "check": "each series resampled onto its own RAS grid; a series whose grid differs from its study's reference "
+             "grid (the RAS grid of the study's first series, in manifest order, whose header loads) is an error",
+    "resample": "every series of a study resampled onto its study's reference grid (the RAS grid of the study's first "
+                "series, in manifest order, whose header loads): image trilinear, label map nearest, so the series "
+                "of a study share one voxel grid",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +72,30 @@ class PrepConfig:
     # TFDS's zstd chunks (about half the disk, slower reads; BENCHMARKS.md)
     compression: str = "none"
     dicom: DicomOptions = DicomOptions()
+    # The series of a study (multi-parametric MRI: T1, T2, FLAIR, DWI acquired in different
+    # planes) on voxel grids: "" each on its own; "check": those off their study's reference grid
+    # are errors; "resample": all onto it (STUDY_MODES). A study loader stacks a study's series as
+    # channels only when they share one grid (decipher_jax.data.pipelines.StudySource).
+    studies: str = ""
+
+    def __post_init__(self):
+        if self.studies not in STUDY_MODES:
+            raise ValueError(f"PrepConfig.studies={self.studies!r}: unknown study grouping; expected one of "
+                             f"{sorted(STUDY_MODES)} ('' for each series on its own grid)")
+        if self.studies and self.volume.crop_foreground:
+            raise ValueError(f"PrepConfig.studies={self.studies!r} with crop_foreground=True: cropping each series to "
+                             "its own foreground would take the series of a study off their shared grid; prepare "
+                             "without --crop-foreground")
 
     def cache_key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self.volume), sort_keys=True)
+        """The cache folder's name: a hash of what a cached series depends on. The volume config,
+        and the study grid when series are resampled onto it ("resample"); "check" stores the same
+        series as "" (each on its own grid, the mismatched ones not at all), so they share a cache,
+        and a cache prepared before ``studies`` existed stays valid."""
+        conf = dataclasses.asdict(self.volume)
+        if self.studies == "resample":
+            conf["studies"] = self.studies
+        blob = json.dumps(conf, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -103,17 +136,27 @@ def _error(series_id: str, path: str, reason: str, **extra) -> dict:
     return {"series_id": series_id, "status": "error", "file": path, "reason": reason, **extra}
 
 
-def _cached_digest(path: str) -> str:
+def _cached_fields(path: str, keys) -> dict:
+    """The string fields ``keys`` of a cache entry ("" where absent); an unreadable entry matches nothing."""
     try:
         with np.load(path) as z:
-            return str(z["source_digest"]) if "source_digest" in z.files else ""
+            return {k: str(z[k]) if k in z.files else "" for k in keys}
     except Exception:  # noqa: BLE001 - an unreadable cache entry is redone
-        return "unreadable"
+        return {k: None for k in keys}
 
 
-def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache_dir: str) -> dict:
+def grid_digest(grid) -> str:
+    """A stable name of a voxel grid ``(affine, shape)``, stored with a series resampled onto it."""
+    affine, shape = grid
+    return f"{tuple(int(n) for n in shape)} {np.round(np.asarray(affine, float), 4).tolist()}"
+
+
+def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache_dir: str, grid=None) -> dict:
     """Processes one series into ``cache_dir``; returns a status dict and never raises: any failure
-    of one series (MemoryError included) is that series' error, not the run's."""
+    of one series (MemoryError included) is that series' error, not the run's. ``grid``: the
+    series' study grid ``(affine, shape)`` to resample onto (``studies="resample"``), or None for
+    its own; a cached series is reused only if it was resampled onto the same grid (a study's
+    reference series can change with the manifest)."""
     out = os.path.join(cache_dir, f"{row.series_id}.npz")
     # The manifest refuses unsafe ids; this guards any other caller (the id is a file name).
     if os.path.dirname(os.path.realpath(out)) != os.path.realpath(cache_dir):
@@ -121,13 +164,15 @@ def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache
     # A DICOM volume's series file carries a digest of its frames (files, sizes, times): its cached
     # preparation is reused only while the digest is the same (new or replaced files redo it).
     digest = dicom.series_digest(row.image) if row.image.endswith(dicom.SERIES_SUFFIX) else ""
-    if os.path.exists(out) and (not digest or _cached_digest(out) == digest):
+    want = {"source_digest": digest} if digest else {}
+    if grid is not None:
+        want["study_grid"] = grid_digest(grid)
+    if os.path.exists(out) and (not want or _cached_fields(out, want) == want):
         return {"series_id": row.series_id, "status": "reused"}
     try:
         text, has_report = _read_report(row)
-        res = volume_lib.process(row.image, row.label or None, cfg)
-        if digest:
-            res["source_digest"] = digest
+        res = volume_lib.process(row.image, row.label or None, cfg, grid=grid)
+        res.update(want)
         label = res.pop("label")
         tmp = out + ".tmp.npz"
         np.savez(
@@ -145,6 +190,58 @@ def process_row(row: manifest_lib.SeriesRow, cfg: volume_lib.VolumeConfig, cache
     except Exception as e:  # noqa: BLE001 - a bug or resource limit on one series must not end the run
         return _error(row.series_id, row.image, f"{row.image}: {type(e).__name__}: {e}")
     return {"series_id": row.series_id, "status": "processed"}
+
+
+def _grid_words(grid) -> str:
+    affine, shape = grid[:2]
+    return f"shape {tuple(int(n) for n in shape)}, origin {np.round(affine[:3, 3], 2).tolist()} mm"
+
+
+def study_grids(rows, cfg: volume_lib.VolumeConfig, every: bool = False) -> tuple[dict, dict]:
+    """``(reference, own)`` from the images' headers alone (:func:`data_prep.volume.header_geometry`:
+    no voxel is read; the header checks and ``max_voxels`` hold). ``reference``: study id ->
+    ``(affine, shape, series id)``, the RAS grid at ``cfg.target_spacing`` of the study's first
+    series, in ``rows``' order, whose header loads. ``own``: series id -> its own RAS grid, for
+    every series with ``every`` (else for the reference series only). A series whose header does
+    not load is left out of both: it is processed as any other and records its own error."""
+    reference: dict = {}
+    own: dict = {}
+    for row in rows:
+        if row.study_id in reference and not every:
+            continue
+        try:
+            affine, shape = volume_lib.header_geometry(row.image, cfg)
+            grid = volume_lib.ras_grid(affine, shape, cfg.target_spacing)
+        except Exception:  # noqa: BLE001 - any unreadable header: the series' own processing says why
+            continue
+        own[row.series_id] = grid
+        reference.setdefault(row.study_id, (*grid, row.series_id))
+    return reference, own
+
+
+def _same_grid(a, b) -> bool:
+    return tuple(a[1]) == tuple(b[1]) and bool(np.allclose(a[0], b[0], atol=1e-3))
+
+
+def group_studies(rows, cfg: PrepConfig) -> tuple[dict, list[dict]]:
+    """``(grids, errors)`` of ``cfg.studies``: ``grids`` series id -> the study grid to resample
+    it onto ("resample"; empty otherwise), ``errors`` one per series off its study's reference
+    grid ("check"), each naming the file and the way out."""
+    if not cfg.studies:
+        return {}, []
+    reference, own = study_grids(rows, cfg.volume, every=cfg.studies == "check")
+    if cfg.studies == "resample":
+        return {r.series_id: reference[r.study_id][:2] for r in rows if r.study_id in reference}, []
+    errors = []
+    for r in rows:
+        ref = reference.get(r.study_id)
+        if r.series_id not in own or ref is None or ref[2] == r.series_id or _same_grid(own[r.series_id], ref):
+            continue
+        errors.append(_error(r.series_id, r.image, f"{r.image}: its RAS grid ({_grid_words(own[r.series_id])}) differs "
+                             f"from the grid of study {r.study_id}'s first series {ref[2]} ({_grid_words(ref)}); "
+                             "studies='check' needs the series of a study on one grid: prepare with "
+                             "studies='resample' (decipher prep --studies resample) to resample them onto it"))
+    return {}, errors
 
 
 def assign_splits(patients, fractions, seed: int) -> dict[str, str]:
@@ -214,14 +311,20 @@ def run(manifest_path: str, out_dir: str, cfg: PrepConfig = PrepConfig(), progre
             err_file.write(json.dumps({"series_id": item.get("series_uid", ""), "status": "skipped", **item}) + "\n")
         for e in row_errors:  # skipped manifest rows: recorded like bad series, named by line and field
             record(_error(e.series_id, e.path, str(e), line=e.line, field=e.field))
-        bar = _progress(len(rows), progress)
+        grids, grid_errors = group_studies(rows, cfg)  # the study grids, from the headers
+        for e in grid_errors:  # series off their study's grid ("check"): not processed
+            record(e)
+        off = {e["series_id"] for e in grid_errors}
+        todo = [r for r in rows if r.series_id not in off]
+        bar = _progress(len(todo), progress)
         if workers == 1:
-            for row in rows:
-                record(process_row(row, cfg.volume, cache_dir))
+            for row in todo:
+                record(process_row(row, cfg.volume, cache_dir, grids.get(row.series_id)))
                 bar.update(1)
         else:
             with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                futs = {ex.submit(process_row, row, cfg.volume, cache_dir): row for row in rows}
+                futs = {ex.submit(process_row, row, cfg.volume, cache_dir, grids.get(row.series_id)): row
+                        for row in todo}
                 for fut in cf.as_completed(futs):
                     try:
                         res = fut.result()
@@ -298,6 +401,7 @@ def _write_card(out_dir, cache_dir, cfg: PrepConfig, by_split, errors, manifest_
             "series": len(rows), "studies": len({r.study_id for r in rows}), "patients": len({r.patient_id for r in rows}),
             "body_region": _count(r.body_region for r in rows), "sequence": _count(r.sequence for r in rows),
             "findings": _count(f for r in rows for f in r.findings.split(";") if f),
+            "studies_by_sequences": _sequences_per_study(rows),
         }
     per = []
     for rows in by_split.values():
@@ -340,8 +444,19 @@ def preprocessing_spec(cfg: PrepConfig) -> dict:
         "stored_dtype": "float16", "record_compression": cfg.compression, "foreground_crop": v.crop_foreground,
         "report_text": "findings + impression sections, NFKC + whitespace normalised; tokenised at load time",
         "split": {"by": "patient_id", "fractions": list(cfg.split_fractions), "seed": cfg.seed},
+        "studies": {"mode": cfg.studies or "none", "grid": STUDY_MODES[cfg.studies]},
         "volume_config": dataclasses.asdict(v),
     }
+
+
+def _sequences_per_study(rows) -> dict:
+    """Number of sequences present -> number of studies with that many ({"2": 5, "4": 9}); a
+    series without a sequence counts as one of its own."""
+    seqs: dict[str, set] = {}
+    for r in rows:
+        seqs.setdefault(r.study_id, set()).add(r.sequence or ("series", r.series_id))
+    n = _count(str(len(v)) for v in seqs.values())
+    return dict(sorted(n.items(), key=lambda kv: int(kv[0])))
 
 
 def _count(items) -> dict:

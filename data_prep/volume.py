@@ -6,6 +6,9 @@ Geometry policy (recorded in the dataset card and every record):
   covers the volume's bounding box.
 - Spacing: ``target_spacing`` mm; trilinear for images, nearest for label maps, on the
   *same* output grid (the label map must share the image's grid on input).
+- Study grid (``prep``'s ``studies="resample"``): every series of a study resampled onto the
+  RAS grid of the study's first series (``process(grid=...)``), read from its header
+  (:func:`header_geometry`), so that co-registered sequences share voxels.
 - 4D: a singleton 4th axis is dropped; otherwise ``four_d`` = "first" (default, e.g. b0 or
   first frame), "mean" or "error".
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gzip
+import json
 import math
 import os
 import stat
@@ -228,14 +232,80 @@ def foreground_box(data: np.ndarray, threshold: float, margin: int) -> tuple[sli
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
 
 
-def process(image_path: str, label_path: str | None, cfg: VolumeConfig) -> dict:
-    """The whole per-series geometry + intensity chain. Raises :class:`BadInput`."""
+def header_geometry(path: str, cfg: VolumeConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(voxel-to-RAS affine, 3D shape) of an image from its header alone: no voxel is read. The
+    checks are :func:`load`'s that precede the data (the file, the stored header, extension
+    sizes, ``max_voxels``, pixdim, a sane affine; for a DICOM series file its frames' headers,
+    slice order and spacing); :func:`ras_grid` of the result is the grid :func:`process` would
+    resample the series onto (``prep``'s study grouping compares these). Raises
+    :class:`BadInput`."""
+    check_file(path, "image")
+    if os.path.getsize(path) == 0:
+        raise BadInput(path, "image file is empty (0 bytes)")
+    try:
+        if path.endswith(dicom.SERIES_SUFFIX):
+            return _dicom_geometry(path, cfg)
+        stored = _stored_header(path, "image")
+        img = nib.load(path)  # lazy: the header only
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise BadInput(path, f"not a NIfTI image ({type(img).__name__})")
+        _check_header(path, img, stored, cfg, "image")
+    except BadInput:
+        raise
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        raise BadInput(path, f"cannot read image header (truncated or corrupt file: {e})") from e
+    except Exception as e:  # noqa: BLE001 - nibabel raises several types for non-NIfTI content
+        raise BadInput(path, f"not a readable NIfTI image ({type(e).__name__}: {e})") from e
+    shape = tuple(int(d) for d in img.shape)
+    if len(shape) < 3:
+        raise BadInput(path, f"image is {len(shape)}D with shape {shape}; a 3D volume is required")
+    return np.asarray(img.affine, dtype=np.float64), shape[:3]  # type: ignore[return-value]
+
+
+def _dicom_geometry(path: str, cfg: VolumeConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """:func:`header_geometry` of a DICOM series file (:func:`data_prep.dicom.load_series`'s
+    frames, read back as headers: their order, spacing and orientation, no pixel data)."""
+    try:
+        with open(path) as fh:
+            blob = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise BadInput(path, f"cannot read the DICOM series file ({e})") from None
+    if blob.get("format") != dicom.SERIES_FORMAT or not blob.get("frames"):
+        raise BadInput(path, "not a DICOM series file with frames")
+    entries = [(f, fr) for f, fr in blob["frames"]]
+    if blob.get("indexed"):  # numbered files of the SOURCE.json beside the series folder, as load_series reads them
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), dicom.SOURCE_FILE)
+        try:
+            with open(src) as fh:
+                source = json.load(fh)
+            entries = [(os.path.join(source["root"], source["files"][int(i)]), fr) for i, fr in entries]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise BadInput(path, f"its frames are numbered files of {src}, which is missing or damaged ({e})") from None
+    frames, spacing = dicom.order_and_check(dicom.frames_from_files(entries), path, 2)
+    shape = (frames[0].cols, frames[0].rows, len(frames))
+    if math.prod(shape) > cfg.max_voxels:
+        raise BadInput(path, f"volume of {shape} voxels is over max_voxels={cfg.max_voxels:,}")
+    affine = dicom.LPS_TO_RAS @ dicom.affine_lps(frames, spacing)
+    _check_affine(path, affine, cfg)
+    return affine, shape
+
+
+def process(image_path: str, label_path: str | None, cfg: VolumeConfig, grid=None) -> dict:
+    """The whole per-series geometry + intensity chain. Raises :class:`BadInput`.
+
+    ``grid``: ``(affine, shape)`` of an axis-aligned RAS grid at ``cfg.target_spacing`` to
+    resample onto (``prep``'s study grid, shared by the series of a study) instead of the
+    series' own :func:`ras_grid`; the image trilinear and the label map nearest, as on its own
+    grid. None: the series' own grid."""
     data, affine = load(image_path, cfg)
     if data.min() == data.max():  # nothing to learn from; normalising it would store zeros
         raise BadInput(image_path, f"image is constant (all voxels = {float(data.flat[0]):g})")
     orig_spacing = np.linalg.norm(affine[:3, :3], axis=0)
     raw_stats = {"raw_p01": float(np.percentile(data, 1)), "raw_p99": float(np.percentile(data, 99))}
-    out_affine, out_shape = ras_grid(affine, data.shape, cfg.target_spacing)
+    if grid is None:
+        out_affine, out_shape = ras_grid(affine, data.shape, cfg.target_spacing)
+    else:
+        out_affine, out_shape = np.asarray(grid[0], np.float64), tuple(int(n) for n in grid[1])
     vol = resample(data, affine, out_affine, out_shape, order=1)
     label = None
     if label_path:

@@ -74,9 +74,18 @@ def _prep(args) -> int:
     if args.beam_options and args.runner != "beam":
         print("prep: error: --beam-options needs --runner beam", file=sys.stderr)
         return 2
-    cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers,
-                          compression=args.compression,
-                          dicom=prep.DicomOptions(reports=args.reports or "", pseudonymise=args.pseudonymise, salt=salt))
+    if args.studies and args.runner == "beam":
+        print("prep: error: --studies is done by the local runner (the study grids are read from the headers on "
+              "this machine); prepare without --runner beam", file=sys.stderr)
+        return 2
+    try:
+        cfg = prep.PrepConfig(volume=vcfg, split_fractions=tuple(args.splits), seed=args.seed, workers=args.workers,
+                              compression=args.compression, studies=args.studies,
+                              dicom=prep.DicomOptions(reports=args.reports or "", pseudonymise=args.pseudonymise,
+                                                      salt=salt))
+    except ValueError as e:  # e.g. --studies with --crop-foreground
+        print(f"prep: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.runner == "beam":
             from data_prep import beam_prep
@@ -140,7 +149,9 @@ def _eval(args, extra) -> int:
         print("eval: error: no run to evaluate (set --config.runs.align=WORKDIR and/or --config.runs.ssl_teacher)",
               file=sys.stderr)
         return 2
-    data = cfg.data or runs.read_spec(run_dirs.get("align") or run_dirs["ssl_teacher"])["config"]["data"]["dir"]
+    # The data: the config's, else the first run's (align, the stage-1 teacher, then any other).
+    first = next(run_dirs[r] for r in ("align", "ssl_teacher", *run_dirs) if r in run_dirs)
+    data = cfg.data or runs.read_spec(first)["config"]["data"]["dir"]
     ctx = evaluators.Context(out=args.workdir, data=data, runs=run_dirs, random=cfg.random,
                              mesh=sh.make_mesh(dict(cfg.mesh)))
     results = evaluators.run_all(evaluators.from_config(cfg.evals, cfg.get("order")), ctx)
@@ -328,6 +339,10 @@ def main(argv=None) -> int:
     p.add_argument("--clip", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"))
     p.add_argument("--four-d", default="first", choices=["first", "mean", "error"])
     p.add_argument("--crop-foreground", action="store_true")
+    p.add_argument("--studies", default="", choices=["check", "resample"],
+                   help="the series of a study (multi-parametric MRI) on one voxel grid: check (a series off its "
+                        "study's grid is an error) or resample (every series onto the grid of its study's first "
+                        "series); default: each series on its own grid")
     p.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default="none", choices=["none", "zlib"],

@@ -80,6 +80,16 @@ class PipelineDir:
         """``data/prep``: the prepared records the stages train and evaluate on."""
         return os.path.join(self.path, "data", "prep")
 
+    @property
+    def multiparam_raw(self) -> str:
+        """``data/multiparam/raw``: the multi-sequence brain corpus before prep (issue 22)."""
+        return os.path.join(self.path, "data", "multiparam", "raw")
+
+    @property
+    def multiparam_prep(self) -> str:
+        """``data/multiparam/prep``: its records, each study's series on one grid."""
+        return os.path.join(self.path, "data", "multiparam", "prep")
+
     def run(self, stage: str) -> RunDir:
         """A train stage's workdir, named as the stage ("stage1_vision", "stage1_text", "stage2")."""
         return RunDir(os.path.join(self.path, stage))

@@ -4,12 +4,13 @@
     decipher demo --workdir outputs/demo        # the same config
 
 A config names its stages in ``order``; each stage has a ``kind`` (:data:`STAGES`): ``data``
-(the embedded corpus through the library's prep, exactly as real data) or ``prepared`` (records
+(the embedded corpus through the library's prep, exactly as real data), ``multiparam_data`` (the
+embedded multi-sequence brain studies, prepared onto one grid per study) or ``prepared`` (records
 that ``decipher prep`` wrote from your manifest), ``mesh_check`` (a sharded
 forward / backward of a ViT against one device), ``train`` (any trainer, from its config file
 and overrides, into ``<workdir>/<stage name>``), ``eval`` (the evaluators of an eval config on
-the runs), ``ladder`` (the ladder's fine-tuning runs, :func:`ladder_stage`) and ``report``. Strings in overrides may name ``{workdir}`` and ``{data}`` (the
-prepared data). Each stage says one or more lines; they become ``summary.md``.
+the runs), ``ladder`` (the ladder's fine-tuning runs, :func:`ladder_stage`) and ``report``. Strings in overrides may name ``{workdir}``, ``{data}`` (the
+prepared data) and ``{multiparam}`` (the multi-parametric records). Each stage says one or more lines; they become ``summary.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Context:
     cfg: object  # the pipeline config
     lines: list[str] = dataclasses.field(default_factory=list)
     data: str = ""  # the prepared data dir, once the data stage ran
+    multiparam: str = ""  # the multi-parametric records, once the multiparam_data stage ran
     mesh: object = None
     summary_written: bool = False
 
@@ -44,7 +46,10 @@ class Context:
         self.lines.append(msg)
 
     def fill(self, value):
-        return value.format(workdir=self.workdir, data=self.data) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        mp = self.multiparam or layout.PipelineDir(self.workdir).multiparam_prep
+        return value.format(workdir=self.workdir, data=self.data, multiparam=mp)
 
     def get_mesh(self):
         """The pipeline's mesh (``cfg.mesh``; data parallel when the devices do not divide it)."""
@@ -90,6 +95,28 @@ def data_stage(ctx: Context, st) -> None:
         raise SystemExit(f"prep failed: {len(res.errors)} bad input(s) (see {out}/errors.jsonl)")
     ctx.data = out
     ctx.say(f"data: corpus + prep in {time.perf_counter() - t0:.1f} s -> {out} (card: dataset_card.json)")
+
+
+def multiparam_data_stage(ctx: Context, st) -> None:
+    """The embedded multi-sequence brain corpus (:func:`~decipher_jax.data.synthetic.generate_multiparam_corpus`:
+    T1, T2, FLAIR and DWI, some missing) through prep with each study's series resampled onto one
+    grid, into ``<workdir>/data/multiparam/prep`` (``{multiparam}`` in later stages' overrides)."""
+    from data_prep import prep, volume
+    from decipher_jax.data import synthetic
+
+    t0 = time.perf_counter()
+    d = layout.PipelineDir(ctx.workdir)
+    manifest = synthetic.generate_multiparam_corpus(d.multiparam_raw, n_patients=st.patients, seed=ctx.cfg.seed,
+                                                    matrix=st.matrix, p_complete=st.p_complete)
+    pcfg = prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(float(st.spacing),) * 3),
+                           split_fractions=tuple(float(s) for s in st.splits), studies="resample")
+    res = prep.run(manifest, d.multiparam_prep, pcfg, progress=False)
+    if res.errors:
+        raise SystemExit(f"multiparam prep failed: {len(res.errors)} bad input(s) (see {d.multiparam_prep}/errors.jsonl)")
+    ctx.multiparam = d.multiparam_prep
+    ctx.say(f"multi-parametric data: {st.patients} brain studies (T1, T2, FLAIR, DWI; {1 - st.p_complete:.0%} with "
+            f"sequences missing) + prep onto one grid per study in {time.perf_counter() - t0:.1f} s -> "
+            f"{d.multiparam_prep}")
 
 
 def prepared_stage(ctx: Context, st) -> None:
@@ -221,7 +248,7 @@ def report_stage(ctx: Context, st) -> None:
     print(f"wrote {report.build(ctx.workdir)} (open it in a browser)")
 
 
-STAGES: dict[str, Callable] = {"data": data_stage, "prepared": prepared_stage, "mesh_check": mesh_check_stage, "train": train_stage,
+STAGES: dict[str, Callable] = {"data": data_stage, "multiparam_data": multiparam_data_stage, "prepared": prepared_stage, "mesh_check": mesh_check_stage, "train": train_stage,
                                "ladder": ladder_stage, "eval": eval_stage, "report": report_stage}
 
 

@@ -402,9 +402,65 @@ def caption_section(workdir: str) -> str:
     return "\n".join(out)
 
 
+def multiparam_section(workdir: str) -> str:
+    """Multi-parametric findings by the sequences present (``eval/multiparam.json``): mean test
+    AUROC per number of sequences and per subset for each encoder, the issue's criteria, and a
+    figure of the pretraining views (masked inputs, reconstructions, templates)."""
+    r = _load_result(workdir, "multiparam")
+    if not isinstance(r, dict) or not r.get("rows"):
+        return ""
+    seqs = r["sequences"]
+    names = list(next(iter(r["rows"].values()))["subsets"])
+    out = ["<h2>Multi-parametric MRI: findings by the sequences present</h2>",
+           f'<p class="note">Frozen encoders, a logistic probe per finding ({html.escape(", ".join(r["findings"]))}) '
+           f'trained on {r["studies"]["train"]} training studies under random missing-sequence patterns (penalty on '
+           f'the val split), scored on the {r["studies"]["test_complete"]} complete test studies with only the named '
+           "sequences given: mean AUROC over the findings. mask: absent sequences' tokens absent; template: absent "
+           "sequences replaced by the run's learnt templates; late: the single-sequence encoder on each sequence "
+           "alone, features averaged.</p>"]
+    sizes = list(range(1, len(seqs) + 1))
+    rows = [[name] + [f"{row['by_size'].get(str(k), row['by_size'].get(k, float('nan'))):.3f}" for k in sizes]
+            for name, row in r["rows"].items()]
+    out.append(_table(["encoder"] + [f"{k} sequence{'s' if k > 1 else ''} (mean)" for k in sizes], rows))
+    rows = [[n] + [f"{row['subsets'][n]['auroc']:.3f}" for row in r["rows"].values()] for n in names]
+    out.append(_table(["sequences present"] + list(r["rows"]), rows))
+    c = r.get("criteria")
+    if c:
+        out.append(f'<p>All sequences {c["all_sequences"]:.3f} against the best single-sequence encoder '
+                   f'({html.escape(c["best_single_sequence"])}) {c["best_single"]:.3f}: '
+                   f'{"beats it" if c["beats_best_single"] else "does not beat it"}. Above that single score with k '
+                   "sequences: " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in c["above_best_single_by_size"].items())
+                   + "</p>")
+    ex = os.path.join(layout.PipelineDir(workdir).arrays("multiparam"), "examples.npz")
+    if os.path.exists(ex):
+        plt = _pyplot()
+        z = np.load(ex)
+        n, s = len(z["target"]), len(z["templates"])
+        cols = max(6, s)
+        fig, axes = plt.subplots(n + 1, cols, figsize=(2 * cols, 2 * (n + 1)))
+        titles = ("target", "masked blocks", "template-filled", "its reconstruction", "cross-filled", "its reconstruction")
+        for i in range(n):
+            for j, key in enumerate(("target", "mask", "v1", "recon1", "v2", "recon2")):
+                axes[i, j].imshow(np.rot90(z[key][i]), cmap="gray", vmin=0, vmax=1)
+                axes[i, j].set_title(f"{titles[j]} ({seqs[int(z['t'][i])]})" if j == 0 else titles[j], fontsize=8)
+            for j in range(6, cols):
+                axes[i, j].axis("off")
+        for j in range(cols):
+            ax = axes[n, j]
+            if j < s:
+                ax.imshow(np.rot90(z["templates"][j]), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(f"template {seqs[j]}", fontsize=8)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        out.append(_png(fig))
+    return "\n".join(out)
+
+
 # Evaluator name (its eval/<name>.json) -> section, in page order.
 SECTIONS = {"ladder": ladder_section, "retrieval": retrieval, "rerank": rerank_section, "probes": probes_section, "zeroshot": zeroshot_section,
-            "localisation": localisation_section, "segmentation": segmentation_section, "caption": caption_section}
+            "localisation": localisation_section, "segmentation": segmentation_section, "caption": caption_section,
+            "multiparam": multiparam_section}
 
 
 def build(workdir: str, out: str | None = None) -> str:

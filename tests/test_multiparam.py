@@ -135,7 +135,7 @@ def _cfg(context="all"):
     c.data = {"sequences": ("T1", "T2", "FLAIR", "DWI"), "size": (16, 16, 16), "batch_size": 8}
     c.model = {"vit": dict(dim=32, depth=2, heads=4, mlp_dim=64, patch_size=(8, 8, 8), img_size=(16, 16, 16)),
                "proj_dim": 16, "decoder_hidden": 0}
-    c.pretrain = {"context": context, "block": 8, "mask_ratio": 0.5, "loss_on": "masked", "template_weight": 10.0,
+    c.pretrain = {"context": context, "block": 8, "mask_ratio": 0.5, "loss_on": "masked", "residual": False, "template_weight": 10.0,
                   "cross_weight": 1.0, "contrastive_weight": 1.0, "temperature": 0.1, "contrastive_start": 0,
                   "templates": "fit"}
     c.optim = {"lr": 3e-3, "warmup_steps": 1, "total_steps": 20, "weight_decay": 0.0, "clip_norm": 1.0,

@@ -352,3 +352,207 @@ def to_global(batch: dict, mesh, rules=None):
     rules = rules or sh.DEFAULT_RULES
     return {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v), rules), np.asarray(v))
             for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-parametric studies (issue 22): a study's co-registered series as the channels of one volume
+
+
+def _text(v) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def study_index(source, sequences) -> list[tuple[str, dict[str, int]]]:
+    """``[(study_id, {sequence: record index})]`` of ``source``, studies in the order of their
+    first record, each dict in ``sequences``' order (a metadata-only pass, as
+    :func:`_first_series_per_study`). Series whose ``sequence`` is not one of ``sequences`` are
+    left out (and a study with none of them); of two series of one study with the same sequence
+    the first record is kept, so the index is a function of the records' order."""
+    wanted = tuple(sequences)
+    found: dict[str, dict[str, int]] = {}
+    for i in range(len(source)):
+        ex = source[i]
+        seq = _text(ex["sequence"])
+        if seq in wanted:
+            found.setdefault(_text(ex["study_id"]), {}).setdefault(seq, i)
+    return [(study, {s: m[s] for s in wanted if s in m}) for study, m in found.items()]
+
+
+class StudySource:
+    """A random-access source of studies over a source of series (picklable, for worker
+    processes): item ``i`` is study ``index[i]`` (default: :func:`study_index`) with its series
+    stacked as channels in ``sequences``' order:
+
+    ``image`` (X, Y, Z, S) in the stored dtype (float16), an absent sequence's channel exactly 0;
+    ``present`` (S,) bool; ``label`` (X, Y, Z) uint8, 1 where any present series' label map is
+    non-zero (series without one add nothing); and the metadata of the first present series as
+    :class:`T.Decode` gives it (study_id, patient_id, findings, age, sex, report, ...).
+
+    The series must share one voxel grid (shape, and affine within 1e-3 mm), which
+    ``decipher prep --studies resample`` guarantees; a study whose series do not is refused,
+    never silently stacked voxel by voxel across different anatomy."""
+
+    def __init__(self, source, sequences, index=None):
+        self.source, self.sequences = source, tuple(sequences)
+        self.index = study_index(source, self.sequences) if index is None else list(index)
+        self._decode = T.Decode(keep_label=True)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        study, members = self.index[int(i)]
+        if not members:
+            raise ValueError(f"study {study}: none of the sequences {self.sequences} in its index entry")
+        recs = {seq: self.source[int(j)] for seq, j in members.items()}
+        first = next(s for s in self.sequences if s in recs)
+        shape = np.shape(recs[first]["volume"])
+        affine = np.asarray(recs[first]["affine"], np.float64)
+        for seq, ex in recs.items():
+            aff = np.asarray(ex["affine"], np.float64)
+            if np.shape(ex["volume"]) != shape or not np.allclose(aff, affine, atol=1e-3):
+                raise ValueError(
+                    f"study {study}: series {_text(ex['series_id'])} ({seq}, voxel grid {np.shape(ex['volume'])}, "
+                    f"origin {np.round(aff[:3, 3], 2).tolist()}) is not on the grid of series "
+                    f"{_text(recs[first]['series_id'])} ({first}, {shape}, origin "
+                    f"{np.round(affine[:3, 3], 2).tolist()}); a study's series are stacked as channels only on one "
+                    "grid: prepare the data with `decipher prep --studies resample`")
+        meta = None
+        image = np.zeros((*shape, len(self.sequences)), np.asarray(recs[first]["volume"]).dtype)
+        label = np.zeros(shape, np.uint8)
+        present = np.zeros(len(self.sequences), bool)
+        for c, seq in enumerate(self.sequences):
+            if seq not in recs:
+                continue
+            d = self._decode.map(recs[seq])
+            image[..., c] = d["image"][..., 0]
+            present[c] = True
+            if bool(recs[seq]["has_label"]):  # else a 2^3 placeholder (prep.process_row)
+                label |= (d["label"] > 0).astype(np.uint8)
+            if meta is None:
+                meta = {k: v for k, v in d.items() if k not in ("image", "label")}
+        return {**meta, "image": image, "present": present, "label": label}
+
+
+def drop_sequences(present: np.ndarray, u: np.ndarray, drop: float, min_present: int) -> np.ndarray:
+    """``present`` with each sequence dropped where ``u`` (uniform draws, one per sequence) is
+    below ``drop``, then the dropped ones with the largest ``u`` given back until at least
+    ``min_present`` remain (all of them, if fewer were present)."""
+    keep = present & (u >= drop)
+    short = min_present - int(keep.sum())
+    if short > 0:
+        back = np.flatnonzero(present & ~keep)
+        keep[back[np.argsort(-u[back], kind="stable")[:short]]] = True
+    return keep
+
+
+@dataclasses.dataclass
+class FindingTargets(grain.transforms.Map):
+    """``y``: multi-hot float32 over ``findings`` from the record's ``;``-separated findings."""
+
+    findings: tuple[str, ...]
+
+    def map(self, ex):
+        have = set(_text(ex.get("findings", "")).split(";"))
+        return {**ex, "y": np.array([f in have for f in self.findings], np.float32)}
+
+
+@dataclasses.dataclass
+class WithoutLabel(grain.transforms.Map):
+    def map(self, ex):
+        return {k: v for k, v in ex.items() if k != "label"}
+
+
+@dataclasses.dataclass
+class StudyCrop(grain.transforms.RandomMap):
+    """Training view of a study: sequence dropout, then one random-resized crop box and one set
+    of flips shared by every channel and the label map (the series stay co-registered), then
+    intensity augmentation per present channel (each sequence is its own scan with its own
+    scale); absent and dropped channels are zeroed last, so no augmentation makes them non-zero.
+
+    Draws from ``rng`` in a fixed order (S dropout draws, the crop box, 3 flips, then per present
+    channel the intensity draws), so a record's view is a function of (seed, index) and an
+    iterator-state restore continues exactly."""
+
+    size: tuple[int, int, int] = (32, 32, 32)
+    scale: tuple[float, float] = (0.5, 1.0)
+    drop: float = 0.0
+    min_present: int = 1
+    augment: T.Augment = dataclasses.field(default_factory=lambda: T.Augment(noise=0.0))
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # (0,): left-right only (what keeps a template aligned)
+
+    def random_map(self, ex, rng):
+        present = drop_sequences(ex["present"], rng.random(len(ex["present"])), self.drop, self.min_present)
+        crop = T.RandomResizedCrop3D(tuple(self.size), tuple(self.scale))
+        out = dict(ex)
+        if "label" in ex:
+            img, out["label"] = crop(ex["image"], rng, ex["label"])
+        else:
+            img = crop(ex["image"], rng)
+        flips = [ax for ax in range(3) if rng.random() < self.augment.flip_p and ax in self.flip_axes]
+        if flips:
+            img = np.flip(img, flips)
+            if "label" in out:
+                out["label"] = np.ascontiguousarray(np.flip(out["label"], flips))
+        aug = dataclasses.replace(self.augment, flip_p=0.0)  # the flips are shared, drawn above
+        image = np.zeros(img.shape, np.float32)
+        for c in np.flatnonzero(present):
+            image[..., c] = aug(img[..., c:c + 1], rng)[..., 0]
+        out["image"], out["present"] = image, present
+        return out
+
+
+@dataclasses.dataclass
+class StudyResize(grain.transforms.Map):
+    """Evaluation view of a study: the whole volume resized (:class:`T.Resize`: trilinear image,
+    nearest label map), absent channels zero."""
+
+    size: tuple[int, int, int] = (32, 32, 32)
+
+    def map(self, ex):
+        out = T.Resize(tuple(self.size)).map(ex)
+        image = np.asarray(out["image"], np.float32)
+        image[..., ~ex["present"]] = 0.0  # a fresh float32 array (T.Resize copies), never the record's
+        out["image"] = image
+        return out
+
+
+def studies(source, cfg: LoaderConfig, size, sequences=None, *, train: bool, findings=(), keep_label: bool = False,
+            drop: float = 0.0, min_present: int = 1, complete_only: bool = False, scale=(0.5, 1.0),
+            flip_axes=(0, 1, 2), **shard):
+    """Multi-parametric studies (:class:`StudySource`) as batches of
+
+    ``image`` (B, X, Y, Z, S) float32 (S = ``sequences``, default the synthetic corpus's T1, T2,
+    FLAIR, DWI; an absent sequence's channel exactly 0), ``present`` (B, S) bool,
+    ``study_id_hash`` / ``patient_id_hash`` int32 (:class:`ToIds`), ``age``; with ``findings``
+    ``y`` (B, F) float32 multi-hot; with ``keep_label`` ``label`` (B, X, Y, Z) uint8, the union of
+    the present series' lesion maps.
+
+    Training: :class:`StudyCrop` (one crop box for all channels, scale range ``scale``; each
+    present sequence dropped with probability ``drop``, at least ``min_present`` kept: the
+    missing-sequence robustness of BrainMVP); evaluation: the whole volume resized, nothing
+    dropped. ``flip_axes``: the axes training may flip ((0,): left-right only, which keeps an
+    atlas-like template aligned with the anatomy). Studies with fewer than ``min_present`` of ``sequences`` are left out, and with
+    ``complete_only`` every study lacking one of them."""
+    from decipher_jax.data import synthetic
+
+    sequences = tuple(synthetic.SEQUENCES if sequences is None else sequences)
+    if not 1 <= min_present <= len(sequences):
+        raise ValueError(f"studies: min_present={min_present} must be between 1 and the {len(sequences)} sequences "
+                         f"{sequences}")
+    if not 0.0 <= drop <= 1.0:
+        raise ValueError(f"studies: drop={drop} is not a probability in [0, 1]")
+    index = [(s, m) for s, m in study_index(source, sequences)
+             if len(m) >= min_present and (not complete_only or len(m) == len(sequences))]
+    ds, per_host = _base(StudySource(source, sequences, index), cfg, **shard)
+    if findings:
+        ds = ds.map(FindingTargets(tuple(findings)))
+    if not keep_label:
+        ds = ds.map(WithoutLabel())
+    if train:
+        ds = ds.random_map(StudyCrop(tuple(size), tuple(scale), float(drop), int(min_present),
+                                     flip_axes=tuple(int(a) for a in flip_axes)))
+    else:
+        ds = ds.map(StudyResize(tuple(size)))
+    ds = ds.map(ToIds())
+    return _finish(ds.map(DropStrings()), per_host, cfg)

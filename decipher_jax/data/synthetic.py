@@ -14,6 +14,11 @@ thin (:func:`age_fraction`). The reports say so as a radiologist would: a histor
 patient's age and sex, and the degree of atrophy, cartilage or disc thinning among the findings.
 
     manifest = generate_corpus("data/synthetic", n_patients=40, seed=0)
+
+:func:`generate_multiparam_corpus` writes multi-parametric brain studies instead (issue 22): up
+to four sequences per study, each acquired on its own grid, some missing, with findings that
+no single sequence tells apart (a hyperacute infarct seen on DWI only, its timing only with
+FLAIR or T2, a haematoma bright on T1 alone); prepare it with ``decipher prep --studies resample``.
 """
 
 from __future__ import annotations
@@ -62,6 +67,14 @@ TISSUE = {
     # A fractured vertebral body's marrow oedema: dark on T1, and on T2 and FLAIR brighter than
     # the paravertebral fat it sits in (the plain "edema" was level with that fat there).
     "marrow_edema": (0.2, 0.95, 0.95, 0.3),
+    # The multi-parametric corpus (generate_multiparam_corpus). A hyperacute infarct (the first
+    # hours): cytotoxic oedema restricts diffusion, but no free water has gathered yet, so it is
+    # iso on T1 / T2 / FLAIR (between grey and white matter, nearer the white matter it mostly
+    # lies in: within 0.1 of both) and bright on DWI only, as bright as an acute infarct: DWI alone
+    # cannot time it, DWI with FLAIR or T2 can (the DWI-FLAIR mismatch).
+    "hyperacute_infarct": (0.55, 0.5, 0.45, 1.0),
+    # A subacute parenchymal haematoma (methaemoglobin): bright on T1, dark on T2 / FLAIR / DWI.
+    "hemorrhage": (0.95, 0.2, 0.3, 0.15),
 }
 
 # region -> (field of view in mm (x, y, z), findings it can have)
@@ -101,7 +114,12 @@ def age_fraction(age) -> float:
     return float(np.clip((float(age) - 18.0) / 72.0, 0.0, 1.0))
 
 
-def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float = 50) -> list[Ellipsoid]:
+def _brain_anatomy(r: np.random.Generator, age: float = 50) -> list[Ellipsoid]:
+    """The normal head: scalp, skull, CSF, grey and white matter, then the two lateral ventricles
+    (``parts[5:7]``). Two draws (head size, ventricle width), shared by :func:`_brain` and the
+    multi-parametric corpus; factored out of ``_brain`` with its draws in the same order, so
+    ``generate_corpus`` is byte-identical (tests/test_multiparam_data.py checks it against the
+    generator before the factoring)."""
     a = age_fraction(age)
     s = r.uniform(0.92, 1.08)  # head size
     shrink = 1.0 - 0.08 * a  # atrophy: the brain pulls away from the skull, CSF fills the gap
@@ -114,6 +132,18 @@ def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float =
     ]
     vent = 0.8 + 0.6 * a + r.uniform(0.0, 0.2)  # ventricles widen with age (one draw, as before)
     parts += [_e("csf", (sx * 9, 5, 10), np.array([6, 25, 9]) * vent) for sx in (-1, 1)]
+    return parts
+
+
+def _efface_ventricle(parts: list[Ellipsoid], side) -> None:
+    """A mass's effect: the lateral ventricle on its ``side`` (of ``parts[5:7]``) squeezed, in place."""
+    for j, p in enumerate(parts[5:7]):
+        if np.sign(p.center[0]) == side:
+            parts[5 + j] = _e("csf", p.center - np.array([side * 4.0, 0, 0]), p.radii * np.array([0.35, 0.6, 0.6]))
+
+
+def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float = 50) -> list[Ellipsoid]:
+    parts = _brain_anatomy(r, age)
     # Sizes at the evaluation's scale (LESIONS): an infarct 24-44 mm, a mass 20-36 mm inside its
     # oedema (the reports' "surrounding edema"), 1.5x wider; both painted in the lesion mask.
     for f in ("infarct", "mass"):
@@ -127,9 +157,7 @@ def _brain(r: np.random.Generator, findings: set[str], facts: dict, age: float =
             c = (side * r.uniform(*((22, 34) if f == "infarct" else (12, 22))), y, r.uniform(-5, 20))
             radii = np.array([rad, rad * r.uniform(0.8, 1.2), rad])
             if f == "mass":
-                for j, p in enumerate(parts[5:7]):  # the lateral ventricle on the mass's side, effaced
-                    if np.sign(p.center[0]) == side:
-                        parts[5 + j] = _e("csf", p.center - np.array([side * 4.0, 0, 0]), p.radii * np.array([0.35, 0.6, 0.6]))
+                _efface_ventricle(parts, side)  # the lateral ventricle on the mass's side
                 parts.append(_e("edema", c, radii * 1.5, True))
             parts.append(_e(f, c, radii, True))
             facts[f] = {"side": "right" if side > 0 else "left", "lobe": "frontal" if y > 15 else "parietal" if y > -20 else "occipital",
@@ -237,10 +265,12 @@ def scale_body(parts: list[Ellipsoid], facts: dict, scale: float) -> list[Ellips
     return [dataclasses.replace(p, center=p.center * scale, radii=p.radii * scale) for p in parts]
 
 
-def body_scale(sex: str, seed: int, patient: int) -> float:
+def body_scale(sex: str, seed: int, patient: int, stream: tuple[int, ...] = ()) -> float:
     """Men about 6 % larger than women, 2 % spread; its own random stream, so the rest of a
-    patient's draws do not depend on it."""
-    r = np.random.default_rng([seed, patient, 1])
+    patient's draws do not depend on it. ``stream``: entropy appended to that stream's key, so
+    another corpus's patient ``patient`` is not the same size as this one's (``()``: the
+    stream of ``generate_corpus``)."""
+    r = np.random.default_rng([seed, patient, 1, *stream])
     return float((1.06 if sex == "M" else 0.94) * np.exp(0.02 * r.standard_normal()))
 
 
@@ -459,4 +489,278 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
     with open(os.path.join(out_dir, "generator.json"), "w") as f:
         json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "series": len(rows),
                    "version": GENERATOR_VERSION}, f, indent=1)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-parametric brain studies (issue 22)
+#
+# One brain study per patient with up to four co-registered sequences, some missing, each
+# acquired on its own grid (its own plane, obliquity and matrix), and findings designed so that
+# no single sequence tells them all apart (TISSUE):
+#
+#   finding                  T1      T2      FLAIR   DWI
+#   acute infarct            dark    bright  bright  bright
+#   hyperacute infarct       iso     iso     iso     bright   (dwi_flair_mismatch)
+#   subacute haemorrhage     bright  dark    dark    dark
+#   mass (core in oedema)    dark    bright  bright  core bright, oedema grey
+#
+# DWI finds every infarct but cannot time it (acute and hyperacute are equally bright); FLAIR or
+# T2 times it but misses the hyperacute half; T1 alone tells the haemorrhage, which is dark on
+# the other three, from the rest. A study missing its DWI hides its hyperacute infarct: the
+# label (the phantom's truth) stays, the report says what the acquired sequences can show.
+
+MULTIPARAM_FINDINGS = ("infarct", "dwi_flair_mismatch", "hemorrhage", "mass")
+# Prevalence of the drawn findings; ``dwi_flair_mismatch`` labels the hyperacute share of the infarcts.
+MULTIPARAM_P = {"infarct": 0.5, "hemorrhage": 0.4, "mass": 0.4}
+HYPERACUTE_P = 0.5
+# Radii (mm): the infarct and the mass as generate_corpus draws them (LESIONS), a haematoma 24-40 mm
+# across: at the evaluation's 32^3 over the brain's field of view (~5.6 mm voxels) at least ~40 voxels.
+MULTIPARAM_LESIONS = {"infarct": LESIONS["infarct"], "mass": LESIONS["mass"], "hemorrhage": (12.0, 20.0)}
+MULTIPARAM_VERSION = 1
+_MP_STREAM = 22  # the first word of every random stream of this corpus: none is one of generate_corpus's
+# Unit directions (the 26 neighbours' of a voxel) at which a lesion's outline is tested against the brain's.
+_DIRS = np.array([d for d in np.ndindex(3, 3, 3) if d != (1, 1, 1)], float) - 1.0
+_DIRS /= np.linalg.norm(_DIRS, axis=1, keepdims=True)
+
+
+def _lobe(y: float) -> str:
+    return "frontal" if y > 15 else "parietal" if y > -20 else "occipital"
+
+
+def _draw_lesion(r: np.random.Generator, finding: str):
+    """One candidate site of ``finding``: (side, centre, radii, outer radii: the oedema's for a mass).
+    Five draws, whatever the finding. An infarct sits in a cortical territory, a mass deep beside
+    the ventricle it effaces (as in ``_brain``), a haematoma lobar or deep (basal ganglia)."""
+    side = int(r.choice([-1, 1]))
+    rad = r.uniform(*MULTIPARAM_LESIONS[finding])
+    x = {"infarct": (22, 34), "mass": (12, 22), "hemorrhage": (14, 36)}[finding]
+    c = np.array([side * r.uniform(*x), r.uniform(-45, 45), r.uniform(-5, 20)])
+    radii = np.array([rad, rad * r.uniform(0.8, 1.2), rad])
+    return side, c, radii, radii * (1.5 if finding == "mass" else 1.0)
+
+
+def _lesion_site(r: np.random.Generator, finding: str, brain: Ellipsoid, placed: list, tries: int = 24):
+    """The first of up to ``tries`` candidate sites (:func:`_draw_lesion`) whose outline lies in
+    the brain and clear of every lesion already ``placed`` ((centre, outer radius) pairs), else the
+    candidate nearest to that: deterministic in the stream, and lesions do not paint over each
+    other (so a haematoma is never read as part of an infarct's mask) in all but crowded brains."""
+    best, best_score = None, -np.inf
+    for _ in range(tries):
+        cand = _draw_lesion(r, finding)
+        _, c, _, outer = cand
+        d = (c + _DIRS * outer - brain.center) / brain.radii
+        score = min([1.0 / np.sqrt(np.einsum("ij,ij->i", d, d).max())]
+                    + [np.linalg.norm(c - pc) / (outer.max() + po) for pc, po in placed])
+        if score >= 1.0:
+            return cand
+        if score > best_score:
+            best, best_score = cand, score
+    return best
+
+
+def multiparam_brain(r: np.random.Generator, age: float = 50) -> tuple[list[Ellipsoid], set[str], dict]:
+    """A head with the multi-parametric findings: (parts, findings, facts). ``facts``: side,
+    lobe and size_mm per finding (and the infarct's stage, "acute" or "hyperacute"). The
+    findings are drawn first (a fixed number of draws), then the anatomy, then the sites, the
+    largest lesion first."""
+    has = {f: r.random() < p for f, p in MULTIPARAM_P.items()}
+    hyperacute = r.random() < HYPERACUTE_P
+    parts = _brain_anatomy(r, age)
+    brain = parts[3]  # the grey matter's outline
+    findings: set[str] = set()
+    facts: dict = {}
+    placed: list = []
+    for f in ("mass", "infarct", "hemorrhage"):
+        if not has[f]:
+            continue
+        side, c, radii, outer = _lesion_site(r, f, brain, placed)
+        placed.append((c, outer.max()))
+        if f == "mass":
+            _efface_ventricle(parts, side)
+            parts.append(_e("edema", c, outer, True))
+        tissue = "hyperacute_infarct" if f == "infarct" and hyperacute else f
+        parts.append(_e(tissue, c, radii, True))
+        findings.add(f)
+        facts[f] = {"side": "right" if side > 0 else "left", "lobe": _lobe(c[1]), "size_mm": int(round(2 * radii[0]))}
+        if f == "infarct":
+            facts[f]["stage"] = "hyperacute" if hyperacute else "acute"
+            if hyperacute:
+                findings.add("dwi_flair_mismatch")
+                facts["dwi_flair_mismatch"] = dict(facts[f])  # a copy: scale_body scales each once
+    return parts, findings, facts
+
+
+def _acquired(r: np.random.Generator, p_complete: float) -> list[str]:
+    """The study's sequences: all of SEQUENCES with probability ``p_complete``, else 1 or 2 of
+    them missing, chosen at random (three draws either way)."""
+    complete = r.random() < p_complete
+    missing = set(r.choice(len(SEQUENCES), int(r.integers(1, 3)), replace=False).tolist())
+    return [s for i, s in enumerate(SEQUENCES) if complete or i not in missing]
+
+
+# Reports of the multi-parametric studies: what the acquired sequences show, in the words of a
+# neuroradiologist (their own tables: _POS / _NEG word the single-contrast corpus).
+_MP_WHY = ["sudden weakness", "acute speech disturbance", "sudden severe headache", "new confusion",
+           "a first seizure", "follow-up"]
+_MP_SIGNAL = {  # a finding's appearance per sequence, as the sentences name it
+    "infarct": {"T1": "T1 hypointensity", "T2": "T2 hyperintensity", "FLAIR": "FLAIR hyperintensity",
+                "DWI": "restricted diffusion"},
+    "hemorrhage": {"T1": "T1 hyperintensity", "T2": "T2 hypointensity", "FLAIR": "low FLAIR signal",
+                   "DWI": "low diffusion signal"},
+}
+_MP_POS = {
+    "acute": ["{Signals} in the {side} {lobe} lobe, {size_mm} mm, consistent with an acute infarct.",
+              "Acute ischemic infarct in the {side} {lobe} lobe ({signals}), measuring {size_mm} mm.",
+              "There is {signals} in the {side} {lobe} territory, in keeping with acute infarction."],
+    "mismatch": ["Restricted diffusion in the {side} {lobe} lobe without corresponding {fluid} signal change "
+                 "(DWI-FLAIR mismatch), consistent with a hyperacute infarct.",
+                 "Hyperacute infarct in the {side} {lobe} lobe, {size_mm} mm: restricted diffusion with no {fluid} "
+                 "abnormality yet, suggesting onset within about 4.5 hours.",
+                 "A {size_mm} mm focus of restricted diffusion in the {side} {lobe} lobe is not yet visible on {fluid} "
+                 "(DWI-FLAIR mismatch): a hyperacute infarct."],
+    "undated": ["Restricted diffusion in the {side} {lobe} lobe, {size_mm} mm, consistent with an acute infarct; "
+                "without FLAIR or T2 its age cannot be assessed.",
+                "Acute infarct of the {side} {lobe} lobe on diffusion imaging; no T2-weighted sequence was acquired "
+                "to time it."],
+    "hemorrhage": ["A {size_mm} mm parenchymal hematoma in the {side} {lobe} lobe ({signals}), consistent with "
+                   "subacute hemorrhage.",
+                   "Subacute intraparenchymal hemorrhage in the {side} {lobe} lobe measuring {size_mm} mm.",
+                   "There is a {size_mm} mm hematoma of the {side} {lobe} lobe with {signals}."],
+    "mass": ["A {size_mm} mm mass in the {side} {lobe} lobe with surrounding edema, effacing the {side} lateral "
+             "ventricle.",
+             "Heterogeneous intra-axial lesion in the {side} {lobe} lobe with vasogenic edema and mass effect on the "
+             "{side} lateral ventricle, suspicious for neoplasm.",
+             "There is a space-occupying lesion of the {side} {lobe} lobe measuring {size_mm} mm with perilesional "
+             "edema."],
+}
+_MP_NEG = {
+    "infarct": ["No restricted diffusion to suggest acute infarct.", "No acute infarct.",
+                "There is no acute ischemic stroke."],
+    # Without DWI a hyperacute infarct is not seen: the same words as no infarct, so that the
+    # report says nothing the images do not.
+    "infarct_no_dwi": ["No established infarct.", "No signal abnormality to suggest an established infarct."],
+    "hemorrhage": ["No intracranial hemorrhage.", "No evidence of hemorrhage.", "No blood products."],
+    "mass": ["No intracranial mass.", "No mass effect or midline shift.", "No space-occupying lesion is identified."],
+}
+_MP_NO_DWI = ["Diffusion-weighted imaging was not acquired; a hyperacute infarct cannot be excluded.",
+              "No DWI in this study: an early infarct would not be seen."]
+_MP_NORMAL = ["No extra-axial collection.", "The major intracranial flow voids are preserved."]
+_MP_IMPRESSION = {
+    "acute": "Acute {side} {lobe} infarct.", "mismatch": "Hyperacute {side} {lobe} infarct with DWI-FLAIR mismatch.",
+    "undated": "Acute {side} {lobe} infarct, age indeterminate.",
+    "hemorrhage": "Subacute {side} {lobe} parenchymal hemorrhage.",
+    "mass": "{side} {lobe} mass with edema, suspicious for neoplasm.",
+}
+_MP_IMPRESSION_NORMAL = ["No acute intracranial abnormality.", "Normal study.", "Unremarkable examination."]
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def write_multiparam_report(r: np.random.Generator, sequences, findings: set[str], facts: dict, age, sex: str) -> str:
+    """A multi-parametric brain report: examination, history, technique (the acquired sequences),
+    findings and impression, stating each finding as the acquired sequences show it. An infarct
+    that none of them shows (a hyperacute one without DWI) is worded as no infarct; its timing is
+    stated only when DWI and FLAIR or T2 were acquired; a study without DWI says that an early
+    infarct cannot be excluded."""
+    seqs = [s for s in SEQUENCES if s in sequences]
+    noun = {"M": ["man", "male"], "F": ["woman", "female"]}.get(sex, ["patient"])
+    why = str(r.choice(_MP_WHY))
+    form = str(r.choice(_HISTORY))
+    history = form.format(age=int(age), noun=str(r.choice(noun)), why=why, Why=why[0].upper() + why[1:])
+    lines = ["EXAMINATION: MRI brain.", history,
+             f"TECHNIQUE: {', '.join(seqs)} sequences.", "", "FINDINGS:"]
+    sentences = [str(r.choice(_AGEING["brain"][int(np.searchsorted([0.35, 0.7], age_fraction(age)))]))]
+    shown = []  # (kind, facts) of what the report states, for the impression
+    dwi, fluid = "DWI" in seqs, [s for s in ("FLAIR", "T2") if s in seqs]
+    if "infarct" in findings and (facts["infarct"]["stage"] == "acute" or dwi):
+        if facts["infarct"]["stage"] == "acute":
+            kind = "acute"
+        else:
+            kind = "mismatch" if fluid else "undated"
+        shown.append((kind, facts["infarct"]))
+    elif r.random() < 0.8:
+        sentences.append(str(r.choice(_MP_NEG["infarct" if dwi else "infarct_no_dwi"])))
+    if not dwi:
+        sentences.append(str(r.choice(_MP_NO_DWI)))
+    for f in ("hemorrhage", "mass"):
+        if f in findings:
+            shown.append((f, facts[f]))
+        elif r.random() < 0.8:
+            sentences.append(str(r.choice(_MP_NEG[f])))
+    for kind, fx in shown:
+        signals = _and([_MP_SIGNAL["hemorrhage" if kind == "hemorrhage" else "infarct"][s] for s in seqs])
+        t = str(r.choice(_MP_POS[kind])).format(signals=signals, Signals=signals[0].upper() + signals[1:],
+                                                fluid=fluid[0] if fluid else "", **fx)
+        sentences.append(t[0].upper() + t[1:])
+    sentences += [s for s in _MP_NORMAL if r.random() < 0.6]
+    order = r.permutation(len(sentences))
+    lines += [" ".join(sentences[i] for i in order), "", "IMPRESSION:"]
+    imp = [_MP_IMPRESSION[k].format(**fx) for k, fx in shown]
+    lines.append(" ".join(t[0].upper() + t[1:] for t in imp) if imp else str(r.choice(_MP_IMPRESSION_NORMAL)))
+    return "\n".join(lines) + "\n"
+
+
+def generate_multiparam_corpus(out_dir: str, n_patients: int = 60, seed: int = 0, matrix: int = 40,
+                               p_complete: float = 0.5, noise: float = 0.03) -> str:
+    """Writes multi-parametric brain studies under ``out_dir``; returns the manifest CSV.
+
+    One study per patient (``M{p:04d}_S0``), findings of :data:`MULTIPARAM_FINDINGS` (see the
+    table above) with a lesion mask per series. All four sequences with probability
+    ``p_complete``, else two or three. Each series is its own acquisition: its own random
+    orientation, obliquity and matrix (``random_affine``, the shape rule of ``generate_corpus``),
+    so the series of a study share the anatomy's world coordinates but not a voxel grid;
+    ``decipher prep --studies resample`` puts them on one. Bias field, Rician noise and scanner
+    scale as ``generate_corpus``. Manifest rows and paths as ``generate_corpus`` writes them,
+    and ``multiparam.json`` beside the manifest.
+
+    Deterministic in ``seed``, and independent of ``generate_corpus``'s streams (every stream
+    here starts with 22). Per patient: ``[22, seed, p]`` draws the patient, the findings, the
+    anatomy and the sequences; ``[.., 1]`` the report; ``[.., 2]`` the series descriptions;
+    ``[.., 3, k]`` the geometry and noise of sequence ``SEQUENCES[k]``, so a series is the same
+    whichever other series its study has (e.g. for another ``p_complete``).
+    """
+    if not 0.0 <= p_complete <= 1.0:
+        raise ValueError(f"generate_multiparam_corpus: p_complete={p_complete} is not a probability in [0, 1]")
+    os.makedirs(out_dir, exist_ok=True)
+    fov = REGIONS["brain"][0]
+    rows, complete = [], 0
+    rel = lambda f: os.path.relpath(f, out_dir)  # noqa: E731 - the corpus folder can be moved
+    for p in range(n_patients):
+        key = [_MP_STREAM, seed, p]
+        r = np.random.default_rng(key)
+        age = int(r.integers(18, 90))
+        sex = str(r.choice(["M", "F"]))
+        parts, findings, facts = multiparam_brain(r, age)
+        parts = scale_body(parts, facts, body_scale(sex, seed, p, stream=(_MP_STREAM,)))
+        seqs = _acquired(r, p_complete)
+        complete += len(seqs) == len(SEQUENCES)
+        study, patient = f"M{p:04d}_S0", f"M{p:04d}"
+        report = write_multiparam_report(np.random.default_rng(key + [1]), seqs, findings, facts, age, sex)
+        rep_file = os.path.join(out_dir, f"{study}_report.txt")
+        with open(rep_file, "w") as f:
+            f.write(report)
+        rd = np.random.default_rng(key + [2])
+        for seq in seqs:
+            rs = np.random.default_rng(key + [3, SEQUENCES.index(seq)])
+            shape = (matrix, matrix, max(16, int(matrix * rs.uniform(0.5, 0.8))))
+            aff, vox_shape = random_affine(rs, fov, shape)
+            img, mask, xyz = render(parts, aff, vox_shape, seq)
+            img = bias_and_noise(rs, img, xyz, noise) * float(rs.uniform(200, 3000))  # arbitrary scanner units
+            sid = f"{study}_{seq}"
+            ipath = os.path.join(out_dir, f"{sid}.nii.gz")
+            lpath = os.path.join(out_dir, f"{sid}_mask.nii.gz")
+            nib.save(nib.Nifti1Image(img.astype(np.float32), aff), ipath)
+            nib.save(nib.Nifti1Image(mask, aff), lpath)
+            rows.append({"series_id": sid, "study_id": study, "patient_id": patient, "image": rel(ipath),
+                         "label": rel(lpath), "report_file": rel(rep_file),
+                         "series_description": series_description(rd, "brain", seq), "sequence": seq,
+                         "body_region": "brain", "age": age, "sex": sex, "findings": ";".join(sorted(findings))})
+    manifest = manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)
+    with open(os.path.join(out_dir, "multiparam.json"), "w") as f:
+        json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "p_complete": p_complete, "noise": noise,
+                   "series": len(rows), "complete_studies": complete, "findings": list(MULTIPARAM_FINDINGS),
+                   "version": MULTIPARAM_VERSION}, f, indent=1)
     return manifest

@@ -591,3 +591,34 @@ class Ladder(Evaluator):
                 lines.append(f"    {r['rung']} @ {r['fraction']:g} labels: {r['score']:.3f} "
                              f"[{r['lo']:.3f}, {r['hi']:.3f}]")
         return lines
+
+
+@register
+class MultiParam(Evaluator):
+    """Findings from multi-parametric studies by the sequences present
+    (:mod:`decipher_jax.eval.multiparam`): the multi-sequence run ``runs["multiparam"]`` (absent
+    sequences masked, or filled with its templates), the single-sequence run
+    ``runs["multiparam_single"]`` and a random-init floor, each frozen with logistic probes, on
+    every subset of sequences of the complete test studies. ``data``: the multi-parametric
+    records ("" = the multiparam run's ``data.dir``)."""
+
+    name = "multiparam"
+
+    @classmethod
+    def defaults(cls):
+        return {"data": "", "findings": ("infarct", "dwi_flair_mismatch", "hemorrhage", "mass"), "copies": 4}
+
+    def run(self, ctx):
+        from decipher_jax.eval import multiparam
+
+        runs = {"multi-sequence": ctx.runs.get("multiparam", ""), "single-sequence": ctx.runs.get("multiparam_single", "")}
+        runs = {k: v for k, v in runs.items() if v and os.path.isdir(v)}
+        if not runs:
+            raise MissingSplit("no multiparam run to evaluate (runs.multiparam, runs.multiparam_single)")
+        return multiparam.evaluate(runs, self.settings["data"], tuple(self.settings["findings"]), random=ctx.random,
+                                   copies=self.settings["copies"], mesh=None, arrays=ctx.dir.arrays(self.name))
+
+    def summary(self, r, ctx):
+        from decipher_jax.eval import multiparam
+
+        return multiparam.summary(r)

@@ -17,7 +17,9 @@ encoders) runs only when named.
 import ml_collections as mlc
 
 ALL = ("retrieval", "zeroshot", "localisation", "rerank", "probes", "ladder", "segmentation")
-OPTIONAL = ("sweep",)  # only when named: a probe sweep over the runs' encoders (evals.sweep.sweep: its file)
+# Only when named: a probe sweep over the runs' encoders (evals.sweep.sweep: its file); the
+# multi-parametric findings by sequences present (runs.multiparam, runs.multiparam_single).
+OPTIONAL = ("sweep", "multiparam")
 
 
 def get_config(arg=None):
@@ -28,7 +30,8 @@ def get_config(arg=None):
     if unknown:
         raise ValueError(f"unknown evaluators {sorted(unknown)}; known: {list(ALL + OPTIONAL)}")
     c = mlc.ConfigDict()
-    c.runs = {"align": "{workdir}/stage2", "ssl_teacher": "{workdir}/stage1_vision"}
+    c.runs = {"align": "{workdir}/stage2", "ssl_teacher": "{workdir}/stage1_vision",
+              "multiparam": "{workdir}/multiparam", "multiparam_single": "{workdir}/multiparam_single"}
     c.random = True  # a random-init encoder of the same architecture: every score's floor
     c.data = ""
     c.mesh = {"data": -1}
@@ -45,6 +48,7 @@ def get_config(arg=None):
         "segmentation": {"encoders": ("align", "random"), "steps": 10 if tiny else 150, "batch": 4,
                          "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,)},
         "sweep": {"sweep": "experiments/sweeps/probes.py"},
+        "multiparam": {"copies": 4},
     }
     c.evals = {k: evals[k] for k in ALL + OPTIONAL if k in keep}
     c.order = tuple(k for k in ALL + OPTIONAL if k in keep)  # a ConfigDict sorts its keys: the run order

@@ -50,6 +50,7 @@ def get_config(arg=None):
     c.data.size = (32, 32, 32) if tiny else (96, 96, 96)
     # The whole study, resized (the templates live on this grid; a crop would misalign them).
     c.data.crop_scale = (1.0, 1.0)
+    c.data.flip_axes = (0,)  # left-right flips only, for the same reason
     c.data.drop = 0.25  # each present sequence dropped with this probability (at least one kept)
 
     c.model = mlc.ConfigDict()
@@ -65,6 +66,9 @@ def get_config(arg=None):
     c.pretrain.block = 8 if tiny else 16
     c.pretrain.mask_ratio = 0.8
     c.pretrain.loss_on = "masked"
+    # The decoder predicts the correction to its input view (output = view + decoder), so it starts
+    # from copying the fill; BrainMVP predicts the voxels outright.
+    c.pretrain.residual = True
     c.pretrain.template_weight = 10.0
     c.pretrain.cross_weight = 1.0
     c.pretrain.contrastive_weight = 0.0 if "nocon" in opts else 1.0
@@ -76,6 +80,7 @@ def get_config(arg=None):
     if "brainmvp" in opts:
         c.pretrain.temperature = 1.0
         c.pretrain.loss_on = "all"
+        c.pretrain.residual = False
         c.pretrain.contrastive_start = int(c.steps * 2 / 3)
         c.pretrain.templates = "reconstruction"
 
