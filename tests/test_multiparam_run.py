@@ -103,3 +103,12 @@ def test_the_late_fusion_of_one_sequence_is_that_sequence_alone():
     alone = [mask.features(x, np.broadcast_to(np.arange(4) == j, p.shape)) for j in range(4)]
     np.testing.assert_allclose(f[0], (alone[0][0] + alone[2][0]) / 2, atol=1e-5)
     np.testing.assert_allclose(f[1], alone[3][1], atol=1e-5)
+
+
+def test_demo_full_adds_the_multiparam_stages_and_the_plain_demo_does_not():
+    from decipher_jax import demo
+
+    full, plain = demo.config(full=True), demo.config()
+    assert full.order[-5:] == ("multiparam_data", "multiparam", "multiparam_single", "multiparam_eval", "report")
+    assert full.order[:-5] == plain.order[:-1] and not any(s.startswith("multiparam") for s in plain.order)
+    assert full.stages.multiparam_eval.config == "eval.py:multiparam"
