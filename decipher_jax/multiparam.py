@@ -102,14 +102,30 @@ def reconstruct(model, x, present, view, t, context: str, residual: bool = False
     return (pred + view.astype(pred.dtype) if residual else pred), out
 
 
+def view_contexts(key, present, t, drop: float):
+    """The sequences each of the two views shows beside its target ``t`` (``context = "all"``):
+    each other present sequence dropped with probability ``drop``, independently per view. With
+    ``drop`` > 0 the two views of a study show different subsets, so the contrastive term asks
+    the study representation to be the same whichever sequences are present (the robustness a
+    missing-sequence encoder needs); at 0 both views show the whole study and differ only in
+    the target's masked fill (BrainMVP's)."""
+    if not drop:
+        return present, present
+    onehot = jnp.arange(present.shape[1])[None] == t[:, None]
+    k1, k2 = jax.random.split(key)
+    keep = lambda k: present & ((jax.random.uniform(k, present.shape) >= drop) | onehot)  # noqa: E731
+    return keep(k1), keep(k2)
+
+
 def terms(model, batch, key, c, valid=None):
     """Everything a step or an evaluation reads: the losses and the fills' baselines, each a
     mean over the masked voxels (``loss_on``: or all voxels) of the rows ``valid``."""
     x, present = batch["image"], batch["present"].astype(bool)
     v = views(x, present, model.templates[...], key, block=c.block, ratio=c.mask_ratio,
               fit_templates=c.templates == "fit")
-    pred1, out1 = reconstruct(model, x, present, v["v1"], v["t"], c.context, c.residual)
-    pred2, out2 = reconstruct(model, x, present, v["v2"], v["t"], c.context, c.residual)
+    p1, p2 = view_contexts(jax.random.fold_in(key, 7), present, v["t"], c.get("view_drop", 0.0))
+    pred1, out1 = reconstruct(model, x, p1, v["v1"], v["t"], c.context, c.residual)
+    pred2, out2 = reconstruct(model, x, p2, v["v2"], v["t"], c.context, c.residual)
     rows = jnp.ones(x.shape[:1], bool) if valid is None else valid.astype(bool)
     w = v["mask"] if c.loss_on == "masked" else jnp.ones_like(v["mask"])
     w = w & rows[:, None, None, None]

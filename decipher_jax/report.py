@@ -416,18 +416,18 @@ def multiparam_section(workdir: str) -> str:
            f'trained on {r["studies"]["train"]} training studies under random missing-sequence patterns (penalty on '
            f'the val split), scored on the {r["studies"]["test_complete"]} complete test studies with only the named '
            "sequences given: mean AUROC over the findings. mask: absent sequences' tokens absent; template: absent "
-           "sequences replaced by the run's learnt templates; late: the single-sequence encoder on each sequence "
-           "alone, features averaged.</p>"]
+           "sequences replaced by the run's learnt templates; late: each sequence encoded alone. study pool: the CLS "
+           "token and the present tokens' mean and max; sequence pool: the CLS token and each sequence's own mean "
+           "and max, side by side (zeros for an absent one).</p>"]
     sizes = list(range(1, len(seqs) + 1))
     rows = [[name] + [f"{row['by_size'].get(str(k), row['by_size'].get(k, float('nan'))):.3f}" for k in sizes]
             for name, row in r["rows"].items()]
     out.append(_table(["encoder"] + [f"{k} sequence{'s' if k > 1 else ''} (mean)" for k in sizes], rows))
     rows = [[n] + [f"{row['subsets'][n]['auroc']:.3f}" for row in r["rows"].values()] for n in names]
     out.append(_table(["sequences present"] + list(r["rows"]), rows))
-    c = r.get("criteria")
-    if c:
-        out.append(f'<p>All sequences {c["all_sequences"]:.3f} against the best single-sequence encoder '
-                   f'({html.escape(c["best_single_sequence"])}) {c["best_single"]:.3f}: '
+    for key, c in (r.get("criteria") or {}).items():
+        out.append(f'<p>[{html.escape(key)}] all sequences {c["all_sequences"]:.3f} against the best single-sequence '
+                   f'encoder ({html.escape(c["best_single_sequence"])}) {c["best_single"]:.3f}: '
                    f'{"beats it" if c["beats_best_single"] else "does not beat it"}. Above that single score with k '
                    "sequences: " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in c["above_best_single_by_size"].items())
                    + "</p>")

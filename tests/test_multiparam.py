@@ -235,3 +235,15 @@ def test_model_params_have_templates_on_the_input_grid():
     assert m.templates[...].shape == (4, 16, 16, 16) and float(jnp.abs(m.templates[...]).max()) == 0.0
     with pytest.raises(ValueError, match="in_channels must be 1"):
         MultiSeqConfig(ViTConfig(dim=32, depth=1, heads=4, mlp_dim=32, patch_size=8, img_size=16, in_channels=4))
+
+
+def test_view_contexts_keep_the_target_and_drop_others_per_view():
+    present = jnp.asarray(np.array([[1, 1, 1, 1]] * 64 + [[0, 1, 0, 0]] * 64, bool))
+    t = jnp.asarray(np.array([2] * 64 + [1] * 64))
+    p1, p2 = (np.asarray(a) for a in mp.view_contexts(jax.random.key(0), present, t, 0.5))
+    assert np.all(p1[np.arange(128), np.asarray(t)]) and np.all(p2[np.arange(128), np.asarray(t)])
+    assert not np.any(p1 & ~np.asarray(present)) and not np.any(p2 & ~np.asarray(present))
+    others = np.asarray(present) & (np.arange(4)[None] != np.asarray(t)[:, None])
+    assert 0.35 < p1[others].mean() < 0.65 and (p1 != p2).any()  # about half kept, differently per view
+    q1, q2 = mp.view_contexts(jax.random.key(0), present, t, 0.0)
+    assert np.array_equal(np.asarray(q1), np.asarray(present)) and np.array_equal(np.asarray(q2), np.asarray(present))

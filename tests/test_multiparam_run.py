@@ -69,13 +69,17 @@ def test_train_resume_heldout_and_evaluation(prepared, tmp_path):
     mp.train(_cfg(prepared, "single", steps=6), single)
     out = str(tmp_path / "eval")
     r = mpe.evaluate({"multi-sequence": w, "single-sequence": single}, "", ("infarct", "hemorrhage", "mass"),
-                     copies=1, arrays=os.path.join(out, "eval", "multiparam"))
-    assert set(r["rows"]) == {"multi-sequence (mask)", "multi-sequence (template)", "single-sequence (late)",
-                              "random init (mask)"}
+                     copies=1, arrays=os.path.join(out, "eval", "multiparam"), trained_steps=10)
+    assert set(r["rows"]) == {f"{e} ({m}, {p} pool)" for e, m in (("multi-sequence", "mask"), ("multi-sequence", "template"),
+                                                                  ("single-sequence", "late"), ("random init", "mask"),
+                                                                  ("random init", "late")) for p in ("study", "sequence")} | {
+        "supervised (random init, end to end)", "fine-tuned (multi-sequence init)"}
     for row in r["rows"].values():
         assert len(row["subsets"]) == 15 and set(row["by_size"]) == {1, 2, 3, 4}
         assert all(0.0 <= v["auroc"] <= 1.0 for v in row["subsets"].values())
-    c = r["criteria"]
+    assert set(r["criteria"]) == {"mask, study pool", "template, study pool", "mask, sequence pool",
+                                  "template, sequence pool"}
+    c = r["criteria"]["mask, sequence pool"]
     assert c["best_single_sequence"] in synthetic.SEQUENCES and isinstance(c["beats_best_single"], bool)
     assert c["beats_best_single"] == (c["all_sequences"] > c["best_single"])
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
@@ -98,11 +102,22 @@ def test_the_late_fusion_of_one_sequence_is_that_sequence_alone():
     r = np.random.default_rng(0)
     x = r.random((3, 16, 16, 16, 4)).astype(np.float32)
     late, mask = mpe.Encoder(model, params, "late", batch=2), mpe.Encoder(model, params, "mask", batch=2)
+    late_s, mask_s = (mpe.Encoder(model, params, m, batch=2, pool="sequence") for m in ("late", "mask"))
     p = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], bool)
     f = late.features(x, p)
     alone = [mask.features(x, np.broadcast_to(np.arange(4) == j, p.shape)) for j in range(4)]
     np.testing.assert_allclose(f[0], (alone[0][0] + alone[2][0]) / 2, atol=1e-5)
     np.testing.assert_allclose(f[1], alone[3][1], atol=1e-5)
+    # the sequence pool: each sequence's own block, zeros where absent; late = each from its own pass
+    e = 32
+    fs = late_s.features(x, p)
+    a2 = mask_s.features(x, np.broadcast_to(np.arange(4) == 2, p.shape))
+    blk = lambda f, j, k: f[:, e + k * 4 * e + j * e: e + k * 4 * e + (j + 1) * e]  # noqa: E731  k 0: mean, 1: max
+    np.testing.assert_allclose(blk(fs, 2, 0)[0], blk(a2, 2, 0)[0], atol=1e-5)
+    np.testing.assert_allclose(blk(fs, 2, 1)[0], blk(a2, 2, 1)[0], atol=1e-5)
+    assert np.all(blk(fs, 1, 0)[0] == 0) and np.all(blk(fs, 3, 1)[0] == 0)
+    m = mask_s.features(x, p)
+    assert m.shape == (3, e + 8 * e) and np.all(blk(m, 1, 0)[0] == 0) and np.any(blk(m, 0, 0)[0] != 0)
 
 
 def test_demo_full_adds_the_multiparam_stages_and_the_plain_demo_does_not():

@@ -599,14 +599,16 @@ class MultiParam(Evaluator):
     (:mod:`decipher_jax.eval.multiparam`): the multi-sequence run ``runs["multiparam"]`` (absent
     sequences masked, or filled with its templates), the single-sequence run
     ``runs["multiparam_single"]`` and a random-init floor, each frozen with logistic probes, on
-    every subset of sequences of the complete test studies. ``data``: the multi-parametric
-    records ("" = the multiparam run's ``data.dir``)."""
+    every subset of sequences of the complete test studies, beside the same ViT trained end to
+    end on the findings for ``trained_steps`` (0: none) from random init and from the run.
+    ``data``: the multi-parametric records ("" = the multiparam run's ``data.dir``)."""
 
     name = "multiparam"
 
     @classmethod
     def defaults(cls):
-        return {"data": "", "findings": ("infarct", "dwi_flair_mismatch", "hemorrhage", "mass"), "copies": 4}
+        return {"data": "", "findings": ("infarct", "dwi_flair_mismatch", "hemorrhage", "mass"), "copies": 4,
+                "trained_steps": 300}
 
     def run(self, ctx):
         from decipher_jax.eval import multiparam
@@ -616,7 +618,8 @@ class MultiParam(Evaluator):
         if not runs:
             raise MissingSplit("no multiparam run to evaluate (runs.multiparam, runs.multiparam_single)")
         return multiparam.evaluate(runs, self.settings["data"], tuple(self.settings["findings"]), random=ctx.random,
-                                   copies=self.settings["copies"], mesh=None, arrays=ctx.dir.arrays(self.name))
+                                   copies=self.settings["copies"], mesh=None, arrays=ctx.dir.arrays(self.name),
+                                   trained_steps=self.settings["trained_steps"])
 
     def summary(self, r, ctx):
         from decipher_jax.eval import multiparam

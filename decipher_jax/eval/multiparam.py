@@ -3,8 +3,7 @@
     res = multiparam.evaluate({"multi-sequence": "W/multiparam", "single-sequence": "W/multiparam_single"},
                               data="W/multiparam/prep", findings=("infarct", "mass"))
 
-Every encoder is frozen; a logistic probe per finding reads its study features (the CLS token and
-the present patch tokens' mean and max). The probes train on the training studies under random
+Every encoder is frozen; a logistic probe per finding reads its study features. The probes train on the training studies under random
 missing-sequence patterns (each study's native set and ``copies`` draws that keep each present
 sequence with probability 1/2, at least one), choose their penalty on the val split (native and
 one draw), and are scored on the *complete* test studies (every sequence acquired) under each of
@@ -18,8 +17,11 @@ Encoders and how each reads a subset:
 - a single-sequence run (``context = "target"``, BrainMVP's one-channel encoder): each present
   sequence encoded alone and the features averaged (late fusion; one sequence is that encoder
   as it is);
-- ``random``: the multi-sequence architecture at random init (the floor).
-A finding's score on a subset is its test AUROC; the table's cell is the mean over the findings.
+- ``random``: the multi-sequence architecture at random init (the floor), read both ways
+  (absent masked, and late fusion: the late-fusion floor).
+Each is read out two ways (:class:`Encoder`'s ``pool``): the study's tokens pooled together, or
+each sequence's tokens pooled apart and set side by side. A finding's score on a subset is its
+test AUROC; the table's cell is the mean over the findings.
 """
 
 from __future__ import annotations
@@ -79,20 +81,35 @@ def random_drops(present, copies: int, seed: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,) + present.shape[1:], bool)
 
 
-class Encoder:
-    """A frozen multi-sequence encoder: ``features(image, present) -> (n, 3E)`` in batches."""
+POOLS = ("study", "sequence")
 
-    def __init__(self, model, params, mode: str, batch: int = 16):
+
+class Encoder:
+    """A frozen multi-sequence encoder: ``features(image, present)`` in batches.
+
+    ``pool``: ``"study"``, the CLS token and the present patch tokens' mean and max ``(n, 3E)``:
+    which sequence a signal came from is lost in the pooling; ``"sequence"``, the CLS token and
+    each sequence's own token mean and max, concatenated in the vocabulary's order with zeros for
+    an absent one ``(n, E + 2 S E)``: a linear probe can then weigh a bright spot on DWI apart from
+    one on FLAIR (the DWI-FLAIR mismatch is exactly that). Late fusion (``mode = "late"``) encodes
+    each present sequence alone: ``study`` averages their features, ``sequence`` takes each
+    sequence's own pooled tokens from its own pass (and averages the CLS tokens)."""
+
+    def __init__(self, model, params, mode: str, batch: int = 16, pool: str = "study"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.model, self.params, self.mode, self.batch = model, params, mode, batch
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.model, self.params, self.mode, self.batch, self.pool = model, params, mode, batch, pool
 
         def f(params, x, present):
             m = model(params)
             if mode == "template":
                 x, present = fill_missing(x, present, m.templates[...])
             o = m.encoder(x, present)
-            return jnp.concatenate([o["cls"].astype(jnp.float32), o["mean"], o["max"]], -1)
+            patch = o["patch"].astype(jnp.float32)
+            return {"cls": o["cls"].astype(jnp.float32), "mean": o["mean"], "max": o["max"],
+                    "seq_mean": patch.mean(2), "seq_max": patch.max(2)}
 
         self._f = jax.jit(f)
 
@@ -104,18 +121,33 @@ class Encoder:
             if pad:  # one compiled shape
                 x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
                 p = np.concatenate([p, np.ones((pad,) + p.shape[1:], bool)])
-            out.append(np.asarray(self._f(self.params, jnp.asarray(x), jnp.asarray(p)))[: self.batch - pad])
-        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+            o = self._f(self.params, jnp.asarray(x), jnp.asarray(p))
+            out.append({k: np.asarray(v)[: self.batch - pad] for k, v in o.items()})
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]} if out else {}
+
+    def _assemble(self, o, present):
+        if self.pool == "study":
+            return np.concatenate([o["cls"], o["mean"], o["max"]], -1)
+        w = present.astype(np.float32)[:, :, None]
+        n = len(present)
+        return np.concatenate([o["cls"], (o["seq_mean"] * w).reshape(n, -1), (o["seq_max"] * w).reshape(n, -1)], -1)
 
     def features(self, image, present):
         present = np.asarray(present, bool)
         if self.mode != "late":
-            return self._run(image, present)
-        # late fusion: each present sequence alone, the features averaged over the present ones
+            filled = np.ones_like(present) if self.mode == "template" else present
+            return self._assemble(self._run(image, present), filled)
+        # late fusion: each present sequence alone
         s = present.shape[1]
         per = [self._run(image, np.broadcast_to(np.arange(s) == j, present.shape)) for j in range(s)]
         w = present.astype(np.float32)
-        return sum(per[j] * w[:, j:j + 1] for j in range(s)) / np.maximum(w.sum(1, keepdims=True), 1.0)
+        cnt = np.maximum(w.sum(1, keepdims=True), 1.0)
+        if self.pool == "study":
+            feats = [self._assemble(o, present) for o in per]
+            return sum(feats[j] * w[:, j:j + 1] for j in range(s)) / cnt
+        cls = sum(per[j]["cls"] * w[:, j:j + 1] for j in range(s)) / cnt
+        own = {k: np.stack([per[j][k][:, j] for j in range(s)], 1) for k in ("seq_mean", "seq_max")}
+        return self._assemble({"cls": cls, **own}, present)
 
 
 def score_encoder(enc: Encoder, train: dict, val: dict, test: dict, findings, sequences, *, copies: int = 4,
@@ -194,7 +226,7 @@ def examples(model, params, cfg, test: dict, n: int = 3, seed: int = 0) -> dict:
 
 
 def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: int = 4, seed: int = 0,
-             mesh=None, arrays: str = "") -> dict:
+             mesh=None, arrays: str = "", pools=POOLS, trained_steps: int = 0) -> dict:
     """``runs``: ``{"multi-sequence": workdir, "single-sequence": workdir}`` (either may be
     missing); see the module docstring. Returns the table (JSON)."""
     from decipher_jax import multiparam as mp
@@ -217,30 +249,45 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
                              f"from {seqs} {size}")
         modes = ("late",) if c.pretrain.context == "target" else ("mask", "template")
         for mode in modes:
-            rows[f"{name} ({mode})"] = score_encoder(Encoder(model, params, mode), train, val, test, findings, seqs,
-                                                     copies=copies, seed=seed)
+            for pool in pools:
+                rows[f"{name} ({mode}, {pool} pool)"] = score_encoder(Encoder(model, params, mode, pool=pool), train, val,
+                                                                      test, findings, seqs, copies=copies, seed=seed)
     if random:
         model, params, c = next(v for v in loaded.values())
         rand = model.init(jax.random.key(seed + 17))
-        rows["random init (mask)"] = score_encoder(Encoder(model, rand, "mask"), train, val, test, findings, seqs,
-                                                   copies=copies, seed=seed)
+        for mode in ("mask", "late"):
+            for pool in pools:
+                rows[f"random init ({mode}, {pool} pool)"] = score_encoder(Encoder(model, rand, mode, pool=pool), train,
+                                                                           val, test, findings, seqs, copies=copies,
+                                                                           seed=seed)
+    if trained_steps:
+        # The ladder's trained rungs: the same ViT end to end from random init (supervised) and
+        # from the multi-sequence run (fine-tuned).
+        model, params, c = next(v for v in loaded.values())
+        inits = {"supervised (random init, end to end)": model.init(jax.random.key(seed + 17))}
+        if "multi-sequence" in loaded:
+            inits["fine-tuned (multi-sequence init)"] = loaded["multi-sequence"][1]
+        for name, p0 in inits.items():
+            _, val_auc, predict = train_end_to_end(model, p0, train, val, steps=trained_steps, seed=seed)
+            rows[name] = score_predictions(predict, test, findings, seqs) | {"val_auroc": val_auc}
     if arrays and "multi-sequence" in loaded:
         import os
 
         os.makedirs(arrays, exist_ok=True)
         model, params, c = loaded["multi-sequence"]
         np.savez_compressed(os.path.join(arrays, "examples.npz"), **examples(model, params, c, test, seed=seed))
-    multi = next((v for k, v in rows.items() if k.startswith("multi-sequence (mask")), None)
-    single = next((v for k, v in rows.items() if k.startswith("single-sequence")), None)
-    res = {"sequences": list(seqs), "findings": list(findings), "data": data,
+    res = {"sequences": list(seqs), "findings": list(findings), "data": data, "pools": list(pools),
            "studies": {"train": int(len(train["present"])), "val": int(len(val["present"])),
                        "test_complete": int(len(test["present"]))},
            "rows": rows}
-    if multi and single:
-        res["criteria"] = graceful(multi, single, seqs)
-        tmpl = rows.get("multi-sequence (template)")
-        if tmpl:
-            res["criteria_template"] = graceful(tmpl, single, seqs)
+    # The issue's criteria, per readout: the multi-sequence encoder (absent masked; and
+    # template-filled) against the single-sequence encoder read the same way.
+    for pool in pools:
+        single = rows.get(f"single-sequence (late, {pool} pool)")
+        for mode in ("mask", "template"):
+            multi = rows.get(f"multi-sequence ({mode}, {pool} pool)")
+            if multi and single:
+                res.setdefault("criteria", {})[f"{mode}, {pool} pool"] = graceful(multi, single, seqs)
     return res
 
 
@@ -251,10 +298,103 @@ def summary(r: dict) -> list[str]:
     for name, row in r["rows"].items():
         cells = ", ".join(f"{k}: {v:.3f}" for k, v in row["by_size"].items())
         lines.append(f"  {name}: {cells}")
-    c = r.get("criteria")
-    if c:
-        lines.append(f"  all {len(seqs)} sequences {c['all_sequences']:.3f} against the best single-sequence encoder "
-                     f"({c['best_single_sequence']}) {c['best_single']:.3f}: "
+    for key, c in (r.get("criteria") or {}).items():
+        lines.append(f"  [{key}] all {len(seqs)} sequences {c['all_sequences']:.3f} against the best single-sequence "
+                     f"encoder ({c['best_single_sequence']}) {c['best_single']:.3f}: "
                      f"{'beats it' if c['beats_best_single'] else 'does not beat it'}; graceful degradation "
                      f"{'holds' if c['graceful'] else 'does not hold'}")
     return lines
+
+
+# -- trained rungs: the same multi-sequence ViT trained end to end on the findings -----------------
+
+def _seq_pool(o, present):
+    """The ``sequence`` readout inside a jitted function: CLS, then each sequence's token mean
+    and max side by side, zeros for an absent sequence."""
+    patch = o["patch"].astype(jnp.float32)
+    w = present.astype(jnp.float32)[:, :, None]
+    b = patch.shape[0]
+    return jnp.concatenate([o["cls"].astype(jnp.float32), (patch.mean(2) * w).reshape(b, -1),
+                            (patch.max(2) * w).reshape(b, -1)], -1)
+
+
+def train_end_to_end(model, params, train: dict, val: dict, *, steps: int = 300, batch: int = 8, lr: float = 1e-3,
+                     keep: float = 0.75, eval_every: int = 50, seed: int = 0):
+    """The multi-sequence encoder and a linear head (the ``sequence`` readout) trained end to end
+    on the findings (binary cross-entropy, AdamW, warm-up then cosine), each training study's
+    present sequences kept with probability ``keep`` per step (at least one). ``params``: random
+    init (the supervised reference) or a pretrained run's (fine-tuned). The step with the best
+    mean val AUROC (every ``eval_every``) is kept. Returns ``(params, head, predict)`` with
+    ``predict(image, present) -> (n, F)`` probabilities."""
+    import optax
+
+    f = train["y"].shape[1]
+    e = model(params).config.vit.dim
+    s = train["present"].shape[1]
+    r = np.random.default_rng(seed)
+    head = {"w": jnp.zeros((e + 2 * s * e, f)), "b": jnp.zeros((f,))}
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr * 1e-3), weight_decay=0.05)
+    state = {"p": params, "h": head}
+    opt = tx.init(state)
+
+    def logits(st, x, present):
+        o = model(st["p"]).encoder(x, present)
+        return _seq_pool(o, present) @ st["h"]["w"] + st["h"]["b"]
+
+    @jax.jit
+    def step(st, opt, x, present, y):
+        def loss(st):
+            return optax.sigmoid_binary_cross_entropy(logits(st, x, present), y).mean()
+
+        v, g = jax.value_and_grad(loss)(st)
+        u, opt = tx.update(g, opt, st)
+        return optax.apply_updates(st, u), opt, v
+
+    pred_fn = jax.jit(lambda st, x, p: jax.nn.sigmoid(logits(st, x, p)))
+
+    def predict(st, image, present, bs=16):
+        out = []
+        for i in range(0, len(image), bs):
+            x, p = image[i:i + bs], present[i:i + bs]
+            pad = bs - len(x)
+            if pad:
+                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+                p = np.concatenate([p, np.ones((pad,) + p.shape[1:], bool)])
+            out.append(np.asarray(pred_fn(st, jnp.asarray(x), jnp.asarray(p)))[: bs - pad])
+        return np.concatenate(out)
+
+    def val_score(st):
+        pr = predict(st, val["image"], val["present"])
+        sc = [probes.auroc(pr[:, j], val["y"][:, j]) for j in range(f) if len(np.unique(val["y"][:, j])) > 1]
+        return float(np.mean(sc)) if sc else 0.0
+
+    best, best_state = -1.0, state
+    n = len(train["present"])
+    for i in range(steps):
+        idx = r.choice(n, size=batch, replace=n < batch)
+        p = train["present"][idx] & (r.random((batch, s)) < keep)
+        for k in np.flatnonzero(~p.any(1)):
+            p[k, r.choice(np.flatnonzero(train["present"][idx[k]]))] = True
+        x = np.where(p[:, None, None, None, :], train["image"][idx], 0.0).astype(np.float32)
+        state, opt, _ = step(state, opt, jnp.asarray(x), jnp.asarray(p), jnp.asarray(train["y"][idx]))
+        if (i + 1) % eval_every == 0 or i + 1 == steps:
+            v = val_score(state)
+            if v > best:
+                best, best_state = v, jax.tree.map(lambda a: a, state)
+    return best_state, best, lambda image, present: predict(best_state, image, present)
+
+
+def score_predictions(predict, test: dict, findings, sequences) -> dict:
+    """A trained model's test AUROC per subset of sequences (as :func:`score_encoder`'s rows)."""
+    subs, nt = subsets(sequences), len(test["present"])
+    out = {}
+    for sub in subs:
+        p = np.broadcast_to(np.isin(np.arange(len(sequences)), sub), (nt, len(sequences))).copy()
+        x = np.where(p[:, None, None, None, :], test["image"], 0.0).astype(np.float32)
+        pr = predict(x, p)
+        per = {f: probes.auroc(pr[:, j], test["y"][:, j]) for j, f in enumerate(findings)
+               if len(np.unique(test["y"][:, j])) > 1}
+        out[subset_name(sub, sequences)] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))),
+                                            "per_finding": per}
+    by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
+    return {"subsets": out, "by_size": by_size, "findings": list(findings)}

@@ -17,7 +17,9 @@ Per study and step (``cfg.pretrain``):
   on the masked voxels after 200 steps (0.040 against 0.034);
 - modality-aware contrastive learning: symmetric InfoNCE between the two views' projected study
   representations over the *global* batch (BrainMVP: 3 cases per GPU), ``temperature``, from
-  step ``contrastive_start``.
+  step ``contrastive_start``; with ``view_drop`` each view also drops the study's other
+  sequences independently, so the two views show different subsets and the representation is
+  asked to be the same whichever sequences are present.
 Total: ``template_weight * MSE(v1) + cross_weight * MSE(v2) + contrastive_weight * InfoNCE``
 (BrainMVP: 10, 1, 1). The templates (``templates``): ``"reconstruction"`` is BrainMVP's, learnt only
 through the reconstruction loss, entering only v1's input; through the encoder alone they did not
@@ -48,7 +50,7 @@ from flax import nnx
 from decipher_jax import optim, runspec
 from decipher_jax.data import pipelines as P
 from decipher_jax.multiparam import (CONTEXTS, HELDOUT, TEMPLATES, load, model_factory, terms, total_loss,  # noqa: F401
-                                     views)
+                                     view_contexts, views)
 from decipher_jax.trainers import common
 
 

@@ -74,6 +74,10 @@ def get_config(arg=None):
     c.pretrain.contrastive_weight = 0.0 if "nocon" in opts else 1.0
     c.pretrain.temperature = 0.1
     c.pretrain.contrastive_start = 0
+    # Each view drops the study's other sequences independently with this probability, so the two
+    # views show different subsets and the contrastive term asks for one representation of the
+    # study whichever sequences are present (0: BrainMVP's views, the same study but the fill).
+    c.pretrain.view_drop = 0.5
     # "fit": each template is the least-squares fill of its sequence's masked voxels (its mean
     # image); "reconstruction": BrainMVP's, learnt through the reconstruction loss alone.
     c.pretrain.templates = "fit"
@@ -83,6 +87,7 @@ def get_config(arg=None):
         c.pretrain.residual = False
         c.pretrain.contrastive_start = int(c.steps * 2 / 3)
         c.pretrain.templates = "reconstruction"
+        c.pretrain.view_drop = 0.0
 
     c.eval = mlc.ConfigDict()
     c.eval.split = "val"  # on_end: the reconstruction against the copy baselines (heldout.json)
