@@ -69,7 +69,7 @@ def test_train_resume_heldout_and_evaluation(prepared, tmp_path):
     mp.train(_cfg(prepared, "single", steps=6), single)
     out = str(tmp_path / "eval")
     r = mpe.evaluate({"multi-sequence": w, "single-sequence": single}, "", ("infarct", "hemorrhage", "mass"),
-                     copies=1, arrays=os.path.join(out, "eval", "multiparam"), trained_steps=10)
+                     copies=1, arrays=os.path.join(out, "eval", "multiparam"), trained_steps=10, seg_steps=5)
     assert set(r["rows"]) == {f"{e} ({m}, {p} pool)" for e, m in (("multi-sequence", "mask"), ("multi-sequence", "template"),
                                                                   ("single-sequence", "late"), ("random init", "mask"),
                                                                   ("random init", "late")) for p in ("study", "sequence")} | {
@@ -79,6 +79,11 @@ def test_train_resume_heldout_and_evaluation(prepared, tmp_path):
         assert all(0.0 <= v["auroc"] <= 1.0 for v in row["subsets"].values())
     assert set(r["criteria"]) == {"mask, study pool", "template, study pool", "mask, sequence pool",
                                   "template, sequence pool"}
+    seg = r["segmentation"]
+    assert set(seg["rows"]) == {"multi-sequence (mask)", "multi-sequence (template)", "single-sequence (late)",
+                                "random init (mask)"} and seg["test_studies_with_lesion"] > 0
+    for row in seg["rows"].values():
+        assert len(row["subsets"]) == 15 and all(0.0 <= v["dice"] <= 1.0 for v in row["subsets"].values())
     c = r["criteria"]["mask, sequence pool"]
     assert c["best_single_sequence"] in synthetic.SEQUENCES and isinstance(c["beats_best_single"], bool)
     assert c["beats_best_single"] == (c["all_sequences"] > c["best_single"])

@@ -41,12 +41,14 @@ MODES = ("mask", "template", "late")
 
 def study_arrays(data: str, split: str, size, sequences, findings, *, complete_only: bool = False) -> dict:
     """A split's studies in memory: ``image`` (n, X, Y, Z, S), ``present`` (n, S), ``y`` (n, F),
-    ``patient`` (n,) hashes. Empty arrays when the split has no such study."""
+    ``label`` (n, X, Y, Z) the union of the series' lesion maps, ``patient`` (n,) hashes. Empty
+    arrays when the split has no such study."""
     source = P.data_source(data, split)  # KeyError / ValueError without the split (the evaluator's MissingSplit)
     loader = P.LoaderConfig(batch_size=8, seed=0, shuffle=False, repeat=False, drop_remainder=False)
-    parts = {"image": [], "present": [], "y": [], "patient": []}
+    parts = {"image": [], "present": [], "y": [], "patient": [], "label": []}
     for b in P.studies(source, loader, tuple(size), tuple(sequences), train=False, findings=tuple(findings),
-                       complete_only=complete_only):
+                       complete_only=complete_only, keep_label=True):
+        parts["label"].append(np.asarray(b["label"], np.uint8))
         parts["image"].append(np.asarray(b["image"], np.float32))
         parts["present"].append(np.asarray(b["present"], bool))
         parts["y"].append(np.asarray(b["y"], np.float32))
@@ -54,7 +56,8 @@ def study_arrays(data: str, split: str, size, sequences, findings, *, complete_o
     if not parts["image"]:
         s = len(sequences)
         return {"image": np.zeros((0, *size, s), np.float32), "present": np.zeros((0, s), bool),
-                "y": np.zeros((0, len(findings)), np.float32), "patient": np.zeros((0,), np.int32)}
+                "y": np.zeros((0, len(findings)), np.float32), "patient": np.zeros((0,), np.int32),
+                "label": np.zeros((0, *size), np.uint8)}
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -112,6 +115,42 @@ class Encoder:
                     "seq_mean": patch.mean(2), "seq_max": patch.max(2)}
 
         self._f = jax.jit(f)
+
+        def tok(params, x, present):
+            m = model(params)
+            if mode == "template":
+                x, present = fill_missing(x, present, m.templates[...])
+            patch = m.encoder(x, present)["patch"].astype(jnp.float32)
+            return patch * present[:, :, None, None]
+
+        self._tok = jax.jit(tok)
+
+    def tokens(self, image, present):
+        """Per-sequence patch tokens side by side on the token grid, ``(n, gx, gy, gz, S * E)``,
+        zeros for an absent sequence (late fusion: each sequence's from its own pass)."""
+        present = np.asarray(present, bool)
+        vit = self.model(self.params).config.vit
+        grid = tuple(a // b for a, b in zip(image.shape[1:4], vit.patch_size))
+
+        def run(p):
+            out = []
+            for i in range(0, len(image), self.batch):
+                x, q = image[i:i + self.batch], p[i:i + self.batch]
+                pad = self.batch - len(x)
+                if pad:
+                    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+                    q = np.concatenate([q, np.ones((pad,) + q.shape[1:], bool)])
+                out.append(np.asarray(self._tok(self.params, jnp.asarray(x), jnp.asarray(q)))[: self.batch - pad])
+            return np.concatenate(out)
+
+        if self.mode == "late":
+            s = present.shape[1]
+            t = np.stack([run(np.broadcast_to(np.arange(s) == j, present.shape))[:, j] for j in range(s)], 1)
+            t = t * present[:, :, None, None]
+        else:
+            t = run(present)
+        n, s, _, e = t.shape
+        return np.moveaxis(t, 1, -2).reshape(n, *grid, s * e)
 
     def _run(self, image, present):
         n, out = len(image), []
@@ -226,7 +265,7 @@ def examples(model, params, cfg, test: dict, n: int = 3, seed: int = 0) -> dict:
 
 
 def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: int = 4, seed: int = 0,
-             mesh=None, arrays: str = "", pools=POOLS, trained_steps: int = 0) -> dict:
+             mesh=None, arrays: str = "", pools=POOLS, trained_steps: int = 0, seg_steps: int = 0) -> dict:
     """``runs``: ``{"multi-sequence": workdir, "single-sequence": workdir}`` (either may be
     missing); see the module docstring. Returns the table (JSON)."""
     from decipher_jax import multiparam as mp
@@ -276,10 +315,20 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
         os.makedirs(arrays, exist_ok=True)
         model, params, c = loaded["multi-sequence"]
         np.savez_compressed(os.path.join(arrays, "examples.npz"), **examples(model, params, c, test, seed=seed))
+    if seg_steps:
+        encs = {}
+        for name, (model, params, c) in loaded.items():
+            for mode in (("late",) if c.pretrain.context == "target" else ("mask", "template")):
+                encs[f"{name} ({mode})"] = Encoder(model, params, mode)
+        model, params, c = next(v for v in loaded.values())
+        encs["random init (mask)"] = Encoder(model, model.init(jax.random.key(seed + 17)), "mask")
+        seg = segment(encs, train, val, test, seqs, steps=seg_steps, seed=seed)
     res = {"sequences": list(seqs), "findings": list(findings), "data": data, "pools": list(pools),
            "studies": {"train": int(len(train["present"])), "val": int(len(val["present"])),
                        "test_complete": int(len(test["present"]))},
            "rows": rows}
+    if seg_steps:
+        res["segmentation"] = seg
     # The issue's criteria, per readout: the multi-sequence encoder (absent masked; and
     # template-filled) against the single-sequence encoder read the same way.
     for pool in pools:
@@ -298,6 +347,8 @@ def summary(r: dict) -> list[str]:
     for name, row in r["rows"].items():
         cells = ", ".join(f"{k}: {v:.3f}" for k, v in row["by_size"].items())
         lines.append(f"  {name}: {cells}")
+    for name, row in (r.get("segmentation") or {}).get("rows", {}).items():
+        lines.append(f"  lesion Dice, {name}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row["by_size"].items()))
     for key, c in (r.get("criteria") or {}).items():
         lines.append(f"  [{key}] all {len(seqs)} sequences {c['all_sequences']:.3f} against the best single-sequence "
                      f"encoder ({c['best_single_sequence']}) {c['best_single']:.3f}: "
@@ -398,3 +449,55 @@ def score_predictions(predict, test: dict, findings, sequences) -> dict:
                                             "per_finding": per}
     by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
     return {"subsets": out, "by_size": by_size, "findings": list(findings)}
+
+
+# -- lesion segmentation from the frozen encoders ----------------------------------------------------
+
+def _dice(pred, gt) -> np.ndarray:
+    """Per-study lesion Dice ``2|P n G| / (|P| + |G|)`` (studies with a lesion only)."""
+    inter = (pred & gt).reshape(len(gt), -1).sum(1)
+    return 2.0 * inter / np.maximum(pred.reshape(len(gt), -1).sum(1) + gt.reshape(len(gt), -1).sum(1), 1)
+
+
+def segment(encoders: dict, train: dict, val: dict, test: dict, sequences, *, steps: int = 300, lrs=(3e-3, 1e-2),
+            seeds=(0,), hidden: int = 32, batch: int = 8, copies: int = 1, seed: int = 0) -> dict:
+    """Lesion segmentation from frozen encoders (``{name: Encoder}``): a UNETR-style head
+    (:mod:`decipher_jax.eval.seghead`, kind ``unetr``) over the sequences' tokens side by side,
+    with the study's present sequences as its image skip, trained on the training studies (native
+    and ``copies`` random drops), its lr chosen on val Dice, scored on the complete test studies
+    with a lesion under every subset of sequences: mean per-study Dice. The skip sees the present
+    sequences only (absent channels zero); a ``template`` encoder fills its tokens' input."""
+    from decipher_jax.eval import seghead as S
+
+    tr_p = np.concatenate([train["present"], random_drops(train["present"], copies, seed)])
+    tr_idx = np.tile(np.arange(len(train["present"])), copies + 1)
+    keep_va = val["label"].reshape(len(val["label"]), -1).any(1)
+    keep_te = test["label"].reshape(len(test["label"]), -1).any(1)
+    te_img, te_lab = test["image"][keep_te], test["label"][keep_te].astype(bool)
+    nt, subs, s = len(te_img), subsets(sequences), len(sequences)
+    size = train["image"].shape[1:4]
+    predict = jax.jit(lambda p, t, x: jnp.argmax(S.apply_head("unetr", p, t, size, x), -1))
+    masked = lambda img, p: np.where(p[:, None, None, None, :], img, 0.0).astype(np.float32)  # noqa: E731
+    rows = {}
+    for name, enc in encoders.items():
+        xtr = masked(train["image"][tr_idx], tr_p)
+        ttr = enc.tokens(train["image"][tr_idx], tr_p)
+        heads, _ = S.train_heads(ttr, train["label"][tr_idx].astype(np.int32), kind="unetr", classes=2, lrs=lrs,
+                                 seeds=seeds, steps=steps, hidden=hidden, batch=batch, images=xtr)
+        tva = enc.tokens(val["image"][keep_va], val["present"][keep_va])
+        xva = masked(val["image"][keep_va], val["present"][keep_va])
+        n_heads = len(lrs) * len(seeds)
+        vd = [float(np.mean(_dice(np.asarray(predict(jax.tree.map(lambda a: a[i], heads), tva, xva)).astype(bool),  # noqa: B023
+                                  val["label"][keep_va].astype(bool)))) for i in range(n_heads)]
+        best = int(np.argmax(vd))
+        hp = jax.tree.map(lambda a: a[best], heads)
+        out = {}
+        for sub in subs:
+            p = np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)).copy()
+            xin = masked(te_img, p)
+            pred = np.asarray(predict(hp, enc.tokens(xin, p), xin))
+            out[subset_name(sub, sequences)] = {"size": len(sub), "dice": float(np.mean(_dice(pred.astype(bool), te_lab)))}
+        rows[name] = {"subsets": out, "val_dice": vd[best], "lr": float(lrs[best // len(seeds)]),
+                      "by_size": {k: float(np.mean([v["dice"] for v in out.values() if v["size"] == k]))
+                                  for k in range(1, s + 1)}}
+    return {"rows": rows, "test_studies_with_lesion": int(nt), "steps": steps}
