@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=None,
                    help="simulated CPU devices when running on the CPU (default: the demo config's, 2)")
     p.add_argument("--full", action="store_true",
-                   help="also the multi-parametric MRI stages (about 5.5 more minutes on 2 cores)")
+                   help="also the multi-parametric MRI stages (about 16 more minutes on 2 cores)")
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("pipeline", help="run a pipeline config (data -> stage 1 -> stage 2 -> evals -> report)")

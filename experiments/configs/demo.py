@@ -49,9 +49,10 @@ def get_config(arg=None):
     }
     c.order = ("data", "mesh_check", "stage1_vision", "stage1_text", "stage2", "ladder", "eval", "report")
     if arg == "full":
-        # Multi-parametric MRI (issue 22): about 5.5 more minutes on 2 cores (its corpus and prep 26 s,
-        # two pretraining runs of 2 min each, the evaluation 1 min), over the demo's budget, so
-        # only with `decipher demo --full` (experiments/configs/multiparam_demo.py alone runs it too).
+        # Multi-parametric MRI (issue 22): about 16 more minutes on 2 cores (its corpus and prep 26 s,
+        # two pretraining runs of about 2 min each, the evaluation about 12 min: probes, two trained
+        # rungs, four segmentation heads; benchmarks/multiparam.py), over the demo's budget, so only
+        # with `decipher demo --full` (experiments/configs/multiparam_demo.py alone runs it too).
         import importlib.util
         import os
 
