@@ -566,8 +566,10 @@ def read_volume(frames: list[Frame], max_voxels: int = 512**3, min_slices: int =
     return out, LPS_TO_RAS @ affine_lps(frames, spacing)
 
 
-def load_series(path: str, max_voxels: int = 512**3) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels and RAS affine of a series file written by :func:`scan`."""
+def series_entries(path: str) -> list:
+    """The ``(file, frame)`` entries of a series file written by :func:`scan`, numbered files
+    resolved through the ``SOURCE.json`` beside the series folder; :class:`BadInput` naming the
+    file when it is unreadable, not a series file, empty, or its source index is damaged."""
     try:
         with open(path) as fh:
             blob = json.load(fh)
@@ -586,8 +588,12 @@ def load_series(path: str, max_voxels: int = 512**3) -> tuple[np.ndarray, np.nda
             entries = [(os.path.join(source["root"], source["files"][int(i)]), fr) for i, fr in entries]
         except (OSError, ValueError, KeyError, IndexError) as e:
             raise BadInput(path, f"its frames are numbered files of {src}, which is missing or damaged ({e})") from None
-    frames = frames_from_files(entries)
-    return read_volume(frames, max_voxels)
+    return entries
+
+
+def load_series(path: str, max_voxels: int = 512**3) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and RAS affine of a series file written by :func:`scan`."""
+    return read_volume(frames_from_files(series_entries(path)), max_voxels)
 
 
 # -- the manifest -----------------------------------------------------------------------------

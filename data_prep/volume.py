@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gzip
-import json
 import math
 import os
 import stat
@@ -265,22 +264,7 @@ def header_geometry(path: str, cfg: VolumeConfig) -> tuple[np.ndarray, tuple[int
 def _dicom_geometry(path: str, cfg: VolumeConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """:func:`header_geometry` of a DICOM series file (:func:`data_prep.dicom.load_series`'s
     frames, read back as headers: their order, spacing and orientation, no pixel data)."""
-    try:
-        with open(path) as fh:
-            blob = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise BadInput(path, f"cannot read the DICOM series file ({e})") from None
-    if blob.get("format") != dicom.SERIES_FORMAT or not blob.get("frames"):
-        raise BadInput(path, "not a DICOM series file with frames")
-    entries = [(f, fr) for f, fr in blob["frames"]]
-    if blob.get("indexed"):  # numbered files of the SOURCE.json beside the series folder, as load_series reads them
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), dicom.SOURCE_FILE)
-        try:
-            with open(src) as fh:
-                source = json.load(fh)
-            entries = [(os.path.join(source["root"], source["files"][int(i)]), fr) for i, fr in entries]
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            raise BadInput(path, f"its frames are numbered files of {src}, which is missing or damaged ({e})") from None
+    entries = dicom.series_entries(path)
     frames, spacing = dicom.order_and_check(dicom.frames_from_files(entries), path, 2)
     shape = (frames[0].cols, frames[0].rows, len(frames))
     if math.prod(shape) > cfg.max_voxels:

@@ -437,6 +437,23 @@ def series_description(r: np.random.Generator, region: str, sequence: str) -> st
 # ---------------------------------------------------------------------------------------------
 # Corpus
 
+def acquire(r: np.random.Generator, parts, sequence: str, fov, matrix: int, noise: float, out_dir: str,
+            series_id: str) -> tuple[str, str]:
+    """One series of a phantom: a random acquisition grid (``matrix`` x ``matrix`` x 50-80 %, a
+    random affine over ``fov``), rendered in ``sequence``'s contrast with bias field, Rician noise
+    and an arbitrary scanner scale, written as ``<series_id>.nii.gz`` with its lesion mask
+    ``<series_id>_mask.nii.gz``. Draws from ``r`` in a fixed order; returns the two paths."""
+    shape = (matrix, matrix, max(16, int(matrix * r.uniform(0.5, 0.8))))
+    aff, vox_shape = random_affine(r, fov, shape)
+    img, mask, xyz = render(parts, aff, vox_shape, sequence)
+    img = bias_and_noise(r, img, xyz, noise) * float(r.uniform(200, 3000))  # arbitrary scanner units
+    ipath = os.path.join(out_dir, f"{series_id}.nii.gz")
+    lpath = os.path.join(out_dir, f"{series_id}_mask.nii.gz")
+    nib.save(nib.Nifti1Image(img.astype(np.float32), aff), ipath)
+    nib.save(nib.Nifti1Image(mask, aff), lpath)
+    return ipath, lpath
+
+
 def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40,
                     studies_per_patient=(1, 2), noise: float = 0.03) -> str:
     """Writes NIfTI series, lesion masks and reports under ``out_dir``; returns the manifest CSV.
@@ -469,15 +486,8 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             # Descriptions draw from their own stream too (the corpus before them is unchanged).
             rd = np.random.default_rng([seed, p, 3, s])
             for seq in seqs:
-                shape = (matrix, matrix, max(16, int(matrix * r.uniform(0.5, 0.8))))
-                aff, vox_shape = random_affine(r, fov, shape)
-                img, mask, xyz = render(parts, aff, vox_shape, seq)
-                img = bias_and_noise(r, img, xyz, noise) * float(r.uniform(200, 3000))  # arbitrary scanner units
                 sid = f"{study}_{seq}"
-                ipath = os.path.join(out_dir, f"{sid}.nii.gz")
-                lpath = os.path.join(out_dir, f"{sid}_mask.nii.gz")
-                nib.save(nib.Nifti1Image(img.astype(np.float32), aff), ipath)
-                nib.save(nib.Nifti1Image(mask, aff), lpath)
+                ipath, lpath = acquire(r, parts, seq, fov, matrix, noise, out_dir, sid)
                 # Paths relative to the manifest's folder: the corpus folder can be moved.
                 rel = lambda f: os.path.relpath(f, out_dir)  # noqa: E731
                 rows.append({"series_id": sid, "study_id": study, "patient_id": f"P{p:04d}", "image": rel(ipath),
@@ -745,15 +755,8 @@ def generate_multiparam_corpus(out_dir: str, n_patients: int = 60, seed: int = 0
         rd = np.random.default_rng(key + [2])
         for seq in seqs:
             rs = np.random.default_rng(key + [3, SEQUENCES.index(seq)])
-            shape = (matrix, matrix, max(16, int(matrix * rs.uniform(0.5, 0.8))))
-            aff, vox_shape = random_affine(rs, fov, shape)
-            img, mask, xyz = render(parts, aff, vox_shape, seq)
-            img = bias_and_noise(rs, img, xyz, noise) * float(rs.uniform(200, 3000))  # arbitrary scanner units
             sid = f"{study}_{seq}"
-            ipath = os.path.join(out_dir, f"{sid}.nii.gz")
-            lpath = os.path.join(out_dir, f"{sid}_mask.nii.gz")
-            nib.save(nib.Nifti1Image(img.astype(np.float32), aff), ipath)
-            nib.save(nib.Nifti1Image(mask, aff), lpath)
+            ipath, lpath = acquire(rs, parts, seq, fov, matrix, noise, out_dir, sid)
             rows.append({"series_id": sid, "study_id": study, "patient_id": patient, "image": rel(ipath),
                          "label": rel(lpath), "report_file": rel(rep_file),
                          "series_description": series_description(rd, "brain", seq), "sequence": seq,
