@@ -410,7 +410,7 @@ def multiparam_section(workdir: str) -> str:
     if not isinstance(r, dict) or not r.get("rows"):
         return ""
     seqs = r["sequences"]
-    names = list(next(iter(r["rows"].values()))["subsets"])
+    names = list(dict.fromkeys(n for row in r["rows"].values() for n in row["subsets"]))
     out = ["<h2>Multi-parametric MRI: findings by the sequences present</h2>",
            f'<p class="note">Frozen encoders, a logistic probe per finding ({html.escape(", ".join(r["findings"]))}) '
            f'trained on {r["studies"]["train"]} training studies under random missing-sequence patterns (penalty on '
@@ -423,7 +423,8 @@ def multiparam_section(workdir: str) -> str:
     rows = [[name] + [f"{row['by_size'].get(str(k), row['by_size'].get(k, float('nan'))):.3f}" for k in sizes]
             for name, row in r["rows"].items()]
     out.append(_table(["encoder"] + [f"{k} sequence{'s' if k > 1 else ''} (mean)" for k in sizes], rows))
-    rows = [[n] + [f"{row['subsets'][n]['auroc']:.3f}" for row in r["rows"].values()] for n in names]
+    rows = [[n] + [f"{row['subsets'].get(n, {}).get('auroc', float('nan')):.3f}" for row in r["rows"].values()]
+            for n in names]
     out.append(_table(["sequences present"] + list(r["rows"]), rows))
     for key, c in (r.get("criteria") or {}).items():
         out.append(f'<p>[{html.escape(key)}] all sequences {c["all_sequences"]:.3f} against the best single-sequence '

@@ -91,6 +91,12 @@ def test_outputs_ignore_absent_sequences_pixels():
     x2 = np.where(present[:, None, None, None, :], x, noise)
     x2[1, 0, 0, 0, 1] = np.nan  # NaNs too
     out2 = model(jnp.asarray(x2), jnp.asarray(present))
+    # the pooled outputs are over the present sequences' tokens only
+    patch = np.asarray(out["patch"])
+    for i in range(len(present)):
+        toks = patch[i][present[i]].reshape(-1, patch.shape[-1])
+        np.testing.assert_allclose(np.asarray(out["mean"][i]), toks.mean(0), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["max"][i]), toks.max(0), atol=1e-5)
     for k in ("cls", "mean", "max"):
         assert np.all(np.isfinite(np.asarray(out2[k])))
         np.testing.assert_allclose(np.asarray(out[k]), np.asarray(out2[k]), atol=1e-5)

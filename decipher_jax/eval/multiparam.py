@@ -127,7 +127,8 @@ class Encoder:
 
     def tokens(self, image, present):
         """Per-sequence patch tokens side by side on the token grid, ``(n, gx, gy, gz, S * E)``,
-        zeros for an absent sequence (late fusion: each sequence's from its own pass)."""
+        zeros for an absent sequence (template mode: the template's tokens; late fusion: each
+        sequence's from its own pass)."""
         present = np.asarray(present, bool)
         vit = self.model(self.params).config.vit
         grid = tuple(a // b for a, b in zip(image.shape[1:4], vit.patch_size))
@@ -281,6 +282,9 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
     test = study_arrays(data, "test", size, seqs, findings, complete_only=True)
     if not len(test["present"]):
         raise ValueError(f"{data}: the test split has no complete study (every one of {seqs})")
+    for split, arr in (("train", train), ("val", val)):
+        if not len(arr["present"]):
+            raise ValueError(f"{data}: the {split} split has no study with any of {seqs}: the probes need it")
     rows = {}
     for name, (model, params, c) in loaded.items():
         if tuple(c.data.sequences) != seqs or tuple(c.data.size) != size:
@@ -308,7 +312,7 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
             inits["fine-tuned (multi-sequence init)"] = loaded["multi-sequence"][1]
         for name, p0 in inits.items():
             _, val_auc, predict = train_end_to_end(model, p0, train, val, steps=trained_steps, seed=seed)
-            rows[name] = score_predictions(predict, test, findings, seqs) | {"val_auroc": val_auc}
+            rows[name] = score_predictions(predict, test, findings, seqs, train["y"]) | {"val_auroc": val_auc}
     if arrays and "multi-sequence" in loaded:
         import os
 
@@ -435,20 +439,22 @@ def train_end_to_end(model, params, train: dict, val: dict, *, steps: int = 300,
     return best_state, best, lambda image, present: predict(best_state, image, present)
 
 
-def score_predictions(predict, test: dict, findings, sequences) -> dict:
-    """A trained model's test AUROC per subset of sequences (as :func:`score_encoder`'s rows)."""
+def score_predictions(predict, test: dict, findings, sequences, train_y) -> dict:
+    """A trained model's test AUROC per subset of sequences (as :func:`score_encoder`'s rows: the
+    findings with both classes in the training and the test studies)."""
     subs, nt = subsets(sequences), len(test["present"])
+    used = [j for j in range(len(findings))
+            if len(np.unique(train_y[:, j])) > 1 and len(np.unique(test["y"][:, j])) > 1]
     out = {}
     for sub in subs:
         p = np.broadcast_to(np.isin(np.arange(len(sequences)), sub), (nt, len(sequences))).copy()
         x = np.where(p[:, None, None, None, :], test["image"], 0.0).astype(np.float32)
         pr = predict(x, p)
-        per = {f: probes.auroc(pr[:, j], test["y"][:, j]) for j, f in enumerate(findings)
-               if len(np.unique(test["y"][:, j])) > 1}
+        per = {f: probes.auroc(pr[:, j], test["y"][:, j]) for j, f in enumerate(findings) if j in used}
         out[subset_name(sub, sequences)] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))),
                                             "per_finding": per}
     by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
-    return {"subsets": out, "by_size": by_size, "findings": list(findings)}
+    return {"subsets": out, "by_size": by_size, "findings": [findings[j] for j in used]}
 
 
 # -- lesion segmentation from the frozen encoders ----------------------------------------------------

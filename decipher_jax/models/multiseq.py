@@ -12,9 +12,10 @@ step for every batch), and the study representation is the CLS token over every 
 token: the fusion is attention itself, not a late average.
 
 Templates (BrainMVP's "modality-wise data distillation") are one learnable volume per sequence on
-the input grid, zero-initialised and learned only through the reconstruction loss
-(:mod:`decipher_jax.trainers.multiparam`); downstream they can stand in for a missing sequence
-(:func:`fill_missing`).
+the input grid, zero-initialised; :mod:`decipher_jax.trainers.multiparam` learns them as each
+sequence's least-squares fill of its masked voxels (``templates = "fit"``, the default) or, as
+BrainMVP, through the losses of the view they fill (``"reconstruction"``). Downstream they can
+stand in for a missing sequence (:func:`fill_missing`).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class MultiSeqViT(nnx.Module):
         h = v.norm(h)
         patch = h[:, v.config.num_prefix:].reshape(b, s, n, e)
         w = present.astype(jnp.float32)[:, :, None, None]
-        cnt = jnp.maximum(w.sum((1, 2)), 1.0)
+        cnt = jnp.maximum(present.sum(1, keepdims=True).astype(jnp.float32) * n, 1.0)  # present tokens
         mean = (patch.astype(jnp.float32) * w).sum((1, 2)) / cnt
         mx = jnp.where(w > 0, patch.astype(jnp.float32), -jnp.inf).max((1, 2))
         mx = jnp.where(jnp.isfinite(mx), mx, 0.0)

@@ -21,8 +21,9 @@ Per study and step (``cfg.pretrain``):
   sequences independently, so the two views show different subsets and the representation is
   asked to be the same whichever sequences are present.
 Total: ``template_weight * MSE(v1) + cross_weight * MSE(v2) + contrastive_weight * InfoNCE``
-(BrainMVP: 10, 1, 1). The templates (``templates``): ``"reconstruction"`` is BrainMVP's, learnt only
-through the reconstruction loss, entering only v1's input; through the encoder alone they did not
+(BrainMVP: 10, 1, 1). The templates (``templates``): ``"reconstruction"`` is BrainMVP's, learnt through the
+losses of the view they fill (v1's input: its reconstruction, and its contrastive embedding; with
+``residual`` also directly, as v1 is added to the decoder's output); through the encoder alone they did not
 come to resemble their sequences in a short run (20 steps of the unit test's world: RMS 0.09,
 their own error on the masked voxels rising 0.08 -> 0.10, and still 0.09 with a direct fit term
 added beside). ``"fit"`` (the default) learns each template as the least-squares fill of its
@@ -171,7 +172,8 @@ def heldout(cfg, model: common.Model, params, mesh, *, split: str = "val", seed:
                 total[k] += float(v)
     if not total["n"]:
         return {}
-    # Per-batch means weighted by the studies in each: close to (not exactly) voxel-weighted.
+    # Per-batch means weighted by the studies in each: exactly voxel-weighted, since every study
+    # has the same number of masked voxels (block_mask masks exactly k blocks).
     res = {k: total[k] / total["n"] for k in names}
     res |= {"studies": int(total["n"]), "split": split,
             "template_vs_copy": res["masked_mse_template"] / max(res["copy_template"], 1e-12),
