@@ -1,7 +1,7 @@
 """Multi-parametric MRI (issue 22): findings by the sequences present, for stem and scale variants.
 
     python benchmarks/multiparam.py --workdir outputs/mp_bench [--variants linear,conv] [--steps 300]
-        [--patients 160] [--reuse] [--trained-steps 300]
+        [--patients 400] [--reuse] [--trained-steps 300]
 
 Each variant runs experiments/configs/multiparam_demo.py's stages (the embedded multi-sequence
 corpus, shared by the variants; the multi-sequence and single-sequence encoders pretrained with
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="outputs/mp_bench")
     p.add_argument("--variants", default="linear,conv")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--patients", type=int, default=160)
+    # 400: at 160 patients (about 25 complete test studies) the rows' intervals overlap entirely
+    p.add_argument("--patients", type=int, default=400)
     p.add_argument("--reuse", action="store_true", help="keep finished pretraining runs (those with heldout.json)")
     p.add_argument("--trained-steps", type=int, default=300, help="the end-to-end rungs' steps (0: none)")
     args = p.parse_args(argv)
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
 
     env.setup(devices=2)
     from decipher_jax import layout, pipeline
+    from decipher_jax.eval import multiparam as mpe
     from decipher_jax.trainers import common
 
     cfg = common.load_config(os.path.join(pipeline.CONFIGS, "multiparam_demo.py"))
@@ -84,10 +86,14 @@ def main(argv=None) -> int:
             run = "multiparam_single" if enc.startswith("single") else "multiparam"
             h = held[run] if enc.startswith(("multi", "single")) else None
             hs = f"{h['masked_mse_template']:.4f} / {h['copy_template']:.4f}" if h else ""
-            print(f"| {name} | {enc} | " + " | ".join(f"{row['by_size'][str(k)]:.3f}" for k in (1, 2, 3, 4)) + f" | {hs} |")
+            print(f"| {name} | {enc} | " + " | ".join(mpe.by_size_cell(row, k) for k in (1, 2, 3, 4)) + f" | {hs} |")
+        for enc, row in (r.get("segmentation") or {}).get("rows", {}).items():
+            print(f"| {name} | lesion Dice, {enc} | " + " | ".join(mpe.by_size_cell(row, k) for k in (1, 2, 3, 4)) + " | |")
         for key, c in (r.get("criteria") or {}).items():
+            g = c.get("gain") or {}
             print(f"| {name} | criteria [{key}] | all {c['all_sequences']:.3f} vs best single ({c['best_single_sequence']}) "
-                  f"{c['best_single']:.3f}: beats {c['beats_best_single']}, graceful {c['graceful']} | | | | {secs:.0f} s |")
+                  f"{c['best_single']:.3f}: gain {g.get('gain', float('nan')):+.3f} [{g.get('lo', float('nan')):+.3f}, "
+                  f"{g.get('hi', float('nan')):+.3f}], graceful {c['graceful']} | | | | {secs:.0f} s |")
     print(f"# {r['studies']} studies; findings {r['findings']}")
     return 0
 

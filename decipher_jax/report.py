@@ -419,19 +419,35 @@ def multiparam_section(workdir: str) -> str:
            "sequences replaced by the run's learnt templates; late: each sequence encoded alone. study pool: the CLS "
            "token and the present tokens' mean and max; sequence pool: the CLS token and each sequence's own mean "
            "and max, side by side (zeros for an absent one).</p>"]
+    from decipher_jax.eval.multiparam import by_size_cell
+
     sizes = list(range(1, len(seqs) + 1))
-    rows = [[name] + [f"{row['by_size'].get(str(k), row['by_size'].get(k, float('nan'))):.3f}" for k in sizes]
-            for name, row in r["rows"].items()]
+    boot = r.get("bootstrap")
+    if boot:
+        out.append(f'<p class="note">[95 % intervals: {boot["draws"]} bootstrap draws of the test {boot["unit"]}s; '
+                   "gains are paired (the same draws for both encoders).]</p>")
+    rows = [[name] + [by_size_cell(row, k) for k in sizes] for name, row in r["rows"].items()]
     out.append(_table(["encoder"] + [f"{k} sequence{'s' if k > 1 else ''} (mean)" for k in sizes], rows))
-    rows = [[n] + [f"{row['subsets'].get(n, {}).get('auroc', float('nan')):.3f}" for row in r["rows"].values()]
-            for n in names]
+
+    def cell(v):
+        return "-" if not v else f"{v['auroc']:.3f}" + (f" [{v['lo']:.2f}, {v['hi']:.2f}]" if "lo" in v else "")
+
+    rows = [[n] + [cell(row["subsets"].get(n)) for row in r["rows"].values()] for n in names]
     out.append(_table(["sequences present"] + list(r["rows"]), rows))
     for key, c in (r.get("criteria") or {}).items():
+        g = c.get("gain")
+        gtxt = f" (gain {g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}])" if g else ""
         out.append(f'<p>[{html.escape(key)}] all sequences {c["all_sequences"]:.3f} against the best single-sequence '
-                   f'encoder ({html.escape(c["best_single_sequence"])}) {c["best_single"]:.3f}: '
+                   f'encoder ({html.escape(c["best_single_sequence"])}) {c["best_single"]:.3f}{gtxt}: '
                    f'{"beats it" if c["beats_best_single"] else "does not beat it"}. Above that single score with k '
                    "sequences: " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in c["above_best_single_by_size"].items())
                    + "</p>")
+    seg = (r.get("segmentation") or {}).get("rows")
+    if seg:
+        out.append(f"<p>Lesion Dice from the frozen tokens (UNETR head, {r['segmentation']['test_studies_with_lesion']} "
+                   "complete test studies with a lesion):</p>")
+        out.append(_table(["encoder"] + [f"{k} sequence{'s' if k > 1 else ''} (mean)" for k in sizes],
+                          [[name] + [by_size_cell(row, k) for k in sizes] for name, row in seg.items()]))
     ex = os.path.join(layout.PipelineDir(workdir).arrays("multiparam"), "examples.npz")
     if os.path.exists(ex):
         plt = _pyplot()

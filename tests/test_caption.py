@@ -272,3 +272,22 @@ def test_val_selection_on_the_answers_alone(trained, prepared_val):
         cfg.eval.select = select
         losses[select] = caption.BestVal(cfg, s.model, s.mesh, vocab, tuple(VIT["img_size"])).evaluate(part["params"], "val")[0]["loss"]
     assert np.isfinite(losses["all"]) and np.isfinite(losses["answers"]) and losses["all"] != losses["answers"]
+
+
+def test_answer_weight_scales_the_answers_alone_and_the_loss_is_their_weighted_mean(vocab):
+    from decipher_jax.trainers.caption import token_loss
+
+    ex = {"series_id": "s1", "report": "No acute infarct.", "qa": {"lesion": "no"}}
+    q = C.Examples(vocab, 40, report_fraction=0.0, answer_weight=5.0).random_map(dict(ex), np.random.default_rng(0))
+    r = C.Examples(vocab, 40, report_fraction=1.0, answer_weight=5.0).random_map(dict(ex), np.random.default_rng(0))
+    assert set(np.unique(q["loss_mask"])) == {0.0, 5.0} and set(np.unique(r["loss_mask"])) == {0.0, 1.0}
+    # the loss: sum of w * nll over sum of w; the accuracy counts each masked position once
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 6, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, (2, 6))
+    mask = np.array([[0, 1, 1, 0, 0, 0], [0, 0, 5, 5, 0, 0]], np.float32)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    loss, acc = token_loss(logits, labels, mask)
+    assert float(loss) == pytest.approx(float((nll * mask).sum() / mask.sum()), rel=1e-5)
+    assert float(acc) == pytest.approx(float(((logits.argmax(-1) == labels) * (mask > 0)).sum() / 4))

@@ -77,6 +77,9 @@ def test_train_resume_heldout_and_evaluation(prepared, tmp_path):
     for row in r["rows"].values():
         assert len(row["subsets"]) == 15 and set(row["by_size"]) == {1, 2, 3, 4}
         assert all(0.0 <= v["auroc"] <= 1.0 for v in row["subsets"].values())
+        # study-bootstrap intervals on every cell; the scores behind them are not kept in the JSON
+        assert all(0.0 <= v["lo"] <= v["hi"] <= 1.0 for v in row["subsets"].values()) and "_scores" not in row
+        assert all(lo <= hi for lo, hi in row["by_size_interval"].values())
     assert set(r["criteria"]) == {"mask, study pool", "template, study pool", "mask, sequence pool",
                                   "template, sequence pool"}
     seg = r["segmentation"]
@@ -84,14 +87,21 @@ def test_train_resume_heldout_and_evaluation(prepared, tmp_path):
                                 "random init (mask)"} and seg["test_studies_with_lesion"] > 0
     for row in seg["rows"].values():
         assert len(row["subsets"]) == 15 and all(0.0 <= v["dice"] <= 1.0 for v in row["subsets"].values())
+    for row in seg["rows"].values():
+        assert all(v["lo"] <= v["hi"] for v in row["subsets"].values())
     c = r["criteria"]["mask, sequence pool"]
     assert c["best_single_sequence"] in synthetic.SEQUENCES and isinstance(c["beats_best_single"], bool)
     assert c["beats_best_single"] == (c["all_sequences"] > c["best_single"])
+    g = c["gain"]
+    assert g["gain"] == pytest.approx(c["all_sequences"] - c["best_single"]) and g["lo"] <= g["hi"]
+    assert 0.0 <= g["p_not_above"] <= 1.0 and set(c["gain_by_size"]) == {1, 2, 3, 4}
+    assert any("gain" in line for line in mpe.summary(r))
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
     with open(os.path.join(out, "eval", "multiparam.json"), "w") as f:
         json.dump(r, f, default=float)
     html = report.multiparam_section(out)
     assert "findings by the sequences present" in html and "T1+T2+FLAIR+DWI" in html and "data:image/png" in html
+    assert "bootstrap draws" in html and "Lesion Dice" in html
 
 
 def test_the_late_fusion_of_one_sequence_is_that_sequence_alone():
@@ -132,3 +142,34 @@ def test_demo_full_adds_the_multiparam_stages_and_the_plain_demo_does_not():
     assert full.order[-5:] == ("multiparam_data", "multiparam", "multiparam_single", "multiparam_eval", "report")
     assert full.order[:-5] == plain.order[:-1] and not any(s.startswith("multiparam") for s in plain.order)
     assert full.stages.multiparam_eval.config == "eval.py:multiparam"
+
+
+def test_weighted_auroc_is_the_auroc_of_the_repeated_rows():
+    r = np.random.default_rng(1)
+    s, y = r.normal(size=30).round(1), r.random(30) < 0.4  # rounding makes ties
+    w = mpe.study_weights(np.repeat(np.arange(10), 3), draws=5, seed=2)
+    assert w.shape == (5, 30) and np.all(w.sum(1) == 30)  # 10 patients drawn, 3 rows each
+    assert np.all(w.reshape(5, 10, 3) == w.reshape(5, 10, 3)[:, :, :1])  # a patient's rows move together
+    from decipher_jax.eval import probes
+
+    got = mpe.weighted_auroc(s, y, w)
+    for d in range(5):
+        idx = np.repeat(np.arange(30), w[d].astype(int))
+        assert got[d] == pytest.approx(probes.auroc(s[idx], y[idx]))
+    assert mpe.weighted_auroc(s, y, np.ones(30))[0] == pytest.approx(probes.auroc(s, y))
+    assert np.isnan(mpe.weighted_auroc(s, y, np.where(y, 0.0, 1.0))[0])  # no positive drawn
+
+
+def test_batched_pads_to_one_shape_and_drops_the_padding():
+    calls = []
+
+    def fn(x, p):
+        calls.append(x.shape)
+        return {"s": x.sum(1) + p.sum(1), "x": x}
+
+    x, p = np.arange(14.0).reshape(7, 2), np.zeros((7, 3), bool)
+    out = mpe.batched(fn, (x, p), (0.0, True), 3)
+    assert calls == [(3, 2)] * 3
+    np.testing.assert_array_equal(out["x"], x)
+    np.testing.assert_array_equal(out["s"], x.sum(1))
+    assert mpe.batched(fn, (x[:0], p[:0]), (0.0, True), 3) is None

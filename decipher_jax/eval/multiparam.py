@@ -26,6 +26,7 @@ test AUROC; the table's cell is the mean over the findings.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -87,6 +88,31 @@ def random_drops(present, copies: int, seed: int) -> np.ndarray:
 POOLS = ("study", "sequence")
 
 
+def batched(fn, arrays, pad_values, batch: int):
+    """``fn(*arrays)`` (a jitted function of row-aligned arrays returning a pytree of row-aligned
+    arrays) over fixed batches of ``batch`` rows: the last batch is padded with ``pad_values``
+    (one per array) so that every call has one compiled shape; the padding's outputs are dropped.
+    ``None`` for zero rows."""
+    n, outs = len(arrays[0]), []
+    for i in range(0, n, batch):
+        chunk = [np.asarray(a[i:i + batch]) for a in arrays]
+        pad = batch - len(chunk[0])
+        if pad:
+            chunk = [np.concatenate([c, np.full((pad,) + c.shape[1:], v, c.dtype)]) for c, v in zip(chunk, pad_values)]
+        o = fn(*(jnp.asarray(c) for c in chunk))
+        outs.append(jax.tree.map(lambda a: np.asarray(a)[: batch - pad], o))  # noqa: B023
+    return jax.tree.map(lambda *a: np.concatenate(a), *outs) if outs else None
+
+
+# padding rows: zero images with every sequence present (no all-absent row to pool over)
+STUDY_PAD = (0.0, True)
+
+
+def alone(present, j: int) -> np.ndarray:
+    """Only sequence ``j`` present, in every row (late fusion's pass for it)."""
+    return np.broadcast_to(np.arange(present.shape[1]) == j, present.shape)
+
+
 class Encoder:
     """A frozen multi-sequence encoder: ``features(image, present)`` in batches.
 
@@ -96,7 +122,8 @@ class Encoder:
     an absent one ``(n, E + 2 S E)``: a linear probe can then weigh a bright spot on DWI apart from
     one on FLAIR (the DWI-FLAIR mismatch is exactly that). Late fusion (``mode = "late"``) encodes
     each present sequence alone: ``study`` averages their features, ``sequence`` takes each
-    sequence's own pooled tokens from its own pass (and averages the CLS tokens)."""
+    sequence's own pooled tokens from its own pass (and averages the CLS tokens).
+    :meth:`pooled` encodes once for several readouts."""
 
     def __init__(self, model, params, mode: str, batch: int = 16, pool: str = "study"):
         if mode not in MODES:
@@ -105,25 +132,28 @@ class Encoder:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.model, self.params, self.mode, self.batch, self.pool = model, params, mode, batch, pool
 
-        def f(params, x, present):
+        def encode(params, x, present):
             m = model(params)
             if mode == "template":
                 x, present = fill_missing(x, present, m.templates[...])
             o = m.encoder(x, present)
-            patch = o["patch"].astype(jnp.float32)
+            return o, o["patch"].astype(jnp.float32), present
+
+        def pooled(params, x, present):
+            o, patch, _ = encode(params, x, present)
             return {"cls": o["cls"].astype(jnp.float32), "mean": o["mean"], "max": o["max"],
                     "seq_mean": patch.mean(2), "seq_max": patch.max(2)}
 
-        self._f = jax.jit(f)
-
-        def tok(params, x, present):
-            m = model(params)
-            if mode == "template":
-                x, present = fill_missing(x, present, m.templates[...])
-            patch = m.encoder(x, present)["patch"].astype(jnp.float32)
+        def tokens(params, x, present):
+            _, patch, present = encode(params, x, present)
             return patch * present[:, :, None, None]
 
-        self._tok = jax.jit(tok)
+        # the parameters stay an argument (not constants folded into the program)
+        self._pooled = functools.partial(jax.jit(pooled), params)
+        self._tokens = functools.partial(jax.jit(tokens), params)
+
+    def _run(self, fn, image, present):
+        return batched(fn, (image, present), STUDY_PAD, self.batch)
 
     def tokens(self, image, present):
         """Per-sequence patch tokens side by side on the token grid, ``(n, gx, gy, gz, S * E)``,
@@ -132,96 +162,172 @@ class Encoder:
         present = np.asarray(present, bool)
         vit = self.model(self.params).config.vit
         grid = tuple(a // b for a, b in zip(image.shape[1:4], vit.patch_size))
-
-        def run(p):
-            out = []
-            for i in range(0, len(image), self.batch):
-                x, q = image[i:i + self.batch], p[i:i + self.batch]
-                pad = self.batch - len(x)
-                if pad:
-                    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-                    q = np.concatenate([q, np.ones((pad,) + q.shape[1:], bool)])
-                out.append(np.asarray(self._tok(self.params, jnp.asarray(x), jnp.asarray(q)))[: self.batch - pad])
-            return np.concatenate(out)
-
         if self.mode == "late":
             s = present.shape[1]
-            t = np.stack([run(np.broadcast_to(np.arange(s) == j, present.shape))[:, j] for j in range(s)], 1)
+            t = np.stack([self._run(self._tokens, image, alone(present, j))[:, j] for j in range(s)], 1)
             t = t * present[:, :, None, None]
         else:
-            t = run(present)
+            t = self._run(self._tokens, image, present)
         n, s, _, e = t.shape
         return np.moveaxis(t, 1, -2).reshape(n, *grid, s * e)
 
-    def _run(self, image, present):
-        n, out = len(image), []
-        for i in range(0, n, self.batch):
-            x, p = image[i:i + self.batch], present[i:i + self.batch]
-            pad = self.batch - len(x)
-            if pad:  # one compiled shape
-                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-                p = np.concatenate([p, np.ones((pad,) + p.shape[1:], bool)])
-            o = self._f(self.params, jnp.asarray(x), jnp.asarray(p))
-            out.append({k: np.asarray(v)[: self.batch - pad] for k, v in o.items()})
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]} if out else {}
-
-    def _assemble(self, o, present):
-        if self.pool == "study":
+    @staticmethod
+    def _assemble(o, present, pool):
+        if pool == "study":
             return np.concatenate([o["cls"], o["mean"], o["max"]], -1)
         w = present.astype(np.float32)[:, :, None]
         n = len(present)
         return np.concatenate([o["cls"], (o["seq_mean"] * w).reshape(n, -1), (o["seq_max"] * w).reshape(n, -1)], -1)
 
-    def features(self, image, present):
+    def pooled(self, image, present, pools=None) -> dict:
+        """``{pool: features}`` for each readout in ``pools`` (default: this encoder's), from one
+        pass of the encoder (late fusion: one per sequence)."""
+        pools = tuple(pools or (self.pool,))
         present = np.asarray(present, bool)
         if self.mode != "late":
+            o = self._run(self._pooled, image, present)
             filled = np.ones_like(present) if self.mode == "template" else present
-            return self._assemble(self._run(image, present), filled)
+            return {pool: self._assemble(o, filled, pool) for pool in pools}
         # late fusion: each present sequence alone
         s = present.shape[1]
-        per = [self._run(image, np.broadcast_to(np.arange(s) == j, present.shape)) for j in range(s)]
+        per = [self._run(self._pooled, image, alone(present, j)) for j in range(s)]
         w = present.astype(np.float32)
         cnt = np.maximum(w.sum(1, keepdims=True), 1.0)
-        if self.pool == "study":
-            feats = [self._assemble(o, present) for o in per]
-            return sum(feats[j] * w[:, j:j + 1] for j in range(s)) / cnt
-        cls = sum(per[j]["cls"] * w[:, j:j + 1] for j in range(s)) / cnt
-        own = {k: np.stack([per[j][k][:, j] for j in range(s)], 1) for k in ("seq_mean", "seq_max")}
-        return self._assemble({"cls": cls, **own}, present)
+        out = {}
+        for pool in pools:
+            if pool == "study":
+                feats = [self._assemble(o, present, pool) for o in per]
+                out[pool] = sum(feats[j] * w[:, j:j + 1] for j in range(s)) / cnt
+            else:
+                cls = sum(per[j]["cls"] * w[:, j:j + 1] for j in range(s)) / cnt
+                own = {k: np.stack([per[j][k][:, j] for j in range(s)], 1) for k in ("seq_mean", "seq_max")}
+                out[pool] = self._assemble({"cls": cls, **own}, present, pool)
+        return out
+
+    def features(self, image, present):
+        return self.pooled(image, present)[self.pool]
 
 
-def score_encoder(enc: Encoder, train: dict, val: dict, test: dict, findings, sequences, *, copies: int = 4,
+def subset_rows(scores: dict, test_y, used, findings, sequences) -> dict:
+    """A row of the table from test scores per subset (``{subset name: (n, len(used))}``, the
+    findings ``used``): per subset the mean AUROC over those findings and each one's, the means
+    by number of sequences, and the scores themselves under ``"_scores"`` (for the bootstrap:
+    :func:`intervals` removes them)."""
+    out = {}
+    for sub in subsets(sequences):
+        name, sc = subset_name(sub, sequences), scores[subset_name(sub, sequences)]
+        per = {findings[j]: probes.auroc(sc[:, k], test_y[:, j]) for k, j in enumerate(used)}
+        out[name] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))), "per_finding": per}
+    by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
+    return {"subsets": out, "by_size": by_size, "findings": [findings[j] for j in used],
+            "_scores": {k: np.asarray(v, np.float32) for k, v in scores.items()}, "_used": list(used)}
+
+
+def scorable(findings, train_y, test_y) -> list[int]:
+    """The findings with both classes among the training and among the test studies."""
+    return [j for j in range(len(findings)) if len(np.unique(train_y[:, j])) > 1 and len(np.unique(test_y[:, j])) > 1]
+
+
+def subset_inputs(test: dict, sequences):
+    """The complete test studies once per subset of sequences, stacked (subset-major): the
+    presence rows and the image indices."""
+    subs, nt, s = subsets(sequences), len(test["present"]), len(sequences)
+    present = np.concatenate([np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)) for sub in subs])
+    return present, np.tile(np.arange(nt), len(subs))
+
+
+def score_encoder(enc: Encoder, train: dict, val: dict, test: dict, findings, sequences, *, pools=None, copies: int = 4,
                   seed: int = 0) -> dict:
     """One encoder's probes, trained under random drops, scored on every subset of the complete
-    test studies: ``{"subsets": {name: {"auroc": mean, "per_finding": {...}}}, "by_size": {k: mean}}``."""
+    test studies, for each readout in ``pools`` (default the encoder's; one encoding serves
+    them all): ``{pool: row}``, a row as :func:`subset_rows` makes it."""
+    pools = tuple(pools or (enc.pool,))
     tr_p = np.concatenate([train["present"], random_drops(train["present"], copies, seed)])
     tr_idx = np.tile(np.arange(len(train["present"])), copies + 1)
     va_p = np.concatenate([val["present"], random_drops(val["present"], 1, seed + 1)])
     va_idx = np.tile(np.arange(len(val["present"])), 2)
-    xtr = enc.features(train["image"][tr_idx], tr_p)
-    xva = enc.features(val["image"][va_idx], va_p)
-    subs = subsets(sequences)
-    nt = len(test["present"])
-    te_p = np.concatenate([np.broadcast_to(np.isin(np.arange(len(sequences)), sub), (nt, len(sequences))) for sub in subs])
-    xte = enc.features(np.tile(test["image"], (len(subs), 1, 1, 1, 1)), te_p)
-    tasks, used = [], []
-    for j, f in enumerate(findings):
-        ytr, yva, yte = (d["y"][idx, j].astype(int) for d, idx in ((train, tr_idx), (val, va_idx), (test, np.arange(nt))))
-        if len(np.unique(ytr)) < 2 or len(np.unique(yte)) < 2:
-            continue  # a finding the split cannot score
-        tasks.append(probes.Task(f, ytr, np.tile(yte, len(subs)), val_y=yva))
-        used.append(j)
-    if not tasks:
-        return {"subsets": {}, "by_size": {}, "findings": []}
-    _, scores = probes.logistic_sweep(xtr, xte, tasks, val_x=xva, return_scores=True)
+    te_p, te_idx = subset_inputs(test, sequences)
+    xtr = enc.pooled(train["image"][tr_idx], tr_p, pools)
+    xva = enc.pooled(val["image"][va_idx], va_p, pools)
+    xte = enc.pooled(test["image"][te_idx], te_p, pools)
+    nt, subs = len(test["present"]), subsets(sequences)
+    used = scorable(findings, train["y"], test["y"])
+    empty = {"subsets": {}, "by_size": {}, "findings": []}
+    if not used:
+        return {pool: dict(empty) for pool in pools}
+    tasks = [probes.Task(findings[j], train["y"][tr_idx, j].astype(int), np.tile(test["y"][:, j].astype(int), len(subs)),
+                         val_y=val["y"][va_idx, j].astype(int)) for j in used]
     out = {}
-    for si, sub in enumerate(subs):
-        rows = slice(si * nt, (si + 1) * nt)
-        per = {t.name: probes.auroc(sc[rows, 1], t.test_y[rows]) for t, sc in zip(tasks, scores)}
-        out[subset_name(sub, sequences)] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))),
-                                            "per_finding": per}
-    by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
-    return {"subsets": out, "by_size": by_size, "findings": [t.name for t in tasks]}
+    for pool in pools:
+        _, scores = probes.logistic_sweep(xtr[pool], xte[pool], tasks, val_x=xva[pool], return_scores=True)
+        per_sub = {subset_name(sub, sequences): np.stack([sc[si * nt:(si + 1) * nt, 1] for sc in scores], 1)
+                   for si, sub in enumerate(subs)}
+        out[pool] = subset_rows(per_sub, test["y"], used, findings, sequences)
+    return out
+
+
+# -- study-bootstrap intervals -------------------------------------------------------------------
+
+def study_weights(patient, draws: int, seed: int) -> np.ndarray:
+    """``(draws, n)`` bootstrap weights of the rows: the patients (a study's unit: a patient's
+    rows move together) drawn with replacement, each row weighted by its patient's count."""
+    ids, inv = np.unique(np.asarray(patient), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(ids), np.full(len(ids), 1.0 / max(len(ids), 1)), size=draws)
+    return counts[:, inv].astype(np.float64)
+
+
+def weighted_auroc(scores, y, w) -> np.ndarray:
+    """AUROC of ``scores`` for labels ``y`` under each row of weights ``w`` ``(D, n)`` (the
+    Mann-Whitney statistic of the rows repeated by their weights; ties count one half); NaN
+    where a draw holds no positive or no negative."""
+    s, pos = np.asarray(scores, np.float64), np.asarray(y) > 0
+    sp, sn = s[pos], s[~pos]
+    c = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])
+    w = np.atleast_2d(w)
+    wp, wn = w[:, pos], w[:, ~pos]
+    num = np.einsum("dp,pn,dn->d", wp, c, wn)
+    den = wp.sum(1) * wn.sum(1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _quantiles(d, level):
+    d = d[np.isfinite(d)]
+    q = (1 - level) / 2
+    return (float(np.quantile(d, q)), float(np.quantile(d, 1 - q))) if len(d) else (float("nan"), float("nan"))
+
+
+def intervals(rows: dict, test_y, w, *, level: float = 0.95) -> dict:
+    """Adds ``lo`` / ``hi`` (the ``level`` study-bootstrap interval of the mean AUROC over the
+    findings) to every subset of every row, and to each row's ``by_size``, in place (the rows'
+    ``_scores`` are removed). Returns the draws ``{(row, subset or k): (D,)}`` for paired
+    comparisons (the same draws for every row)."""
+    out = {}
+    for name, row in rows.items():
+        sc, used = row.pop("_scores", None), row.pop("_used", None)
+        if not sc:
+            continue
+        row["by_size_interval"] = {}
+        for sub, v in row["subsets"].items():
+            a = np.stack([weighted_auroc(sc[sub][:, k], test_y[:, j], w) for k, j in enumerate(used)])
+            ok = np.isfinite(a)  # a draw may hold no positive of a finding: the mean of the others
+            d = np.where(ok.any(0), np.where(ok, a, 0.0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+            out[(name, sub)] = d
+            v["lo"], v["hi"] = _quantiles(d, level)
+        for k in row["by_size"]:
+            d = np.mean(np.stack([out[(name, sub)] for sub, v in row["subsets"].items() if v["size"] == k]), 0)
+            out[(name, k)] = d
+            row["by_size_interval"][k] = _quantiles(d, level)
+    return out
+
+
+def gain(draws: dict, a, b, full: float, level: float = 0.95) -> dict:
+    """``a`` minus ``b`` (keys of :func:`intervals`' draws) with its paired interval and the
+    fraction of draws where ``a`` is not above ``b``."""
+    d = draws[a] - draws[b]
+    lo, hi = _quantiles(d, level)
+    fin = d[np.isfinite(d)]
+    return {"gain": float(full), "lo": lo, "hi": hi, "p_not_above": float(np.mean(fin <= 0)) if len(fin) else float("nan")}
 
 
 def graceful(multi: dict, single: dict, sequences) -> dict:
@@ -266,7 +372,8 @@ def examples(model, params, cfg, test: dict, n: int = 3, seed: int = 0) -> dict:
 
 
 def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: int = 4, seed: int = 0,
-             mesh=None, arrays: str = "", pools=POOLS, trained_steps: int = 0, seg_steps: int = 0) -> dict:
+             mesh=None, arrays: str = "", pools=POOLS, trained_steps: int = 0, seg_steps: int = 0,
+             draws: int = 1000) -> dict:
     """``runs``: ``{"multi-sequence": workdir, "single-sequence": workdir}`` (either may be
     missing); see the module docstring. Returns the table (JSON)."""
     from decipher_jax import multiparam as mp
@@ -292,17 +399,16 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
                              f"from {seqs} {size}")
         modes = ("late",) if c.pretrain.context == "target" else ("mask", "template")
         for mode in modes:
-            for pool in pools:
-                rows[f"{name} ({mode}, {pool} pool)"] = score_encoder(Encoder(model, params, mode, pool=pool), train, val,
-                                                                      test, findings, seqs, copies=copies, seed=seed)
+            by_pool = score_encoder(Encoder(model, params, mode), train, val, test, findings, seqs, pools=pools,
+                                    copies=copies, seed=seed)
+            rows |= {f"{name} ({mode}, {pool} pool)": row for pool, row in by_pool.items()}
     if random:
         model, params, c = next(v for v in loaded.values())
         rand = model.init(jax.random.key(seed + 17))
         for mode in ("mask", "late"):
-            for pool in pools:
-                rows[f"random init ({mode}, {pool} pool)"] = score_encoder(Encoder(model, rand, mode, pool=pool), train,
-                                                                           val, test, findings, seqs, copies=copies,
-                                                                           seed=seed)
+            by_pool = score_encoder(Encoder(model, rand, mode), train, val, test, findings, seqs, pools=pools,
+                                    copies=copies, seed=seed)
+            rows |= {f"random init ({mode}, {pool} pool)": row for pool, row in by_pool.items()}
     if trained_steps:
         # The ladder's trained rungs: the same ViT end to end from random init (supervised) and
         # from the multi-sequence run (fine-tuned).
@@ -326,36 +432,59 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
                 encs[f"{name} ({mode})"] = Encoder(model, params, mode)
         model, params, c = next(v for v in loaded.values())
         encs["random init (mask)"] = Encoder(model, model.init(jax.random.key(seed + 17)), "mask")
-        seg = segment(encs, train, val, test, seqs, steps=seg_steps, seed=seed)
+        seg = segment(encs, train, val, test, seqs, steps=seg_steps, seed=seed, draws=draws)
+    w = study_weights(test["patient"], draws, seed)
+    boot = intervals(rows, test["y"], w)
     res = {"sequences": list(seqs), "findings": list(findings), "data": data, "pools": list(pools),
            "studies": {"train": int(len(train["present"])), "val": int(len(val["present"])),
                        "test_complete": int(len(test["present"]))},
-           "rows": rows}
+           "bootstrap": {"draws": draws, "unit": "patient", "level": 0.95}, "rows": rows}
     if seg_steps:
         res["segmentation"] = seg
     # The issue's criteria, per readout: the multi-sequence encoder (absent masked; and
-    # template-filled) against the single-sequence encoder read the same way.
+    # template-filled) against the single-sequence encoder read the same way, with paired
+    # study-bootstrap intervals of the gains.
+    full = "+".join(seqs)
     for pool in pools:
-        single = rows.get(f"single-sequence (late, {pool} pool)")
+        sname = f"single-sequence (late, {pool} pool)"
         for mode in ("mask", "template"):
-            multi = rows.get(f"multi-sequence ({mode}, {pool} pool)")
-            if multi and single:
-                res.setdefault("criteria", {})[f"{mode}, {pool} pool"] = graceful(multi, single, seqs)
+            mname = f"multi-sequence ({mode}, {pool} pool)"
+            multi, single = rows.get(mname), rows.get(sname)
+            if not (multi and single and multi["subsets"] and single["subsets"]):
+                continue
+            c = graceful(multi, single, seqs)
+            best = c["best_single_sequence"]
+            c["gain"] = gain(boot, (mname, full), (sname, best), c["all_sequences"] - c["best_single"])
+            c["gain_by_size"] = {k: gain(boot, (mname, k), (sname, best), v - c["best_single"])
+                                 for k, v in multi["by_size"].items()}
+            res.setdefault("criteria", {})[f"{mode}, {pool} pool"] = c
     return res
+
+
+def by_size_cell(row: dict, k) -> str:
+    """``mean [lo, hi]`` of a row's ``by_size`` at ``k`` sequences (keys are ints, or strings once
+    read back from JSON)."""
+    get = lambda d: d.get(k, d.get(str(k))) if d else None  # noqa: E731
+    v, ci = get(row["by_size"]), get(row.get("by_size_interval"))
+    if v is None:
+        return "-"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def summary(r: dict) -> list[str]:
     seqs = r["sequences"]
     lines = [f"multi-parametric findings ({', '.join(r['findings'])}; mean test AUROC over "
-             f"{r['studies']['test_complete']} complete test studies) by sequences present:"]
+             f"{r['studies']['test_complete']} complete test studies, by number of sequences present, "
+             "[95 % patient-bootstrap interval]):"]
     for name, row in r["rows"].items():
-        cells = ", ".join(f"{k}: {v:.3f}" for k, v in row["by_size"].items())
-        lines.append(f"  {name}: {cells}")
+        lines.append(f"  {name}: " + ", ".join(f"{k}: {by_size_cell(row, k)}" for k in row["by_size"]))
     for name, row in (r.get("segmentation") or {}).get("rows", {}).items():
-        lines.append(f"  lesion Dice, {name}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row["by_size"].items()))
+        lines.append(f"  lesion Dice, {name}: " + ", ".join(f"{k}: {by_size_cell(row, k)}" for k in row["by_size"]))
     for key, c in (r.get("criteria") or {}).items():
+        g = c.get("gain")
+        gtxt = f" (gain {g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}])" if g else ""
         lines.append(f"  [{key}] all {len(seqs)} sequences {c['all_sequences']:.3f} against the best single-sequence "
-                     f"encoder ({c['best_single_sequence']}) {c['best_single']:.3f}: "
+                     f"encoder ({c['best_single_sequence']}) {c['best_single']:.3f}{gtxt}: "
                      f"{'beats it' if c['beats_best_single'] else 'does not beat it'}; graceful degradation "
                      f"{'holds' if c['graceful'] else 'does not hold'}")
     return lines
@@ -408,15 +537,7 @@ def train_end_to_end(model, params, train: dict, val: dict, *, steps: int = 300,
     pred_fn = jax.jit(lambda st, x, p: jax.nn.sigmoid(logits(st, x, p)))
 
     def predict(st, image, present, bs=16):
-        out = []
-        for i in range(0, len(image), bs):
-            x, p = image[i:i + bs], present[i:i + bs]
-            pad = bs - len(x)
-            if pad:
-                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-                p = np.concatenate([p, np.ones((pad,) + p.shape[1:], bool)])
-            out.append(np.asarray(pred_fn(st, jnp.asarray(x), jnp.asarray(p)))[: bs - pad])
-        return np.concatenate(out)
+        return batched(functools.partial(pred_fn, st), (image, present), STUDY_PAD, bs)
 
     def val_score(st):
         pr = predict(st, val["image"], val["present"])
@@ -440,21 +561,15 @@ def train_end_to_end(model, params, train: dict, val: dict, *, steps: int = 300,
 
 
 def score_predictions(predict, test: dict, findings, sequences, train_y) -> dict:
-    """A trained model's test AUROC per subset of sequences (as :func:`score_encoder`'s rows: the
+    """A trained model's test AUROC per subset of sequences (a row as :func:`score_encoder`'s: the
     findings with both classes in the training and the test studies)."""
-    subs, nt = subsets(sequences), len(test["present"])
-    used = [j for j in range(len(findings))
-            if len(np.unique(train_y[:, j])) > 1 and len(np.unique(test["y"][:, j])) > 1]
-    out = {}
-    for sub in subs:
-        p = np.broadcast_to(np.isin(np.arange(len(sequences)), sub), (nt, len(sequences))).copy()
+    used, nt, s = scorable(findings, train_y, test["y"]), len(test["present"]), len(sequences)
+    per_sub = {}
+    for sub in subsets(sequences):  # one subset at a time: the images stay one copy of the test split
+        p = np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)).copy()
         x = np.where(p[:, None, None, None, :], test["image"], 0.0).astype(np.float32)
-        pr = predict(x, p)
-        per = {f: probes.auroc(pr[:, j], test["y"][:, j]) for j, f in enumerate(findings) if j in used}
-        out[subset_name(sub, sequences)] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))),
-                                            "per_finding": per}
-    by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
-    return {"subsets": out, "by_size": by_size, "findings": [findings[j] for j in used]}
+        per_sub[subset_name(sub, sequences)] = predict(x, p)[:, used]
+    return subset_rows(per_sub, test["y"], used, findings, sequences)
 
 
 # -- lesion segmentation from the frozen encoders ----------------------------------------------------
@@ -466,13 +581,14 @@ def _dice(pred, gt) -> np.ndarray:
 
 
 def segment(encoders: dict, train: dict, val: dict, test: dict, sequences, *, steps: int = 300, lrs=(3e-3, 1e-2),
-            seeds=(0,), hidden: int = 32, batch: int = 8, copies: int = 1, seed: int = 0) -> dict:
+            seeds=(0,), hidden: int = 32, batch: int = 8, copies: int = 1, seed: int = 0, draws: int = 1000) -> dict:
     """Lesion segmentation from frozen encoders (``{name: Encoder}``): a UNETR-style head
     (:mod:`decipher_jax.eval.seghead`, kind ``unetr``) over the sequences' tokens side by side,
     with the study's present sequences as its image skip, trained on the training studies (native
     and ``copies`` random drops), its lr chosen on val Dice, scored on the complete test studies
     with a lesion under every subset of sequences: mean per-study Dice. The skip sees the present
-    sequences only (absent channels zero); a ``template`` encoder fills its tokens' input."""
+    sequences only (absent channels zero); a ``template`` encoder fills its tokens' input. Each
+    mean has its 95 % study-bootstrap interval (``lo``, ``hi``; ``by_size_interval``)."""
     from decipher_jax.eval import seghead as S
 
     tr_p = np.concatenate([train["present"], random_drops(train["present"], copies, seed)])
@@ -484,6 +600,8 @@ def segment(encoders: dict, train: dict, val: dict, test: dict, sequences, *, st
     size = train["image"].shape[1:4]
     predict = jax.jit(lambda p, t, x: jnp.argmax(S.apply_head("unetr", p, t, size, x), -1))
     masked = lambda img, p: np.where(p[:, None, None, None, :], img, 0.0).astype(np.float32)  # noqa: E731
+    w = study_weights(test["patient"][keep_te], draws, seed)
+    boot = lambda d: w @ d / np.maximum(w.sum(1), 1)  # noqa: E731  the mean Dice under each draw
     rows = {}
     for name, enc in encoders.items():
         xtr = masked(train["image"][tr_idx], tr_p)
@@ -497,13 +615,17 @@ def segment(encoders: dict, train: dict, val: dict, test: dict, sequences, *, st
                                   val["label"][keep_va].astype(bool)))) for i in range(n_heads)]
         best = int(np.argmax(vd))
         hp = jax.tree.map(lambda a: a[best], heads)
-        out = {}
+        out, per = {}, {}
         for sub in subs:
             p = np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)).copy()
             xin = masked(te_img, p)
             pred = np.asarray(predict(hp, enc.tokens(xin, p), xin))
-            out[subset_name(sub, sequences)] = {"size": len(sub), "dice": float(np.mean(_dice(pred.astype(bool), te_lab)))}
+            d = _dice(pred.astype(bool), te_lab)
+            per[len(sub)] = per.get(len(sub), []) + [boot(d)]
+            out[subset_name(sub, sequences)] = {"size": len(sub), "dice": float(np.mean(d)),
+                                                **dict(zip(("lo", "hi"), _quantiles(boot(d), 0.95)))}
         rows[name] = {"subsets": out, "val_dice": vd[best], "lr": float(lrs[best // len(seeds)]),
                       "by_size": {k: float(np.mean([v["dice"] for v in out.values() if v["size"] == k]))
-                                  for k in range(1, s + 1)}}
+                                  for k in range(1, s + 1)},
+                      "by_size_interval": {k: _quantiles(np.mean(per[k], 0), 0.95) for k in range(1, s + 1)}}
     return {"rows": rows, "test_studies_with_lesion": int(nt), "steps": steps}

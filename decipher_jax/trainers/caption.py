@@ -33,12 +33,13 @@ from decipher_jax.trainers.finetune import Best
 
 
 def token_loss(logits, labels, mask):
-    """Mean next-token cross-entropy over the masked positions, and the accuracy there."""
+    """Next-token cross-entropy averaged over the masked positions with the mask's weights, and the
+    (unweighted) accuracy there."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
-    n = jnp.maximum(mask.sum(), 1.0)
-    acc = ((logits.argmax(-1) == labels) * mask).sum() / n
-    return (nll * mask).sum() / n, acc
+    on = (mask > 0).astype(jnp.float32)
+    acc = ((logits.argmax(-1) == labels) * on).sum() / jnp.maximum(on.sum(), 1.0)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1e-6), acc
 
 
 def vit_config(cfg) -> ViTConfig | None:
@@ -209,7 +210,8 @@ def setup(cfg, mesh) -> common.Setup:
             if not cfg.init.align:
                 raise ValueError("caption: data.retrieve needs init.align (the stage-2 run that retrieves)")
             context = retrieved_reports(cfg.init.align, cfg.data.dir, "train", int(cfg.data.retrieve))
-        ds = ds.random_map(C.Examples(vocab, cfg.data.max_length, cfg.data.report_fraction, context))
+        ds = ds.random_map(C.Examples(vocab, cfg.data.max_length, cfg.data.report_fraction, context,
+                                      float(cfg.data.get("answer_weight", 1.0))))
         return iter(P._finish(ds.map(P.DropStrings()), per_host, loader))
 
     def run_spec():

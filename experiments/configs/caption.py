@@ -43,6 +43,9 @@ def get_config(arg=None):
     # percentile), 103 at most; a longer one is cut (and loses its end token).
     c.data.max_length = (96 if tiny else 256) * (2 if "rag" in opts else 1)
     c.data.report_fraction = 0.5  # the rest of the examples are templated questions
+    # A question's answer tokens weigh this much in the training loss (a report's 1): at 1 the answers are about
+    # 3 % of the loss (1-2 word pieces against a report's ~55).
+    c.data.answer_weight = 1.0
     # Retrieval-augmented: the training reports the stage-2 run ranks first for the image, before the
     # question (their word pieces count in max_length: a question part is cut to half of it).
     c.data.retrieve = 1 if "rag" in opts else 0
