@@ -33,7 +33,15 @@ def main() -> int:
     ap.add_argument("--rerun", action="store_true")
     ap.add_argument("--rag", action="store_true", help="also train and score caption.py:tiny,rag (retrieval-augmented)")
     ap.add_argument("--override", action="append", default=[], help="a.b=value for both caption configs")
+    ap.add_argument("--model-dir", default="caption", help="the image-conditioned run's folder in the workdir")
+    ap.add_argument("--model-override", action="append", default=[], help="a.b=value for the image-conditioned run alone")
+    ap.add_argument("--also", action="append", default=[],
+                    help="NAME=FOLDER: a finished caption run in the workdir scored beside the others (same test rows)")
     args = ap.parse_args()
+    if args.model_override and args.model_dir == "caption":
+        ap.error("--model-override needs its own --model-dir (a finished 'caption' run would be reused as it is)")
+    if any(a.split("=", 1)[0] in ("model", "rag", "retrieval", "prior") for a in args.also):
+        ap.error("--also: NAME must differ from model, rag, retrieval and prior")
 
     from decipher_jax import env
 
@@ -46,7 +54,7 @@ def main() -> int:
     w = os.path.abspath(args.workdir)
     data, align = os.path.join(w, "data", "prep"), os.path.join(w, "stage2")
     times = {}
-    runs = {"model": (os.path.join(w, "caption"), "tiny"), "prior": (os.path.join(w, "caption_prior"), "tiny,prior")}
+    runs = {"model": (os.path.join(w, args.model_dir), "tiny"), "prior": (os.path.join(w, "caption_prior"), "tiny,prior")}
     if args.rag:
         runs["rag"] = (os.path.join(w, "caption_rag"), "tiny,rag")
     for name, (out, arg) in runs.items():
@@ -54,6 +62,8 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
         over = {"data.dir": data, "steps": args.steps, "init.align": "" if name == "prior" else align}
         over.update(dict(o.split("=", 1) for o in args.override))
+        if name == "model":
+            over.update(dict(o.split("=", 1) for o in args.model_override))
         cfg = common.load_config(f"experiments/configs/caption.py:{arg}", over)
         t0 = time.perf_counter()
         m = caption.train(cfg, out)
@@ -61,7 +71,9 @@ def main() -> int:
         print(caption.summary(cfg, m, times[f"train {name}"]), flush=True)
     t0 = time.perf_counter()
     res = captioning.evaluate(runs["model"][0], data, "test", prior=runs["prior"][0], align=align, method=args.method,
-                              max_series=args.max_series, others={"rag": runs["rag"][0]} if args.rag else None)
+                              max_series=args.max_series,
+                              others=({"rag": runs["rag"][0]} if args.rag else {})
+                              | {k: os.path.join(w, v) for k, v in (a.split("=", 1) for a in args.also)})
     times["evaluate"] = time.perf_counter() - t0
     os.makedirs(os.path.join(w, "eval"), exist_ok=True)
     with open(os.path.join(w, "eval", "caption.json"), "w") as f:
@@ -71,7 +83,7 @@ def main() -> int:
     kinds = [k for k in textgen.QUESTIONS if k in res["systems"]["model"]["vqa"]]
     header = ["system", "BLEU-4", "ROUGE-L", "finding F1 (macro / micro)", "VQA image-dependent"] + kinds
     rows = []
-    for name in ("model", "rag", "retrieval", "prior"):
+    for name in ("model", "rag", *(a.split("=", 1)[0] for a in args.also), "retrieval", "prior"):
         s = res["systems"].get(name)
         if s is None:
             continue

@@ -109,9 +109,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Config fields added after runs had been written, with the value that behaves as the code did
+# before the field existed: a stored spec without the field resumes under that value (any other
+# value is a change, refused or allowed as usual).
+ADDED_FIELDS = {"data.answer_weight": 1.0}
+
+
 def config_changes(old: dict, new: dict) -> dict[str, list]:
-    """``{field: [old, new]}`` over the dotted fields of two JSON configs (missing = None)."""
+    """``{field: [old, new]}`` over the dotted fields of two JSON configs (missing = None, or the
+    field's :data:`ADDED_FIELDS` value)."""
     a, b = flatten(old), flatten(new)
+    for k, v in ADDED_FIELDS.items():
+        for d in (a, b):
+            if k not in d and k in (set(a) | set(b)):
+                d[k] = v
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

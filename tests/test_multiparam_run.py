@@ -173,3 +173,38 @@ def test_batched_pads_to_one_shape_and_drops_the_padding():
     np.testing.assert_array_equal(out["x"], x)
     np.testing.assert_array_equal(out["s"], x.sum(1))
     assert mpe.batched(fn, (x[:0], p[:0]), (0.0, True), 3) is None
+
+
+def test_one_pass_gives_every_readout_as_each_encoder_would_and_intervals_hold_the_point():
+    """``Encoder.pooled`` with both readouts equals an encoder of each pool (mask, template, late);
+    ``intervals`` under all-ones weights reproduces every cell's AUROC, the unscorable finding
+    left out."""
+    from decipher_jax.models.multiseq import MultiParamModel, MultiSeqConfig
+    from decipher_jax.models.vit3d import ViTConfig
+    from decipher_jax import sharding as sh
+    from decipher_jax.state import Model
+
+    cfg = MultiSeqConfig(ViTConfig(**VIT))
+    model = Model(lambda r: MultiParamModel(cfg, proj_dim=8, rngs=r), sh.make_mesh(None, jax.devices()[:1]))
+    params = model.init(jax.random.key(1))
+    r = np.random.default_rng(2)
+    x = r.random((5, 16, 16, 16, 4)).astype(np.float32)
+    p = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1], [0, 1, 1, 0], [1, 1, 0, 1]], bool)
+    for mode in mpe.MODES:
+        both = mpe.Encoder(model, params, mode, batch=2).pooled(x, p, mpe.POOLS)
+        for pool in mpe.POOLS:
+            np.testing.assert_allclose(both[pool], mpe.Encoder(model, params, mode, batch=3, pool=pool).features(x, p),
+                                       atol=1e-5, err_msg=f"{mode} {pool}")
+
+    seqs, findings = ("T1", "T2"), ("a", "b", "c")
+    y = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1], [0, 1, 1]], np.float32)  # c: one class
+    used = mpe.scorable(findings, y, y)
+    assert used == [0, 1]
+    scores = {mpe.subset_name(s, seqs): r.random((6, 2)) for s in mpe.subsets(seqs)}
+    row = mpe.subset_rows(scores, y, used, findings, seqs)
+    draws = mpe.intervals({"row": row}, y, np.ones((3, 6)))
+    assert "_scores" not in row and row["findings"] == ["a", "b"]
+    for name, cell in row["subsets"].items():
+        assert cell["lo"] == pytest.approx(cell["auroc"]) and cell["hi"] == pytest.approx(cell["auroc"])
+        np.testing.assert_allclose(draws[("row", name)], cell["auroc"])
+    assert mpe.subset_rows(scores, y, [], findings, seqs) == {"subsets": {}, "by_size": {}, "findings": []}

@@ -178,3 +178,13 @@ def test_sigterm_grace_period_ends_a_stuck_run(tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 143 and "grace period" in p.stderr, p.stderr
     assert time.perf_counter() - t0 < 25
+
+
+def test_a_field_added_later_resumes_at_its_old_behaviour_and_refuses_another_value():
+    old = {"data": {"dir": "d", "batch_size": 4}, "steps": 10}
+    new = {"data": {"dir": "d", "batch_size": 4, "answer_weight": 1.0}, "steps": 10}
+    assert runspec.config_changes(old, new) == {}
+    assert runspec.config_changes(new, old) == {}
+    new["data"]["answer_weight"] = 20.0
+    assert runspec.config_changes(old, new) == {"data.answer_weight": [1.0, 20.0]}
+    assert runspec.config_changes({"steps": 1}, {"steps": 2}) == {"steps": [1, 2]}  # no added field invented

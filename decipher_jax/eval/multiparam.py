@@ -212,7 +212,9 @@ def subset_rows(scores: dict, test_y, used, findings, sequences) -> dict:
     """A row of the table from test scores per subset (``{subset name: (n, len(used))}``, the
     findings ``used``): per subset the mean AUROC over those findings and each one's, the means
     by number of sequences, and the scores themselves under ``"_scores"`` (for the bootstrap:
-    :func:`intervals` removes them)."""
+    :func:`intervals` removes them). An empty row when no finding is scorable."""
+    if not len(used):
+        return {"subsets": {}, "by_size": {}, "findings": []}
     out = {}
     for sub in subsets(sequences):
         name, sc = subset_name(sub, sequences), scores[subset_name(sub, sequences)]
@@ -220,7 +222,7 @@ def subset_rows(scores: dict, test_y, used, findings, sequences) -> dict:
         out[name] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))), "per_finding": per}
     by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
     return {"subsets": out, "by_size": by_size, "findings": [findings[j] for j in used],
-            "_scores": {k: np.asarray(v, np.float32) for k, v in scores.items()}, "_used": list(used)}
+            "_scores": {k: np.asarray(v) for k, v in scores.items()}, "_used": list(used)}
 
 
 def scorable(findings, train_y, test_y) -> list[int]:
@@ -252,9 +254,8 @@ def score_encoder(enc: Encoder, train: dict, val: dict, test: dict, findings, se
     xte = enc.pooled(test["image"][te_idx], te_p, pools)
     nt, subs = len(test["present"]), subsets(sequences)
     used = scorable(findings, train["y"], test["y"])
-    empty = {"subsets": {}, "by_size": {}, "findings": []}
     if not used:
-        return {pool: dict(empty) for pool in pools}
+        return {pool: {"subsets": {}, "by_size": {}, "findings": []} for pool in pools}
     tasks = [probes.Task(findings[j], train["y"][tr_idx, j].astype(int), np.tile(test["y"][:, j].astype(int), len(subs)),
                          val_y=val["y"][va_idx, j].astype(int)) for j in used]
     out = {}
@@ -286,7 +287,7 @@ def weighted_auroc(scores, y, w) -> np.ndarray:
     c = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])
     w = np.atleast_2d(w)
     wp, wn = w[:, pos], w[:, ~pos]
-    num = np.einsum("dp,pn,dn->d", wp, c, wn)
+    num = ((wp @ c) * wn).sum(1)
     den = wp.sum(1) * wn.sum(1)
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
@@ -305,7 +306,7 @@ def intervals(rows: dict, test_y, w, *, level: float = 0.95) -> dict:
     out = {}
     for name, row in rows.items():
         sc, used = row.pop("_scores", None), row.pop("_used", None)
-        if not sc:
+        if not sc or not used:
             continue
         row["by_size_interval"] = {}
         for sub, v in row["subsets"].items():
@@ -321,10 +322,10 @@ def intervals(rows: dict, test_y, w, *, level: float = 0.95) -> dict:
     return out
 
 
-def gain(draws: dict, a, b, full: float, level: float = 0.95) -> dict:
-    """``a`` minus ``b`` (keys of :func:`intervals`' draws) with its paired interval and the
-    fraction of draws where ``a`` is not above ``b``."""
-    d = draws[a] - draws[b]
+def gain(a, b, full: float, level: float = 0.95) -> dict:
+    """``a`` minus ``b`` (paired bootstrap draws, ``(D,)`` each) with its interval and the
+    fraction of draws where ``a`` is not above ``b``; ``full``: the gain on the whole sample."""
+    d = a - b
     lo, hi = _quantiles(d, level)
     fin = d[np.isfinite(d)]
     return {"gain": float(full), "lo": lo, "hi": hi, "p_not_above": float(np.mean(fin <= 0)) if len(fin) else float("nan")}
@@ -453,10 +454,11 @@ def evaluate(runs: dict, data: str, findings, *, random: bool = True, copies: in
             if not (multi and single and multi["subsets"] and single["subsets"]):
                 continue
             c = graceful(multi, single, seqs)
-            best = c["best_single_sequence"]
-            c["gain"] = gain(boot, (mname, full), (sname, best), c["all_sequences"] - c["best_single"])
-            c["gain_by_size"] = {k: gain(boot, (mname, k), (sname, best), v - c["best_single"])
-                                 for k, v in multi["by_size"].items()}
+            # the best single sequence is chosen again in every draw: the interval counts the
+            # choice of the best of S, not only the noise of the one chosen on the whole sample
+            best = np.max(np.stack([boot[(sname, q)] for q in seqs if (sname, q) in boot]), 0)
+            c["gain"] = gain(boot[(mname, full)], best, c["all_sequences"] - c["best_single"])
+            c["gain_by_size"] = {k: gain(boot[(mname, k)], best, v - c["best_single"]) for k, v in multi["by_size"].items()}
             res.setdefault("criteria", {})[f"{mode}, {pool} pool"] = c
     return res
 

@@ -246,5 +246,7 @@ def train(cfg, workdir: str) -> dict:
 def summary(cfg, m: dict, seconds: float) -> str:
     what = "image-conditioned decoder" if cfg.model.use_image else "language-prior decoder (no image)"
     best = f"; best val answer-token loss {m['val_loss']:.3f} at step {m['best_step']}" if "val_loss" in m else ""
+    if "loss" not in m:  # a finished run resumed: no step ran
+        return f"{what}: already trained to step {cfg.steps} (or stopped early before it){best}"
     return (f"{what}, {cfg.steps} steps at most, in {seconds:.0f} s: training answer-token loss {m['loss']:.3f}, "
             f"accuracy {m['token_acc']:.3f}{best}")
