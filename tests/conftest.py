@@ -31,17 +31,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity checks
 # One compilation cache for the session. Each train() call jits fresh closures whose programs are
 # identical, and XLA:CPU compiles dominate the trainers' tests: a second identical tiny stage-1
-# run took 36 s without the cache and 9 s with it (same process, 2 cores). Under xdist the
-# controller makes the directory before it starts the workers (they inherit the variable), so the
-# two workers share what either compiled; it alone removes the directory. A size limit turns on
-# the cache's file lock: a worker never reads an entry the other is still writing.
+# run took 36 s without the cache and 9 s with it (same process, 2 cores).
 if os.environ.get("DECIPHER_TEST_XLA_CACHE", "1") != "0":
-    if not os.environ.get("DECIPHER_TEST_XLA_CACHE_DIR"):
-        os.environ["DECIPHER_TEST_XLA_CACHE_DIR"] = tempfile.mkdtemp(prefix="decipher_jax_xla_cache_")
-        atexit.register(shutil.rmtree, os.environ["DECIPHER_TEST_XLA_CACHE_DIR"], True)
-    jax.config.update("jax_compilation_cache_dir", os.environ["DECIPHER_TEST_XLA_CACHE_DIR"])
+    _XLA_CACHE = tempfile.mkdtemp(prefix="decipher_jax_xla_cache_")
+    atexit.register(shutil.rmtree, _XLA_CACHE, True)
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_compilation_cache_max_size", 16 << 30)
 
 
 # The longest test files first (measured totals under two workers, BENCHMARKS.md), so that the

@@ -601,7 +601,8 @@ class MultiParam(Evaluator):
     ``runs["multiparam_single"]`` and a random-init floor, each frozen with logistic probes, on
     every subset of sequences of the complete test studies, beside the same ViT trained end to
     end on the findings for ``trained_steps`` (0: none) from random init and from the run, and
-    lesion segmentation heads on the frozen encoders for ``seg_steps`` (0: none).
+    lesion segmentation heads on the frozen encoders for ``seg_steps`` (0: none), with ``draws``
+    patient-bootstrap draws for the intervals.
     ``data``: the multi-parametric records ("" = the multiparam run's ``data.dir``)."""
 
     name = "multiparam"
@@ -609,7 +610,7 @@ class MultiParam(Evaluator):
     @classmethod
     def defaults(cls):
         return {"data": "", "findings": ("infarct", "dwi_flair_mismatch", "hemorrhage", "mass"), "copies": 4,
-                "trained_steps": 300, "seg_steps": 300}
+                "trained_steps": 300, "seg_steps": 300, "draws": 1000}
 
     def run(self, ctx):
         from decipher_jax.eval import multiparam
@@ -620,7 +621,8 @@ class MultiParam(Evaluator):
             raise MissingSplit("no multiparam run to evaluate (runs.multiparam, runs.multiparam_single)")
         return multiparam.evaluate(runs, self.settings["data"], tuple(self.settings["findings"]), random=ctx.random,
                                    copies=self.settings["copies"], mesh=None, arrays=ctx.dir.arrays(self.name),
-                                   trained_steps=self.settings["trained_steps"], seg_steps=self.settings["seg_steps"])
+                                   trained_steps=self.settings["trained_steps"], seg_steps=self.settings["seg_steps"],
+                                   draws=self.settings["draws"])
 
     def summary(self, r, ctx):
         from decipher_jax.eval import multiparam

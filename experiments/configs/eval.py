@@ -48,7 +48,7 @@ def get_config(arg=None):
         "segmentation": {"encoders": ("align", "random"), "steps": 10 if tiny else 150, "batch": 4,
                          "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,)},
         "sweep": {"sweep": "experiments/sweeps/probes.py"},
-        "multiparam": {"copies": 4, "trained_steps": 300, "seg_steps": 300},
+        "multiparam": {"copies": 4, "trained_steps": 300, "seg_steps": 300, "draws": 1000},
     }
     c.evals = {k: evals[k] for k in ALL + OPTIONAL if k in keep}
     c.order = tuple(k for k in ALL + OPTIONAL if k in keep)  # a ConfigDict sorts its keys: the run order
