@@ -29,6 +29,7 @@ from decipher_jax.data import transforms as T
 from decipher_jax.eval.retrieval import normalise
 
 TEMPLATES = ("{}", "{}.", "Findings: {}.", "Impression: {}.")
+PAD_MULTIPLE = 16
 
 
 class ZeroShot:
@@ -60,8 +61,14 @@ class ZeroShot:
         if isinstance(sentences, str):
             raise TypeError("sentences must be a list of strings, not one string")
         texts = [t.format(s) for s in sentences for t in templates]
-        enc = self.tokenizer(texts, max_length=self.max_length, truncation=True, padding="max_length",
-                             return_tensors="np")
+        # Padded to the longest text rounded up to 16 (at most the run's max_length), not to
+        # max_length: a query is about ten word pieces, and the tower's cost grows with the padded
+        # length. The attention mask makes the embedding independent of the padding; the buckets
+        # of 16 keep the compiled shapes few.
+        longest = max((len(ids) for ids in self.tokenizer(texts, max_length=self.max_length, truncation=True)["input_ids"]),
+                      default=1)
+        length = min(self.max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        enc = self.tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np")
         z = np.asarray(self._text(self.params, jnp.asarray(enc["input_ids"], jnp.int32),
                                   jnp.asarray(enc["attention_mask"], jnp.int32)))
         return normalise(normalise(z).reshape(len(sentences), len(templates), -1).mean(1))

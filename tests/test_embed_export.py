@@ -143,3 +143,18 @@ def test_a_damaged_or_newer_bundle_fails_naming_the_file(run, tmp_path):
         bundle.from_pretrained(out)
     json.dump(cfg, open(cfg_path, "w"))
     bundle.from_pretrained(out)  # restored: loads again
+
+
+def test_sentences_padded_to_their_bucket_embed_as_at_the_full_length(run):
+    """encode_sentences pads to the longest query rounded up to 16, not to max_length: the
+    attention mask makes the embeddings equal to those at the full length."""
+    zs = zeroshot.ZeroShot.from_workdir(run)
+    long = ["Restricted diffusion in the left MCA territory consistent with acute infarct, " * 3]
+    for sentences in (SENTENCES, long):
+        got = zs.encode_sentences(sentences)
+        texts = [t.format(s) for s in sentences for t in zeroshot.TEMPLATES]
+        enc = zs.tokenizer(texts, max_length=zs.max_length, truncation=True, padding="max_length", return_tensors="np")
+        assert enc["attention_mask"].sum(1).max() < zs.max_length or sentences is long
+        full = np.asarray(zs._text(zs.params, enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)))
+        want = zeroshot.normalise(zeroshot.normalise(full).reshape(len(sentences), len(zeroshot.TEMPLATES), -1).mean(1))
+        np.testing.assert_allclose(got, want, atol=2e-5)
