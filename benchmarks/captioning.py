@@ -40,7 +40,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.model_override and args.model_dir == "caption":
         ap.error("--model-override needs its own --model-dir (a finished 'caption' run would be reused as it is)")
-    if any(a.split("=", 1)[0] in ("model", "rag", "retrieval", "prior") for a in args.also):
+    also = dict(a.split("=", 1) for a in args.also)
+    if set(also) & {"model", "rag", "retrieval", "prior"}:
         ap.error("--also: NAME must differ from model, rag, retrieval and prior")
 
     from decipher_jax import env
@@ -73,7 +74,7 @@ def main() -> int:
     res = captioning.evaluate(runs["model"][0], data, "test", prior=runs["prior"][0], align=align, method=args.method,
                               max_series=args.max_series,
                               others=({"rag": runs["rag"][0]} if args.rag else {})
-                              | {k: os.path.join(w, v) for k, v in (a.split("=", 1) for a in args.also)})
+                              | {k: os.path.join(w, v) for k, v in also.items()})
     times["evaluate"] = time.perf_counter() - t0
     os.makedirs(os.path.join(w, "eval"), exist_ok=True)
     with open(os.path.join(w, "eval", "caption.json"), "w") as f:
@@ -83,7 +84,7 @@ def main() -> int:
     kinds = [k for k in textgen.QUESTIONS if k in res["systems"]["model"]["vqa"]]
     header = ["system", "BLEU-4", "ROUGE-L", "finding F1 (macro / micro)", "VQA image-dependent"] + kinds
     rows = []
-    for name in ("model", "rag", *(a.split("=", 1)[0] for a in args.also), "retrieval", "prior"):
+    for name in ("model", "rag", *also, "retrieval", "prior"):
         s = res["systems"].get(name)
         if s is None:
             continue

@@ -113,6 +113,16 @@ def alone(present, j: int) -> np.ndarray:
     return np.broadcast_to(np.arange(present.shape[1]) == j, present.shape)
 
 
+def subset_present(sub, n: int, s: int) -> np.ndarray:
+    """``(n, s)`` presence rows with exactly the sequences of ``sub`` present."""
+    return np.broadcast_to(np.isin(np.arange(s), sub), (n, s)).copy()
+
+
+def absent_zeroed(image, present) -> np.ndarray:
+    """The images ``(n, X, Y, Z, S)`` with the absent sequences' channels set to 0 (float32)."""
+    return np.where(present[:, None, None, None, :], image, 0.0).astype(np.float32)
+
+
 class Encoder:
     """A frozen multi-sequence encoder: ``features(image, present)`` in batches.
 
@@ -217,8 +227,8 @@ def subset_rows(scores: dict, test_y, used, findings, sequences) -> dict:
         return {"subsets": {}, "by_size": {}, "findings": []}
     out = {}
     for sub in subsets(sequences):
-        name, sc = subset_name(sub, sequences), scores[subset_name(sub, sequences)]
-        per = {findings[j]: probes.auroc(sc[:, k], test_y[:, j]) for k, j in enumerate(used)}
+        name = subset_name(sub, sequences)
+        per = {findings[j]: probes.auroc(scores[name][:, k], test_y[:, j]) for k, j in enumerate(used)}
         out[name] = {"size": len(sub), "auroc": float(np.mean(list(per.values()))), "per_finding": per}
     by_size = {k: float(np.mean([v["auroc"] for v in out.values() if v["size"] == k])) for k in range(1, len(sequences) + 1)}
     return {"subsets": out, "by_size": by_size, "findings": [findings[j] for j in used],
@@ -234,7 +244,7 @@ def subset_inputs(test: dict, sequences):
     """The complete test studies once per subset of sequences, stacked (subset-major): the
     presence rows and the image indices."""
     subs, nt, s = subsets(sequences), len(test["present"]), len(sequences)
-    present = np.concatenate([np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)) for sub in subs])
+    present = np.concatenate([subset_present(sub, nt, s) for sub in subs])
     return present, np.tile(np.arange(nt), len(subs))
 
 
@@ -553,7 +563,7 @@ def train_end_to_end(model, params, train: dict, val: dict, *, steps: int = 300,
         p = train["present"][idx] & (r.random((batch, s)) < keep)
         for k in np.flatnonzero(~p.any(1)):
             p[k, r.choice(np.flatnonzero(train["present"][idx[k]]))] = True
-        x = np.where(p[:, None, None, None, :], train["image"][idx], 0.0).astype(np.float32)
+        x = absent_zeroed(train["image"][idx], p)
         state, opt, _ = step(state, opt, jnp.asarray(x), jnp.asarray(p), jnp.asarray(train["y"][idx]))
         if (i + 1) % eval_every == 0 or i + 1 == steps:
             v = val_score(state)
@@ -568,9 +578,8 @@ def score_predictions(predict, test: dict, findings, sequences, train_y) -> dict
     used, nt, s = scorable(findings, train_y, test["y"]), len(test["present"]), len(sequences)
     per_sub = {}
     for sub in subsets(sequences):  # one subset at a time: the images stay one copy of the test split
-        p = np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)).copy()
-        x = np.where(p[:, None, None, None, :], test["image"], 0.0).astype(np.float32)
-        per_sub[subset_name(sub, sequences)] = predict(x, p)[:, used]
+        p = subset_present(sub, nt, s)
+        per_sub[subset_name(sub, sequences)] = predict(absent_zeroed(test["image"], p), p)[:, used]
     return subset_rows(per_sub, test["y"], used, findings, sequences)
 
 
@@ -601,17 +610,16 @@ def segment(encoders: dict, train: dict, val: dict, test: dict, sequences, *, st
     nt, subs, s = len(te_img), subsets(sequences), len(sequences)
     size = train["image"].shape[1:4]
     predict = jax.jit(lambda p, t, x: jnp.argmax(S.apply_head("unetr", p, t, size, x), -1))
-    masked = lambda img, p: np.where(p[:, None, None, None, :], img, 0.0).astype(np.float32)  # noqa: E731
     w = study_weights(test["patient"][keep_te], draws, seed)
     boot = lambda d: w @ d / np.maximum(w.sum(1), 1)  # noqa: E731  the mean Dice under each draw
     rows = {}
     for name, enc in encoders.items():
-        xtr = masked(train["image"][tr_idx], tr_p)
+        xtr = absent_zeroed(train["image"][tr_idx], tr_p)
         ttr = enc.tokens(train["image"][tr_idx], tr_p)
         heads, _ = S.train_heads(ttr, train["label"][tr_idx].astype(np.int32), kind="unetr", classes=2, lrs=lrs,
                                  seeds=seeds, steps=steps, hidden=hidden, batch=batch, images=xtr)
         tva = enc.tokens(val["image"][keep_va], val["present"][keep_va])
-        xva = masked(val["image"][keep_va], val["present"][keep_va])
+        xva = absent_zeroed(val["image"][keep_va], val["present"][keep_va])
         n_heads = len(lrs) * len(seeds)
         vd = [float(np.mean(_dice(np.asarray(predict(jax.tree.map(lambda a: a[i], heads), tva, xva)).astype(bool),  # noqa: B023
                                   val["label"][keep_va].astype(bool)))) for i in range(n_heads)]
@@ -619,13 +627,14 @@ def segment(encoders: dict, train: dict, val: dict, test: dict, sequences, *, st
         hp = jax.tree.map(lambda a: a[best], heads)
         out, per = {}, {}
         for sub in subs:
-            p = np.broadcast_to(np.isin(np.arange(s), sub), (nt, s)).copy()
-            xin = masked(te_img, p)
+            p = subset_present(sub, nt, s)
+            xin = absent_zeroed(te_img, p)
             pred = np.asarray(predict(hp, enc.tokens(xin, p), xin))
             d = _dice(pred.astype(bool), te_lab)
-            per[len(sub)] = per.get(len(sub), []) + [boot(d)]
+            drawn = boot(d)
+            per.setdefault(len(sub), []).append(drawn)
             out[subset_name(sub, sequences)] = {"size": len(sub), "dice": float(np.mean(d)),
-                                                **dict(zip(("lo", "hi"), _quantiles(boot(d), 0.95)))}
+                                                **dict(zip(("lo", "hi"), _quantiles(drawn, 0.95)))}
         rows[name] = {"subsets": out, "val_dice": vd[best], "lr": float(lrs[best // len(seeds)]),
                       "by_size": {k: float(np.mean([v["dice"] for v in out.values() if v["size"] == k]))
                                   for k in range(1, s + 1)},
