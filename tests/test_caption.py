@@ -291,3 +291,13 @@ def test_answer_weight_scales_the_answers_alone_and_the_loss_is_their_weighted_m
     loss, acc = token_loss(logits, labels, mask)
     assert float(loss) == pytest.approx(float((nll * mask).sum() / mask.sum()), rel=1e-5)
     assert float(acc) == pytest.approx(float(((logits.argmax(-1) == labels) * (mask > 0)).sum() / 4))
+
+
+def test_summary_of_a_finished_run_resumed_names_it_and_of_a_trained_one_gives_its_loss():
+    from decipher_jax.trainers import caption, common
+
+    cfg = common.load_config("experiments/configs/caption.py:tiny")
+    done = caption.summary(cfg, {"val_loss": 0.3, "best_step": 900}, 1.0)  # resumed at its end: no step ran
+    assert "already trained" in done and "0.300 at step 900" in done
+    ran = caption.summary(cfg, {"loss": 0.25, "token_acc": 0.9}, 10.0)
+    assert "training answer-token loss 0.250" in ran and "accuracy 0.900" in ran
