@@ -19,6 +19,10 @@ probes are) and the attributes, on the prepared records resized whole to ``--siz
 - test positives: the test split's positive series and the distinct patients they come from
   (the AUROC's effective sample size).
 
+Age, a regression, gets its own table: per body region, the test MAE of a ridge regression
+(penalty by CV on train) on the histogram statistics and on the 8^3 voxels (each crossed with the
+sequence), against predicting the training mean age (the floor the suite's probes report).
+
 Test AUROC of each. A task neither statistic learns and no supervised model learns either
 (``benchmarks/monai_anchor.py``) is not measuring an encoder.
 """
@@ -108,6 +112,42 @@ def fit_auroc(ftr, ytr, fte, yte):
     return float(roc_auc_score(yte, p, multi_class="ovr", labels=m.classes_))
 
 
+def age_rows(xtr, mtr, xte, mte, sequences) -> list[list[str]]:
+    """Per body region and overall: (region, train / test series, floor MAE, hist ridge MAE,
+    voxel ridge MAE) in years; rows without an age are left out."""
+    import numpy as np
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    def crossed(f, seq):
+        return np.concatenate([f * (seq == s)[:, None] for s in sequences], 1)
+
+    ok_tr = np.isfinite(np.asarray(mtr["age"], float))
+    ok_te = np.isfinite(np.asarray(mte["age"], float))
+    atr, ate = np.asarray(mtr["age"], float), np.asarray(mte["age"], float)
+    pred = {k: np.full(len(ate), atr[ok_tr].mean()) for k in ("hist", "voxel")}
+    rows = []
+    for reg in sorted(set(np.asarray(mtr["body_region"])[ok_tr])):
+        tr = ok_tr & (np.asarray(mtr["body_region"]) == reg)
+        te = ok_te & (np.asarray(mte["body_region"]) == reg)
+        if not te.any():
+            continue
+        feats = {"hist": (hist_features(xtr[tr], mtr["sequence"][tr], sequences),
+                          hist_features(xte[te], mte["sequence"][te], sequences)),
+                 "voxel": (crossed(voxel_features(xtr[tr], 8), mtr["sequence"][tr]),
+                           crossed(voxel_features(xte[te], 8), mte["sequence"][te]))}
+        for k, (ftr, fte) in feats.items():
+            sc = StandardScaler().fit(ftr)
+            m = RidgeCV(alphas=10.0 ** np.arange(-2, 6)).fit(sc.transform(ftr), atr[tr])
+            pred[k][te] = m.predict(sc.transform(fte))
+        rows.append([reg, f"{int(tr.sum())} / {int(te.sum())}", f"{np.abs(ate[te] - atr[ok_tr].mean()).mean():.1f}",
+                     f"{np.abs(pred['hist'][te] - ate[te]).mean():.1f}", f"{np.abs(pred['voxel'][te] - ate[te]).mean():.1f}"])
+    rows.append(["all", f"{int(ok_tr.sum())} / {int(ok_te.sum())}", f"{np.abs(ate[ok_te] - atr[ok_tr].mean()).mean():.1f}",
+                 f"{np.abs(pred['hist'][ok_te] - ate[ok_te]).mean():.1f}",
+                 f"{np.abs(pred['voxel'][ok_te] - ate[ok_te]).mean():.1f}"])
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prep", required=True)
@@ -154,6 +194,9 @@ def main(argv=None) -> int:
                  f"{np.mean(nui_f):.3f}"])
     print(table(["task", "train pos/n", "test n", "test pos (patients)", f"lesion voxels at {args.size}^3",
                  "hist LR", "voxel LR", "nuisance"], rows))
+    if "age" in mtr:
+        print(table(["age: body region", "train / test series", "floor (training mean)", "hist ridge", "voxel ridge"],
+                    age_rows(xtr, mtr, xte, mte, sequences)))
     print(f"{time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -10,8 +10,11 @@ negations. Several series of one study share one report (multiple positives in s
 Age and sex show in the anatomy, so that probes for them measure something: the body is
 about 6 % larger in men than in women (every region, with 2 % spread), and with age the
 ventricles widen and the brain shrinks from the skull, and knee cartilage and spinal discs
-thin (:func:`age_fraction`). The reports say so as a radiologist would: a history line with the
-patient's age and sex, and the degree of atrophy, cartilage or disc thinning among the findings.
+thin (:func:`age_fraction`). Version 5 adds changes large enough to see at the evaluation's
+32^3 outside the brain too (:func:`age_body`): muscle shrinks and fat infiltrates it, marrow
+turns fatty, discs desiccate, each by a patient's ageing fraction (age plus a biological
+spread, :func:`ageing`). The reports say so as a radiologist would: a history line with the
+patient's age and sex, and the degree of each age-related change among the findings.
 
     manifest = generate_corpus("data/synthetic", n_patients=40, seed=0)
 
@@ -99,10 +102,19 @@ class Ellipsoid:
     center: np.ndarray  # mm, RAS
     radii: np.ndarray  # mm
     lesion: bool = False
+    # A share of the tissue's signal replaced by another tissue's (``amount`` of ``toward``'s):
+    # version 5's age-related changes, e.g. fatty infiltration of muscle (:func:`age_body`).
+    toward: str = ""
+    amount: float = 0.0
 
     def inside(self, xyz: np.ndarray) -> np.ndarray:
         d = (xyz - self.center) / self.radii
         return np.einsum("...i,...i->...", d, d) <= 1.0
+
+    def intensity(self, col: int) -> float:
+        """The part's signal in sequence column ``col`` of :data:`TISSUE`."""
+        v = TISSUE[self.tissue][col]
+        return (1.0 - self.amount) * v + self.amount * TISSUE[self.toward][col] if self.toward else v
 
 
 def _e(tissue, c, r, lesion=False):
@@ -253,7 +265,9 @@ BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen
 # the BatchNorm CNN; MONAI's ResNet-10 0.55, a voxel logistic regression 0.53).
 LESIONS = {"infarct": (18.0, 28.0), "mass": (14.0, 22.0), "liver_lesion": (20.0, 32.0),
            "fracture": (0.15, 0.4), "cord_lesion": (7.5, 32.0, 50.0)}
-GENERATOR_VERSION = 4
+# Version 5 added the age-related changes of AGEING (age_body) and their report sentences; its
+# corpus is version 4's otherwise (generate_corpus(version=4) still writes that one).
+GENERATOR_VERSION = 5
 
 
 def scale_body(parts: list[Ellipsoid], facts: dict, scale: float) -> list[Ellipsoid]:
@@ -274,6 +288,41 @@ def body_scale(sex: str, seed: int, patient: int, stream: tuple[int, ...] = ()) 
     return float((1.06 if sex == "M" else 0.94) * np.exp(0.02 * r.standard_normal()))
 
 
+# Version 5's age-related changes outside the brain (:func:`age_body`), at the patient's ageing
+# fraction g in [0, 1] (:func:`ageing`): tissue -> (the tissue its signal moves toward, the share
+# moved at g = 1, the radius lost at g = 1). Sarcopenia: muscle shrinks and fat infiltrates it
+# (thigh, paraspinal and abdominal wall muscle; the abdomen's "muscle" part is its whole interior,
+# so there visceral fat grows); red-to-yellow conversion of the vertebral and long-bone marrow;
+# disc desiccation (a degenerate disc turns fibrous, dark on T2). Version 4 changed only the
+# cartilage and the discs' height with age, by 1-3 mm: at the evaluation's 32^3 (about 5 mm
+# voxels in the knee, 8 mm along the spine) no model read age there (a ridge regression on the
+# intensity histogram: knee and spine MAE at the training-mean floor, the brain 9.1 years
+# against 16.2; BENCHMARKS.md, "Age in the image").
+AGEING = {"muscle": ("fat", 0.55, 0.12), "marrow": ("fat", 0.6, 0.0), "disc": ("ligament", 0.6, 0.0)}
+AGEING_SPREAD = 0.1  # the standard deviation of a patient's ageing fraction about age_fraction(age)
+
+
+def ageing(seed: int, patient: int, age, stream: tuple[int, ...] = ()) -> float:
+    """A patient's ageing fraction: :func:`age_fraction` plus a biological spread of
+    ``AGEING_SPREAD`` (about 7 years), clipped to [0, 1]. Its own random stream (as
+    :func:`body_scale`), so the rest of a patient's draws do not depend on it."""
+    r = np.random.default_rng([seed, patient, 4, *stream])
+    return float(np.clip(age_fraction(age) + AGEING_SPREAD * r.standard_normal(), 0.0, 1.0))
+
+
+def age_body(parts: list[Ellipsoid], g: float) -> list[Ellipsoid]:
+    """The parts with :data:`AGEING`'s changes at ageing fraction ``g``: each listed tissue's
+    signal moved toward another's and its radii shrunk about its centre. Lesions and other
+    tissues are unchanged (a fracture's marrow oedema stays oedema)."""
+    out = []
+    for p in parts:
+        if p.tissue in AGEING and not p.lesion:
+            toward, share, loss = AGEING[p.tissue]
+            p = dataclasses.replace(p, radii=p.radii * (1.0 - loss * g), toward=toward, amount=share * g)
+        out.append(p)
+    return out
+
+
 def render(parts: list[Ellipsoid], affine: np.ndarray, shape, sequence: str):
     """Samples the phantom at voxel centres: (intensity, lesion mask) in voxel space."""
     ijk = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
@@ -283,7 +332,7 @@ def render(parts: list[Ellipsoid], affine: np.ndarray, shape, sequence: str):
     mask = np.zeros(shape, np.uint8)
     for p in parts:  # later parts paint over earlier ones
         inside = p.inside(xyz)
-        img[inside] = TISSUE[p.tissue][col]
+        img[inside] = p.intensity(col)
         if p.lesion:
             mask[inside] = 1
     return img, mask, xyz
@@ -374,6 +423,21 @@ _AGEING = {
     "spine": (["Disc heights are preserved."], ["Mild loss of disc height at multiple levels."],
               ["Multilevel degenerative disc disease with marked loss of disc height."]),
 }
+# Version 5: what a radiologist writes about :data:`AGEING`'s changes (``age_body``), by the
+# degree of the patient's ageing fraction (the same bounds). None names a finding's words
+# (tests/test_textgen.py: the report parser reads them as no finding).
+_AGEING_BODY = {
+    "knee": (["The thigh and calf musculature is normal in bulk."],
+             ["Mild fatty atrophy of the thigh muscles."],
+             ["Marked muscle atrophy with fatty infiltration."]),
+    "spine": (["The paraspinal muscles and marrow signal are normal for age.", "Discs are well hydrated."],
+              ["Mild disc desiccation and fatty marrow conversion.", "Mild fatty atrophy of the paraspinal muscles."],
+              ["Multilevel disc desiccation with fatty marrow and marked paraspinal muscle atrophy.",
+               "Advanced fatty replacement of the marrow and paraspinal musculature."]),
+    "abdomen": (["The abdominal wall musculature is normal."],
+                ["Mild sarcopenia with increased visceral fat."],
+                ["Marked sarcopenia with fatty infiltration of the abdominal wall muscles."]),
+}
 # The clinical-history line: the request's demographics and reason.
 _WHY = {
     "brain": ["headache", "dizziness", "new neurological deficit", "follow-up"],
@@ -386,10 +450,11 @@ _HISTORY = ["HISTORY: {age}-year-old {noun} with {why}.", "INDICATION: {Why}. {a
 
 
 def write_report(r: np.random.Generator, region: str, sequences, findings: set[str], facts: dict,
-                 age=None, sex: str | None = None) -> str:
+                 age=None, sex: str | None = None, ageing: float | None = None) -> str:
     """A radiology report: examination, history (when ``age`` is given), technique, findings
     (the study's findings or their negations, age-related changes, normal statements) and the
-    impression."""
+    impression. ``ageing``: the patient's ageing fraction (version 5, :func:`age_body`), whose
+    changes the findings then state too; None (version 4) leaves them out."""
     lines = [f"EXAMINATION: MRI {region}."]
     if age is not None:
         noun = {"M": ["man", "male"], "F": ["woman", "female"]}.get(sex or "", ["patient"])
@@ -401,6 +466,8 @@ def write_report(r: np.random.Generator, region: str, sequences, findings: set[s
     if age is not None and region in _AGEING:
         degree = int(np.searchsorted([0.35, 0.7], age_fraction(age)))
         sentences.append(str(r.choice(_AGEING[region][degree])))
+    if ageing is not None and region in _AGEING_BODY:
+        sentences.append(str(r.choice(_AGEING_BODY[region][int(np.searchsorted([0.35, 0.7], ageing))])))
     for f in REGIONS[region][1]:
         if f in findings:
             t = str(r.choice(_POS[f])).format(**facts.get(f, {}))
@@ -455,12 +522,18 @@ def acquire(r: np.random.Generator, parts, sequence: str, fov, matrix: int, nois
 
 
 def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40,
-                    studies_per_patient=(1, 2), noise: float = 0.03) -> str:
+                    studies_per_patient=(1, 2), noise: float = 0.03, version: int = GENERATOR_VERSION) -> str:
     """Writes NIfTI series, lesion masks and reports under ``out_dir``; returns the manifest CSV.
 
     Deterministic in ``seed``. Each patient has 1-2 studies; each study one region, 2-3
     sequences sharing one report; the findings of a study appear in all its series.
+    ``version``: 5 (the default) or 4, which writes the corpus of generator version 4 byte for
+    byte (without :func:`age_body`'s changes; the figures measured on it can be reproduced).
+    Version 5 draws nothing more from the version-4 streams: its corpus has the same patients,
+    studies, findings and acquisition grids.
     """
+    if version not in (4, GENERATOR_VERSION):
+        raise ValueError(f"generator version {version}: this generator writes versions 4 and {GENERATOR_VERSION}")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     root = np.random.default_rng(seed)
@@ -475,11 +548,14 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             findings = {f for f in possible if r.random() < 0.45}
             facts: dict = {}
             parts = scale_body(BUILDERS[region](r, findings, facts, age=age), facts, body_scale(sex, seed, p))
+            g = ageing(seed, p, age) if version >= 5 else None
+            if g is not None:
+                parts = age_body(parts, g)
             findings = set(facts) | findings  # facts may be richer (e.g. sizes)
             seqs = sorted(r.choice(PROTOCOLS[region], size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
             study = f"P{p:04d}_S{s}"
             # The report draws from its own stream, so its wording never shifts the images'.
-            report = write_report(np.random.default_rng([seed, p, 2, s]), region, seqs, findings, facts, age, sex)
+            report = write_report(np.random.default_rng([seed, p, 2, s]), region, seqs, findings, facts, age, sex, g)
             rep_file = os.path.join(out_dir, f"{study}_report.txt")
             with open(rep_file, "w") as f:
                 f.write(report)
@@ -498,7 +574,7 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
     manifest = manifest_lib.write(os.path.join(out_dir, "manifest.csv"), rows)
     with open(os.path.join(out_dir, "generator.json"), "w") as f:
         json.dump({"seed": seed, "n_patients": n_patients, "matrix": matrix, "series": len(rows),
-                   "version": GENERATOR_VERSION}, f, indent=1)
+                   "version": version}, f, indent=1)
     return manifest
 
 

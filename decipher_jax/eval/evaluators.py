@@ -462,7 +462,7 @@ class Probes(Evaluator):
                       if not c["task"].startswith(suite.FINDING)]
         err, floor = suite.summarise(rows, "mae"), suite.summarise(rows, "mae_of_mean")
         for task in sorted({k[1] for k in err}):  # age: ridge probes
-            lines.append(f"  {task} (ridge; test MAE in years, predicting the training mean: "
+            lines.append(f"  {task} (ridge within each body region; test MAE in years, predicting the training mean: "
                          f"{floor[(names[0], task, 1.0)][0]:.1f}): "
                          + ", ".join(f"{e} {err[(e, task, 1.0)][0]:.1f}" for e in names if (e, task, 1.0) in err))
         return lines

@@ -7,7 +7,7 @@ Tasks come from the records' metadata:
 
 - attributes: body region, sequence and sex (classes seen in the training split; test rows of
   unseen classes are dropped), and age, a regression (ridge probes, MAE; rows without an age
-  are dropped);
+  are dropped; one linear map per body region, :func:`regional`);
 - findings (the disease probes): one binary task per finding seen in training, "finding:
   infarct", over the series of the body regions where that finding occurs in training (an
   infarct probe is fitted and scored on brain series only). An empty finding list is a normal
@@ -49,6 +49,31 @@ def known(y) -> np.ndarray:
     """Rows inside a task: class ids >= 0, or finite regression targets."""
     y = np.asarray(y)
     return np.isfinite(y) & (y >= 0) if y.dtype.kind == "f" else y >= 0
+
+
+def region_levels(train: dict, rows=slice(None)) -> tuple[str, ...]:
+    """The body regions a regression probe is fitted within (:func:`regional`): those of the
+    training ``rows``; () when the field is missing or holds one region (then no crossing)."""
+    if "body_region" not in train:
+        return ()
+    levels = tuple(sorted(set(np.asarray(train["body_region"]).astype(str)[rows]) - {""}))
+    return levels if len(levels) > 1 else ()
+
+
+def regional(x: np.ndarray, regions, levels: tuple[str, ...]) -> np.ndarray:
+    """A regression probe's input (age): the features crossed with each row's body region (one
+    block per region of ``levels``, zero on other rows) beside the region's indicator, so one
+    ridge fit is a linear model per region under one penalty. Age reads differently in each
+    region (CSF in a brain, fatty muscle in a knee or an abdomen); a single linear map of every
+    region's features read it barely below the training-mean floor even where a per-region one
+    read it well (BENCHMARKS.md, "Age in the image"). The body region is in every series'
+    header (DICOM BodyPartExamined), as the sequence is. ``levels`` () returns ``x``; a row of
+    another region gets zeros (the training mean)."""
+    if not levels:
+        return x
+    regions = np.asarray(regions).astype(str)
+    inside = [(regions == level)[:, None] for level in levels]
+    return np.concatenate([x * m for m in inside] + [m.astype(x.dtype) for m in inside], 1)
 
 
 def encoders(workdir: str, mesh) -> tuple[dict, ViTConfig]:
@@ -143,6 +168,10 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             yva = held.get(tname)
             xva = feats["val"][feature] if yva is not None else None
             if tname in REGRESSION:
+                if lv := region_levels(feats["train"], tr_ok):  # one linear map per body region
+                    xtr = regional(xtr, feats["train"]["body_region"][tr_ok], lv)
+                    xte = regional(xte, feats["test"]["body_region"][te_ok], lv)
+                    xva = regional(xva, feats["val"]["body_region"], lv) if xva is not None else None
                 res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
                                              seeds=seeds, return_scores=True, cv_groups=cv, val_x=xva, val_y=yva)
             else:
@@ -200,6 +229,9 @@ def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "
         cv = cv_groups(train, tr_ok)
         yva = held.get(tname)
         xva = feats["val"][feature] if yva is not None else None
+        if tname in REGRESSION and (lv := region_levels(train, tr_ok)):
+            xtr, xte = regional(xtr, train["body_region"][tr_ok], lv), regional(xte, test["body_region"][te_ok], lv)
+            xva = regional(xva, feats["val"]["body_region"], lv) if xva is not None else None
         for fit in levels:
             rows = gtr[tr_ok] == fit
             y_fit = ytr[tr_ok][rows]
