@@ -14,7 +14,10 @@ thin (:func:`age_fraction`). Version 5 adds changes large enough to see at the e
 32^3 outside the brain too (:func:`age_body`): muscle shrinks and fat infiltrates it, marrow
 turns fatty, discs desiccate, each by a patient's ageing fraction (age plus a biological
 spread, :func:`ageing`). The reports say so as a radiologist would: a history line with the
-patient's age and sex, and the degree of each age-related change among the findings.
+patient's age and sex, and the degree of the brain's atrophy, cartilage or disc thinning among
+the findings (version 5's changes go unmentioned, as age-appropriate changes often do: with
+sentences on them, stage 2 aligned to those instead of the findings; BENCHMARKS.md, "Age in
+the image").
 
     manifest = generate_corpus("data/synthetic", n_patients=40, seed=0)
 
@@ -265,8 +268,8 @@ BUILDERS = {"brain": _brain, "knee": _knee, "spine": _spine, "abdomen": _abdomen
 # the BatchNorm CNN; MONAI's ResNet-10 0.55, a voxel logistic regression 0.53).
 LESIONS = {"infarct": (18.0, 28.0), "mass": (14.0, 22.0), "liver_lesion": (20.0, 32.0),
            "fracture": (0.15, 0.4), "cord_lesion": (7.5, 32.0, 50.0)}
-# Version 5 added the age-related changes of AGEING (age_body) and their report sentences; its
-# corpus is version 4's otherwise (generate_corpus(version=4) still writes that one).
+# Version 5 added the age-related changes of AGEING (age_body) to the images; its corpus (the
+# reports included) is version 4's otherwise (generate_corpus(version=4) still writes that one).
 GENERATOR_VERSION = 5
 
 
@@ -423,21 +426,6 @@ _AGEING = {
     "spine": (["Disc heights are preserved."], ["Mild loss of disc height at multiple levels."],
               ["Multilevel degenerative disc disease with marked loss of disc height."]),
 }
-# Version 5: what a radiologist writes about :data:`AGEING`'s changes (``age_body``), by the
-# degree of the patient's ageing fraction (the same bounds). None names a finding's words
-# (tests/test_textgen.py: the report parser reads them as no finding).
-_AGEING_BODY = {
-    "knee": (["The thigh and calf musculature is normal in bulk."],
-             ["Mild fatty atrophy of the thigh muscles."],
-             ["Marked muscle atrophy with fatty infiltration."]),
-    "spine": (["The paraspinal muscles and marrow signal are normal for age.", "Discs are well hydrated."],
-              ["Mild disc desiccation and fatty marrow conversion.", "Mild fatty atrophy of the paraspinal muscles."],
-              ["Multilevel disc desiccation with fatty marrow and marked paraspinal muscle atrophy.",
-               "Advanced fatty replacement of the marrow and paraspinal musculature."]),
-    "abdomen": (["The abdominal wall musculature is normal."],
-                ["Mild sarcopenia with increased visceral fat."],
-                ["Marked sarcopenia with fatty infiltration of the abdominal wall muscles."]),
-}
 # The clinical-history line: the request's demographics and reason.
 _WHY = {
     "brain": ["headache", "dizziness", "new neurological deficit", "follow-up"],
@@ -450,11 +438,11 @@ _HISTORY = ["HISTORY: {age}-year-old {noun} with {why}.", "INDICATION: {Why}. {a
 
 
 def write_report(r: np.random.Generator, region: str, sequences, findings: set[str], facts: dict,
-                 age=None, sex: str | None = None, ageing: float | None = None) -> str:
+                 age=None, sex: str | None = None) -> str:
     """A radiology report: examination, history (when ``age`` is given), technique, findings
-    (the study's findings or their negations, age-related changes, normal statements) and the
-    impression. ``ageing``: the patient's ageing fraction (version 5, :func:`age_body`), whose
-    changes the findings then state too; None (version 4) leaves them out."""
+    (the study's findings or their negations, the brain's age-related changes, normal
+    statements) and the impression. Version 5's changes outside the brain (:func:`age_body`)
+    go unmentioned, as age-appropriate changes often do: the history states the age."""
     lines = [f"EXAMINATION: MRI {region}."]
     if age is not None:
         noun = {"M": ["man", "male"], "F": ["woman", "female"]}.get(sex or "", ["patient"])
@@ -466,8 +454,6 @@ def write_report(r: np.random.Generator, region: str, sequences, findings: set[s
     if age is not None and region in _AGEING:
         degree = int(np.searchsorted([0.35, 0.7], age_fraction(age)))
         sentences.append(str(r.choice(_AGEING[region][degree])))
-    if ageing is not None and region in _AGEING_BODY:
-        sentences.append(str(r.choice(_AGEING_BODY[region][int(np.searchsorted([0.35, 0.7], ageing))])))
     for f in REGIONS[region][1]:
         if f in findings:
             t = str(r.choice(_POS[f])).format(**facts.get(f, {}))
@@ -548,14 +534,13 @@ def generate_corpus(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: i
             findings = {f for f in possible if r.random() < 0.45}
             facts: dict = {}
             parts = scale_body(BUILDERS[region](r, findings, facts, age=age), facts, body_scale(sex, seed, p))
-            g = ageing(seed, p, age) if version >= 5 else None
-            if g is not None:
-                parts = age_body(parts, g)
+            if version >= 5:
+                parts = age_body(parts, ageing(seed, p, age))
             findings = set(facts) | findings  # facts may be richer (e.g. sizes)
             seqs = sorted(r.choice(PROTOCOLS[region], size=int(r.integers(2, 4)), replace=False), key=SEQUENCES.index)
             study = f"P{p:04d}_S{s}"
             # The report draws from its own stream, so its wording never shifts the images'.
-            report = write_report(np.random.default_rng([seed, p, 2, s]), region, seqs, findings, facts, age, sex, g)
+            report = write_report(np.random.default_rng([seed, p, 2, s]), region, seqs, findings, facts, age, sex)
             rep_file = os.path.join(out_dir, f"{study}_report.txt")
             with open(rep_file, "w") as f:
                 f.write(report)
