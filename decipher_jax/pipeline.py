@@ -82,7 +82,7 @@ def data_stage(ctx: Context, st) -> None:
 
     t0 = time.perf_counter()
     manifest = corpus.build(layout.PipelineDir(ctx.workdir).raw, n_patients=st.patients, seed=ctx.cfg.seed,
-                            matrix=st.matrix)
+                            matrix=st.matrix, version=st.get("generator_version", corpus.synthetic.GENERATOR_VERSION))
     out = layout.PipelineDir(ctx.workdir).prep
     pcfg = prep.PrepConfig(volume=volume.VolumeConfig(target_spacing=(float(st.spacing),) * 3),
                            split_fractions=tuple(float(s) for s in st.splits))

@@ -59,10 +59,13 @@ def _row(name, image, label, report):
             "label": label, "report_file": report, "sequence": "T1", "body_region": "brain", "role": schema.TEMPLATE}
 
 
-def build(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40, real: bool = True) -> str:
-    """Generates the corpus under ``out_dir`` and returns the combined manifest path."""
+def build(out_dir: str, n_patients: int = 40, seed: int = 0, matrix: int = 40, real: bool = True,
+          version: int = synthetic.GENERATOR_VERSION) -> str:
+    """Generates the corpus under ``out_dir`` and returns the combined manifest path.
+    ``version``: the synthetic generator's (:func:`synthetic.generate_corpus`)."""
     synth_dir = os.path.join(out_dir, "synthetic")
-    synth_manifest = synthetic.generate_corpus(synth_dir, n_patients=n_patients, seed=seed, matrix=matrix)
+    synth_manifest = synthetic.generate_corpus(synth_dir, n_patients=n_patients, seed=seed, matrix=matrix,
+                                               version=version)
     with open(synth_manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     # Re-base the synthetic manifest's relative paths onto this manifest's folder.
