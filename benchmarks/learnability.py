@@ -68,8 +68,14 @@ def hist_features(x, seq, sequences):
     h = np.stack([np.histogram(v, bins=32, range=(0.0, 1.0))[0] for v in flat]).astype(np.float64) / flat.shape[1]
     q = np.percentile(flat, [90, 99, 99.9], axis=1).T
     f = np.concatenate([np.sqrt(h), q], 1)
-    blocks = [f * (seq == s)[:, None] for s in sequences]
-    return np.concatenate([f] + blocks, 1)
+    return np.concatenate([f, crossed(f, seq, sequences)], 1)
+
+
+def crossed(f, seq, sequences):
+    """``f`` once per sequence, zero on the other sequences' rows (one block each)."""
+    import numpy as np
+
+    return np.concatenate([f * (seq == s)[:, None] for s in sequences], 1)
 
 
 def nuisance_auroc(mtr, ytr, mte, yte, keys=("sequence", "sex")) -> float:
@@ -119,23 +125,19 @@ def age_rows(xtr, mtr, xte, mte, sequences) -> list[list[str]]:
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    def crossed(f, seq):
-        return np.concatenate([f * (seq == s)[:, None] for s in sequences], 1)
-
-    ok_tr = np.isfinite(np.asarray(mtr["age"], float))
-    ok_te = np.isfinite(np.asarray(mte["age"], float))
     atr, ate = np.asarray(mtr["age"], float), np.asarray(mte["age"], float)
+    ok_tr, ok_te = np.isfinite(atr), np.isfinite(ate)
+    rtr, rte = np.asarray(mtr["body_region"]), np.asarray(mte["body_region"])
     pred = {k: np.full(len(ate), atr[ok_tr].mean()) for k in ("hist", "voxel")}
     rows = []
-    for reg in sorted(set(np.asarray(mtr["body_region"])[ok_tr])):
-        tr = ok_tr & (np.asarray(mtr["body_region"]) == reg)
-        te = ok_te & (np.asarray(mte["body_region"]) == reg)
+    for reg in sorted(set(rtr[ok_tr])):
+        tr, te = ok_tr & (rtr == reg), ok_te & (rte == reg)
         if not te.any():
             continue
         feats = {"hist": (hist_features(xtr[tr], mtr["sequence"][tr], sequences),
                           hist_features(xte[te], mte["sequence"][te], sequences)),
-                 "voxel": (crossed(voxel_features(xtr[tr], 8), mtr["sequence"][tr]),
-                           crossed(voxel_features(xte[te], 8), mte["sequence"][te]))}
+                 "voxel": (crossed(voxel_features(xtr[tr], 8), mtr["sequence"][tr], sequences),
+                           crossed(voxel_features(xte[te], 8), mte["sequence"][te], sequences))}
         for k, (ftr, fte) in feats.items():
             sc = StandardScaler().fit(ftr)
             m = RidgeCV(alphas=10.0 ** np.arange(-2, 6)).fit(sc.transform(ftr), atr[tr])

@@ -374,8 +374,11 @@ def test_age_probes_fit_one_linear_map_per_body_region(rng):
     lv = suite.region_levels(train)
     assert lv == ("brain", "knee")
     plain = probes.ridge_sweep(train["mean"], test["mean"], name, ytr, yte, val_x=val["mean"], val_y=val["age"])[0]
-    crossed = probes.ridge_sweep(*(suite.regional(d["mean"], d["body_region"], lv) for d in (train, test)), name, ytr, yte,
-                                 val_x=suite.regional(val["mean"], val["body_region"], lv), val_y=val["age"])[0]
+    every = np.ones(len(ytr), bool), np.ones(len(yte), bool)
+    xtr, xte, xva = suite.regression_inputs({"train": train, "test": test, "val": val}, *every,
+                                            train["mean"], test["mean"], val["mean"])
+    np.testing.assert_array_equal(xtr, suite.regional(train["mean"], train["body_region"], lv))
+    crossed = probes.ridge_sweep(xtr, xte, name, ytr, yte, val_x=xva, val_y=val["age"])[0]
     assert plain["mae"] > 0.95 * plain["mae_of_mean"]
     assert crossed["mae"] < 0.5 * crossed["mae_of_mean"], crossed
     x = suite.regional(np.ones((3, 2), np.float32), np.array(["brain", "knee", "spine"]), lv)

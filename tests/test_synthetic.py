@@ -200,3 +200,17 @@ def test_version_5_changes_only_what_ages(tmp_path):
         assert r4 == r5
     with pytest.raises(ValueError, match="generator version 3"):
         synthetic.generate_corpus(str(tmp_path / "v3"), n_patients=1, version=3)
+
+
+def test_the_embedded_corpus_is_built_at_the_version_asked(tmp_path):
+    """``corpus.build`` (the pipeline's data stage) passes ``version`` to the generator: version 4
+    on request, else the current one; both recorded in ``generator.json``."""
+    import json
+
+    from decipher_jax.data import corpus
+
+    for kw, want in (({"version": 4}, 4), ({}, synthetic.GENERATOR_VERSION)):
+        out = tmp_path / str(want)
+        corpus.build(str(out), n_patients=1, seed=0, matrix=16, real=False, **kw)
+        with open(out / "synthetic" / "generator.json") as f:
+            assert json.load(f)["version"] == want

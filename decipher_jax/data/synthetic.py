@@ -305,11 +305,11 @@ AGEING = {"muscle": ("fat", 0.55, 0.12), "marrow": ("fat", 0.6, 0.0), "disc": ("
 AGEING_SPREAD = 0.1  # the standard deviation of a patient's ageing fraction about age_fraction(age)
 
 
-def ageing(seed: int, patient: int, age, stream: tuple[int, ...] = ()) -> float:
+def ageing(seed: int, patient: int, age) -> float:
     """A patient's ageing fraction: :func:`age_fraction` plus a biological spread of
     ``AGEING_SPREAD`` (about 7 years), clipped to [0, 1]. Its own random stream (as
     :func:`body_scale`), so the rest of a patient's draws do not depend on it."""
-    r = np.random.default_rng([seed, patient, 4, *stream])
+    r = np.random.default_rng([seed, patient, 4])
     return float(np.clip(age_fraction(age) + AGEING_SPREAD * r.standard_normal(), 0.0, 1.0))
 
 

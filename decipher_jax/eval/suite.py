@@ -51,6 +51,18 @@ def known(y) -> np.ndarray:
     return np.isfinite(y) & (y >= 0) if y.dtype.kind == "f" else y >= 0
 
 
+def regression_inputs(splits: dict, tr_ok, te_ok, xtr, xte, xva):
+    """A regression task's probe inputs ``(train, test, val)``: the features of its known rows
+    crossed with the body region (:func:`regional`, the levels of the training rows), as is
+    where the split holds one region or no region field. ``splits``: ``{"train", "test"[,
+    "val"]}`` metadata; ``xva`` (all val rows) may be None."""
+    lv = region_levels(splits["train"], tr_ok)
+    if not lv:
+        return xtr, xte, xva
+    return (regional(xtr, splits["train"]["body_region"][tr_ok], lv), regional(xte, splits["test"]["body_region"][te_ok], lv),
+            None if xva is None else regional(xva, splits["val"]["body_region"], lv))
+
+
 def region_levels(train: dict, rows=slice(None)) -> tuple[str, ...]:
     """The body regions a regression probe is fitted within (:func:`regional`): those of the
     training ``rows``; () when the field is missing or holds one region (then no crossing)."""
@@ -168,10 +180,7 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             yva = held.get(tname)
             xva = feats["val"][feature] if yva is not None else None
             if tname in REGRESSION:
-                if lv := region_levels(feats["train"], tr_ok):  # one linear map per body region
-                    xtr = regional(xtr, feats["train"]["body_region"][tr_ok], lv)
-                    xte = regional(xte, feats["test"]["body_region"][te_ok], lv)
-                    xva = regional(xva, feats["val"]["body_region"], lv) if xva is not None else None
+                xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)  # a linear map per region
                 res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
                                              seeds=seeds, return_scores=True, cv_groups=cv, val_x=xva, val_y=yva)
             else:
@@ -229,9 +238,8 @@ def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "
         cv = cv_groups(train, tr_ok)
         yva = held.get(tname)
         xva = feats["val"][feature] if yva is not None else None
-        if tname in REGRESSION and (lv := region_levels(train, tr_ok)):
-            xtr, xte = regional(xtr, train["body_region"][tr_ok], lv), regional(xte, test["body_region"][te_ok], lv)
-            xva = regional(xva, feats["val"]["body_region"], lv) if xva is not None else None
+        if tname in REGRESSION:
+            xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)
         for fit in levels:
             rows = gtr[tr_ok] == fit
             y_fit = ytr[tr_ok][rows]

@@ -95,10 +95,7 @@ def grid(sw: dict, sets: dict[str, dict]) -> list[dict]:
                     xva = fs["val"][pool] if yva is not None else None
                     base = {"features": set_name, "pool": pool, "task": name}
                     if name in suite.REGRESSION:  # age: ridge probes only, within each body region
-                        if lv := suite.region_levels(fs["train"], tr):
-                            xtr = suite.regional(xtr, fs["train"]["body_region"][tr], lv)
-                            xte = suite.regional(xte, fs["test"]["body_region"][te], lv)
-                            xva = suite.regional(xva, fs["val"]["body_region"], lv) if xva is not None else None
+                        xtr, xte, xva = suite.regression_inputs(fs, tr, te, xtr, xte, xva)
                         h = heads.get("ridge", {})
                         t0 = time.perf_counter()
                         res = probes.ridge_sweep(xtr, xte, name, ytr[tr], yte[te],
