@@ -37,7 +37,8 @@ FORMAT = "decipher_jax.bundle"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 PARTS = {"image_tower.safetensors": ("image",), "text_tower.safetensors": ("text",),
-         "projections.safetensors": ("image_proj", "text_proj", "text_center", "logit_scale", "logit_bias")}
+         "projections.safetensors": ("image_proj", "text_proj", "text_center", "text_adapter", "logit_scale",
+                                     "logit_bias")}
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

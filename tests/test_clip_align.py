@@ -158,6 +158,62 @@ def test_pair_text_features_weigh_the_description(minilm_path):
     assert not np.allclose(alone[0], line[0], atol=1e-2)
 
 
+def test_text_adapter_starts_as_the_identity_and_learns_what_a_linear_head_cannot(rng):
+    """``model.towers.text_adapter``: at init the projection equals the adapter-free one; its
+    parameters are trained (not locked with the report encoder) and exported in a bundle; and it
+    fits the negation pattern of bag-of-words features that a linear head cannot: with sentence
+    features ``v(no) + v(X)``, the positive-minus-negated difference is the same for every finding
+    X, so no linear score is high for "infarct" and "no mass" but low for "mass" and "no infarct"."""
+    import optax
+
+    from decipher_jax import bundle, optim
+    from decipher_jax.models.towers import TowersConfig
+
+    with pytest.raises(ValueError, match="text_adapter"):
+        TowersConfig(objective="regress", text_adapter=8)
+    mesh = sh.make_mesh(None, jax.devices()[:1])
+    plain = clip_align.setup(_cfg("tiny,locktext"), mesh)
+    adapted = clip_align.setup(_cfg("tiny,locktext", **{"model.towers.text_adapter": 64}), mesh)
+    p0, p1 = plain.model.init(jax.random.key(0)), adapted.model.init(jax.random.key(0))
+    assert set(p1["text_adapter"]) == {"w_in", "b_in", "w_out", "b_out"}
+    assert set(p1) <= {k for part in bundle.PARTS.values() for k in part}  # every parameter has a bundle file
+    d = SMALL_BERT["hidden_size"]
+    feats = rng.normal(size=(5, d)).astype(np.float32)
+    p1 = {**p1, "text_proj": p0["text_proj"], "text_center": p0["text_center"]}
+    np.testing.assert_allclose(adapted.model(p1).project_text(feats), plain.model(p0).project_text(feats), rtol=1e-6)
+    rules = [tuple(r) for r in adapted.cfg.optim.lr_rules]
+    assert optim.first_match("text_adapter/w_in", rules, 1.0) == 1.0  # trained at the full lr
+    assert optim.first_match("text/encoder/layer_0/w", rules, 1.0) is None  # the report encoder stays locked
+
+    # Words: "no", "there is", and two findings; the four sentences are sums of word vectors.
+    no, there, infarct, mass = rng.normal(size=(4, d)).astype(np.float32)
+    x = jnp.asarray(np.stack([there + infarct, no + mass, there + mass, no + infarct]))
+    y = jnp.asarray([1.0, 1.0, -1.0, -1.0])  # an image with an infarct and no mass
+    u = jnp.asarray(rng.normal(size=16).astype(np.float32))
+
+    def fit(setup, params):
+        train = {k: params[k] for k in ("text_proj", "text_adapter") if k in params}
+        tx = optax.adam(1e-2)
+
+        def loss(t):
+            return jnp.mean((setup.model({**params, **t}).project_text(x) @ u / 4.0 - y) ** 2)
+
+        @jax.jit
+        def step(t, s):
+            val, g = jax.value_and_grad(loss)(t)
+            upd, s = tx.update(g, s, t)
+            return optax.apply_updates(t, upd), s, val
+
+        s = tx.init(train)
+        for _ in range(400):
+            train, s, val = step(train, s)
+        return float(val)
+
+    # A linear head's best is a mean squared error of 1 (every score 0); the adapter fits it.
+    assert fit(plain, p0) > 0.99
+    assert fit(adapted, p1) < 0.05
+
+
 def test_text_cache_equals_running_the_locked_tower(prepared_heldout, minilm_path):
     """A locked text tower's texts (series description + report) are encoded once and looked
     up: the step is the same step."""

@@ -7,6 +7,7 @@ Parameter tree (the optimiser's regex rules address the towers by these names)::
     image_proj       (vit.dim, d)               text_proj       (bert.hidden, d)
     logit_scale      log t (CLIP / SigLIP)      logit_bias      b (SigLIP)
                                                 text_center     (bert.hidden,) (``center_text``)
+                                                text_adapter/   w_in, b_in, w_out, b_out (``text_adapter``)
 
 ``center_text``: the pooled text features are centred on a fixed vector before the projection,
 the mean feature of the training texts (set once when training starts, never trained). A
@@ -15,6 +16,17 @@ parallel (BENCHMARKS.md, "Stage 2 with series descriptions, centred text, held-o
 selection"), so after a bias-free projection and L2 normalisation every text sits near one
 point until the projection learns to cancel the shared direction. Centring removes it up
 front; it is part of the model, so zero-shot and retrieval apply it too.
+
+``text_adapter``: a residual two-layer MLP on the (centred) pooled text features before the
+projection, its output layer zero-initialised so that it starts as the identity (CLIP-Adapter,
+Gao et al. 2021). A linear map of pooled sentence features scores "No acute infarct." as about
+the sum of what it gives "no" and "infarct", so the difference between a finding's positive and
+negated phrasing is nearly the same direction for every finding: a linear text head cannot
+tell "the infarct is absent" from "something is absent". The adapter can. With a locked report
+encoder its input is the cached features. Measured at 400 patients it made stage 2 worse
+(zero-shot findings 0.60 -> 0.54, frozen finding probes 0.71 -> 0.69, a third slower per step:
+it fits the mostly unique training sentences without the image tower learning what they
+share; BENCHMARKS.md, "The ladder at 400 patients on generator version 5"), so it is off.
 
 For the NeuroBERT-style objective (``objective="regress"``) the image projection maps into the
 text encoder's own space (d = bert.hidden) and there is no text projection: the target is the
@@ -53,6 +65,7 @@ class TowersConfig:
     # Stage 2's text of a series with a description: (1 - w) * pool(description + report)
     # + w * pool(description alone); see TwoTowers.pair_text_features.
     description_weight: float = 0.0
+    text_adapter: int = 0  # hidden width of a residual MLP on the pooled text features (0: none)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -63,6 +76,9 @@ class TowersConfig:
             raise ValueError(f"image_pool {self.image_pool!r}: names of {POOLS} joined by '+'") from e
         if self.text_pool not in ("cls", "mean"):
             raise ValueError(f"text_pool must be 'cls' or 'mean', got {self.text_pool!r}")
+        if self.text_adapter < 0 or (self.text_adapter and self.objective == "regress"):
+            raise ValueError(f"text_adapter is a width >= 0 and needs a text projection (not 'regress'), got "
+                             f"{self.text_adapter} with objective {self.objective!r}")
 
     @property
     def image_pools(self) -> tuple[str, ...]:
@@ -90,6 +106,21 @@ def _xavier(key, shape, dtype):
     return jax.nn.initializers.xavier_uniform()(key, shape, dtype)
 
 
+class TextAdapter(nnx.Module):
+    """``x + gelu(x W_in + b_in) W_out + b_out``, ``W_out`` and ``b_out`` zero at init (the identity)."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        zeros = jax.nn.initializers.zeros
+        self.w_in = param(rngs.params(), _xavier, (dim, hidden), ("embed", "mlp"))
+        self.b_in = param(rngs.params(), zeros, (hidden,), ("mlp",))
+        self.w_out = param(rngs.params(), zeros, (hidden, dim), ("mlp", "embed"))
+        self.b_out = param(rngs.params(), zeros, (dim,), ("embed",))
+
+    def __call__(self, x):
+        h = jax.nn.gelu(x @ self.w_in[...] + self.b_in[...], approximate=False)
+        return x + h @ self.w_out[...] + self.b_out[...]
+
+
 class TwoTowers(nnx.Module):
     def __init__(self, vit: ViTConfig, bert: BertConfig, cfg: TowersConfig, *, rngs: nnx.Rngs):
         if bert.mlm_head:
@@ -103,6 +134,8 @@ class TwoTowers(nnx.Module):
             self.text_proj = param(rngs.params(), _xavier, (bert.hidden_size, out), ("embed", None))
             if cfg.center_text:
                 self.text_center = param(rngs.params(), jax.nn.initializers.zeros, (bert.hidden_size,), ("embed",))
+            if cfg.text_adapter:
+                self.text_adapter = TextAdapter(bert.hidden_size, cfg.text_adapter, rngs=rngs)
         const = lambda v: lambda k, s, d: jnp.full(s, v, d)  # noqa: E731
         self.logit_scale = param(rngs.params(), const(cfg.scale_init), (), ())
         self.logit_bias = param(rngs.params(), const(cfg.bias_init), (), ())
@@ -162,6 +195,8 @@ class TwoTowers(nnx.Module):
         feats = feats.astype(jnp.float32)
         if self.cfg.center_text:
             feats = feats - self.text_center[...]
+        if self.cfg.text_adapter:
+            feats = self.text_adapter(feats)
         return feats @ self.text_proj[...]
 
     def encode_image(self, x, *, patches: bool = False, **kw):
