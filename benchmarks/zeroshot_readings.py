@@ -12,7 +12,8 @@ corpus's findings (each scored on the series of its body region):
 
 Then the text side: the cosines between the findings' directions from their positive to their
 negated phrasings (the generator's), in the centred pooled features of the locked report
-encoder and after the text projection. A sentence's pooled feature is close to the sum of its
+encoder and after the model's own text projection (``TwoTowers.project_text``: the centre, the
+adapter when the run has one, the projection). A sentence's pooled feature is close to the sum of its
 words', so alike directions mean the text space says "something is absent" more than "this
 finding is absent".
 """
@@ -77,14 +78,16 @@ def main(argv=None) -> int:
     def pooled(texts):
         enc = zs.tokenizer(list(texts), max_length=zs.max_length, truncation=True, padding="max_length",
                            return_tensors="np")
-        f = np.asarray(m.text_features(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))
-        return f - np.asarray(zs.params["text_center"]) if "text_center" in zs.params else f
+        return m.text_features(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
 
-    d = {f: pooled([s.format(**FILL) for s in S._POS[f]]).mean(0) - pooled(S._NEG[f]).mean(0) for f in names}
+    center = np.asarray(zs.params["text_center"]) if "text_center" in zs.params else 0.0
+    spaces = {"pooled text (centred)": lambda f: np.asarray(f) - center,
+              "after the text projection": lambda f: np.asarray(m.project_text(f))}  # centre, adapter, projection
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     rows = []
-    w = np.asarray(zs.params["text_proj"])
-    for space, dd in (("pooled text (centred)", d), ("after the text projection", {k: v @ w for k, v in d.items()})):
+    for space, fn in spaces.items():
+        dd = {f: fn(pooled([s.format(**FILL) for s in S._POS[f]])).mean(0) - fn(pooled(S._NEG[f])).mean(0)
+              for f in names}
         c = np.array([[cos(dd[a], dd[b]) for b in names] for a in names])
         off = c[~np.eye(len(names), dtype=bool)]
         rows.append([space, f"{off.mean():.2f}", f"{off.min():.2f}", f"{off.max():.2f}"]
