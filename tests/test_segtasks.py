@@ -58,3 +58,41 @@ def test_grey_white_matter_on_the_held_out_hemisphere(mni_prep, tmp_path):
         json.dump({"brain_tissue": res, "lesions": {}}, f)
     html = open(report.build(str(w))).read()
     assert "Segmentation on frozen encoders" in html and "dice_grey_matter" in html and "<img" in html
+
+
+def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_shared_one(monkeypatch):
+    """``segtasks.run(lesion=...)``: the lesion heads' steps, batch, lrs and kinds reach the lesion
+    task alone; the Segmentation evaluator's ``lesion_*`` settings build that dict, and the
+    ladder's config sets 600 steps x batch 8 on the decoder and unetr heads."""
+    from decipher_jax.eval import evaluators, segtasks
+    from decipher_jax.trainers import common
+
+    seen = {}
+    monkeypatch.setattr(segtasks, "brain_tissue", lambda *a, **k: seen.setdefault("brain_tissue", k) and {})
+    monkeypatch.setattr(segtasks, "lesions", lambda *a, **k: seen.setdefault("lesions", k) and {})
+    shared = {"steps": 150, "batch": 4, "lrs": (1e-2, 3e-2), "seeds": (0,), "skip_convs": 1}
+    segtasks.run({}, "prep", None, size=(8, 8, 8), lesion={"steps": 600, "batch": 8, "kinds": ("unetr",)}, **shared)
+    assert {k: seen["brain_tissue"][k] for k in shared} == shared and "kinds" not in seen["brain_tissue"]
+    assert {k: seen["lesions"][k] for k in shared} == {**shared, "steps": 600, "batch": 8}
+    assert seen["lesions"]["kinds"] == ("unetr",)
+    seen.clear()
+    segtasks.run({}, "prep", None, size=(8, 8, 8), **shared)  # no lesion settings: both tasks alike
+    assert {k: seen["lesions"][k] for k in shared} == shared and "kinds" not in seen["lesions"]
+
+    assert evaluators.Segmentation().lesion_grid() == {}  # defaults: the shared schedule
+    e = evaluators.Segmentation(lesion_steps=600, lesion_batch=8, lesion_lrs=(1e-2,), lesion_kinds=("decoder", "unetr"))
+    assert e.lesion_grid() == {"steps": 600, "batch": 8, "lrs": (1e-2,), "kinds": ("decoder", "unetr")}
+    with pytest.raises(ValueError, match="lesion_kinds.*'conv'"):
+        evaluators.Segmentation(lesion_kinds=("conv",)).run(None)
+    monkeypatch.undo()  # the real lesions(): refuses an unknown head kind before reading any data
+    with pytest.raises(ValueError, match="lesion head kinds"):
+        segtasks.lesions({}, "no_such_prep", None, size=(8, 8, 8), kinds=("conv",))
+
+    for arg in ("", "gpu"):
+        lad = common.load_config("experiments/configs/ladder.py" + (f":{arg}" if arg else ""))
+        ecfg = common.load_config("experiments/configs/" + lad.stages.eval.config, dict(lad.stages.eval.overrides))
+        seg = {e.name: e for e in evaluators.from_config(ecfg.evals, ecfg.order)}["segmentation"]
+        assert seg.lesion_grid() == {"steps": 600, "batch": 8, "kinds": ("decoder", "unetr")}
+        assert (seg.settings["steps"], seg.settings["batch"]) == (150, 4)  # brain tissue as the demo's
+    demo_eval = common.load_config("experiments/configs/eval.py")
+    assert {e.name: e for e in evaluators.from_config(demo_eval.evals, demo_eval.order)}["segmentation"].lesion_grid() == {}

@@ -90,10 +90,10 @@ def _crop(vol, corner, window):
     return vol[tuple(slice(c, c + w) for c, w in zip(corner, window))]
 
 
-def _fit(tokens, labels, images, weights, classes, grid):
-    """{kind: params stacked over the (lr, seed) grid} for every head kind."""
+def _fit(tokens, labels, images, weights, classes, grid, kinds=KINDS):
+    """{kind: params stacked over the (lr, seed) grid} for each head kind of ``kinds``."""
     out = {}
-    for kind in KINDS:
+    for kind in kinds:
         params, _ = S.train_heads(tokens, labels, kind=kind, classes=classes, images=images, weights=weights, **grid)
         out[kind] = params
     return out
@@ -249,8 +249,12 @@ def _split_arrays(prep_dir, split, size, lesion_only: bool):
 
 
 def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 1e-2), seeds=(0, 1),
-            steps: int = 300, hidden: int = 32, batch: int = 8, skip_convs: int = 1) -> dict:
-    """Lesion segmentation on the synthetic corpus (train -> val for the lr -> test)."""
+            steps: int = 300, hidden: int = 32, batch: int = 8, skip_convs: int = 1, kinds=KINDS) -> dict:
+    """Lesion segmentation on the synthetic corpus (train -> val for the lr -> test), one row per
+    (encoder, head kind of ``kinds``)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"lesion head kinds {tuple(kinds)}: choose from {KINDS}")
     grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch,
             "skip_convs": skip_convs}
     size = tuple(size)
@@ -258,11 +262,12 @@ def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 
     va_img, va_lab, _, _ = _split_arrays(prep_dir, "val", size, lesion_only=True)
     te_img, te_lab, te_ids, te_sp = _split_arrays(prep_dir, "test", size, lesion_only=True)
     res = {"size": list(size), "n_train": len(tr_img), "n_val": len(va_img), "n_test": len(te_img),
-           "lesion_fraction_test": float(te_lab.mean()), "rows": []}
+           "lesion_fraction_test": float(te_lab.mean()), "rows": [],
+           "heads": {"steps": steps, "batch": batch, "lrs": list(lrs), "seeds": list(seeds), "kinds": list(kinds)}}
     examples = {}
     for name, (model, params) in encoders.items():
         toks = {k: encode(model, params, v, mesh, layers) for k, v in (("tr", tr_img), ("va", va_img), ("te", te_img))}
-        heads = _fit(toks["tr"], tr_lab, tr_img, None, 2, grid)
+        heads = _fit(toks["tr"], tr_lab, tr_img, None, 2, grid, kinds)
         for kind, hp in heads.items():
             per_head = []
             for i in range(len(lrs) * len(seeds)):
@@ -284,11 +289,13 @@ def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 
 
 
 def run(encoders: dict, prep_dir: str, mesh, *, size, out: str | None = None, layers=(), n_examples: int = 3,
-        **grid) -> dict:
+        lesion: dict | None = None, **grid) -> dict:
     """Both tasks; writes ``segmentation.json`` (rows) and ``examples.npz`` (overlay slices).
-    ``grid``: lrs, seeds, steps, hidden, batch of the heads."""
+    ``grid``: lrs, seeds, steps, hidden, batch, skip_convs of the heads; ``lesion``: any of those
+    and ``kinds`` set for the lesion task alone (a longer schedule there costs brain tissue nothing)."""
+    lesion_grid = {**grid, **(lesion or {})}
     res = {"brain_tissue": brain_tissue(encoders, prep_dir, mesh, window=size, layers=layers, **grid),
-           "lesions": lesions(encoders, prep_dir, mesh, size=size, layers=layers, **grid)}
+           "lesions": lesions(encoders, prep_dir, mesh, size=size, layers=layers, **lesion_grid)}
     if out:
         os.makedirs(out, exist_ok=True)
         ex = {}

@@ -45,8 +45,11 @@ def get_config(arg=None):
         # pipeline's ladder stage trains them).
         "ladder": {},
         # Pretrained (stage 2) against random init; the heads' full grid is the library's default.
+        # lesion_*: the lesion heads' own schedule and head kinds (0 / empty: as brain tissue's);
+        # the ladder's config trains them longer.
         "segmentation": {"encoders": ("align", "random"), "steps": 10 if tiny else 150, "batch": 4,
-                         "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,)},
+                         "lrs": (1e-2,) if tiny else (1e-2, 3e-2), "seeds": (0,),
+                         "lesion_steps": 0, "lesion_batch": 0, "lesion_lrs": (), "lesion_kinds": ()},
         "sweep": {"sweep": "experiments/sweeps/probes.py"},
         "multiparam": {"copies": 4, "trained_steps": 300, "seg_steps": 300, "draws": 1000},
     }
