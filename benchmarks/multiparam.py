@@ -26,6 +26,7 @@ VARIANTS = {
     "linear": (),
     "conv": (("model.vit.stem", "conv"),),
     "nocon": (("pretrain.contrastive_weight", 0.0),),
+    "skip16": (("model.voxel_skip", 16),),
     "noviewdrop": (("pretrain.view_drop", 0.0),),
     "conv_noviewdrop": (("model.vit.stem", "conv"), ("pretrain.view_drop", 0.0)),
     "brainmvp": (("pretrain.temperature", 1.0), ("pretrain.loss_on", "all"), ("pretrain.residual", False),

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decipher_jax import layout, losses
-from decipher_jax.models.multiseq import MultiParamModel, MultiSeqConfig, unpatchify
+from decipher_jax.models.multiseq import MultiParamModel, MultiSeqConfig, patchify, unpatchify
 from decipher_jax.models.vit3d import ViTConfig
 
 CONTEXTS = ("all", "target")
@@ -29,7 +29,8 @@ def model_config(cfg) -> MultiSeqConfig:
 def model_factory(cfg):
     mcfg = model_config(cfg)
     m = cfg.model
-    return (lambda rngs: MultiParamModel(mcfg, proj_dim=m.proj_dim, decoder_hidden=m.decoder_hidden, rngs=rngs)), mcfg
+    return (lambda rngs: MultiParamModel(mcfg, proj_dim=m.proj_dim, decoder_hidden=m.decoder_hidden,
+                                         voxel_skip=m.get("voxel_skip", 0), rngs=rngs)), mcfg
 
 
 def block_mask(key, batch: int, size, block: int, ratio: float):
@@ -98,7 +99,8 @@ def reconstruct(model, x, present, view, t, context: str, residual: bool = False
     tok = jnp.take_along_axis(out["patch"], t[:, None, None, None], axis=1)[:, 0]
     vcfg = model.config.vit
     grid = tuple(s // p for s, p in zip(x.shape[1:4], vcfg.patch_size))
-    pred = unpatchify(model.decode(tok), grid, vcfg.patch_size)
+    pred = unpatchify(model.decode(tok, patchify(view, vcfg.patch_size) if model.voxel_skip else None), grid,
+                      vcfg.patch_size)
     return (pred + view.astype(pred.dtype) if residual else pred), out
 
 

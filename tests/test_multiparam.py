@@ -253,3 +253,34 @@ def test_view_contexts_keep_the_target_and_drop_others_per_view():
     assert 0.35 < p1[others].mean() < 0.65 and (p1 != p2).any()  # about half kept, differently per view
     q1, q2 = mp.view_contexts(jax.random.key(0), present, t, 0.0)
     assert np.array_equal(np.asarray(q1), np.asarray(present)) and np.array_equal(np.asarray(q2), np.asarray(present))
+
+
+def test_voxel_skip_starts_as_the_plain_decoder_and_then_follows_the_views_voxels():
+    """``model.voxel_skip``: the input view's voxels reach the decoder through a per-voxel MLP
+    the token conditions; its output starts at zero, so the decoder starts as the plain one."""
+    plain = MultiParamModel(CFG, proj_dim=8, rngs=nnx.Rngs(0))
+    skip = MultiParamModel(CFG, proj_dim=8, voxel_skip=4, rngs=nnx.Rngs(0))
+    r = np.random.default_rng(9)
+    tok = jnp.asarray(r.normal(size=(2, 8, 32)).astype(np.float32))
+    view = jnp.asarray(r.random((2, 8, 512)).astype(np.float32))
+    # the same seed: the encoder and the plain decoder are drawn before the skip's parameters
+    np.testing.assert_array_equal(np.asarray(skip.dec_out[...]), np.asarray(plain.dec_out[...]))
+    np.testing.assert_allclose(np.asarray(skip.decode(tok, view)), np.asarray(plain.decode(tok)), atol=1e-6)
+    with pytest.raises(ValueError, match="voxel_skip needs the view"):
+        skip.decode(tok)
+    skip.skip_out[...] = jnp.ones((4,))
+    a, b = np.asarray(skip.decode(tok, view)), np.asarray(skip.decode(tok, view.at[0, 3, 7].add(0.5)))
+    changed = np.argwhere(np.abs(a - b) > 1e-6)
+    assert [tuple(c) for c in changed] == [(0, 3, 7)]  # that voxel of that patch alone
+    # the token conditions it: another token, another mapping of the same voxel
+    assert not np.allclose(np.asarray(skip.decode(tok[:, ::-1], view))[:, :, 0], a[:, :, 0])
+    # through the step: the skip's parameters train and the losses stay finite
+    cfg = _cfg()
+    cfg.model.voxel_skip = 4
+    model, tx, state = _setup(cfg, sh.make_mesh(None, jax.devices()[:1]))
+    step, rb = jax.jit(mp.make_step(cfg, model, tx)), np.random.default_rng(1)
+    state2 = state
+    for _ in range(3):  # the warm-up's first step has lr 0
+        state2, m = step(state2, _batch(rb))
+        assert bool(m["step_ok"]) and np.isfinite(float(m["loss"]))
+    assert float(jnp.abs(state2["params"]["skip_out"] - state["params"]["skip_out"]).max()) > 0

@@ -125,9 +125,10 @@ class MultiParamModel(nnx.Module):
     without skips (LayerNorm + two-layer MLP from each token to its patch's voxels, SimMIM /
     MAE-style) and a projection head for the modality-aware contrastive loss."""
 
-    def __init__(self, config: MultiSeqConfig, *, proj_dim: int = 128, decoder_hidden: int = 0, rngs: nnx.Rngs,
-                 rules: Rules = DEFAULT_RULES):
+    def __init__(self, config: MultiSeqConfig, *, proj_dim: int = 128, decoder_hidden: int = 0,
+                 voxel_skip: int = 0, rngs: nnx.Rngs, rules: Rules = DEFAULT_RULES):
         self.config = config
+        self.voxel_skip = int(voxel_skip)
         v = config.vit
         pdt = jnp.dtype(v.param_dtype)
         self.encoder = MultiSeqViT(config, rngs=rngs, rules=rules)
@@ -139,15 +140,36 @@ class MultiParamModel(nnx.Module):
         self.dec_in_bias = param(rngs.params(), zeros, (hid,), ("mlp",), pdt)
         self.dec_out = param(rngs.params(), trunc_normal, (hid, vox), ("mlp", None), pdt)
         self.dec_out_bias = param(rngs.params(), zeros, (vox,), (None,), pdt)
+        if self.voxel_skip:  # see decode(); the output starts at zero, so the decoder starts as without it
+            k = self.voxel_skip
+            self.skip_in = param(rngs.params(), trunc_normal, (v.dim, k), ("embed", None), pdt)
+            # unit-scale offsets and gains, so that the k units start at different intensity thresholds
+            self.skip_pos = param(rngs.params(), jax.nn.initializers.normal(1.0), (vox, k), (None, None), pdt)
+            self.skip_gain = param(rngs.params(), jax.nn.initializers.normal(3.0), (k,), (None,), pdt)
+            self.skip_out = param(rngs.params(), zeros, (k,), (None,), pdt)
         self.proj_in = param(rngs.params(), trunc_normal, (v.dim, v.dim), ("embed", "mlp"), pdt)
         self.proj_in_bias = param(rngs.params(), zeros, (v.dim,), ("mlp",), pdt)
         self.proj_out = param(rngs.params(), trunc_normal, (v.dim, proj_dim), ("mlp", None), pdt)
 
-    def decode(self, tokens):
-        """``(..., E)`` tokens -> ``(..., p^3)`` voxels of their patches (float32)."""
+    def decode(self, tokens, view=None):
+        """``(..., E)`` tokens -> ``(..., p^3)`` voxels of their patches (float32).
+
+        With ``voxel_skip`` = k > 0, ``view`` ``(..., p^3)`` (the input view's voxels of each patch)
+        also reaches every voxel through a k-wide MLP whose hidden units the token and the voxel's
+        place in the patch shift: ``out += w . gelu(token A + pos_v + g * view_v)``. The token then
+        says how this patch's intensities map to the target (the sequence filled in, the tissue),
+        and the fill's own voxels carry the geometry that a token narrower than its patch
+        (64 dimensions for 512 voxels) cannot."""
         h = self.dec_norm(tokens).astype(jnp.float32)
-        h = jax.nn.gelu(h @ self.dec_in[...] + self.dec_in_bias[...], approximate=False)
-        return h @ self.dec_out[...] + self.dec_out_bias[...]
+        out = jax.nn.gelu(h @ self.dec_in[...] + self.dec_in_bias[...], approximate=False)
+        out = out @ self.dec_out[...] + self.dec_out_bias[...]
+        if self.voxel_skip:
+            if view is None:
+                raise ValueError("a decoder with voxel_skip needs the view's voxels")
+            z = (h @ self.skip_in[...].astype(jnp.float32))[..., None, :]  # (..., 1, k)
+            u = z + self.skip_pos[...].astype(jnp.float32) + view.astype(jnp.float32)[..., None] * self.skip_gain[...]
+            out = out + jax.nn.gelu(u, approximate=False) @ self.skip_out[...].astype(jnp.float32)
+        return out
 
     def project(self, feats):
         """The contrastive embedding of a study representation, L2-normalised (float32)."""

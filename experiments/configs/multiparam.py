@@ -60,6 +60,9 @@ def get_config(arg=None):
                         dtype="bfloat16", remat="dots", scan=True, num_registers=4, layerscale=1e-5))
     c.model.proj_dim = 64 if tiny else 256
     c.model.decoder_hidden = 0  # 0: the ViT's width
+    # > 0: the input view's voxels also reach the decoder, through a per-voxel MLP of this width
+    # that the token conditions (MultiParamModel.decode); 0: BrainMVP's decoder without skips.
+    c.model.voxel_skip = 0
 
     c.pretrain = mlc.ConfigDict()
     c.pretrain.context = "target" if "single" in opts else "all"
