@@ -173,7 +173,8 @@ def segmentation_section(workdir: str) -> str:
              "lesions": lambda r: (f"Synthetic corpus: {r['n_train']} training series, {r['n_test']} held-out series "
                                    f"with a lesion (lesions are {100 * r['lesion_fraction_test']:.1f}% of their voxels)."
                                    + (f" Heads: {', '.join(r['heads']['kinds'])}, {r['heads']['steps']} steps at "
-                                      f"batch {r['heads']['batch']}." if r.get("heads") else ""))}
+                                      f"batch {r['heads']['batch']}, lr from {', '.join(f'{x:g}' for x in r['heads']['lrs'])}."
+                                      if r.get("heads") else ""))}
     for task, r in seg.items():
         if not r:
             continue

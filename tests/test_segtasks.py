@@ -60,7 +60,7 @@ def test_grey_white_matter_on_the_held_out_hemisphere(mni_prep, tmp_path):
     assert "Segmentation on frozen encoders" in html and "dice_grey_matter" in html and "<img" in html
 
 
-def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_shared_one(monkeypatch):
+def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_shared_one(monkeypatch, tmp_path):
     """``segtasks.run(lesion=...)``: the lesion heads' steps, batch, lrs and kinds reach the lesion
     task alone; the Segmentation evaluator's ``lesion_*`` settings build that dict, and the
     ladder's config sets 600 steps x batch 8 on the decoder and unetr heads."""
@@ -82,11 +82,33 @@ def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_share
     assert evaluators.Segmentation().lesion_grid() == {}  # defaults: the shared schedule
     e = evaluators.Segmentation(lesion_steps=600, lesion_batch=8, lesion_lrs=(1e-2,), lesion_kinds=("decoder", "unetr"))
     assert e.lesion_grid() == {"steps": 600, "batch": 8, "lrs": (1e-2,), "kinds": ("decoder", "unetr")}
-    with pytest.raises(ValueError, match="lesion_kinds.*'conv'"):
-        evaluators.Segmentation(lesion_kinds=("conv",)).run(None)
+    with pytest.raises(ValueError, match="lesion_kinds.*'conv'"):  # at construction, before any evaluator runs
+        evaluators.Segmentation(lesion_kinds=("conv",))
     monkeypatch.undo()  # the real lesions(): refuses an unknown head kind before reading any data
     with pytest.raises(ValueError, match="lesion head kinds"):
         segtasks.lesions({}, "no_such_prep", None, size=(8, 8, 8), kinds=("conv",))
+
+    # the evaluator hands them to segtasks.run, and its summary and the report state the schedule
+    import types
+
+    from decipher_jax import report
+
+    got = {}
+    monkeypatch.setattr(segtasks, "run", lambda *a, **k: got.update(k) or {})
+    ctx = types.SimpleNamespace(legacy_encoders=lambda names: ({}, types.SimpleNamespace(img_size=(8, 8, 8))),
+                                data="prep", mesh=None, dir=types.SimpleNamespace(arrays=lambda name: None))
+    e.run(ctx)
+    assert got["lesion"] == e.lesion_grid() and (got["steps"], got["batch"]) == (150, 4)
+    res = {"brain_tissue": {}, "lesions": {"n_train": 3, "n_test": 2, "lesion_fraction_test": 0.01,
+                                           "heads": {"steps": 600, "batch": 8, "lrs": [0.01], "seeds": [0],
+                                                     "kinds": ["decoder", "unetr"]},
+                                           "rows": [{"encoder": "random init", "head": "unetr", "dice_mean_fg": 0.5}]}}
+    assert any("decoder, unetr, 600 steps x batch 8, lrs 0.01" in line for line in e.summary(res, None))
+    w = tmp_path / "run"
+    os.makedirs(w / "eval")
+    with open(w / "eval" / "segmentation.json", "w") as f:
+        json.dump(res, f)
+    assert "Heads: decoder, unetr, 600 steps at batch 8, lr from 0.01." in report.segmentation_section(str(w))
 
     for arg in ("", "gpu"):
         lad = common.load_config("experiments/configs/ladder.py" + (f":{arg}" if arg else ""))

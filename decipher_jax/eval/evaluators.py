@@ -520,6 +520,15 @@ class Segmentation(Evaluator):
         return {"encoders": ("align", "random"), "steps": 150, "batch": 4, "lrs": (1e-2, 3e-2), "seeds": (0,),
                 "skip_convs": 1, "lesion_steps": 0, "lesion_batch": 0, "lesion_lrs": (), "lesion_kinds": ()}
 
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        from decipher_jax.eval import segtasks
+
+        unknown = set(self.settings["lesion_kinds"]) - set(segtasks.KINDS)
+        if unknown:  # before any evaluator runs, not after the others have
+            raise ValueError(f"evaluator {self.name!r}: lesion_kinds {sorted(unknown)} unknown; "
+                             f"known: {segtasks.KINDS}")
+
     def lesion_grid(self) -> dict:
         """The lesion task's departures from the shared head settings."""
         s, out = self.settings, {}
@@ -538,10 +547,6 @@ class Segmentation(Evaluator):
 
         s = self.settings
         lesion = self.lesion_grid()
-        unknown = set(lesion.get("kinds", ())) - set(segtasks.KINDS)
-        if unknown:
-            raise ValueError(f"evaluator {self.name!r}: lesion_kinds {sorted(unknown)} unknown; "
-                             f"known: {segtasks.KINDS}")
         encs, vit = ctx.legacy_encoders(s["encoders"])
         return segtasks.run(encs, ctx.data, ctx.mesh, size=vit.img_size, out=ctx.dir.arrays(self.name),
                             steps=s["steps"], batch=s["batch"], lrs=tuple(s["lrs"]), seeds=tuple(s["seeds"]),

@@ -122,8 +122,9 @@ class MultiSeqViT(nnx.Module):
 
 class MultiParamModel(nnx.Module):
     """The pretraining model: the encoder, the templates ``(S, X, Y, Z)`` (zeros), a decoder
-    without skips (LayerNorm + two-layer MLP from each token to its patch's voxels, SimMIM /
-    MAE-style) and a projection head for the modality-aware contrastive loss."""
+    (LayerNorm + two-layer MLP from each token to its patch's voxels, SimMIM / MAE-style; without
+    skips, as BrainMVP's, unless ``voxel_skip`` > 0: see :meth:`decode`) and a projection head
+    for the modality-aware contrastive loss."""
 
     def __init__(self, config: MultiSeqConfig, *, proj_dim: int = 128, decoder_hidden: int = 0,
                  voxel_skip: int = 0, rngs: nnx.Rngs, rules: Rules = DEFAULT_RULES):
@@ -143,7 +144,8 @@ class MultiParamModel(nnx.Module):
         if self.voxel_skip:  # see decode(); the output starts at zero, so the decoder starts as without it
             k = self.voxel_skip
             self.skip_in = param(rngs.params(), trunc_normal, (v.dim, k), ("embed", None), pdt)
-            # unit-scale offsets and gains, so that the k units start at different intensity thresholds
+            # offsets of sd 1 and gains of sd 3 (intensities are in [0, 1]), so that the k units start
+            # at different intensity thresholds
             self.skip_pos = param(rngs.params(), jax.nn.initializers.normal(1.0), (vox, k), (None, None), pdt)
             self.skip_gain = param(rngs.params(), jax.nn.initializers.normal(3.0), (k,), (None,), pdt)
             self.skip_out = param(rngs.params(), zeros, (k,), (None,), pdt)

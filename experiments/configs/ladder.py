@@ -9,7 +9,8 @@ have 3-13), the ViT on the convolutional stem (three stride-2 3^3 convolutions w
 InstanceNorm; BENCHMARKS.md, "The conv stem"), stage 1 vision 300 steps, stage 2 2000, and each of the
 ladder's fine-tuning runs 1200 steps with the val split scored every 150 (patience 4). The
 probes keep the evaluation's label fractions (10%, 30%, 100%); the trained rungs run at 10% and
-100%. The segmentation evaluator's lesion heads (decoder and unetr) train 600 steps at batch 8.
+100%. The segmentation evaluator's lesion heads (decoder and unetr) train 600 steps at batch 8
+(overrides of ``evals.segmentation``: an eval config without that evaluator refuses them).
 ``gpu``: 1000 patients, stage 1 vision 2000 steps, stage 2 4000, fine-tuning 3000 (for an H100 / H200,
 about 8 minutes); no simulated devices.
 """

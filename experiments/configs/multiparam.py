@@ -107,5 +107,5 @@ def get_config(arg=None):
     c.optim.lr_rules = [("templates", 30.0)]
     # The templates are volumes, not weights: no decay pulls them back to zero.
     c.optim.no_decay = (r".*(bias|_bias|/scale|ln\d_scale|ls\d|pos_embed|cls|registers|mask_token|seq_embed"
-                        r"|templates|stem_norm).*")
+                        r"|templates|stem_norm|skip_pos|skip_gain).*")
     return c
