@@ -524,10 +524,8 @@ class Segmentation(Evaluator):
         super().__init__(**settings)
         from decipher_jax.eval import segtasks
 
-        unknown = set(self.settings["lesion_kinds"]) - set(segtasks.KINDS)
-        if unknown:  # before any evaluator runs, not after the others have
-            raise ValueError(f"evaluator {self.name!r}: lesion_kinds {sorted(unknown)} unknown; "
-                             f"known: {segtasks.KINDS}")
+        if self.settings["lesion_kinds"]:  # checked before any evaluator runs, not after the others have
+            segtasks.check_kinds(self.settings["lesion_kinds"], f"evaluator {self.name!r}: lesion_kinds")
 
     def lesion_grid(self) -> dict:
         """The lesion task's departures from the shared head settings."""

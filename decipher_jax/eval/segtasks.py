@@ -90,6 +90,14 @@ def _crop(vol, corner, window):
     return vol[tuple(slice(c, c + w) for c, w in zip(corner, window))]
 
 
+def check_kinds(kinds, what: str = "lesion head kinds") -> tuple[str, ...]:
+    """``kinds`` as a tuple of known head kinds (at least one), else a ValueError naming ``what``."""
+    kinds = tuple(kinds)
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"{what} {kinds}: choose from {KINDS}")
+    return kinds
+
+
 def _fit(tokens, labels, images, weights, classes, grid, kinds=KINDS):
     """{kind: params stacked over the (lr, seed) grid} for each head kind of ``kinds``."""
     out = {}
@@ -252,9 +260,7 @@ def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 
             steps: int = 300, hidden: int = 32, batch: int = 8, skip_convs: int = 1, kinds=KINDS) -> dict:
     """Lesion segmentation on the synthetic corpus (train -> val for the lr -> test), one row per
     (encoder, head kind of ``kinds``)."""
-    unknown = set(kinds) - set(KINDS)
-    if unknown or not kinds:
-        raise ValueError(f"lesion head kinds {tuple(kinds)}: choose from {KINDS}")
+    kinds = check_kinds(kinds)
     grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch,
             "skip_convs": skip_convs}
     size = tuple(size)
