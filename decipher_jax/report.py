@@ -337,6 +337,17 @@ def localisation_section(workdir: str) -> str:
                   [[k, v["n"]] + [cell(mv.get("per_finding", {}).get(k, {}), "voxel_auroc_body") for _, mv in maps]
                    for k, v in m.get("per_finding", {}).items()], left=2),
            '<p class="note">Per finding: voxel AUROC in the body.</p>']
+    det = [(k, v["detection"]) for k, v in m.get("visual", {}).items() if "detection" in v]
+    if det:
+        regions = sorted({r for _, d in det for r in d["per_region"]})
+        out += ["<h3>Detection by the visual map's maximum</h3>",
+                f'<p class="note">Each of the split\'s {det[0][1]["n_series"]} series scored by its visual map\'s '
+                "largest patch distance (its most anomalous patch; nothing is fitted to labels), as a classifier of "
+                f'any finding ({det[0][1]["n_abnormal"]} series: the probes\' "abnormal" task) and of a lesion mask '
+                f'({det[0][1]["n_lesion"]}). AUROC; random 0.50.</p>',
+                _table(["visual map", "any finding", "a lesion"] + [f"any finding, {r}" for r in regions],
+                       [[k, cell(d, "abnormal_auroc"), cell(d, "lesion_auroc")]
+                        + [cell(d["per_region"].get(r, {}), "abnormal_auroc") for r in regions] for k, d in det], left=1)]
     ex_path = os.path.join(d, "examples.npz")
     if os.path.exists(ex_path):
         plt = _pyplot()

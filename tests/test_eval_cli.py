@@ -52,6 +52,10 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     loc = res["localisation"]  # the text-guided map, and the visual map of stage 2 and of its floor
     assert loc["n_series"] > 0 and set(loc["visual"]) == {"stage 2", "random init"} and loc["bank_series"] > 0
     assert all(0 <= v["voxel_auroc_body"] <= 1 for v in [loc, *loc["visual"].values()])
+    for v in loc["visual"].values():  # detection by each visual map's maximum, on every test series
+        det = v["detection"]
+        assert det["n_series"] > loc["n_series"] and 0 < det["n_abnormal"] < det["n_series"]
+        assert 0 <= det["abnormal_auroc"] <= 1 and set(det["per_region"]) >= {"brain"}
     rows = res["probes"]
     # Stable ids; the display name says how the run was trained (SigLIP, not "CLIP").
     assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
@@ -78,7 +82,7 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     for h in ("The ladder", "Held-out retrieval", "Linear probes on frozen features", "Zero-shot", "rerank",
               "Anomaly localisation"):
         assert f"<h2>{h}</h2>" in page, h
-    assert "Cross-sex test" in page
+    assert "Cross-sex test" in page and "Detection by the visual map" in page
     assert "skipped: " in page
 
 

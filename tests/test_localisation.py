@@ -96,3 +96,23 @@ def test_score_maps_in_the_body():
     s = L.score_maps(heat, mask, body)
     assert not s["pointing_game"][0] and s["pointing_game_body"][0]
     assert s["voxel_auroc"][0] < 0.8 and s["voxel_auroc_body"][0] == pytest.approx(1.0)
+
+
+def test_detection_scores_each_series_by_its_maps_maximum():
+    """Series-level detection: a series' score is its map's maximum (one anomalous patch is
+    enough, whatever the rest), scored by AUROC over all series and per body region."""
+    maps = np.zeros((6, 2, 2, 2), np.float32)
+    maps[:, 0, 0, 0] = [0.9, 0.2, 0.7, 0.1, 0.3, 0.5]  # series' maxima
+    maps[1] += 0.15  # a uniformly higher normal map stays below the abnormal series' peaks: 0.35
+    abnormal = np.array([1, 0, 1, 0, 0, 1], bool)
+    lesion = np.array([1, 0, 0, 0, 0, 1], bool)
+    regions = np.array(["brain", "brain", "knee", "knee", "spine", "spine"])
+    d = L.detect(maps, abnormal, lesion, regions)
+    assert d["abnormal_auroc"] == pytest.approx(1.0)  # 0.9, 0.7, 0.5 above 0.35, 0.1, 0.3
+    # a lesion: 0.9 and 0.5 against 0.35, 0.7, 0.1, 0.3: 7 of 8 pairs ordered
+    assert d["lesion_auroc"] == pytest.approx(7 / 8)
+    assert (d["n_series"], d["n_abnormal"], d["n_lesion"]) == (6, 3, 2)
+    assert d["per_region"]["brain"]["abnormal_auroc"] == pytest.approx(1.0)
+    assert np.isnan(d["per_region"]["knee"]["lesion_auroc"])  # no lesion in the knee: undefined
+    flat = L.detect(maps.mean(axis=(1, 2, 3), keepdims=True), abnormal, lesion, regions)  # a mean would rank differently
+    assert flat["abnormal_auroc"] < 1.0

@@ -405,6 +405,9 @@ class Localisation(Evaluator):
                  f"pointing game in the body, a random point {loc['pointing_game_body_random']:.3f}): text-guided "
                  f"{loc['voxel_auroc_body']:.2f} / {loc['pointing_game_body']:.2f}"]
         lines += [f"  visual, {k}: {v['voxel_auroc_body']:.2f} / {v['pointing_game_body']:.2f}"
+                  + (f"; detection by the map's maximum on all {v['detection']['n_series']} series, AUROC: any finding "
+                     f"{v['detection']['abnormal_auroc']:.2f}, a lesion {v['detection']['lesion_auroc']:.2f}"
+                     if "detection" in v else "")
                   for k, v in loc.get("visual", {}).items()]
         return lines
 

@@ -134,6 +134,24 @@ def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.nd
     return out.reshape(len(t), *grid)
 
 
+def detect(maps, abnormal, has_lesion, regions) -> dict:
+    """Series-level detection from visual maps ``(M, *grid)`` of every series of a split: each
+    series' score is its map's maximum (its most anomalous patch; no labels are fitted), scored by
+    AUROC against ``abnormal`` (any finding: the probes' "abnormal" task) and ``has_lesion`` (a lesion
+    mask), over all series and within each body region."""
+    top = np.asarray(maps).reshape(len(maps), -1).max(1)
+    abnormal, has_lesion, regions = np.asarray(abnormal, bool), np.asarray(has_lesion, bool), np.asarray(regions)
+
+    def au(y, k=slice(None)):
+        y = y[k]
+        return float(auroc(top[k], y)) if 0 < y.sum() < len(y) else float("nan")
+
+    return {"n_series": int(len(top)), "n_abnormal": int(abnormal.sum()), "n_lesion": int(has_lesion.sum()),
+            "abnormal_auroc": au(abnormal), "lesion_auroc": au(has_lesion),
+            "per_region": {str(r): {"n": int((regions == r).sum()), "abnormal_auroc": au(abnormal, regions == r),
+                                    "lesion_auroc": au(has_lesion, regions == r)} for r in sorted(set(regions.tolist()))}}
+
+
 def score_maps(heat, mask, body) -> dict:
     """Per series: voxel AUROC and the pointing game, over the volume and over the body."""
     heat, mask, body = np.asarray(heat), np.asarray(mask) > 0, np.asarray(body)
@@ -179,22 +197,26 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
     direction = {n: query_direction(zs, queries[n]) for n in names}
     t = np.stack([direction[query[i]] for i in idx])  # (M, d)
     text = np.einsum("mnd,md->mn", res["text"][idx], t).reshape(len(idx), *grid)
-    groups = np.array([group_of(r, q) for r, q in zip(res["body_region"][idx], res["sequence"][idx])])
+    groups_all = np.array([group_of(r, q) for r, q in zip(res["body_region"], res["sequence"])])
     bank_source = P.data_source(data_dir, bank_split)
     bank_src = P.Subset(bank_source, normal_index(bank_source, bank_per_group))
     bank_tf = [T.Decode(), T.Resize(size)]
     maps = {"text": text}
+    detection = {}
+    abnormal = np.array([bool("".join(fs).strip()) for fs in findings])
+    has_lesion = np.array([(m > 0).any() for m in mask_all])
     encoders = {"stage 2": (zs.model, zs.params, True)} | ({"random init": (*floor, False)} if floor is not None else {})
     for name, (model, params, tower) in encoders.items():
         fn_tok = functools.partial(_tokens(model, tower), params)
         bank = embed.apply(fn_tok, embed.scan_split(bank_src, bank_tf, bs), zs.mesh, ["image"])
-        if tower:  # the stage-2 image tower: the test series' tokens came with the text maps
-            tok_test = res["tokens"][idx]
+        if tower:  # the stage-2 image tower: the split's tokens came with the text maps
+            tok_all = res["tokens"]
         else:
-            tok_test = embed.apply(fn_tok, embed.scan_split(P.Subset(source, idx), bank_tf, bs), zs.mesh,
-                                   ["image"])["tokens"]
+            tok_all = embed.apply(fn_tok, embed.scan_split(source, bank_tf, bs), zs.mesh, ["image"])["tokens"]
         bank_groups = [group_of(r, q) for r, q in zip(bank["body_region"], bank["sequence"])]
-        maps[f"visual, {name}"] = visual_map(tok_test, groups, bank["tokens"], bank_groups, grid)
+        vis = visual_map(tok_all, groups_all, bank["tokens"], bank_groups, grid)  # every series of the split
+        maps[f"visual, {name}"] = vis[idx]
+        detection[name] = detect(vis, abnormal, has_lesion, res["body_region"])
     mask = mask_all[idx]
     body = res["image"][idx] > BODY
     heats = {k: np.asarray(upsample(v, size)) for k, v in maps.items()}
@@ -206,6 +228,8 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
              **txt,
              "pointing_game_random": float(frac.mean()), "pointing_game_body_random": float(frac_body.mean()),
              "visual": {k.split(", ", 1)[1]: _summary(v, query, idx, names) for k, v in scores.items() if k != "text"}}
+    for name, d in detection.items():
+        out_d["visual"][name]["detection"] = d
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "localisation.json"), "w") as f:
