@@ -5,7 +5,8 @@ patients.
     .venv/bin/python benchmarks/captioning.py --workdir outputs/demo [--steps 1500] [--method greedy]
 
 Reads a pipeline workdir that has run the demo's stages up to stage 2 (``data/prep``,
-``stage2``), trains ``caption.py:tiny`` (image) and ``caption.py:tiny,prior`` (no image) into
+``stage2``), trains ``caption.py:tiny`` (image, with the memory of normal studies' patches;
+``--model-override model.captioner.anomaly_bank=0`` leaves it out) and ``caption.py:tiny,prior`` (no image) into
 ``<workdir>/caption`` and ``<workdir>/caption_prior`` (kept; ``--rerun`` retrains), evaluates
 them on the test split with :func:`decipher_jax.captioning.evaluate` and prints one table, with
 each stage's wall-clock time. The result JSON goes to ``<workdir>/eval/caption.json``.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -63,4 +64,10 @@ def restore_subtree(directory: str, abstract_subtree, step: int | None = None, i
         part = ckptr.restore(os.path.join(directory, str(step), item),
                              args=ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args,
                                                          partial_restore=True))
+    # partial_restore hands back what the checkpoint lacks as the abstract leaves themselves
+    missing = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(part)[0]
+               if isinstance(v, jax.ShapeDtypeStruct)]
+    if missing:
+        raise ValueError(f"{directory} (step {step}): the checkpoint lacks {len(missing)} of the arrays asked for, "
+                         f"e.g. {', '.join(missing[:3])}: a run of another architecture or config?")
     return step, part

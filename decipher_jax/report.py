@@ -347,7 +347,8 @@ def localisation_section(workdir: str) -> str:
                 f'({det[0][1]["n_lesion"]}). AUROC; random 0.50.</p>',
                 _table(["visual map", "any finding", "a lesion"] + [f"any finding, {r}" for r in regions],
                        [[k, cell(d, "abnormal_auroc"), cell(d, "lesion_auroc")]
-                        + [cell(d["per_region"].get(r, {}), "abnormal_auroc") for r in regions] for k, d in det], left=1)]
+                        + [cell(d["per_region"].get(r, {}), "abnormal_auroc") for r in regions] for k, d in det],
+                       left=1)]
     ex_path = os.path.join(d, "examples.npz")
     if os.path.exists(ex_path):
         plt = _pyplot()

@@ -83,6 +83,60 @@ def test_the_prefix_carries_the_image_and_only_the_image_tower_is_stopped(rng):
     assert float(jnp.abs(frozen["resampler"]["latents"][...]).max()) > 0
 
 
+def test_memory_distance_is_the_visual_maps_and_skips_the_series_itself(rng):
+    """``Memory.distance`` is the visual localisation map's nearest-normal-patch distance (one group),
+    a bank row that is the query itself is not its neighbour, and the distance reaches the prefix."""
+    from decipher_jax.eval import localisation as L
+
+    dec = DecoderConfig(family="llama", vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, max_position=64)
+    m = Captioner(ViTConfig(**VIT), dec, CaptionerConfig(num_latents=4, resampler_depth=1, anomaly_bank=5),
+                  rngs=nnx.Rngs(0))
+    bank = rng.standard_normal((5, 8, 32)).astype(np.float32)
+    m.memory.bank[...] = jnp.asarray(bank)
+    tok = rng.standard_normal((3, 8, 32)).astype(np.float32)
+    tok[1] = bank[2]  # a series that is in the bank
+    got = np.asarray(m.memory.distance(jnp.asarray(tok)))
+    want = L.visual_map(tok, ["g"] * 3, bank, ["g"] * 5, (2, 2, 2)).reshape(3, 8)
+    np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], atol=1e-5)
+    assert float(want[1].max()) < 1e-5  # with itself in the bank it would be at distance 0 ...
+    without = L.visual_map(tok[1:2], ["g"], np.delete(bank, 2, 0), ["g"] * 4, (2, 2, 2)).reshape(8)
+    np.testing.assert_allclose(got[1], without, atol=1e-5)  # ... but is scored against the others
+    assert float(got[1].min()) > 0.3
+    # reach 1 on a 2x2x2 grid: every position neighbours every other; reach 0: the same position only
+    m0 = Captioner(ViTConfig(**VIT), dec, CaptionerConfig(num_latents=4, resampler_depth=1, anomaly_bank=5,
+                                                         anomaly_reach=0), rngs=nnx.Rngs(0))
+    m0.memory.bank[...] = jnp.asarray(bank)
+    np.testing.assert_allclose(np.asarray(m0.memory.distance(jnp.asarray(tok)))[[0, 2]],
+                               L.visual_map(tok[[0, 2]], ["g"] * 2, bank, ["g"] * 5, (2, 2, 2), reach=0).reshape(2, 8),
+                               atol=1e-5)
+    # The prefix reads the distance: the same image against a bank that holds its tokens or not.
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 16, 1)), jnp.float32)
+    own = np.asarray(m.image(x)["patch"])
+    m.memory.bank[...] = jnp.asarray(np.concatenate([own[:1] + 5e-2 * rng.standard_normal(own[:1].shape), bank[:4]]))
+    near_prefix = np.asarray(m.prefix(x))
+    m.memory.bank[...] = jnp.asarray(bank)
+    assert float(np.abs(near_prefix[0] - np.asarray(m.prefix(x))[0]).max()) > 1e-4
+    # ... in the latents and in the summary token after them, which also reads where the maximum is
+    assert near_prefix.shape[1] == m.num_prefix == 4 + 1
+    dist = np.full((2, 8), 0.1, np.float32)
+    dist[0, 0] = dist[1, 7] = 0.4  # the same maximum and mean, at opposite corners
+    sm = np.asarray(m.memory.summary(jnp.asarray(dist)))
+    assert sm.shape == (2, 1, 32) and float(np.abs(sm[0] - sm[1]).max()) > 1e-4
+
+
+def test_memory_needs_its_bank_frozen(prepared_val):
+    from decipher_jax.trainers import caption, common
+
+    cfg = _cfg(prepared_val)
+    cfg.optim.lr_rules = [("image/.*", None)]
+    with pytest.raises(ValueError, match="memory/bank"):
+        caption.setup(cfg, common.make_mesh(cfg, "t"))
+    cfg.optim.lr_rules = [("image/.*", 0.1), ("memory/bank", None)]  # a tower that learns would leave the bank stale
+    with pytest.raises(ValueError, match="must stay frozen"):
+        caption.setup(cfg, common.make_mesh(cfg, "t"))
+
+
 def _cfg(data, prior=False, steps=80):
     from decipher_jax.trainers import common
 
@@ -91,7 +145,8 @@ def _cfg(data, prior=False, steps=80):
                               "checkpoint_every": 20, "data.batch_size": 8, "data.max_length": 80,
                               "optim.warmup_steps": 5, "optim.lr": 3e-3, "eval.every": 40, "eval.patience": 5})
     cfg.model.vit = VIT
-    cfg.model.captioner = dict(num_latents=4, resampler_depth=1, resampler_heads=4)
+    # The image-conditioned run has the memory of normal studies' patches (6 rows).
+    cfg.model.captioner = dict(num_latents=4, resampler_depth=1, resampler_heads=4, anomaly_bank=0 if prior else 6)
     cfg.model.decoder = dict(family="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                              intermediate_size=128, max_position=128)
     return cfg
@@ -127,6 +182,13 @@ def test_training_lowers_the_loss_and_keeps_the_tower_frozen(trained, prepared_v
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not any("image" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(fresh["opt"]))
     assert s.frozen == {"image": True}
+    # The memory's bank: the tower's tokens of training series without findings, kept as filled (no
+    # optimiser state), while the distance's embedding learns.
+    bank = np.asarray(restored["params"]["memory"]["bank"])
+    np.testing.assert_array_equal(np.asarray(fresh["params"]["memory"]["bank"]), bank)
+    assert bank.shape == (6, 8, 32) and float(np.abs(bank).max()) > 0
+    assert not any("bank" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(fresh["opt"]))
+    assert float(np.abs(np.asarray(restored["params"]["memory"]["w2"]) - np.asarray(fresh["params"]["memory"]["w2"])).max()) > 0
     # Early stopping on the val split: two evaluations, the best step's parameters kept and read back.
     with open(os.path.join(trained["model"], "best.json")) as f:
         best = json.load(f)
@@ -250,8 +312,12 @@ def test_config_variants():
     tiny, rag, prior, full = load("tiny"), load("tiny,rag"), load("tiny,prior"), load("")
     assert rag.data.retrieve == 1 and rag.data.max_length == 2 * tiny.data.max_length and tiny.data.retrieve == 0
     assert not prior.model.use_image and prior.init.align == "" and tiny.model.use_image
-    assert full.model.decoder["scan"] and full.steps > tiny.steps and full.optim.lr_rules == [("image/.*", None)]
-    for bad in ("prior,rag", "huge"):
+    assert full.model.decoder["scan"] and full.steps > tiny.steps
+    assert full.optim.lr_rules == [("image/.*", None), ("memory/bank", None)]
+    # the memory: on by default at the tiny sizes, off in the full config and the prior unless asked for
+    banks = {a: load(a).model.captioner["anomaly_bank"] for a in ("tiny", "tiny,nomemory", "tiny,prior", "", "memory")}
+    assert banks == {"tiny": 128, "tiny,nomemory": 0, "tiny,prior": 0, "": 0, "memory": 1024}
+    for bad in ("prior,rag", "prior,memory", "memory,nomemory", "huge"):
         with pytest.raises(ValueError, match="caption.py"):
             load(bad)
 

@@ -114,5 +114,5 @@ def test_detection_scores_each_series_by_its_maps_maximum():
     assert (d["n_series"], d["n_abnormal"], d["n_lesion"]) == (6, 3, 2)
     assert d["per_region"]["brain"]["abnormal_auroc"] == pytest.approx(1.0)
     assert np.isnan(d["per_region"]["knee"]["lesion_auroc"])  # no lesion in the knee: undefined
-    flat = L.detect(maps.mean(axis=(1, 2, 3), keepdims=True), abnormal, lesion, regions)  # a mean would rank differently
+    flat = L.detect(maps.mean(axis=(1, 2, 3), keepdims=True), abnormal, lesion, regions)  # a mean ranks otherwise
     assert flat["abnormal_auroc"] < 1.0

@@ -188,3 +188,21 @@ def test_a_field_added_later_resumes_at_its_old_behaviour_and_refuses_another_va
     new["data"]["answer_weight"] = 20.0
     assert runspec.config_changes(old, new) == {"data.answer_weight": [1.0, 20.0]}
     assert runspec.config_changes({"steps": 1}, {"steps": 2}) == {"steps": [1, 2]}  # no added field invented
+
+
+def test_restore_subtree_names_what_the_checkpoint_lacks(tmp_path):
+    """Asking a checkpoint for arrays it does not hold (a run of another architecture) is a clear
+    error naming them, not abstract shapes handed back in place of arrays."""
+    import jax
+
+    from decipher_jax import checkpoint as ckpt
+
+    state = {"params": {"a": jnp.arange(4.0), "b": {"w": jnp.ones((2, 3))}}}
+    with ckpt.manager(str(tmp_path / "ck"), async_save=False) as m:
+        ckpt.save(m, 3, state, force=True)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    step, part = ckpt.restore_subtree(str(tmp_path / "ck"), {"params": {"b": abstract["params"]["b"]}})
+    assert step == 3 and np.asarray(part["params"]["b"]["w"]).tolist() == [[1.0] * 3] * 2
+    asked = {"params": {**abstract["params"], "memory": {"bank": jax.ShapeDtypeStruct((5, 2), jnp.float32)}}}
+    with pytest.raises(ValueError, match=r"lacks 1 of the arrays.*memory.*bank"):
+        ckpt.restore_subtree(str(tmp_path / "ck"), asked)

@@ -149,7 +149,8 @@ def detect(maps, abnormal, has_lesion, regions) -> dict:
     return {"n_series": int(len(top)), "n_abnormal": int(abnormal.sum()), "n_lesion": int(has_lesion.sum()),
             "abnormal_auroc": au(abnormal), "lesion_auroc": au(has_lesion),
             "per_region": {str(r): {"n": int((regions == r).sum()), "abnormal_auroc": au(abnormal, regions == r),
-                                    "lesion_auroc": au(has_lesion, regions == r)} for r in sorted(set(regions.tolist()))}}
+                                    "lesion_auroc": au(has_lesion, regions == r)}
+                           for r in sorted(set(regions.tolist()))}}
 
 
 def score_maps(heat, mask, body) -> dict:

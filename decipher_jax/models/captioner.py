@@ -9,6 +9,18 @@ Parameter tree (the optimiser's regex rules address the parts by these names)::
                    themselves, Flamingo's keys), then an MLP, ``resampler_depth`` times
     projector/...  a 2-layer GELU MLP into the decoder's width (M3D's projector)
     decoder/...    the causal LM (:class:`decipher_jax.models.decoder.Decoder`)
+    memory/...     with ``anomaly_bank = K``: ``bank``, the frozen tower's patch tokens of K training
+                   series without findings (filled by the trainer, never trained: rule ``memory/bank``),
+                   and the embedding of each patch's distance to its nearest bank patch
+                   (PatchCore's score, as the visual localisation map computes it), which is added
+                   to the patch's token before the resampler, with a position embedding; and a
+                   summary token (the map's maximum, mean, arg-max position and the map) after the
+                   latents
+
+Why the memory: the frozen tower's pooled features barely tell a study with a lesion from one
+without (the demo's "abnormal" probe, 0.52 AUROC), but the nearest-normal-patch distance does
+(its maximum 0.85 on the demo's test series); the decoder cannot compute that distance from the
+image tokens alone, since it needs the other studies.
 
 ``use_image=False`` builds the decoder alone: the language-prior baseline, the same LM that never
 sees the image.
@@ -20,10 +32,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from decipher_jax.models.decoder import Decoder, DecoderConfig
 from decipher_jax.models.layers import layer_norm, normal, ones, param, trunc_normal, zeros
+from decipher_jax.models.towers import normalise
 from decipher_jax.models.vit3d import ViT3D, ViTConfig
 from decipher_jax.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -34,6 +48,9 @@ class CaptionerConfig:
     num_latents: int = 16  # image tokens the decoder sees (RadFM: 32; M3D pools to 256)
     resampler_depth: int = 2
     resampler_heads: int = 4
+    anomaly_bank: int = 0  # K bank series for the nearest-normal-patch distance (0: off)
+    anomaly_reach: int = 1  # bank patches at most this many grid steps away (Chebyshev) are neighbours
+    anomaly_scale: float = 10.0  # the distance (1 - cosine, about 0-0.4) times this enters the embedding
 
 
 class Resampler(nnx.Module):
@@ -59,9 +76,12 @@ class Resampler(nnx.Module):
         self.mlp_out = p(trunc_normal, (L, M, dim), ("layers", "mlp", "embed"))
         self.out_scale, self.out_bias = p(ones, (dim,), ("norm",)), p(zeros, (dim,), ("norm",))
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, extra=None):
+        """``extra``: ``(B, N, dim)`` added to the projected tokens (the memory's embedding)."""
         b = tokens.shape[0]
         x = tokens.astype(jnp.float32) @ self.in_kernel[...] + self.in_bias[...]
+        if extra is not None:
+            x = x + extra
         lat = jnp.broadcast_to(self.latents[...], (b,) + self.latents.shape)
         for i in range(self.c.resampler_depth):
             q_in = layer_norm(lat, self.ln_q_scale[i], self.ln_q_bias[i], 1e-6)
@@ -75,6 +95,66 @@ class Resampler(nnx.Module):
             lat = lat + jax.nn.gelu(h @ self.mlp_in[i]) @ self.mlp_out[i]
             lat = constrain(lat, ("act_batch", "act_len", "act_embed"), self.rules)
         return layer_norm(lat, self.out_scale[...], self.out_bias[...], 1e-6)
+
+
+def neighbours(grid, reach: int) -> np.ndarray:
+    """``(N, N)`` bool: patches at most ``reach`` grid steps apart (Chebyshev), row-major order."""
+    pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, len(grid))
+    return np.abs(pos[:, None] - pos[None]).max(-1) <= reach
+
+
+class Memory(nnx.Module):
+    """A bank of normal studies' patch tokens and the embedding of each patch's distance to it.
+
+    ``distance(tokens)``: ``(B, N)``, one minus the largest cosine between a patch token and the
+    bank's tokens at most ``anomaly_reach`` grid steps away (:func:`decipher_jax.eval.localisation.visual_map`
+    without the groups: the nearest bank patch is taken over every series). A bank series is never
+    its own neighbour: a bank row whose tokens equal the query's (mean same-position cosine above
+    1 - 1e-5) is left out, so a training series that is in the bank gets the distance an unseen one
+    would. Cost O(B K N^2 D): for the tiny configs (N = 64, K = 128), not a pod's.
+    """
+
+    def __init__(self, vit: ViTConfig, dim: int, c: CaptionerConfig, *, rngs: nnx.Rngs):
+        self.c, self.grid = c, tuple(vit.grid)
+        n = int(np.prod(self.grid))
+        p = lambda init, shape, axes: param(rngs.params(), init, shape, axes)  # noqa: E731
+        self.bank = p(zeros, (c.anomaly_bank, n, vit.dim), (None, None, "embed"))
+        self.w1, self.b1 = p(normal, (dim,), ("norm",)), p(zeros, (dim,), ("norm",))
+        self.w2 = p(normal, (dim, dim), ("mlp", "embed"))
+        self.pos = p(trunc_normal, (n, dim), (None, "embed"))
+        # the summary token: an MLP of the map's maximum, mean, the maximum's grid coordinates and the map
+        self.s1, self.sb1 = p(normal, (5 + n, dim), (None, "mlp")), p(zeros, (dim,), ("norm",))
+        self.s2, self.sb2 = p(normal, (dim, dim), ("mlp", "embed")), p(zeros, (dim,), ("norm",))
+
+    def distance(self, tokens):
+        t = normalise(jax.lax.stop_gradient(tokens))
+        b = normalise(jax.lax.stop_gradient(self.bank[...]))
+        n = t.shape[1]
+        own = jnp.einsum("bpd,kpd->bk", t, b) / n > 1.0 - 1e-5  # (B, K): the series itself
+        sim = jnp.einsum("bpd,kqd->bkpq", t, b)
+        ok = jnp.asarray(neighbours(self.grid, self.c.anomaly_reach))[None, None] & ~own[:, :, None, None]
+        return 1.0 - jnp.where(ok, sim, -jnp.inf).max(axis=(1, 3))
+
+    def embed(self, dist):
+        """``(B, N)`` distances -> ``(B, N, dim)``: a one-hidden-layer MLP of the scaled distance, plus
+        each patch's position."""
+        h = jax.nn.gelu(self.c.anomaly_scale * dist[..., None] * self.w1[...] + self.b1[...])
+        return h @ self.w2[...] + self.pos[...]
+
+    def summary(self, dist):
+        """``(B, N)`` distances -> ``(B, 1, dim)``: one token of the map's maximum and mean (scaled),
+        the grid coordinates of its maximum (each in [-1, 1]) and the scaled map itself, through a
+        one-hidden-layer MLP. Whether a study holds a lesion, and where, is one threshold and one
+        sign away in it, where the resampler's latents would have to find the most anomalous of N
+        patches; the map lets it read a place (where a kidney should be) as well."""
+        g = np.asarray(self.grid)
+        pos = np.stack(np.meshgrid(*[np.arange(k) for k in self.grid], indexing="ij"), -1).reshape(-1, len(self.grid))
+        coords = jnp.asarray(2.0 * pos / np.maximum(g - 1, 1) - 1.0, jnp.float32)[jnp.argmax(dist, 1)]  # (B, 3)
+        f = jnp.concatenate([self.c.anomaly_scale * dist.max(1, keepdims=True),
+                             self.c.anomaly_scale * dist.mean(1, keepdims=True), coords,
+                             self.c.anomaly_scale * dist], 1)
+        h = jax.nn.gelu(f @ self.s1[...] + self.sb1[...])
+        return (h @ self.s2[...] + self.sb2[...])[:, None]
 
 
 class Captioner(nnx.Module):
@@ -92,13 +172,15 @@ class Captioner(nnx.Module):
             self.proj_in_bias = param(rngs.params(), zeros, (E,), ("norm",))
             self.proj_out = param(rngs.params(), normal, (E, E), ("mlp", "embed"))
             self.proj_out_bias = param(rngs.params(), zeros, (E,), ("norm",))
+            if c.anomaly_bank:
+                self.memory = Memory(vit, E, c, rngs=rngs)
 
     @property
     def num_prefix(self) -> int:
-        return self.c.num_latents if self.c.use_image else 0
+        return (self.c.num_latents + int(bool(self.c.anomaly_bank))) if self.c.use_image else 0
 
     def prefix(self, image, *, freeze_image: bool = True):
-        """``(B, num_latents, E)`` prefix embeddings of ``(B, D, H, W, C)`` volumes (``(B, 0, E)``
+        """``(B, num_prefix, E)`` prefix embeddings of ``(B, D, H, W, C)`` volumes (``(B, 0, E)``
         without the image). ``freeze_image`` stops the gradient at the tower's output: a frozen
         tower costs no backward pass."""
         b = image.shape[0]
@@ -108,9 +190,13 @@ class Captioner(nnx.Module):
         tokens = self.image(image)["patch"]
         if freeze_image:
             tokens = jax.lax.stop_gradient(tokens)
-        lat = self.resampler(tokens)
+        dist = self.memory.distance(tokens) if self.c.anomaly_bank else None
+        lat = self.resampler(tokens, None if dist is None else self.memory.embed(dist))
         h = jax.nn.gelu(lat @ self.proj_in[...] + self.proj_in_bias[...])
-        return (h @ self.proj_out[...] + self.proj_out_bias[...]).astype(jnp.dtype(self.decoder.config.dtype))
+        out = h @ self.proj_out[...] + self.proj_out_bias[...]
+        if dist is not None:  # the memory's summary token after the latents
+            out = jnp.concatenate([out, self.memory.summary(dist)], 1)
+        return out.astype(jnp.dtype(self.decoder.config.dtype))
 
     def sequence(self, image, ids, *, freeze_image: bool = True):
         """The decoder's input: the prefix, then the embedded ``ids``; and how many prefix slots."""

@@ -7,13 +7,17 @@ tower's tokens (:class:`decipher_jax.models.captioner.Captioner`).
 Each training example is a series' report or one of its templated questions
 (:mod:`decipher_jax.data.captions`), with the answer from the record's facts. The image tower is
 the ``init.align`` run's (frozen by the rule ``image/.*``; a regex rule can slow it instead); the
-resampler, the projector and the decoder learn. The decoder is trained from scratch over a
-compact vocabulary of the report tokenizer's word pieces (``vocab`` in the run spec). The
-evaluation (:mod:`decipher_jax.captioning`) generates on held-out patients.
+resampler, the projector and the decoder learn. With ``model.captioner.anomaly_bank = K`` the
+captioner also holds a memory (:class:`decipher_jax.models.captioner.Memory`): the tower's patch
+tokens of K training series without findings (:func:`memory_bank`, filled at init, frozen by the
+rule ``memory/bank``), against which each image's patches are scored. The decoder is trained
+from scratch over a compact vocabulary of the report tokenizer's word pieces (``vocab`` in the
+run spec). The evaluation (:mod:`decipher_jax.captioning`) generates on held-out patients.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import jax
@@ -163,6 +167,27 @@ class BestVal(Best):
                 "val_loss": -self.record["score"] if self.record["score"] is not None else float("nan")}
 
 
+def memory_bank(model: common.Model, params, source, k: int, size, mesh, seed: int = 0) -> tuple[np.ndarray, int]:
+    """``(K, N, D)``: the image tower's patch tokens of ``k`` training series without findings
+    (:func:`decipher_jax.eval.localisation.normal_index`: at most ``k`` of each body region and
+    sequence, then ``k`` of them drawn with ``seed``; fewer than ``k`` are repeated, which leaves
+    every nearest distance as it is), and how many such series there were."""
+    from decipher_jax.eval import embed
+    from decipher_jax.eval import localisation as L
+
+    idx = L.normal_index(source, per_group=k, seed=seed)
+    if not idx:
+        raise ValueError("caption: model.captioner.anomaly_bank needs training series without findings; "
+                         f"the training split ({len(source)} series) has none")
+    rng = np.random.default_rng(seed)
+    rows = sorted(rng.choice(idx, k, replace=False)) if len(idx) > k else [idx[i % len(idx)] for i in range(k)]
+    fn = jax.jit(lambda p, b: {"tokens": model(p).image(b["image"])["patch"].astype(jnp.float32)})
+    bs = embed.round_batch(16, mesh)
+    batches = embed.scan_split(P.Subset(source, rows), [T.Decode(), T.Resize(size)], bs)
+    out = embed.apply(functools.partial(fn, params), batches, mesh, ["image"], meta_keys=())
+    return out["tokens"], len(idx)
+
+
 def setup(cfg, mesh) -> common.Setup:
     """The caption trainer on ``mesh``; reads the training split's reports (the vocabulary) and no
     weights until ``init``."""
@@ -183,6 +208,16 @@ def setup(cfg, mesh) -> common.Setup:
     freeze = optim.frozen_towers(cfg.optim, params_shape, ["image"]).get("image", False)
     size = tuple(vit.img_size) if vit else tuple(cfg.model.vit["img_size"])
 
+    if ccfg.use_image and ccfg.anomaly_bank:
+        frozen_bank = optim.first_match("memory/bank", [tuple(r) for r in cfg.optim.get("lr_rules", ())], 1.0) is None
+        if not frozen_bank:
+            raise ValueError("caption: model.captioner.anomaly_bank needs the rule ('memory/bank', None) in "
+                             "optim.lr_rules: the bank holds the frozen tower's tokens and must not train")
+        if not freeze:
+            raise ValueError("caption: model.captioner.anomaly_bank compares the image tower's tokens with a bank "
+                             "of its initial tokens, so the tower must stay frozen (rule ('image/.*', None)); "
+                             "set model.captioner.anomaly_bank=0 (caption.py:tiny,nomemory) to train the tower")
+
     def init():
         params = model.init(jax.random.key(cfg.seed))
         if vit is not None and cfg.init.align:
@@ -190,6 +225,11 @@ def setup(cfg, mesh) -> common.Setup:
 
             params["image"], where = backbone_params(cfg.init.align, params_shape["image"], model.shardings["image"])
             print(f"caption: image tower <- {where}", flush=True)
+        if ccfg.use_image and ccfg.anomaly_bank and train_src is not None:
+            bank, n_normal = memory_bank(model, params, train_src, ccfg.anomaly_bank, size, mesh, cfg.seed)
+            params["memory"]["bank"] = jax.device_put(bank, model.shardings["memory"]["bank"])
+            print(f"caption: memory bank of {ccfg.anomaly_bank} rows from {n_normal} training series without "
+                  "findings", flush=True)
         opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
         return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
 
