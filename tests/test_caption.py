@@ -135,6 +135,10 @@ def test_memory_needs_its_bank_frozen(prepared_val):
     cfg.optim.lr_rules = [("image/.*", 0.1), ("memory/bank", None)]  # a tower that learns would leave the bank stale
     with pytest.raises(ValueError, match="must stay frozen"):
         caption.setup(cfg, common.make_mesh(cfg, "t"))
+    cfg = _cfg(prepared_val)
+    cfg.model.vit = {**VIT, "dtype": "bfloat16"}  # the self-exclusion compares recomputed float32 tokens
+    with pytest.raises(ValueError, match="float32 image tower"):
+        caption.setup(cfg, common.make_mesh(cfg, "t"))
 
 
 def _cfg(data, prior=False, steps=80):
@@ -313,7 +317,8 @@ def test_config_variants():
     assert rag.data.retrieve == 1 and rag.data.max_length == 2 * tiny.data.max_length and tiny.data.retrieve == 0
     assert not prior.model.use_image and prior.init.align == "" and tiny.model.use_image
     assert full.model.decoder["scan"] and full.steps > tiny.steps
-    assert full.optim.lr_rules == [("image/.*", None), ("memory/bank", None)]
+    assert full.optim.lr_rules == prior.optim.lr_rules == [("image/.*", None)]  # as before the memory: runs resume
+    assert tiny.optim.lr_rules == [("image/.*", None), ("memory/bank", None)]
     # the memory: on by default at the tiny sizes, off in the full config and the prior unless asked for
     banks = {a: load(a).model.captioner["anomaly_bank"] for a in ("tiny", "tiny,nomemory", "tiny,prior", "", "memory")}
     assert banks == {"tiny": 128, "tiny,nomemory": 0, "tiny,prior": 0, "": 0, "memory": 1024}

@@ -188,6 +188,11 @@ def test_a_field_added_later_resumes_at_its_old_behaviour_and_refuses_another_va
     new["data"]["answer_weight"] = 20.0
     assert runspec.config_changes(old, new) == {"data.answer_weight": [1.0, 20.0]}
     assert runspec.config_changes({"steps": 1}, {"steps": 2}) == {"steps": [1, 2]}  # no added field invented
+    # the caption memory's bank: a run from before it resumes without one, and refuses to grow one
+    old = {"model": {"captioner": {"num_latents": 16}}}
+    assert runspec.config_changes(old, {"model": {"captioner": {"num_latents": 16, "anomaly_bank": 0}}}) == {}
+    assert runspec.config_changes(old, {"model": {"captioner": {"num_latents": 16, "anomaly_bank": 128}}}) == {
+        "model.captioner.anomaly_bank": [0, 128]}
 
 
 def test_restore_subtree_names_what_the_checkpoint_lacks(tmp_path):

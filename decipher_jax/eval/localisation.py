@@ -174,7 +174,9 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
                    n_examples: int = 4, *, floor=None, bank_split: str = "train", bank_per_group: int = 64) -> dict:
     """Text-guided and visual maps for every series with a lesion and a finding in ``queries``;
     their scores (and example slices). ``floor``: ``(model, params)`` of a random-init ViT of the
-    stage-2 tower's shape, whose visual map is scored beside the tower's."""
+    stage-2 tower's shape, whose visual map is scored beside the tower's. Each visual map also
+    detects (:func:`detect`) over every patient series of the split (templates left out), except on
+    ``bank_split`` itself, whose normal series are in the bank."""
     from decipher_jax.data import pipelines as P
 
     queries = FINDING_QUERIES if queries is None else queries
@@ -206,6 +208,10 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
     detection = {}
     abnormal = np.array([bool("".join(fs).strip()) for fs in findings])
     has_lesion = np.array([(m > 0).any() for m in mask_all])
+    # Detection over the split's patients: templates (tissue-class label maps, not lesions) left out, and
+    # none on the bank's own split, whose normal series would find themselves in the bank.
+    patients = np.array([_field(source[i], "role") != "template" for i in range(len(source))])
+    detect_here = split != bank_split
     encoders = {"stage 2": (zs.model, zs.params, True)} | ({"random init": (*floor, False)} if floor is not None else {})
     for name, (model, params, tower) in encoders.items():
         fn_tok = functools.partial(_tokens(model, tower), params)
@@ -217,7 +223,9 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
         bank_groups = [group_of(r, q) for r, q in zip(bank["body_region"], bank["sequence"])]
         vis = visual_map(tok_all, groups_all, bank["tokens"], bank_groups, grid)  # every series of the split
         maps[f"visual, {name}"] = vis[idx]
-        detection[name] = detect(vis, abnormal, has_lesion, res["body_region"])
+        if detect_here:
+            detection[name] = detect(vis[patients], abnormal[patients], has_lesion[patients],
+                                     np.asarray(res["body_region"])[patients])
     mask = mask_all[idx]
     body = res["image"][idx] > BODY
     heats = {k: np.asarray(upsample(v, size)) for k, v in maps.items()}

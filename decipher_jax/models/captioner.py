@@ -17,10 +17,10 @@ Parameter tree (the optimiser's regex rules address the parts by these names)::
                    summary token (the map's maximum, mean, arg-max position and the map) after the
                    latents
 
-Why the memory: the frozen tower's pooled features barely tell a study with a lesion from one
-without (the demo's "abnormal" probe, 0.52 AUROC), but the nearest-normal-patch distance does
-(its maximum 0.85 on the demo's test series); the decoder cannot compute that distance from the
-image tokens alone, since it needs the other studies.
+Why the memory: the frozen tower's pooled features barely tell a study with a finding from one
+without (the demo's "abnormal" probe, 0.52 AUROC), but the nearest-normal-patch distance does (its
+maximum: 0.76 for any finding, 0.85 for a lesion, on the demo's test series); the decoder cannot
+compute that distance from the image tokens alone, since it needs the other studies.
 
 ``use_image=False`` builds the decoder alone: the language-prior baseline, the same LM that never
 sees the image.
@@ -111,7 +111,8 @@ class Memory(nnx.Module):
     without the groups: the nearest bank patch is taken over every series). A bank series is never
     its own neighbour: a bank row whose tokens equal the query's (mean same-position cosine above
     1 - 1e-5) is left out, so a training series that is in the bank gets the distance an unseen one
-    would. Cost O(B K N^2 D): for the tiny configs (N = 64, K = 128), not a pod's.
+    would. That match needs the tower's float32 tokens (the trainer refuses other dtypes); matching
+    by series id would not. Cost O(B K N^2 D): for the tiny configs (N = 64, K = 128), not a pod's.
     """
 
     def __init__(self, vit: ViTConfig, dim: int, c: CaptionerConfig, *, rngs: nnx.Rngs):

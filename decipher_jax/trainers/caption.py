@@ -176,9 +176,9 @@ def memory_bank(model: common.Model, params, source, k: int, size, mesh, seed: i
     from decipher_jax.eval import localisation as L
 
     idx = L.normal_index(source, per_group=k, seed=seed)
-    if not idx:
-        raise ValueError("caption: model.captioner.anomaly_bank needs training series without findings; "
-                         f"the training split ({len(source)} series) has none")
+    if len(idx) < 2:  # a series in the bank is not its own neighbour: one alone would have none
+        raise ValueError("caption: model.captioner.anomaly_bank needs at least 2 training series without findings; "
+                         f"the training split ({len(source)} series) has {len(idx)}")
     rng = np.random.default_rng(seed)
     rows = sorted(rng.choice(idx, k, replace=False)) if len(idx) > k else [idx[i % len(idx)] for i in range(k)]
     fn = jax.jit(lambda p, b: {"tokens": model(p).image(b["image"])["patch"].astype(jnp.float32)})
@@ -213,6 +213,10 @@ def setup(cfg, mesh) -> common.Setup:
         if not frozen_bank:
             raise ValueError("caption: model.captioner.anomaly_bank needs the rule ('memory/bank', None) in "
                              "optim.lr_rules: the bank holds the frozen tower's tokens and must not train")
+        if vit is not None and (vit.dtype, vit.param_dtype) != ("float32", "float32"):
+            raise ValueError("caption: model.captioner.anomaly_bank needs a float32 image tower: a training series "
+                             "in the bank is recognised by its recomputed tokens matching the bank's (cosine within "
+                             f"1e-5), which {vit.dtype} / {vit.param_dtype} compute does not promise")
         if not freeze:
             raise ValueError("caption: model.captioner.anomaly_bank compares the image tower's tokens with a bank "
                              "of its initial tokens, so the tower must stay frozen (rule ('image/.*', None)); "

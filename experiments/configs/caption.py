@@ -85,8 +85,8 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.01
     c.optim.weight_decay_end = c.optim.weight_decay
     c.optim.clip_norm = 1.0
-    c.optim.lr_rules = [("image/.*", None), ("memory/bank", None)]  # the stage-2 image tower stays frozen, and the
-    # memory's bank of its tokens
+    # The stage-2 image tower stays frozen, and so does the memory's bank of its tokens.
+    c.optim.lr_rules = [("image/.*", None)] + ([("memory/bank", None)] if bank else [])
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 32 if tiny else 256
