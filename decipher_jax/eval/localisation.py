@@ -210,7 +210,7 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
     has_lesion = np.array([(m > 0).any() for m in mask_all])
     # Detection over the split's patients: templates (tissue-class label maps, not lesions) left out, and
     # none on the bank's own split, whose normal series would find themselves in the bank.
-    patients = np.array([_field(source[i], "role") != "template" for i in range(len(source))])
+    patients = np.asarray(res["role"]).astype(str) != "template"  # the rows' own metadata, in their order
     detect_here = split != bank_split
     encoders = {"stage 2": (zs.model, zs.params, True)} | ({"random init": (*floor, False)} if floor is not None else {})
     for name, (model, params, tower) in encoders.items():
