@@ -34,6 +34,7 @@ from decipher_jax.eval import embed
 from decipher_jax.eval.probes import auroc
 from decipher_jax.eval.queries import FINDING_QUERIES
 from decipher_jax.models.towers import normalise
+from decipher_jax.models.vit3d import grid_neighbours
 
 def upsample(grid_heat, size):
     """(B, gd, gh, gw) -> (B, *size), trilinear."""
@@ -120,8 +121,7 @@ def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.nd
         t = np.asarray(t, np.float32)
         return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
 
-    pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, len(grid))
-    near = np.abs(pos[:, None] - pos[None]).max(-1) <= reach  # (N, N)
+    near = grid_neighbours(grid, reach)  # (N, N)
     t, b = unit(tokens), unit(bank)
     groups, bank_groups = np.asarray(groups), np.asarray(bank_groups)
     out = np.zeros(t.shape[:2], np.float32)
@@ -206,7 +206,7 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
     bank_tf = [T.Decode(), T.Resize(size)]
     maps = {"text": text}
     detection = {}
-    abnormal = np.array([bool("".join(fs).strip()) for fs in findings])
+    abnormal = np.array([bool(str(f).strip()) for f in res["findings"]])
     has_lesion = np.array([(m > 0).any() for m in mask_all])
     # Detection over the split's patients: templates (tissue-class label maps, not lesions) left out, and
     # none on the bank's own split, whose normal series would find themselves in the bank.

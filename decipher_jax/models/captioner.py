@@ -38,7 +38,7 @@ from flax import nnx
 from decipher_jax.models.decoder import Decoder, DecoderConfig
 from decipher_jax.models.layers import layer_norm, normal, ones, param, trunc_normal, zeros
 from decipher_jax.models.towers import normalise
-from decipher_jax.models.vit3d import ViT3D, ViTConfig
+from decipher_jax.models.vit3d import ViT3D, ViTConfig, grid_neighbours, grid_positions
 from decipher_jax.sharding import DEFAULT_RULES, Rules, constrain
 
 
@@ -97,12 +97,6 @@ class Resampler(nnx.Module):
         return layer_norm(lat, self.out_scale[...], self.out_bias[...], 1e-6)
 
 
-def neighbours(grid, reach: int) -> np.ndarray:
-    """``(N, N)`` bool: patches at most ``reach`` grid steps apart (Chebyshev), row-major order."""
-    pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, len(grid))
-    return np.abs(pos[:, None] - pos[None]).max(-1) <= reach
-
-
 class Memory(nnx.Module):
     """A bank of normal studies' patch tokens and the embedding of each patch's distance to it.
 
@@ -130,10 +124,9 @@ class Memory(nnx.Module):
     def distance(self, tokens):
         t = normalise(jax.lax.stop_gradient(tokens))
         b = normalise(jax.lax.stop_gradient(self.bank[...]))
-        n = t.shape[1]
-        own = jnp.einsum("bpd,kpd->bk", t, b) / n > 1.0 - 1e-5  # (B, K): the series itself
         sim = jnp.einsum("bpd,kqd->bkpq", t, b)
-        ok = jnp.asarray(neighbours(self.grid, self.c.anomaly_reach))[None, None] & ~own[:, :, None, None]
+        own = jnp.diagonal(sim, axis1=2, axis2=3).mean(-1) > 1.0 - 1e-5  # (B, K): the series itself
+        ok = jnp.asarray(grid_neighbours(self.grid, self.c.anomaly_reach))[None, None] & ~own[:, :, None, None]
         return 1.0 - jnp.where(ok, sim, -jnp.inf).max(axis=(1, 3))
 
     def embed(self, dist):
@@ -148,8 +141,7 @@ class Memory(nnx.Module):
         one-hidden-layer MLP. Whether a study holds a lesion, and where, is one threshold and one
         sign away in it, where the resampler's latents would have to find the most anomalous of N
         patches; the map lets it read a place (where a kidney should be) as well."""
-        g = np.asarray(self.grid)
-        pos = np.stack(np.meshgrid(*[np.arange(k) for k in self.grid], indexing="ij"), -1).reshape(-1, len(self.grid))
+        g, pos = np.asarray(self.grid), grid_positions(self.grid)
         coords = jnp.asarray(2.0 * pos / np.maximum(g - 1, 1) - 1.0, jnp.float32)[jnp.argmax(dist, 1)]  # (B, 3)
         f = jnp.concatenate([self.c.anomaly_scale * dist.max(1, keepdims=True),
                              self.c.anomaly_scale * dist.mean(1, keepdims=True), coords,

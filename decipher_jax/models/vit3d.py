@@ -131,6 +131,17 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**{"dim": dim, "depth": depth, "heads": heads, "mlp_dim": mlp, "patch_size": patch, **overrides})
 
 
+def grid_positions(grid: Sequence[int]) -> np.ndarray:
+    """``(N, len(grid))`` integer coordinates of a patch grid's cells, row-major (the patch tokens' order)."""
+    return np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, len(grid))
+
+
+def grid_neighbours(grid: Sequence[int], reach: int) -> np.ndarray:
+    """``(N, N)`` bool: cells of a patch grid at most ``reach`` steps apart (Chebyshev)."""
+    pos = grid_positions(grid)
+    return np.abs(pos[:, None] - pos[None]).max(-1) <= reach
+
+
 def sincos_3d(grid: Triple, dim: int, native: Triple | None = None) -> np.ndarray:
     """Fixed 3D sin-cos embedding ``(gd, gh, gw, dim)``.
 
