@@ -43,6 +43,21 @@ def _pyplot():
     return plt
 
 
+FEATURE_WORDS = {"mean": "the mean pool", "max": "the channel-wise max pool", "cls": "the CLS token",
+                 "anomaly": "the tokens pooled towards the patches farthest from normal training series' (the "
+                            "visual anomaly map's weights)"}
+
+
+def _feature_note(rows) -> str:
+    """Which pooled tokens each kind of task read, from the probe rows' ``feature``."""
+    kinds: dict[str, set] = {}
+    for r in rows:
+        kind = "the findings and abnormal" if r["task"] == "abnormal" or r["task"].startswith("finding") else "the attributes"
+        kinds.setdefault(kind, set()).add(r.get("feature", "mean"))
+    say = lambda f: " beside ".join(FEATURE_WORDS.get(n, n) for n in f.split("+"))  # noqa: E731
+    return "; ".join(f"{k}: {', '.join(say(f) for f in sorted(v))}" for k, v in sorted(kinds.items()))
+
+
 def _selection_note(rows) -> str:
     """How the probes' penalties were chosen (``selection`` of the probe rows)."""
     kinds = sorted({r.get("selection", "3-fold CV") for r in rows})
@@ -174,7 +189,10 @@ def segmentation_section(workdir: str) -> str:
                                    f"with a lesion (lesions are {100 * r['lesion_fraction_test']:.1f}% of their voxels)."
                                    + (f" Heads: {', '.join(r['heads']['kinds'])}, {r['heads']['steps']} steps at "
                                       f"batch {r['heads']['batch']}, lr from {', '.join(f'{x:g}' for x in r['heads']['lrs'])}."
-                                      if r.get("heads") else ""))}
+                                      if r.get("heads") else "")
+                                   + (f" Beside the tokens the heads read each patch's distance to the nearest patch of "
+                                      f"{r['heads']['bank_series']} normal training series (the visual anomaly map)."
+                                      if r.get("heads", {}).get("anomaly") else ""))}
     for task, r in seg.items():
         if not r:
             continue
@@ -236,7 +254,7 @@ def probes_section(workdir: str) -> str:
             for t in sorted({k[1] for k in ba}, key=task_order) for e in encs
             if (e, t, 1.0) in ba]
     html = ("<h2>Linear probes on frozen features</h2>"
-            f'<p class="note">Logistic probes on mean-pooled patch tokens, fitted on the training split; '
+            f'<p class="note">Logistic probes on frozen patch tokens ({_feature_note(rows)}), fitted on the training split; '
             f"{_selection_note(rows)}. Mean and std over "
             "seeds of the label subsets (drawn by patient). Scores on the test split. A finding probe is fitted "
             "and scored on the body regions where the finding occurs; the findings panel averages them "

@@ -57,6 +57,9 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
         assert det["n_series"] > loc["n_series"] and 0 < det["n_abnormal"] < det["n_series"]
         assert 0 <= det["abnormal_auroc"] <= 1 and set(det["per_region"]) >= {"brain"}
     rows = res["probes"]
+    # The findings and "abnormal" read the anomaly pool, the attributes the mean and max pools.
+    assert {(r_["task"] == "abnormal" or r_["task"].startswith("finding"), r_["feature"]) for r_ in rows} == {
+        (True, "anomaly"), (False, "mean+max")}
     # Stable ids; the display name says how the run was trained (SigLIP, not "CLIP").
     assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
     assert {(c["a_id"], c["a"], c["b_id"]) for c in res["compare"]} == {("align", "stage 2 (SigLIP)", "random")}
@@ -83,6 +86,7 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
               "Anomaly localisation"):
         assert f"<h2>{h}</h2>" in page, h
     assert "Cross-sex test" in page and "Detection by the visual map" in page
+    assert "the findings and abnormal: the tokens pooled towards the patches farthest" in page
     assert "skipped: " in page
 
 

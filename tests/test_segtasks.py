@@ -79,9 +79,10 @@ def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_share
     segtasks.run({}, "prep", None, size=(8, 8, 8), **shared)  # no lesion settings: both tasks alike
     assert {k: seen["lesions"][k] for k in shared} == shared and "kinds" not in seen["lesions"]
 
-    assert evaluators.Segmentation().lesion_grid() == {}  # defaults: the shared schedule
+    assert evaluators.Segmentation().lesion_grid() == {"anomaly": True}  # defaults: the shared schedule
+    assert evaluators.Segmentation(lesion_anomaly=False).lesion_grid() == {"anomaly": False}
     e = evaluators.Segmentation(lesion_steps=600, lesion_batch=8, lesion_lrs=(1e-2,), lesion_kinds=("decoder", "unetr"))
-    assert e.lesion_grid() == {"steps": 600, "batch": 8, "lrs": (1e-2,), "kinds": ("decoder", "unetr")}
+    assert e.lesion_grid() == {"steps": 600, "batch": 8, "lrs": (1e-2,), "kinds": ("decoder", "unetr"), "anomaly": True}
     with pytest.raises(ValueError, match="lesion_kinds.*'conv'"):  # at construction, before any evaluator runs
         evaluators.Segmentation(lesion_kinds=("conv",))
     monkeypatch.undo()  # the real lesions(): refuses an unknown head kind before reading any data
@@ -101,20 +102,62 @@ def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_share
     assert got["lesion"] == e.lesion_grid() and (got["steps"], got["batch"]) == (150, 4)
     res = {"brain_tissue": {}, "lesions": {"n_train": 3, "n_test": 2, "lesion_fraction_test": 0.01,
                                            "heads": {"steps": 600, "batch": 8, "lrs": [0.01], "seeds": [0],
-                                                     "kinds": ["decoder", "unetr"]},
+                                                     "kinds": ["decoder", "unetr"], "anomaly": True, "bank_series": 7},
                                            "rows": [{"encoder": "random init", "head": "unetr", "dice_mean_fg": 0.5}]}}
-    assert any("decoder, unetr, 600 steps x batch 8, lrs 0.01" in line for line in e.summary(res, None))
+    assert any("decoder, unetr, 600 steps x batch 8, lrs 0.01; tokens and their distance to 7 normal" in line
+               for line in e.summary(res, None))
     w = tmp_path / "run"
     os.makedirs(w / "eval")
     with open(w / "eval" / "segmentation.json", "w") as f:
         json.dump(res, f)
-    assert "Heads: decoder, unetr, 600 steps at batch 8, lr from 0.01." in report.segmentation_section(str(w))
+    sec = report.segmentation_section(str(w))
+    assert "Heads: decoder, unetr, 600 steps at batch 8, lr from 0.01. Beside the tokens the heads read" in sec
 
     for arg in ("", "gpu"):
         lad = common.load_config("experiments/configs/ladder.py" + (f":{arg}" if arg else ""))
         ecfg = common.load_config("experiments/configs/" + lad.stages.eval.config, dict(lad.stages.eval.overrides))
         seg = {e.name: e for e in evaluators.from_config(ecfg.evals, ecfg.order)}["segmentation"]
-        assert seg.lesion_grid() == {"steps": 600, "batch": 8, "kinds": ("decoder", "unetr")}
+        assert seg.lesion_grid() == {"steps": 600, "batch": 8, "kinds": ("decoder", "unetr"), "anomaly": True}
         assert (seg.settings["steps"], seg.settings["batch"]) == (150, 4)  # brain tissue as the demo's
     demo_eval = common.load_config("experiments/configs/eval.py")
-    assert {e.name: e for e in evaluators.from_config(demo_eval.evals, demo_eval.order)}["segmentation"].lesion_grid() == {}
+    assert {e.name: e for e in evaluators.from_config(demo_eval.evals, demo_eval.order)}["segmentation"].lesion_grid() == {
+        "anomaly": True}
+
+
+def test_lesion_heads_read_each_patch_distance_to_the_normal_bank(monkeypatch):
+    """``lesions(anomaly=True)``: each encoder's tokens of the normal training series form its
+    bank; every split's tokens reach the heads with one more channel, the patch's distance to
+    the nearest bank patch over the bank's tau, large where the volume differs from the normals."""
+    from decipher_jax.eval import features, segtasks
+
+    mesh = sh.make_mesh({"data": -1})
+    cfg = ViTConfig(dim=16, depth=1, heads=2, mlp_dim=32, patch_size=(4, 4, 4), img_size=(8, 8, 8))
+    model = Model(lambda r: ViT3D(cfg, rngs=r), mesh)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    normal = 0.5 + 0.02 * rng.normal(size=(6, 8, 8, 8, 1)).astype(np.float32)
+    sick = normal[:3].copy()
+    sick[:, :4, :4, :4] = 1.0 - sick[:, :4, :4, :4]  # one patch changed
+    lab = np.zeros((3, 8, 8, 8), np.int32)
+    lab[:, :4, :4, :4] = 1
+    monkeypatch.setattr(segtasks, "normal_volumes", lambda prep, size, per_group=64: (normal, [f"n{i}" for i in range(6)]))
+    monkeypatch.setattr(segtasks, "_split_arrays", lambda prep, split, size, lesion_only: (
+        sick, lab, [f"{split}{i}" for i in range(3)], np.ones((3, 3))))
+    seen = {}
+
+    def fit(tokens, *a, **k):
+        seen["tokens"] = tokens
+        raise StopIteration
+
+    monkeypatch.setattr(segtasks, "_fit", fit)
+    with pytest.raises(StopIteration):
+        segtasks.lesions({"random init": (model, params)}, "prep", mesh, size=cfg.img_size, anomaly=True)
+    plain = segtasks.encode(model, params, sick, mesh)
+    tok = seen["tokens"]
+    assert tok.shape == (*plain.shape[:-1], plain.shape[-1] + 1)
+    np.testing.assert_array_equal(tok[..., :-1], plain)
+    bank = features.NormalBank.build(segtasks.encode(model, params, normal, mesh).reshape(6, 8, -1), [""] * 6,
+                                     [f"n{i}" for i in range(6)], (2, 2, 2))
+    want = bank.distances(plain.reshape(3, 8, -1), [""] * 3, ["a", "b", "c"]) / bank.tau
+    np.testing.assert_allclose(tok[..., -1].reshape(3, 8), want, rtol=1e-4, atol=1e-5)
+    assert (tok[:, 0, 0, 0, -1] > tok[:, 1:, 1:, 1:, -1].reshape(3, -1).max(1)).all()  # the changed patch stands out

@@ -421,7 +421,8 @@ class Probes(Evaluator):
 
     @classmethod
     def defaults(cls):
-        return {"fractions": (0.1, 0.3, 1.0), "seeds": (0, 1, 2), "feature": "mean+max", "encoders": None}
+        return {"fractions": (0.1, 0.3, 1.0), "seeds": (0, 1, 2), "feature": "mean+max", "finding_feature": "anomaly",
+                "encoders": None}
 
     def run(self, ctx):
         from decipher_jax.eval import suite
@@ -430,7 +431,8 @@ class Probes(Evaluator):
             ctx.source(split)
         s = self.settings
         rows = suite.probe_encoders(ctx.out, ctx.data, fractions=tuple(s["fractions"]), seeds=tuple(s["seeds"]),
-                                    mesh=ctx.mesh, feature=s["feature"], encs=ctx.legacy_encoders(s["encoders"]))
+                                    mesh=ctx.mesh, feature=s["feature"], finding_feature=s["finding_feature"],
+                                    encs=ctx.legacy_encoders(s["encoders"]))
         ids = {e.name: e.id for e in ctx.encoders(s["encoders"]).values()}
         path = ctx.dir.result("compare")
         if os.path.exists(path):  # each pretrained encoder against random init, keyed by ids too
@@ -511,7 +513,8 @@ class Segmentation(Evaluator):
 
     ``steps``, ``batch``, ``lrs``, ``seeds``: both tasks' heads; ``lesion_steps``,
     ``lesion_batch``, ``lesion_lrs`` (0 or empty: the same) and ``lesion_kinds`` (empty: all
-    three) set the lesion task's alone. The lesion heads need the longer schedule (600 steps at
+    three) set the lesion task's alone; ``lesion_anomaly``: the lesion heads also read each patch's
+    distance to the nearest normal training patch (``segtasks.with_distance``). The lesion heads need the longer schedule (600 steps at
     batch 8 reach 0.52 Dice at 400 patients where 150 x 4 reach 0.18-0.27; BENCHMARKS.md) while
     brain tissue is fitted at 150 x 4, and the linear head stays under 0.05 Dice on lesions."""
 
@@ -521,7 +524,8 @@ class Segmentation(Evaluator):
     def defaults(cls):
         # skip_convs: the unetr head's image skip, one 3^3 convolution or UNETR's two (seghead).
         return {"encoders": ("align", "random"), "steps": 150, "batch": 4, "lrs": (1e-2, 3e-2), "seeds": (0,),
-                "skip_convs": 1, "lesion_steps": 0, "lesion_batch": 0, "lesion_lrs": (), "lesion_kinds": ()}
+                "skip_convs": 1, "lesion_steps": 0, "lesion_batch": 0, "lesion_lrs": (), "lesion_kinds": (),
+                "lesion_anomaly": True}
 
     def __init__(self, **settings):
         super().__init__(**settings)
@@ -541,6 +545,7 @@ class Segmentation(Evaluator):
             out["lrs"] = tuple(float(x) for x in s["lesion_lrs"])
         if s["lesion_kinds"]:
             out["kinds"] = tuple(s["lesion_kinds"])
+        out["anomaly"] = bool(s["lesion_anomaly"])
         return out
 
     def run(self, ctx):
@@ -560,7 +565,9 @@ class Segmentation(Evaluator):
             if r and r.get("heads"):
                 h = r["heads"]
                 lines.append(f"  ({task} heads: {', '.join(h['kinds'])}, {h['steps']} steps x batch {h['batch']}, "
-                             f"lrs {', '.join(f'{x:g}' for x in h['lrs'])})")
+                             f"lrs {', '.join(f'{x:g}' for x in h['lrs'])}"
+                             + (f"; tokens and their distance to {h['bank_series']} normal training series"
+                                if h.get("anomaly") else "") + ")")
             if r:
                 best = {}
                 for row in r["rows"]:

@@ -14,10 +14,22 @@ mean over its windows. The windows of one series are spread over the mesh's batc
 over the processes), so every host steps in lockstep whatever the volume's size.
 
     feats = extract(model, params, source, mesh, size=(32, 32, 32), window=(32, 32, 32), overlap=0.5)
+
+With a bank of normal series' patch tokens (:func:`normal_bank`, from the training split), each
+series also gets ``"anomaly"``: its patch tokens pooled with weights softmax(d / tau), d each
+patch's cosine distance to the nearest normal patch of its body region and sequence within one
+grid step (the visual anomaly map of ``eval.localisation``) and tau the bank's own typical spread
+of d. A finding occupies a few patches; the mean and max pools are dominated by the anatomy
+every series shares, where this pool looks at the patches that differ from normal studies
+(BENCHMARKS.md, "Finding probes on the patches that differ from normal").
+
+    bank = normal_bank(model, params, train_source, mesh, size=(32, 32, 32), patch_size=(8, 8, 8))
+    feats = extract(model, params, test_source, mesh, size=(32, 32, 32), bank=bank)   # + "anomaly"
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import os
@@ -43,16 +55,88 @@ def combined(feats: dict, feature: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _encoder(model, layers: tuple[int, ...]):
+def _encoder(model, layers: tuple[int, ...], patches: bool = False):
     def f(params, batch):
         out = model(params)(batch["image"], collect=layers)
         res = {"cls": out["cls"].astype(jnp.float32), "mean": out["patch"].mean(1).astype(jnp.float32),
                "max": out["patch"].max(1).astype(jnp.float32)}
         for i in layers:
             res[f"layer{i}_mean"] = out["layers"][i].mean(1).astype(jnp.float32)
+        if patches:
+            res["patch"] = out["patch"].astype(jnp.float32)
         return res
 
     return jax.jit(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalBank:
+    """Patch tokens ``(K, N, D)`` of K series without findings (at most ``per_group`` of each body
+    region and sequence), their groups and series ids, the patch grid, the neighbourhood ``reach``
+    and ``tau``, the softmax temperature of the ``"anomaly"`` pool: the mean over the bank's
+    series of the spread (standard deviation over patches) of their distances to the rest of the
+    bank, so the pool is as sharp for every encoder whatever the scale of its distances."""
+
+    tokens: np.ndarray
+    groups: np.ndarray
+    series_id: np.ndarray
+    grid: tuple[int, ...]
+    tau: float
+    reach: int = 1
+
+    @classmethod
+    def build(cls, tokens, groups, series_id, grid, reach: int = 1) -> NormalBank:
+        """A bank of these tokens, its ``tau`` measured on them (each series against the others)."""
+        bank = cls(np.asarray(tokens, np.float32), np.asarray(groups).astype(str), np.asarray(series_id).astype(str),
+                   tuple(int(g) for g in grid), 1.0, reach)
+        tau = float(bank.distances(bank.tokens, bank.groups, bank.series_id).std(1).mean())
+        return dataclasses.replace(bank, tau=max(tau, 1e-6))
+
+    def distances(self, tokens, groups, series_id):
+        """``(M, N)`` distances to the nearest normal patch; a series in the bank is never its own
+        neighbour (matched by series id)."""
+        from decipher_jax.eval import localisation
+
+        row = {s: i for i, s in enumerate(self.series_id)}
+        exclude = np.array([row.get(s, -1) for s in np.asarray(series_id).astype(str)])
+        dist, _ = localisation.nearest_normal(tokens, groups, self.tokens, self.groups, self.grid, self.reach, exclude)
+        return dist
+
+
+def _groups(meta) -> np.ndarray:
+    from decipher_jax.eval import localisation
+
+    return np.array([localisation.group_of(r, q) for r, q in zip(np.asarray(meta["body_region"]).astype(str),
+                                                                  np.asarray(meta["sequence"]).astype(str))])
+
+
+def normal_bank(model, params, source, mesh, *, size, patch_size, per_group: int = 64, reach: int = 1,
+                batch_size: int = 16) -> NormalBank:
+    """The bank of :func:`extract`'s ``"anomaly"`` pool from ``source`` (the training split): its
+    series without findings (``eval.localisation.normal_index``)."""
+    from decipher_jax.data import pipelines as P
+    from decipher_jax.eval import localisation
+
+    idx = localisation.normal_index(source, per_group)
+    if len(idx) < 2:
+        raise ValueError(f"normal bank: {len(idx)} series without findings in the split, at least 2 are needed")
+    fn = functools.partial(_encoder(model, (), True), params)
+    out = embed.apply(fn, embed.scan_split(P.Subset(source, idx), [T.Decode(), T.Resize(tuple(size))],
+                                           embed.round_batch(batch_size, mesh)), mesh, ["image"])
+    grid = tuple(int(s) // int(p) for s, p in zip(size, patch_size))
+    if out["patch"].shape[1] != int(np.prod(grid)):
+        raise ValueError(f"normal bank: {out['patch'].shape[1]} patch tokens, the grid {grid} has {int(np.prod(grid))}")
+    return NormalBank.build(out["patch"], _groups(out), out["series_id"], grid, reach)
+
+
+def with_anomaly(chunk: dict, bank: NormalBank) -> dict:
+    """``chunk`` with its ``"patch"`` tokens replaced by the ``"anomaly"`` pool (see the module)."""
+    chunk = dict(chunk)
+    tok = chunk.pop("patch")
+    d = bank.distances(tok, _groups(chunk), chunk["series_id"])
+    w = np.exp((d - d.max(1, keepdims=True)) / bank.tau)
+    chunk["anomaly"] = np.einsum("mn,mnd->md", w / w.sum(1, keepdims=True), tok).astype(np.float32)
+    return chunk
 
 
 def _series_windows(source, window, overlap: float, batch_size: int):
@@ -90,10 +174,15 @@ def _extract_windows(fn, source, mesh, window, overlap, batch_size):
 
 
 def extract(model, params, source, mesh, *, size, out_dir: str | None = None, layers=(), batch_size: int = 16,
-            chunk_batches: int = 64, window=None, overlap: float = 0.5) -> dict:
-    """Features of every series in ``source`` (``model``: a :class:`decipher_jax.state.Model` of a ViT3D)."""
-    fn = functools.partial(_encoder(model, tuple(layers)), params)
+            chunk_batches: int = 64, window=None, overlap: float = 0.5, bank: NormalBank | None = None) -> dict:
+    """Features of every series in ``source`` (``model``: a :class:`decipher_jax.state.Model` of a
+    ViT3D); with ``bank``, also the ``"anomaly"`` pool (a chunk's patch tokens are held on the
+    host until it is written: lower ``chunk_batches`` for a large model)."""
+    fn = functools.partial(_encoder(model, tuple(layers), bank is not None), params)
+    post = (lambda c: with_anomaly(c, bank)) if bank is not None else (lambda c: c)  # noqa: E731
     if window is not None:
+        if bank is not None:
+            raise ValueError("features: the anomaly pool (bank=) is for whole-volume features, not sliding windows")
         feats = _extract_windows(fn, source, mesh, window, overlap, embed.round_batch(batch_size, mesh))
         if out_dir is not None:
             _clear(out_dir)
@@ -101,14 +190,14 @@ def extract(model, params, source, mesh, *, size, out_dir: str | None = None, la
         return feats
     batches = embed.scan_split(source, [T.Decode(), T.Resize(tuple(size))], embed.round_batch(batch_size, mesh))
     if out_dir is None:
-        return embed.apply(fn, batches, mesh, ["image"])
+        return post(embed.apply(fn, batches, mesh, ["image"]))
     _clear(out_dir)
     part, buf = 0, []
 
     def flush():
         nonlocal part, buf
         if buf:
-            _write_chunk(out_dir, part, embed.apply(fn, iter(buf), mesh, ["image"]))
+            _write_chunk(out_dir, part, post(embed.apply(fn, iter(buf), mesh, ["image"])))
             part, buf = part + 1, []
 
     for b in batches:

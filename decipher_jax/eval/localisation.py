@@ -112,11 +112,13 @@ def normal_index(source, per_group: int = 64, seed: int = 0) -> list[int]:
     return sorted(j for idx in by.values() for j in (idx if len(idx) <= per_group else rng.choice(idx, per_group, replace=False)))
 
 
-def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.ndarray:
-    """``(M, *grid)``: each patch token's cosine distance to the nearest bank token of its
-    series' group (body region / sequence) at most ``reach`` grid steps away (Chebyshev); a
-    group the bank lacks is compared with the whole bank. ``tokens`` ``(M, N, D)``, ``bank``
-    ``(K, N, D)``, ``N = prod(grid)``."""
+def nearest_normal(tokens, groups, bank, bank_groups, grid, reach: int = 1, exclude=None):
+    """Per series and patch, the nearest bank token of its series' group (body region /
+    sequence) at most ``reach`` grid steps away (Chebyshev) by cosine: ``(distance (M, N),
+    index (M, N, 2))``, the index a ``(bank row, patch)`` pair. A group the bank lacks is compared
+    with the whole bank. ``exclude`` ``(M,)``: per series the bank row never to use (the series
+    itself, when it is in the bank), -1 for none. ``tokens`` ``(M, N, D)``, ``bank`` ``(K, N,
+    D)``, ``N = prod(grid)``. A group whose bank rows are only the excluded one uses the whole bank."""
     def unit(t):
         t = np.asarray(t, np.float32)
         return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
@@ -124,14 +126,34 @@ def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.nd
     near = grid_neighbours(grid, reach)  # (N, N)
     t, b = unit(tokens), unit(bank)
     groups, bank_groups = np.asarray(groups), np.asarray(bank_groups)
-    out = np.zeros(t.shape[:2], np.float32)
+    exclude = np.full(len(t), -1) if exclude is None else np.asarray(exclude)
+    dist = np.zeros(t.shape[:2], np.float32)
+    index = np.zeros((*t.shape[:2], 2), np.int64)
+    rows = np.arange(len(b))
     for g in np.unique(groups):
-        bi = np.flatnonzero(bank_groups == g)
-        bg = b[bi] if len(bi) else b
+        in_g = bank_groups == g
         for i in np.flatnonzero(groups == g):
-            sim = np.einsum("pd,kqd->pkq", t[i], bg)
-            out[i] = 1.0 - np.where(near[:, None, :], sim, -np.inf).max(axis=(1, 2))
-    return out.reshape(len(t), *grid)
+            ok = rows != exclude[i]
+            bi = np.flatnonzero(in_g & ok)
+            if not len(bi):  # the group's only bank series is this one, or the group has none
+                bi = np.flatnonzero(ok)
+            if not len(bi):
+                raise ValueError("nearest_normal: the bank holds no series but the query itself")
+            sim = np.einsum("pd,kqd->pkq", t[i], b[bi])
+            sim = np.where(near[:, None, :], sim, -np.inf).reshape(len(t[i]), -1)
+            j = sim.argmax(1)
+            dist[i] = 1.0 - sim[np.arange(len(j)), j]
+            k, q = np.unravel_index(j, (len(bi), b.shape[1]))
+            index[i] = np.stack([bi[k], q], -1)
+    return dist, index
+
+
+def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.ndarray:
+    """``(M, *grid)``: each patch token's cosine distance to the nearest bank token of its
+    series' group (body region / sequence) at most ``reach`` grid steps away (Chebyshev); a
+    group the bank lacks is compared with the whole bank (:func:`nearest_normal`)."""
+    dist, _ = nearest_normal(tokens, groups, bank, bank_groups, grid, reach)
+    return dist.reshape(len(dist), *grid)
 
 
 def detect(maps, abnormal, has_lesion, regions) -> dict:

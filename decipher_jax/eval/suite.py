@@ -13,6 +13,13 @@ Tasks come from the records' metadata:
   infarct probe is fitted and scored on brain series only). An empty finding list is a normal
   study.
 
+Probe inputs: the attributes read the mean and max pools of the patch tokens side by side; the
+findings and "abnormal" read the ``"anomaly"`` pool (:mod:`decipher_jax.eval.features`): the
+patch tokens weighted towards those farthest from every normal training series' patches of
+the same body region and sequence. A finding fills a few patches, and the mean and max pools
+carry mostly the anatomy all series share (BENCHMARKS.md, "Finding probes on the patches that
+differ from normal"). Each encoder gets its own bank, from its own tokens.
+
 Probes: logistic (ridge for age), fitted on the training split over label fractions x seeds,
 all in batched calls (:mod:`decipher_jax.eval.probes`). The penalty is chosen on the val split
 (patients no encoder was trained on) where it has the task, else by 3-fold CV by patient: the
@@ -155,30 +162,46 @@ def _finding_tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.nd
     return out
 
 
+def task_feature(task: str, feature: str, finding_feature: str | None) -> str:
+    """The feature a task's probe reads: ``finding_feature`` (when set) for the findings and the
+    "abnormal" task, ``feature`` for the attributes (region, sequence, sex, age)."""
+    return finding_feature if finding_feature and (task == "abnormal" or task.startswith(FINDING)) else feature
+
+
 def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2), mesh=None,
-                   feature: str = "mean+max", encs: tuple[dict, ViTConfig] | None = None) -> list[dict]:
-    """``encs``: the output of :func:`encoders` when the caller already holds it."""
+                   feature: str = "mean+max", finding_feature: str | None = "anomaly",
+                   encs: tuple[dict, ViTConfig] | None = None) -> list[dict]:
+    """``encs``: the output of :func:`encoders` when the caller already holds it. ``feature``:
+    the attributes' probe input, ``finding_feature`` the findings' and "abnormal"'s (None: also
+    ``feature``); a name with ``anomaly`` pools by the distance to each encoder's bank of normal
+    training series (:func:`decipher_jax.eval.features.normal_bank`)."""
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)
     rows, preds, scores, cross = [], {}, {}, []
     pdir = layout.PipelineDir(workdir)
     out_dir = pdir.eval
     sources = split_sources(prep_dir)
+    used = {feature} | ({finding_feature} if finding_feature else set())
+    anomaly = any("anomaly" in f.split("+") for f in used)
     for name, (model, params) in encs.items():
         tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
+        bank = features.normal_bank(model, params, sources["train"], mesh, size=vit.img_size,
+                                    patch_size=vit.patch_size) if anomaly else None
         feats = {}
         for split, source in sources.items():
-            feats[split] = features.extract(model, params, source, mesh, size=vit.img_size,
+            feats[split] = features.extract(model, params, source, mesh, size=vit.img_size, bank=bank,
                                             out_dir=os.path.join(pdir.features, tag, split))
         for split in feats:  # "mean+max": the named vectors side by side
-            feats[split][feature] = features.combined(feats[split], feature)
+            for f in used:
+                feats[split][f] = features.combined(feats[split], f)
         held = val_targets(feats["train"], feats.get("val"))
         for tname, ytr, yte in tasks(feats["train"], feats["test"]):
             tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
-            xtr, xte = feats["train"][feature][tr_ok], feats["test"][feature][te_ok]
+            tf = task_feature(tname, feature, finding_feature)
+            xtr, xte = feats["train"][tf][tr_ok], feats["test"][tf][te_ok]
             cv = cv_groups(feats["train"], tr_ok)  # label subsets (and CV folds) by patient
             yva = held.get(tname)
-            xva = feats["val"][feature] if yva is not None else None
+            xva = feats["val"][tf] if yva is not None else None
             if tname in REGRESSION:
                 xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)  # a linear map per region
                 res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
@@ -187,12 +210,12 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
                 res, sc = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok], yva)],
                                                 fractions=fractions, seeds=seeds, iters=100, return_scores=True,
                                                 cv_groups=cv, val_x=xva)
-            rows += [{"encoder": name, "feature": feature, **r} for r in res]
+            rows += [{"encoder": name, "feature": tf, **r} for r in res]
             for f in fractions:  # every fraction's first seed: the ladder's frozen rungs
                 i = [i for i, r in enumerate(res) if r["fraction"] == f][0]
                 scores[(name, tname, float(f))] = (yte[te_ok], sc[i], feats["test"]["study_id"][te_ok])
             preds[(name, tname)] = scores[(name, tname, float(max(fractions)))]  # all labels: the comparison
-        cross += [{"encoder": name, **r} for r in cross_group(feats, held, feature=feature)]
+        cross += [{"encoder": name, **r} for r in cross_group(feats, held, feature=feature, finding_feature=finding_feature)]
     os.makedirs(out_dir, exist_ok=True)
     with open(pdir.result(CROSS_RESULT), "w") as f:
         json.dump(cross, f, indent=1)
@@ -216,7 +239,8 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
 CROSS_RESULT = "cross_sex"  # eval/cross_sex.json
 
 
-def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "mean", names=TASKS) -> list[dict]:
+def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "mean", finding_feature: str | None = None,
+                names=TASKS) -> list[dict]:
     """Probes fitted on one group's training series only (one sex) and scored on each group's
     test series: the paper's cross-sex robustness test. One row per (task, fitted on, scored
     on) with the score (AUROC; minus the MAE for age) and the row counts; a task is left out for
@@ -234,10 +258,11 @@ def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "
     out = []
     for tname, ytr, yte in tasks(train, test, tuple(n for n in names if n != group)):
         tr_ok, te_ok = known(ytr), known(yte)
-        xtr, xte = train[feature][tr_ok], test[feature][te_ok]
+        tf = task_feature(tname, feature, finding_feature)
+        xtr, xte = train[tf][tr_ok], test[tf][te_ok]
         cv = cv_groups(train, tr_ok)
         yva = held.get(tname)
-        xva = feats["val"][feature] if yva is not None else None
+        xva = feats["val"][tf] if yva is not None else None
         if tname in REGRESSION:
             xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)
         for fit in levels:
