@@ -4,8 +4,9 @@ run's prepared records (train -> val for the lr -> test), per encoder (stage 2, 
     .venv/bin/python benchmarks/lesion_heads.py --workdir W
     .venv/bin/python benchmarks/lesion_heads.py --workdir W --runs 'skip1 150x4|1|150|4' 'skip2 600x8|2|600|8'
 
-A run is ``name|skip_convs|steps|batch``: the unetr head's image skip of one or two 3^3
-convolutions, the heads' steps and batch (lrs 1e-2 and 3e-2, one seed, as the Segmentation
+A run is ``name|skip_convs|steps|batch[|anomaly]``: the unetr head's image skip of one or two
+3^3 convolutions, the heads' steps and batch, and (1) whether the heads also read each patch's
+distance to the nearest normal training patch (``segtasks.with_distance``; default 0) (lrs 1e-2 and 3e-2, one seed, as the Segmentation
 evaluator). Prints the test foreground Dice of each head kind and the wall time of each run.
 """
 
@@ -43,10 +44,11 @@ def main(argv=None):
     print("| run | encoder | linear | decoder | unetr | seconds |")
     print("|---|---|---|---|---|---|")
     for spec in args.runs:
-        name, skip, steps, batch = spec.split("|")
+        name, skip, steps, batch, *anomaly = spec.split("|")
         t0 = time.time()
         res = segtasks.lesions(legacy, os.path.join(w, "data", "prep"), mesh, size=size, lrs=lrs, seeds=(0,),
-                               steps=int(steps), batch=int(batch), skip_convs=int(skip))
+                               steps=int(steps), batch=int(batch), skip_convs=int(skip),
+                               anomaly=bool(int(anomaly[0])) if anomaly else False)
         dt = time.time() - t0
         by = {}
         for row in res["rows"]:

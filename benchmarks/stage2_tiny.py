@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--demo", required=True, help="a `decipher demo` workdir (data/prep, stage1_vision, stage1_text)")
     p.add_argument("--run", action="append", required=True, help="NAME|config options|{json overrides}")
     p.add_argument("--workdir", default=None)
-    p.add_argument("--feature", default="mean", help="the probes' frozen feature: mean, max, mean+max, ...")
+    p.add_argument("--feature", default="mean", help="the attribute probes' frozen feature: mean, max, mean+max, ... (the findings read the anomaly pool)")
     args = p.parse_args(argv)
 
     import jax

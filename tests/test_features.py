@@ -84,16 +84,19 @@ def test_sliding_window_features_equal_a_loop_over_windows(prepared, tmp_path):
     np.testing.assert_array_equal(features.load(str(tmp_path / "w"))["mean"], feats["mean"])
 
 
-def _brute_distances(tok, groups, ids, bank_tok, bank_groups, bank_ids, grid):
+def _brute_distances(tok, groups, ids, pids, bank_tok, bank_groups, bank_ids, bank_pids, grid):
     """Each patch's cosine distance to the nearest bank patch of its group within one grid step,
-    the series itself (same id) never its own neighbour (a group with no other bank series: the
-    whole bank): loops, no shared code."""
+    never a bank series of its own patient (unless the bank holds only those) nor itself; a group with fewer than two bank series,
+    or none left, uses the whole bank: loops, no shared code."""
     unit = lambda t: t / np.linalg.norm(t, axis=-1, keepdims=True)  # noqa: E731
     pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, len(grid))
     out = np.zeros(tok.shape[:2])
     for i in range(len(tok)):
-        rows = [k for k in range(len(bank_tok)) if bank_groups[k] == groups[i] and bank_ids[k] != ids[i]]
-        rows = rows or [k for k in range(len(bank_tok)) if bank_ids[k] != ids[i]]  # else the whole bank
+        ok = [k for k in range(len(bank_tok)) if bank_ids[k] != ids[i] and bank_pids[k] != pids[i]]
+        ok = ok or [k for k in range(len(bank_tok)) if bank_ids[k] != ids[i]]  # a bank of this patient alone
+        same = [k for k in range(len(bank_tok)) if bank_groups[k] == groups[i]]
+        rows = [k for k in ok if k in same] if len(same) >= 2 else ok
+        rows = rows or ok
         for p in range(tok.shape[1]):
             best = max(float(unit(tok[i, p]) @ unit(bank_tok[k, q])) for k in rows for q in range(tok.shape[1])
                        if np.abs(pos[p] - pos[q]).max() <= 1)
@@ -104,7 +107,7 @@ def _brute_distances(tok, groups, ids, bank_tok, bank_groups, bank_ids, grid):
 def test_anomaly_pool_equals_a_brute_force_reference(prepared):
     """The bank holds the split's series without findings; every series' ``anomaly`` feature is
     its patch tokens weighted by softmax(distance / tau), tau the bank's mean spread of its own
-    leave-self-out distances; a bank series is never its own neighbour."""
+    leave-patient-out distances; no series is compared with its own patient's bank series."""
     mesh = sh.make_mesh({"data": -1})
     model, params = _model(mesh)
     src = P.data_source(prepared, "train")
@@ -120,8 +123,10 @@ def test_anomaly_pool_equals_a_brute_force_reference(prepared):
     grid = tuple(s // p for s, p in zip(CFG.img_size, CFG.patch_size))
     groups = np.array([f"{e['body_region']}/{e['sequence']}" for e in ex])
     ids = np.array([str(e["series_id"]) for e in ex])
-    d = _brute_distances(tok, groups, ids, tok[normal], groups[normal], ids[normal], grid)
-    assert (d[normal] > 1e-4).all()  # a bank series compared with the others only
+    pids = np.array([str(e["patient_id"]) for e in ex])
+    assert len(set(pids[normal])) < len(normal)  # a patient with two normal series: excluded together
+    d = _brute_distances(tok, groups, ids, pids, tok[normal], groups[normal], ids[normal], pids[normal], grid)
+    assert (d[normal] > 1e-4).all()  # a bank series compared with the other patients' only
     tau = d[normal].std(1).mean()
     assert bank.tau == pytest.approx(tau, rel=1e-3)
     w = np.exp((d - d.max(1, keepdims=True)) / tau)
@@ -153,3 +158,16 @@ def test_anomaly_pool_finds_the_patch_that_differs():
     assert d[0, 5] > 0.5 and np.delete(d[0], 5).max() < 1e-6  # its other patches are n0's own
     assert d[1].min() > 1e-4  # n0 itself: only n1 and n2, never itself
     assert bank.distances(chunk["patch"][1:], ["brain/T1"], ["other"]).max() < 1e-6
+    # Another study of n0's patient: excluded with n0, by patient.
+    bank_p = features.NormalBank(base, bank.groups, bank.series_id, grid, 0.02, patient_id=np.array(["p0", "p0", "p1"]))
+    assert bank_p.distances(base[:1], ["brain/T1"], ["new"], ["p0"]).min() > 1e-4  # neither n0 nor n1
+    assert bank_p.distances(base[:1], ["brain/T1"], ["new"], ["p9"]).max() < 1e-6
+    np.testing.assert_allclose(bank_p.distances(base[:1], ["brain/T1"], ["new"], ["p0"]),
+                               _brute_distances(base[:1], ["brain/T1"], ["new"], ["p0"], base, ["brain/T1"] * 3,
+                                                ["n0", "n1", "n2"], ["p0", "p0", "p1"], grid), rtol=1e-5, atol=1e-6)
+    # A group with one bank series is compared with the whole bank, its own series or not.
+    mixed = features.NormalBank(base, np.array(["brain/T1", "knee/T2", "knee/T2"]), bank.series_id, grid, 0.02)
+    want = _brute_distances(base, ["brain/T1"] * 3, ["q0", "q1", "q2"], ["", "", ""], base,
+                            ["brain/T1", "knee/T2", "knee/T2"], ["n0", "n1", "n2"], ["a", "b", "c"], grid)
+    np.testing.assert_allclose(mixed.distances(base, ["brain/T1"] * 3, ["q0", "q1", "q2"]), want, rtol=1e-5, atol=1e-6)
+    assert mixed.distances(base[:1], ["brain/T1"], ["q"]).max() < 1e-6  # n0 itself is in the whole bank

@@ -62,7 +62,7 @@ def test_a_template_is_known_by_its_role_not_its_id(roles_prep):
     from decipher_jax.eval import segtasks
 
     tfds_dir, _, rows = roles_prep
-    _, _, ids, _ = segtasks._split_arrays(tfds_dir, "train", (8, 8, 8), lesion_only=False)
+    _, _, ids, _, _ = segtasks._split_arrays(tfds_dir, "train", (8, 8, 8), lesion_only=False)
     assert "MNI152_T1" in ids  # a lesion series, whatever its name
     assert rows[1]["series_id"] not in ids  # role template: tissue classes, not lesions
     assert sorted(ids) == sorted(r["series_id"] for r in rows if r["role"] != schema.TEMPLATE)

@@ -127,7 +127,8 @@ def test_the_lesion_task_takes_its_own_schedule_and_brain_tissue_keeps_the_share
 def test_lesion_heads_read_each_patch_distance_to_the_normal_bank(monkeypatch):
     """``lesions(anomaly=True)``: each encoder's tokens of the normal training series form its
     bank; every split's tokens reach the heads with one more channel, the patch's distance to
-    the nearest bank patch over the bank's tau, large where the volume differs from the normals."""
+    the nearest bank patch of its body region and sequence (not its own patient's) over the
+    bank's tau, large where the volume differs from the normals."""
     from decipher_jax.eval import features, segtasks
 
     mesh = sh.make_mesh({"data": -1})
@@ -140,9 +141,13 @@ def test_lesion_heads_read_each_patch_distance_to_the_normal_bank(monkeypatch):
     sick[:, :4, :4, :4] = 1.0 - sick[:, :4, :4, :4]  # one patch changed
     lab = np.zeros((3, 8, 8, 8), np.int32)
     lab[:, :4, :4, :4] = 1
-    monkeypatch.setattr(segtasks, "normal_volumes", lambda prep, size, per_group=64: (normal, [f"n{i}" for i in range(6)]))
+    groups = ["brain/T1"] * 4 + ["knee/T2"] * 2  # the knee series are no neighbours of a brain lesion's
+    normal[4:] = 1.0 - normal[4:]
+    bank_meta = {"series_id": [f"n{i}" for i in range(6)], "patient_id": [f"p{i}" for i in range(6)], "group": groups}
+    monkeypatch.setattr(segtasks, "normal_volumes", lambda prep, size, per_group=64: (normal, bank_meta))
+    meta = {"series_id": ["a", "b", "c"], "patient_id": ["p0", "q", "q"], "group": ["brain/T1"] * 3}
     monkeypatch.setattr(segtasks, "_split_arrays", lambda prep, split, size, lesion_only: (
-        sick, lab, [f"{split}{i}" for i in range(3)], np.ones((3, 3))))
+        sick, lab, meta["series_id"], np.ones((3, 3)), meta))
     seen = {}
 
     def fit(tokens, *a, **k):
@@ -156,8 +161,10 @@ def test_lesion_heads_read_each_patch_distance_to_the_normal_bank(monkeypatch):
     tok = seen["tokens"]
     assert tok.shape == (*plain.shape[:-1], plain.shape[-1] + 1)
     np.testing.assert_array_equal(tok[..., :-1], plain)
-    bank = features.NormalBank.build(segtasks.encode(model, params, normal, mesh).reshape(6, 8, -1), [""] * 6,
-                                     [f"n{i}" for i in range(6)], (2, 2, 2))
-    want = bank.distances(plain.reshape(3, 8, -1), [""] * 3, ["a", "b", "c"]) / bank.tau
+    bt = segtasks.encode(model, params, normal, mesh).reshape(6, 8, -1)
+    bank = features.NormalBank.build(bt, groups, bank_meta["series_id"], (2, 2, 2), patient_id=bank_meta["patient_id"])
+    brain = features.NormalBank.build(bt[:4], groups[:4], bank_meta["series_id"][:4], (2, 2, 2),
+                                      patient_id=bank_meta["patient_id"][:4])
+    want = brain.distances(plain.reshape(3, 8, -1), meta["group"], meta["series_id"], meta["patient_id"]) / bank.tau
     np.testing.assert_allclose(tok[..., -1].reshape(3, 8), want, rtol=1e-4, atol=1e-5)
     assert (tok[:, 0, 0, 0, -1] > tok[:, 1:, 1:, 1:, -1].reshape(3, -1).max(1)).all()  # the changed patch stands out

@@ -72,10 +72,14 @@ def _encoder(model, layers: tuple[int, ...], patches: bool = False):
 @dataclasses.dataclass(frozen=True)
 class NormalBank:
     """Patch tokens ``(K, N, D)`` of K series without findings (at most ``per_group`` of each body
-    region and sequence), their groups and series ids, the patch grid, the neighbourhood ``reach``
-    and ``tau``, the softmax temperature of the ``"anomaly"`` pool: the mean over the bank's
-    series of the spread (standard deviation over patches) of their distances to the rest of the
-    bank, so the pool is as sharp for every encoder whatever the scale of its distances."""
+    region and sequence), their groups, series and patient ids, the patch grid, the neighbourhood
+    ``reach`` and ``tau``, the softmax temperature of the ``"anomaly"`` pool: the mean over the
+    bank's series of the spread (standard deviation over patches) of their distances to the rest
+    of the bank, so the pool is as sharp for every encoder whatever the scale of its distances.
+
+    A query series is never compared with its own patient's bank series (nor with itself): a
+    training series would otherwise find the same anatomy in another of its patient's studies,
+    which no test patient can (the splits are patient-disjoint)."""
 
     tokens: np.ndarray
     groups: np.ndarray
@@ -83,24 +87,45 @@ class NormalBank:
     grid: tuple[int, ...]
     tau: float
     reach: int = 1
+    patient_id: np.ndarray | None = None  # (K,) str; "" or None: unknown (then the series alone is excluded)
 
     @classmethod
-    def build(cls, tokens, groups, series_id, grid, reach: int = 1) -> NormalBank:
-        """A bank of these tokens, its ``tau`` measured on them (each series against the others)."""
+    def build(cls, tokens, groups, series_id, grid, reach: int = 1, patient_id=None) -> NormalBank:
+        """A bank of these tokens, its ``tau`` measured on them (each series against the other
+        patients')."""
+        pid = None if patient_id is None else np.asarray(patient_id).astype(str)
         bank = cls(np.asarray(tokens, np.float32), np.asarray(groups).astype(str), np.asarray(series_id).astype(str),
-                   tuple(int(g) for g in grid), 1.0, reach)
-        tau = float(bank.distances(bank.tokens, bank.groups, bank.series_id).std(1).mean())
+                   tuple(int(g) for g in grid), 1.0, reach, pid)
+        tau = float(bank.distances(bank.tokens, bank.groups, bank.series_id, pid).std(1).mean())
         return dataclasses.replace(bank, tau=max(tau, 1e-6))
 
-    def distances(self, tokens, groups, series_id):
-        """``(M, N)`` distances to the nearest normal patch; a series in the bank is never its own
-        neighbour (matched by series id)."""
+    def exclusion(self, series_id, patient_id=None) -> np.ndarray:
+        """``(M, K)``: the bank rows each query may not use: its own series, and its patient's
+        (unless the bank holds that patient's series only: then its own series alone)."""
+        sid = np.asarray(series_id).astype(str)
+        own = sid[:, None] == self.series_id[None]
+        out = own.copy()
+        if patient_id is not None and self.patient_id is not None:
+            pid = np.asarray(patient_id).astype(str)
+            out |= (pid[:, None] == self.patient_id[None]) & (pid[:, None] != "")
+            out = np.where(out.all(1, keepdims=True), own, out)
+        return out
+
+    def distances(self, tokens, groups, series_id, patient_id=None):
+        """``(M, N)`` distances to the nearest normal patch, leaving out the query's own series and
+        patient (:meth:`exclusion`)."""
         from decipher_jax.eval import localisation
 
-        row = {s: i for i, s in enumerate(self.series_id)}
-        exclude = np.array([row.get(s, -1) for s in np.asarray(series_id).astype(str)])
-        dist, _ = localisation.nearest_normal(tokens, groups, self.tokens, self.groups, self.grid, self.reach, exclude)
+        dist, _ = localisation.nearest_normal(tokens, groups, self.tokens, self.groups, self.grid, self.reach,
+                                              self.exclusion(series_id, patient_id))
         return dist
+
+
+def _need_meta(rows: dict, what: str) -> None:
+    missing = [k for k in ("series_id", "body_region", "sequence") if k not in rows]
+    if missing:  # embed.apply keeps string metadata only in a single process
+        raise ValueError(f"{what}: the rows lack {missing}; the anomaly pool needs each row's metadata, which the "
+                         "frozen-encoder pass keeps in a single process only")
 
 
 def _groups(meta) -> np.ndarray:
@@ -126,14 +151,16 @@ def normal_bank(model, params, source, mesh, *, size, patch_size, per_group: int
     grid = tuple(int(s) // int(p) for s, p in zip(size, patch_size))
     if out["patch"].shape[1] != int(np.prod(grid)):
         raise ValueError(f"normal bank: {out['patch'].shape[1]} patch tokens, the grid {grid} has {int(np.prod(grid))}")
-    return NormalBank.build(out["patch"], _groups(out), out["series_id"], grid, reach)
+    _need_meta(out, "normal bank")
+    return NormalBank.build(out["patch"], _groups(out), out["series_id"], grid, reach, out.get("patient_id"))
 
 
 def with_anomaly(chunk: dict, bank: NormalBank) -> dict:
     """``chunk`` with its ``"patch"`` tokens replaced by the ``"anomaly"`` pool (see the module)."""
     chunk = dict(chunk)
     tok = chunk.pop("patch")
-    d = bank.distances(tok, _groups(chunk), chunk["series_id"])
+    _need_meta(chunk, "anomaly pool")
+    d = bank.distances(tok, _groups(chunk), chunk["series_id"], chunk.get("patient_id"))
     w = np.exp((d - d.max(1, keepdims=True)) / bank.tau)
     chunk["anomaly"] = np.einsum("mn,mnd->md", w / w.sum(1, keepdims=True), tok).astype(np.float32)
     return chunk
@@ -177,7 +204,8 @@ def extract(model, params, source, mesh, *, size, out_dir: str | None = None, la
             chunk_batches: int = 64, window=None, overlap: float = 0.5, bank: NormalBank | None = None) -> dict:
     """Features of every series in ``source`` (``model``: a :class:`decipher_jax.state.Model` of a
     ViT3D); with ``bank``, also the ``"anomaly"`` pool (a chunk's patch tokens are held on the
-    host until it is written: lower ``chunk_batches`` for a large model)."""
+    host until it is written: lower ``chunk_batches`` for a large model; without ``out_dir`` the
+    whole split's are, so pass one for a large split)."""
     fn = functools.partial(_encoder(model, tuple(layers), bank is not None), params)
     post = (lambda c: with_anomaly(c, bank)) if bank is not None else (lambda c: c)  # noqa: E731
     if window is not None:

@@ -115,10 +115,12 @@ def normal_index(source, per_group: int = 64, seed: int = 0) -> list[int]:
 def nearest_normal(tokens, groups, bank, bank_groups, grid, reach: int = 1, exclude=None):
     """Per series and patch, the nearest bank token of its series' group (body region /
     sequence) at most ``reach`` grid steps away (Chebyshev) by cosine: ``(distance (M, N),
-    index (M, N, 2))``, the index a ``(bank row, patch)`` pair. A group the bank lacks is compared
-    with the whole bank. ``exclude`` ``(M,)``: per series the bank row never to use (the series
-    itself, when it is in the bank), -1 for none. ``tokens`` ``(M, N, D)``, ``bank`` ``(K, N,
-    D)``, ``N = prod(grid)``. A group whose bank rows are only the excluded one uses the whole bank."""
+    index (M, N, 2))``, the index a ``(bank row, patch)`` pair. A group with fewer than two bank
+    series is compared with the whole bank (every series of it alike, whatever its label).
+    ``exclude`` ``(M, K)`` bool: per series the bank rows never to use (its own patient's
+    series, when they are in the bank); a series left with no row of its group uses the rest
+    of the bank. ``tokens`` ``(M, N, D)``, ``bank`` ``(K, N, D)``, ``N = prod(grid)``. Memory:
+    one ``(N, K_group, N)`` similarity at a time."""
     def unit(t):
         t = np.asarray(t, np.float32)
         return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
@@ -126,19 +128,21 @@ def nearest_normal(tokens, groups, bank, bank_groups, grid, reach: int = 1, excl
     near = grid_neighbours(grid, reach)  # (N, N)
     t, b = unit(tokens), unit(bank)
     groups, bank_groups = np.asarray(groups), np.asarray(bank_groups)
-    exclude = np.full(len(t), -1) if exclude is None else np.asarray(exclude)
+    exclude = np.zeros((len(t), len(b)), bool) if exclude is None else np.asarray(exclude, bool)
+    if exclude.shape != (len(t), len(b)):
+        raise ValueError(f"nearest_normal: exclude has shape {exclude.shape}, expected {(len(t), len(b))}")
     dist = np.zeros(t.shape[:2], np.float32)
     index = np.zeros((*t.shape[:2], 2), np.int64)
-    rows = np.arange(len(b))
     for g in np.unique(groups):
         in_g = bank_groups == g
+        if in_g.sum() < 2:
+            in_g = np.ones(len(b), bool)
         for i in np.flatnonzero(groups == g):
-            ok = rows != exclude[i]
-            bi = np.flatnonzero(in_g & ok)
-            if not len(bi):  # the group's only bank series is this one, or the group has none
-                bi = np.flatnonzero(ok)
+            bi = np.flatnonzero(in_g & ~exclude[i])
+            if not len(bi):  # every bank series of the group is this patient's
+                bi = np.flatnonzero(~exclude[i])
             if not len(bi):
-                raise ValueError("nearest_normal: the bank holds no series but the query itself")
+                raise ValueError("nearest_normal: every bank series is excluded for a query")
             sim = np.einsum("pd,kqd->pkq", t[i], b[bi])
             sim = np.where(near[:, None, :], sim, -np.inf).reshape(len(t[i]), -1)
             j = sim.argmax(1)
@@ -151,7 +155,7 @@ def nearest_normal(tokens, groups, bank, bank_groups, grid, reach: int = 1, excl
 def visual_map(tokens, groups, bank, bank_groups, grid, reach: int = 1) -> np.ndarray:
     """``(M, *grid)``: each patch token's cosine distance to the nearest bank token of its
     series' group (body region / sequence) at most ``reach`` grid steps away (Chebyshev); a
-    group the bank lacks is compared with the whole bank (:func:`nearest_normal`)."""
+    group with fewer than two bank series is compared with the whole bank (:func:`nearest_normal`)."""
     dist, _ = nearest_normal(tokens, groups, bank, bank_groups, grid, reach)
     return dist.reshape(len(dist), *grid)
 

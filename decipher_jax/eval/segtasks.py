@@ -231,9 +231,12 @@ def _row(task, encoder, kind, best, per_head, lrs, seeds, classes):
 
 
 def _split_arrays(prep_dir, split, size, lesion_only: bool):
+    from decipher_jax.eval import localisation
+
     decode, resize = T.Decode(keep_label=True), T.Resize(tuple(size))
     src = P.data_source(prep_dir, split)
     imgs, labs, ids, spacing = [], [], [], []
+    meta = {"series_id": [], "patient_id": [], "group": []}
     for i in range(len(src)):
         ex = src[i]
         if not bool(ex.get("has_label", True)):
@@ -252,31 +255,38 @@ def _split_arrays(prep_dir, split, size, lesion_only: bool):
         imgs.append(d["image"].astype(np.float32))
         labs.append(lab)
         ids.append(d["series_id"])
+        meta["series_id"].append(str(d["series_id"]))
+        meta["patient_id"].append(str(d.get("patient_id", "")))
+        meta["group"].append(localisation.group_of(d.get("body_region", ""), d.get("sequence", "")))
         spacing.append(np.asarray(ex["spacing"]) * np.asarray(ex["volume"].shape) / np.asarray(size))
-    return np.stack(imgs), np.stack(labs), ids, np.stack(spacing)
+    return np.stack(imgs), np.stack(labs), ids, np.stack(spacing), meta
 
 
-def normal_volumes(prep_dir: str, size, per_group: int = 64) -> tuple[np.ndarray, list[str]]:
-    """``(volumes (K, *size, 1), series ids)``: the training split's series without findings
-    (:func:`decipher_jax.eval.localisation.normal_index`), resized whole: the lesion heads' bank."""
+def normal_volumes(prep_dir: str, size, per_group: int = 64) -> tuple[np.ndarray, dict]:
+    """``(volumes (K, *size, 1), {"series_id", "patient_id", "group"})``: the training split's
+    series without findings (:func:`decipher_jax.eval.localisation.normal_index`), resized
+    whole: the lesion heads' bank."""
     from decipher_jax.eval import localisation
 
     src = P.data_source(prep_dir, "train")
     idx = localisation.normal_index(src, per_group)
     decode, resize = T.Decode(), T.Resize(tuple(size))
     ex = [resize.map(decode.map(src[i])) for i in idx]
-    return np.stack([e["image"].astype(np.float32) for e in ex]), [str(e["series_id"]) for e in ex]
+    meta = {"series_id": [str(e["series_id"]) for e in ex], "patient_id": [str(e.get("patient_id", "")) for e in ex],
+            "group": [localisation.group_of(e["body_region"], e["sequence"]) for e in ex]}
+    return (np.stack([e["image"].astype(np.float32) for e in ex]) if ex else np.zeros((0, *size, 1), np.float32)), meta
 
 
-def with_distance(tokens: np.ndarray, bank, ids) -> np.ndarray:
+def with_distance(tokens: np.ndarray, bank, meta: dict) -> np.ndarray:
     """``tokens`` ``(B, *grid, C)`` with one more channel: each patch's cosine distance to the
-    nearest patch of the ``bank`` (a :class:`decipher_jax.eval.features.NormalBank`, one group)
-    within one grid step, over ``bank.tau`` (the visual anomaly map, scaled alike for every
-    encoder). Distances read the first ``bank.tokens.shape[-1]`` channels (the last layer's
-    tokens when intermediate layers follow)."""
+    nearest patch of the ``bank`` (a :class:`decipher_jax.eval.features.NormalBank`) of its
+    series' body region and sequence within one grid step, over ``bank.tau`` (the visual anomaly
+    map, scaled alike for every encoder). ``meta``: the series' ``series_id``, ``patient_id``
+    and ``group``. Distances read the first ``bank.tokens.shape[-1]`` channels (the last
+    layer's tokens when intermediate layers follow)."""
     dim = bank.tokens.shape[-1]
     flat = tokens.reshape(len(tokens), -1, tokens.shape[-1])[..., :dim]
-    d = bank.distances(flat, np.full(len(flat), ""), ids) / bank.tau
+    d = bank.distances(flat, meta["group"], meta["series_id"], meta["patient_id"]) / bank.tau
     return np.concatenate([tokens, d.reshape(*tokens.shape[:-1], 1)], -1).astype(np.float32)
 
 
@@ -292,15 +302,15 @@ def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 
     grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch,
             "skip_convs": skip_convs}
     size = tuple(size)
-    tr_img, tr_lab, tr_ids, _ = _split_arrays(prep_dir, "train", size, lesion_only=True)
-    va_img, va_lab, va_ids, _ = _split_arrays(prep_dir, "val", size, lesion_only=True)
-    te_img, te_lab, te_ids, te_sp = _split_arrays(prep_dir, "test", size, lesion_only=True)
+    tr_img, tr_lab, _, _, tr_meta = _split_arrays(prep_dir, "train", size, lesion_only=True)
+    va_img, va_lab, _, _, va_meta = _split_arrays(prep_dir, "val", size, lesion_only=True)
+    te_img, te_lab, te_ids, te_sp, te_meta = _split_arrays(prep_dir, "test", size, lesion_only=True)
     res = {"size": list(size), "n_train": len(tr_img), "n_val": len(va_img), "n_test": len(te_img),
            "lesion_fraction_test": float(te_lab.mean()), "rows": [],
            "heads": {"steps": steps, "batch": batch, "lrs": list(lrs), "seeds": list(seeds), "kinds": list(kinds),
                      "anomaly": bool(anomaly)}}
     if anomaly:
-        bank_img, bank_ids = normal_volumes(prep_dir, size)
+        bank_img, bank_meta = normal_volumes(prep_dir, size)
         if len(bank_img) < 2:
             raise ValueError(f"{prep_dir}: lesion heads with anomaly=True need 2 training series without findings, "
                              f"found {len(bank_img)}")
@@ -312,9 +322,9 @@ def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 
             from decipher_jax.eval import features
 
             bt = encode(model, params, bank_img, mesh, ())
-            bank = features.NormalBank.build(bt.reshape(len(bt), -1, bt.shape[-1]), np.full(len(bt), ""), bank_ids,
-                                             bt.shape[1:4])
-            toks = {k: with_distance(v, bank, ids) for (k, v), ids in zip(toks.items(), (tr_ids, va_ids, te_ids))}
+            bank = features.NormalBank.build(bt.reshape(len(bt), -1, bt.shape[-1]), bank_meta["group"],
+                                             bank_meta["series_id"], bt.shape[1:4], patient_id=bank_meta["patient_id"])
+            toks = {k: with_distance(v, bank, m) for (k, v), m in zip(toks.items(), (tr_meta, va_meta, te_meta))}
         heads = _fit(toks["tr"], tr_lab, tr_img, None, 2, grid, kinds)
         for kind, hp in heads.items():
             per_head = []

@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -181,6 +182,14 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     pdir = layout.PipelineDir(workdir)
     out_dir = pdir.eval
     sources = split_sources(prep_dir)
+    if finding_feature and "anomaly" in finding_feature.split("+") and "anomaly" not in feature.split("+"):
+        from decipher_jax.eval import localisation
+
+        n_normal = len(localisation.normal_index(sources["train"], 2))
+        if n_normal < 2:
+            warnings.warn(f"probes: {n_normal} training series without findings, 2 needed for the anomaly pool's bank; "
+                          f"the findings read {feature!r}")
+            finding_feature = None
     used = {feature} | ({finding_feature} if finding_feature else set())
     anomaly = any("anomaly" in f.split("+") for f in used)
     for name, (model, params) in encs.items():
