@@ -513,10 +513,11 @@ class Segmentation(Evaluator):
 
     ``steps``, ``batch``, ``lrs``, ``seeds``: both tasks' heads; ``lesion_steps``,
     ``lesion_batch``, ``lesion_lrs`` (0 or empty: the same) and ``lesion_kinds`` (empty: all
-    three) set the lesion task's alone; ``lesion_anomaly``: the lesion heads also read each patch's
-    distance to the nearest normal training patch (``segtasks.with_distance``). The lesion heads need the longer schedule (600 steps at
-    batch 8 reach 0.52 Dice at 400 patients where 150 x 4 reach 0.18-0.27; BENCHMARKS.md) while
-    brain tissue is fitted at 150 x 4, and the linear head stays under 0.05 Dice on lesions."""
+    three) set the lesion task's alone; ``lesion_anomaly``: the lesion heads also read each
+    patch's distance to the nearest normal training patch (``segtasks.with_distance``). The
+    lesion heads need the longer schedule (600 steps at batch 8 reach 0.52 Dice at 400 patients
+    where 150 x 4 reach 0.18-0.27, without the distance; BENCHMARKS.md) while brain tissue is
+    fitted at 150 x 4."""
 
     name = "segmentation"
 

@@ -296,8 +296,9 @@ def lesions(encoders: dict, prep_dir: str, mesh, *, size, layers=(), lrs=(3e-3, 
     """Lesion segmentation on the synthetic corpus (train -> val for the lr -> test), one row per
     (encoder, head kind of ``kinds``). ``anomaly``: the heads also read each patch's distance
     to the nearest patch of the training split's normal series (:func:`with_distance`), each
-    encoder's own bank; on the demo it lifts the unetr head on frozen stage-2 tokens from 0.25 to
-    0.39 Dice (BENCHMARKS.md, "Finding probes on the patches that differ from normal")."""
+    encoder's own bank. On three demo draws it lifts the best head on frozen stage-2 tokens from
+    0.17-0.27 to 0.26-0.40 Dice (BENCHMARKS.md, "Finding probes on the patches that differ from
+    normal")."""
     kinds = check_kinds(kinds)
     grid = {"lrs": tuple(lrs), "seeds": tuple(seeds), "steps": steps, "hidden": hidden, "batch": batch,
             "skip_convs": skip_convs}
@@ -350,7 +351,8 @@ def run(encoders: dict, prep_dir: str, mesh, *, size, out: str | None = None, la
         lesion: dict | None = None, **grid) -> dict:
     """Both tasks; writes ``segmentation.json`` (rows) and ``examples.npz`` (overlay slices).
     ``grid``: lrs, seeds, steps, hidden, batch, skip_convs of the heads; ``lesion``: any of those,
-    ``kinds`` and ``anomaly`` (:func:`lesions`) set for the lesion task alone (a longer schedule there costs brain tissue nothing)."""
+    ``kinds`` and ``anomaly`` (:func:`lesions`) set for the lesion task alone (a longer schedule
+    there costs brain tissue nothing)."""
     lesion_grid = {**grid, **(lesion or {})}
     res = {"brain_tissue": brain_tissue(encoders, prep_dir, mesh, window=size, layers=layers, **grid),
            "lesions": lesions(encoders, prep_dir, mesh, size=size, layers=layers, **lesion_grid)}
