@@ -31,7 +31,7 @@ def main(argv=None):
 
     from decipher_jax import sharding as sh
     from decipher_jax.data import transforms as T
-    from decipher_jax.eval import embed, features, probes, suite
+    from decipher_jax.eval import embed, features, localisation, probes, suite
 
     prep = args.prep or os.path.join(args.workdir, "data", "prep")
     mesh = sh.make_mesh({"data": -1})
@@ -52,7 +52,7 @@ def main(argv=None):
             f = features.with_anomaly(d, bank)
             for k in (0.5, 2.0):
                 f[f"anomaly, tau x{k:g}"] = features.with_anomaly(d, dataclasses.replace(bank, tau=bank.tau * k))["anomaly"]
-            dist = bank.distances(tok, features._groups(d), d["series_id"])
+            dist = bank.distances(tok, localisation.groups_of(d), d["series_id"], d.get("patient_id"))
             f["argmax"] = tok[np.arange(len(tok)), dist.argmax(1)]
             f["mean+max"] = features.combined(f, "mean+max")
             f["mean+max+anomaly"] = features.combined(f, "mean+max+anomaly")

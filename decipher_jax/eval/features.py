@@ -128,21 +128,15 @@ def _need_meta(rows: dict, what: str) -> None:
                          "frozen-encoder pass keeps in a single process only")
 
 
-def _groups(meta) -> np.ndarray:
-    from decipher_jax.eval import localisation
-
-    return np.array([localisation.group_of(r, q) for r, q in zip(np.asarray(meta["body_region"]).astype(str),
-                                                                  np.asarray(meta["sequence"]).astype(str))])
-
-
 def normal_bank(model, params, source, mesh, *, size, patch_size, per_group: int = 64, reach: int = 1,
-                batch_size: int = 16) -> NormalBank:
+                batch_size: int = 16, rows=None) -> NormalBank:
     """The bank of :func:`extract`'s ``"anomaly"`` pool from ``source`` (the training split): its
-    series without findings (``eval.localisation.normal_index``)."""
+    series without findings (``rows``, else ``eval.localisation.normal_index(source, per_group)``:
+    a caller building banks for several encoders reads the split's metadata once)."""
     from decipher_jax.data import pipelines as P
     from decipher_jax.eval import localisation
 
-    idx = localisation.normal_index(source, per_group)
+    idx = localisation.normal_index(source, per_group) if rows is None else list(rows)
     if len(idx) < 2:
         raise ValueError(f"normal bank: {len(idx)} series without findings in the split, at least 2 are needed")
     fn = functools.partial(_encoder(model, (), True), params)
@@ -152,15 +146,18 @@ def normal_bank(model, params, source, mesh, *, size, patch_size, per_group: int
     if out["patch"].shape[1] != int(np.prod(grid)):
         raise ValueError(f"normal bank: {out['patch'].shape[1]} patch tokens, the grid {grid} has {int(np.prod(grid))}")
     _need_meta(out, "normal bank")
-    return NormalBank.build(out["patch"], _groups(out), out["series_id"], grid, reach, out.get("patient_id"))
+    return NormalBank.build(out["patch"], localisation.groups_of(out), out["series_id"], grid, reach,
+                            out.get("patient_id"))
 
 
 def with_anomaly(chunk: dict, bank: NormalBank) -> dict:
     """``chunk`` with its ``"patch"`` tokens replaced by the ``"anomaly"`` pool (see the module)."""
+    from decipher_jax.eval import localisation
+
     chunk = dict(chunk)
     tok = chunk.pop("patch")
     _need_meta(chunk, "anomaly pool")
-    d = bank.distances(tok, _groups(chunk), chunk["series_id"], chunk.get("patient_id"))
+    d = bank.distances(tok, localisation.groups_of(chunk), chunk["series_id"], chunk.get("patient_id"))
     w = np.exp((d - d.max(1, keepdims=True)) / bank.tau)
     chunk["anomaly"] = np.einsum("mn,mnd->md", w / w.sum(1, keepdims=True), tok).astype(np.float32)
     return chunk

@@ -98,6 +98,12 @@ def group_of(body_region, sequence) -> str:
     return f"{body_region}/{sequence}"
 
 
+def groups_of(meta) -> np.ndarray:
+    """Every row's :func:`group_of` from metadata arrays ``meta["body_region"]``, ``meta["sequence"]``."""
+    return np.array([group_of(r, q) for r, q in zip(np.asarray(meta["body_region"]).astype(str),
+                                                    np.asarray(meta["sequence"]).astype(str))])
+
+
 def normal_index(source, per_group: int = 64, seed: int = 0) -> list[int]:
     """Rows of ``source`` without findings (templates left out), at most ``per_group`` of each
     body region and sequence (a fixed random subset): the visual map's memory bank stays
@@ -226,7 +232,7 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
     direction = {n: query_direction(zs, queries[n]) for n in names}
     t = np.stack([direction[query[i]] for i in idx])  # (M, d)
     text = np.einsum("mnd,md->mn", res["text"][idx], t).reshape(len(idx), *grid)
-    groups_all = np.array([group_of(r, q) for r, q in zip(res["body_region"], res["sequence"])])
+    groups_all = groups_of(res)
     bank_source = P.data_source(data_dir, bank_split)
     bank_src = P.Subset(bank_source, normal_index(bank_source, bank_per_group))
     bank_tf = [T.Decode(), T.Resize(size)]
@@ -246,7 +252,7 @@ def evaluate_split(zs, data_dir: str, split: str, queries: dict | None = None, o
             tok_all = res["tokens"]
         else:
             tok_all = embed.apply(fn_tok, embed.scan_split(source, bank_tf, bs), zs.mesh, ["image"])["tokens"]
-        bank_groups = [group_of(r, q) for r, q in zip(bank["body_region"], bank["sequence"])]
+        bank_groups = groups_of(bank)
         vis = visual_map(tok_all, groups_all, bank["tokens"], bank_groups, grid)  # every series of the split
         maps[f"visual, {name}"] = vis[idx]
         if detect_here:

@@ -182,20 +182,21 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
     pdir = layout.PipelineDir(workdir)
     out_dir = pdir.eval
     sources = split_sources(prep_dir)
+    normal_rows = None  # the training split's series without findings: every encoder's bank, read once
     if finding_feature and "anomaly" in finding_feature.split("+") and "anomaly" not in feature.split("+"):
         from decipher_jax.eval import localisation
 
-        n_normal = len(localisation.normal_index(sources["train"], 2))
-        if n_normal < 2:
-            warnings.warn(f"probes: {n_normal} training series without findings, 2 needed for the anomaly pool's bank; "
-                          f"the findings read {feature!r}")
+        normal_rows = localisation.normal_index(sources["train"])
+        if len(normal_rows) < 2:
+            warnings.warn(f"probes: {len(normal_rows)} training series without findings, 2 needed for the anomaly "
+                          f"pool's bank; the findings read {feature!r}")
             finding_feature = None
     used = {feature} | ({finding_feature} if finding_feature else set())
     anomaly = any("anomaly" in f.split("+") for f in used)
     for name, (model, params) in encs.items():
         tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
         bank = features.normal_bank(model, params, sources["train"], mesh, size=vit.img_size,
-                                    patch_size=vit.patch_size) if anomaly else None
+                                    patch_size=vit.patch_size, rows=normal_rows) if anomaly else None
         feats = {}
         for split, source in sources.items():
             feats[split] = features.extract(model, params, source, mesh, size=vit.img_size, bank=bank,
