@@ -49,13 +49,27 @@ FEATURE_WORDS = {"mean": "the mean pool", "max": "the channel-wise max pool", "c
 
 
 def _feature_note(rows) -> str:
-    """Which pooled tokens each kind of task read, from the probe rows' ``feature``."""
-    kinds: dict[str, set] = {}
+    """Which pooled tokens each kind of task read, from the probe rows' ``feature``; where the
+    readout was chosen among candidates (``readout_losses``), how often each encoder chose each."""
+    from decipher_jax.eval import suite
+
+    say = lambda f: " beside ".join(FEATURE_WORDS.get(n, n) for n in f.split("+"))  # noqa: E731
+    kinds: dict[str, list] = {}
     for r in rows:
         kind = "the findings and abnormal" if r["task"] == "abnormal" or r["task"].startswith("finding") else "the attributes"
-        kinds.setdefault(kind, set()).add(r.get("feature", "mean"))
-    say = lambda f: " beside ".join(FEATURE_WORDS.get(n, n) for n in f.split("+"))  # noqa: E731
-    return "; ".join(f"{k}: {', '.join(say(f) for f in sorted(v))}" for k, v in sorted(kinds.items()))
+        kinds.setdefault(kind, []).append(r)
+    parts = []
+    for kind, rs in sorted(kinds.items()):
+        cands = list(dict.fromkeys(f for r in rs for f in r.get("readout_losses", {})))  # the setting's order
+        if len(cands) < 2:
+            parts.append(f"{kind}: " + ", ".join(say(f) for f in sorted({r.get("feature", "mean") for r in rs})))
+            continue
+        chose = [f"{enc} " + ", ".join(f"{f} {n}/{sum(c.values())}" for f, n in c.items() if n)
+                 for enc, c in sorted(suite.readout_choices(rs).items())]
+        parts.append(f"{kind}: " + " or ".join(f"{f} ({say(f)})" for f in cands) + ", whichever has the lower "
+                     "held-out log-loss, chosen with the penalty per encoder, label fraction and seed, the findings "
+                     "and abnormal pooled (probes per readout: " + "; ".join(chose) + ")")
+    return "; ".join(parts)
 
 
 def _selection_note(rows) -> str:

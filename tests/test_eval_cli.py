@@ -57,9 +57,16 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
         assert det["n_series"] > loc["n_series"] and 0 < det["n_abnormal"] < det["n_series"]
         assert 0 <= det["abnormal_auroc"] <= 1 and set(det["per_region"]) >= {"brain"}
     rows = res["probes"]
-    # The findings and "abnormal" read the anomaly pool, the attributes the mean and max pools.
-    assert {(r_["task"] == "abnormal" or r_["task"].startswith("finding"), r_["feature"]) for r_ in rows} == {
-        (True, "anomaly"), (False, "mean+max")}
+    # The attributes read the mean and max pools; the findings and "abnormal" whichever of those and
+    # the anomaly pool has the lower held-out loss, one choice per encoder and seed for all of them.
+    finding = lambda r_: r_["task"] == "abnormal" or r_["task"].startswith("finding")  # noqa: E731
+    assert {r_["feature"] for r_ in rows if not finding(r_)} == {"mean+max"}
+    assert all(set(r_["readout_losses"]) == {"mean+max", "anomaly"} for r_ in rows if finding(r_))
+    for key in {(r_["encoder_id"], r_["fraction"], r_["seed"]) for r_ in rows}:
+        fam = [r_ for r_ in rows if finding(r_) and (r_["encoder_id"], r_["fraction"], r_["seed"]) == key]
+        assert len({r_["feature"] for r_ in fam}) == 1 and len({str(r_["readout_losses"]) for r_ in fam}) == 1
+        losses = fam[0]["readout_losses"]
+        assert fam[0]["feature"] == min(losses, key=losses.get)
     # Stable ids; the display name says how the run was trained (SigLIP, not "CLIP").
     assert {(r_["encoder_id"], r_["encoder"]) for r_ in rows} == {("align", "stage 2 (SigLIP)"), ("random", "random init")}
     assert {(c["a_id"], c["a"], c["b_id"]) for c in res["compare"]} == {("align", "stage 2 (SigLIP)", "random")}
@@ -86,7 +93,8 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
               "Anomaly localisation"):
         assert f"<h2>{h}</h2>" in page, h
     assert "Cross-sex test" in page and "Detection by the visual map" in page
-    assert "the findings and abnormal: the tokens pooled towards the patches farthest" in page
+    assert "the findings and abnormal: mean+max (the mean pool beside the channel-wise max pool) or anomaly (the tokens pooled towards the patches farthest" in page
+    assert "chosen with the penalty per encoder" in page
     assert "skipped: " in page
 
 

@@ -390,3 +390,79 @@ def test_age_probes_fit_one_linear_map_per_body_region(rng):
     feats = {"train": train, "test": test, "val": val}
     rows = suite.cross_group(feats, suite.val_targets(train, val, names=("age",)), names=("age",))
     assert rows and all(-r["score"] < 10.0 for r in rows), rows  # MAE in years, the floor is about 18
+
+
+def test_readout_chosen_per_family_on_the_held_out_rows():
+    """With candidate readouts ("noise|signal"), each fraction x seed takes, for the findings and
+    "abnormal" together (and for each attribute alone), the candidate with the lower held-out
+    loss pooled over the family's tasks, weighted by their held-out rows: here the readout that
+    carries the findings, whichever order the setting names them in, with the same rows and test
+    scores as the sweep on that readout alone. A finding that the signal does not carry follows
+    its family; equal readouts keep the first; the cross-sex probes choose the same way."""
+    from decipher_jax.eval import suite
+
+    def split(n, seed):
+        r = np.random.default_rng(seed)
+        y = r.integers(0, 2, n)
+        age = r.normal(50, 15, n)
+        signal = r.normal(size=(n, 6)).astype(np.float32)
+        signal[:, 0] += 2.5 * (y - 0.5)
+        signal[:, 1] = (age - 50) / 15 + 0.2 * r.normal(size=n)
+        other = np.where(r.random(n) < 0.4, "cyst", "")  # in no readout
+        findings = np.where(y == 1, np.where(other == "cyst", "infarct;cyst", "infarct"), other)
+        return {"signal": signal, "noise": r.normal(size=(n, 6)).astype(np.float32), "findings": findings,
+                "age": age.astype(np.float32), "body_region": np.array(["brain"] * n),
+                "sex": np.array(["M", "F"] * (n // 2)), "patient_id": np.array([f"p{seed}_{i}" for i in range(n)]),
+                "study_id": np.array([f"s{seed}_{i}" for i in range(n)])}
+
+    feats = {"train": split(160, 0), "val": split(80, 1), "test": split(120, 2)}
+    names = ("findings", "abnormal", "age")
+    held = suite.val_targets(feats["train"], feats["val"], names=names)
+    found = {t: (ytr, yte) for t, ytr, yte in suite.tasks(feats["train"], feats["test"], names=names)}
+    assert set(held) == set(found) == {"finding: infarct", "finding: cyst", "abnormal", "age"}
+    kw = dict(fractions=(0.3, 1.0), seeds=(0, 1))
+
+    def sweeps(spec, **k):
+        return {t: suite.sweep_readouts(feats, t, ytr, yte, spec, yva=held[t], **{**kw, **k})
+                for t, (ytr, yte) in found.items()}
+
+    alone = suite.select_readout(sweeps("signal"))
+    assert all(r["feature"] == "signal" and "readout_losses" not in r for rows, _ in alone.values() for r in rows)
+    noise = sweeps("noise")
+    for spec in ("noise|signal", "signal | noise"):
+        cand = sweeps(spec)
+        chosen = suite.select_readout(cand)
+        for t, (rows, sc) in chosen.items():
+            assert len(rows) == 4 and all(r["feature"] == "signal" and r["selection"] == "val" for r in rows)
+            assert [{k: v for k, v in r.items() if k not in ("readout_losses", "n_selection")} for r in rows] == [
+                {k: v for k, v in r.items() if k != "n_selection"} for r in alone[t][0]]
+            for a, b in zip(sc, alone[t][1]):
+                np.testing.assert_array_equal(a, b)
+        # The pooled loss by hand: the family's losses weighted by their held-out rows.
+        fam = ("finding: infarct", "finding: cyst", "abnormal")
+        for i in range(4):
+            for name, src in (("signal", alone), ("noise", {t: suite.select_readout({t: noise[t]})[t] for t in fam})):
+                rs = [src[t][0][i] for t in fam]
+                want = sum(r["cv_log_loss"] * r["n_selection"] for r in rs) / sum(r["n_selection"] for r in rs)
+                assert chosen["abnormal"][0][i]["readout_losses"][name] == pytest.approx(want, rel=1e-6)
+            assert chosen["age"][0][i]["readout_losses"]["signal"] == alone["age"][0][i]["cv_mae"]
+            assert chosen["finding: infarct"][0][i]["n_selection"] == int(suite.known(held["finding: infarct"]).sum())
+    assert alone["finding: infarct"][0][-1]["auroc"] > 0.8
+    # The cyst alone: neither readout carries it, so on its own it may take either; in its family it
+    # takes the family's. Without a val split the choice is by CV.
+    cv = suite.select_readout({t: suite.sweep_readouts(feats, t, *found[t], "noise|signal", **kw)
+                               for t in ("finding: infarct", "finding: cyst")})
+    assert all(r["feature"] == "signal" and r["selection"] == "3-fold CV" for rows, _ in cv.values() for r in rows)
+    for d in (feats["train"], feats["val"], feats["test"]):
+        d["copy"] = d["signal"].copy()
+    rows, _ = suite.select_readout(sweeps("copy|signal"))["finding: cyst"]
+    assert {r["feature"] for r in rows} == {"copy"}  # a tie keeps the first
+    with pytest.raises(ValueError, match="no feature"):
+        suite.readouts(" | ")
+    with pytest.raises(ValueError, match="differ in length"):
+        suite.select_readout({"age": cand["age"], "abnormal": sweeps("signal", seeds=(0,))["abnormal"]})
+    cross = suite.cross_group(feats, held, feature="noise|signal", names=names)
+    assert {(r["task"], r["feature"]) for r in cross} >= {("finding: infarct", "signal"), ("finding: cyst", "signal"),
+                                                          ("age", "signal")}
+    assert {r["feature"] for r in cross} == {"signal"}
+    assert suite.readout_choices([{"encoder": "e", **r} for r in rows]) == {"e": {"copy": 4, "signal": 0}}

@@ -421,7 +421,7 @@ class Probes(Evaluator):
 
     @classmethod
     def defaults(cls):
-        return {"fractions": (0.1, 0.3, 1.0), "seeds": (0, 1, 2), "feature": "mean+max", "finding_feature": "anomaly",
+        return {"fractions": (0.1, 0.3, 1.0), "seeds": (0, 1, 2), "feature": "mean+max", "finding_feature": "mean+max|anomaly",
                 "encoders": None}
 
     def run(self, ctx):
@@ -465,6 +465,11 @@ class Probes(Evaluator):
                          f"other seeds):")
             lines += [f"    {c['task']}: {c['gain']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" for c in cmp
                       if not c["task"].startswith(suite.FINDING)]
+        chose = suite.readout_choices(rows)
+        if chose:
+            lines.append("  readout chosen with the penalty (the lower held-out log-loss, the findings and abnormal pooled), "
+                         "probes per readout: "
+                         + "; ".join(f"{e} " + ", ".join(f"{f} {n}" for f, n in c.items()) for e, c in sorted(chose.items())))
         err, floor = suite.summarise(rows, "mae"), suite.summarise(rows, "mae_of_mean")
         for task in sorted({k[1] for k in err}):  # age: ridge probes
             lines.append(f"  {task} (ridge within each body region; test MAE in years, predicting the training mean: "

@@ -381,7 +381,8 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
 
     Two vmapped calls in all: one fits every (task, fraction, seed, C, fold) probe for the CV,
     one refits the chosen C per (task, fraction, seed) on its whole subset. Returns one row
-    per (task, fraction, seed) with the chosen C, test AUROC and balanced accuracy (and, with
+    per (task, fraction, seed) with the chosen C, its held-out log-loss and accuracy and the
+    number of held-out rows they average (``n_selection``), test AUROC and balanced accuracy (and, with
     ``return_scores``, also each row's test class probabilities: ``(rows, [(n_test, K), ...])``).
     """
     held = val_x is not None
@@ -428,7 +429,7 @@ def logistic_sweep(train_x, test_x, tasks: Sequence[Task], *, inv_regs=tuple(10.
         scores.append(probs)
         rows.append({"task": t.name, "head": "logistic", "fraction": frac, "seed": seed,
                      "C": float(inv_regs[best[gi]]), "cv_accuracy": float(cv[gi, best[gi]]),
-                     "cv_log_loss": float(-cv_ll[gi, best[gi]]),
+                     "cv_log_loss": float(-cv_ll[gi, best[gi]]), "n_selection": len(loglik[gi][best[gi]]),
                      "selection": "val" if held else f"{folds}-fold CV", "rule": "1-SE" if one_se else "best",
                      "n_train": int(subs[gi].sum()), "auroc": macro_auroc(probs, t.test_y, t.num_classes),
                      "balanced_accuracy": balanced_accuracy(lg.argmax(1), t.test_y),
@@ -483,7 +484,8 @@ def ridge_sweep(train_x, test_x, name: str, train_y, test_y, *, lams=tuple(10.0 
     for gi, (frac, seed) in enumerate(groups):
         resid = np.sum((pred[gi] - yte) ** 2)
         rows.append({"task": name, "head": "ridge", "fraction": frac, "seed": seed, "lambda": float(lams[best[gi]]),
-                     "cv_mae": float(cv[gi, best[gi]]), "selection": "val" if held else f"{folds}-fold CV",
+                     "cv_mae": float(cv[gi, best[gi]]), "n_selection": len(errs[gi][best[gi]]),
+                     "selection": "val" if held else f"{folds}-fold CV",
                      "rule": "1-SE" if one_se else "best",
                      "n_train": int(subs[gi].sum()), "mae": mae(pred[gi], yte),
                      "mae_of_mean": mae(np.full_like(yte, ytr[subs[gi]].mean()), yte),

@@ -164,34 +164,145 @@ def _finding_tasks(train: dict, test: dict) -> list[tuple[str, np.ndarray, np.nd
 
 
 def task_feature(task: str, feature: str, finding_feature: str | None) -> str:
-    """The feature a task's probe reads: ``finding_feature`` (when set) for the findings and the
-    "abnormal" task, ``feature`` for the attributes (region, sequence, sex, age)."""
+    """The readout setting a task's probe reads: ``finding_feature`` (when set) for the findings
+    and the "abnormal" task, ``feature`` for the attributes (region, sequence, sex, age). A
+    setting may name candidates separated by "|" (:func:`readouts`)."""
     return finding_feature if finding_feature and (task == "abnormal" or task.startswith(FINDING)) else feature
 
 
+def readouts(spec: str) -> list[str]:
+    """The candidate features of a readout setting: ``"mean+max|anomaly"`` -> ``["mean+max",
+    "anomaly"]``; each candidate is a :func:`decipher_jax.eval.features.combined` name."""
+    out = [f.strip() for f in spec.split("|") if f.strip()]
+    if not out:
+        raise ValueError(f"probes: no feature named in the readout setting {spec!r}")
+    return out
+
+
+def readout_family(task: str) -> str:
+    """The tasks that choose their readout together: the findings and "abnormal" (one question,
+    where the encoder shows what differs from normal; each finding's val rows are few), every
+    attribute alone."""
+    return "findings" if task == "abnormal" or task.startswith(FINDING) else task
+
+
+def select_readout(results: dict[str, list[tuple[str, list[dict], list]]]) -> dict[str, tuple[list[dict], list]]:
+    """Choose each probe's readout. ``results``: per task, ``[(feature, rows, test scores), ...]``
+    from :func:`sweep_readouts`, one entry per candidate readout, with one row per fraction x
+    seed in the same order for every task and candidate. For each fraction and seed, and each
+    :func:`readout_family`, the candidate with the lowest held-out loss pooled over the family's
+    tasks wins: the mean of the tasks' selection losses at their chosen penalties (log-loss;
+    MAE for ridge), each weighted by its held-out rows (``n_selection``), on the val split or by
+    CV as the penalty was chosen. The first candidate wins a tie. Returns per task ``(rows,
+    scores)``, each row with its ``feature`` (and with several candidates each candidate's
+    pooled loss, ``readout_losses``).
+
+    The readout is a hyperparameter like the penalty: which pool carries the findings depends
+    on the encoder and on the corpus's scale (BENCHMARKS.md, "the ladder at 400 patients"),
+    and the test split never chooses it. It is chosen per family, not per finding: the demo's
+    val split holds 9-17 series per finding, too few to choose between readouts one finding at
+    a time (on the default draw that choice swung stage 2's findings from 0.74 to 0.70)."""
+    lengths = {len(rows) for cands in results.values() for _, rows, _ in cands}
+    if len(lengths) > 1:
+        raise ValueError(f"probes: the readouts' sweeps differ in length ({sorted(lengths)})")
+    families: dict[str, list[str]] = {}
+    for task in results:
+        families.setdefault(readout_family(task), []).append(task)
+    out = {}
+    for members in families.values():
+        names = [f for f, _, _ in results[members[0]]]
+        if any([f for f, _, _ in results[t]] != names for t in members):
+            raise ValueError(f"probes: the tasks {members} of one family read different candidates")
+        for t in members:
+            out[t] = ([], [])
+        for i in range(min(lengths, default=0)):
+            if len({(results[t][j][1][i]["fraction"], results[t][j][1][i]["seed"])
+                    for t in members for j in range(len(names))}) != 1:
+                raise ValueError("probes: the readouts' sweeps are not in the same (fraction, seed) order")
+            loss = []
+            for j in range(len(names)):  # the family's held-out loss, row-weighted over its tasks
+                num = den = 0.0
+                for t in members:
+                    r = results[t][j][1][i]
+                    v, n = r["cv_mae"] if "cv_mae" in r else r["cv_log_loss"], r.get("n_selection", 1)
+                    if n and np.isfinite(v):
+                        num, den = num + v * n, den + n
+                loss.append(num / den if den else np.inf)
+            best = int(np.argmin(loss))  # the first of equal losses
+            for t in members:
+                row = dict(results[t][best][1][i], feature=names[best])
+                if len(names) > 1:
+                    row["readout_losses"] = dict(zip(names, loss))
+                out[t][0].append(row)
+                out[t][1].append(results[t][best][2][i])
+    return {t: out[t] for t in results}
+
+
+def readout_choices(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """``{encoder: {feature: probes}}``: how often each encoder's probes chose each candidate
+    readout, over the probe rows that had candidates (``readout_losses``)."""
+    out: dict = {}
+    for r in rows:
+        if len(r.get("readout_losses", ())) > 1:
+            c = out.setdefault(r["encoder"], {f: 0 for f in r["readout_losses"]})
+            c[r["feature"]] = c.get(r["feature"], 0) + 1
+    return out
+
+
+def sweep_readouts(feats: dict, tname: str, ytr, yte, spec: str, *, yva=None, fractions=(1.0,), seeds=(0,),
+                   train_rows=None) -> list[tuple[str, list[dict], list]]:
+    """One task's probes (logistic; ridge within each body region for age) on each candidate
+    readout of ``spec``: fitted on the training rows with a known label, scored on the test rows
+    with one, the penalty chosen on the val targets ``yva`` when given, else by CV by patient.
+    ``train_rows``: fit only these known-label rows (a cross-group test). Returns ``[(feature,
+    rows, test scores), ...]``, a row per fraction x seed; :func:`select_readout` chooses."""
+    tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
+    cv = cv_groups(feats["train"], tr_ok)  # label subsets (and CV folds) by patient
+    results = []
+    for tf in readouts(spec):
+        xtr, xte = feats["train"][tf][tr_ok], feats["test"][tf][te_ok]
+        xva = feats["val"][tf] if yva is not None else None
+        if tname in REGRESSION:
+            xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)  # a linear map per region
+            res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions, seeds=seeds,
+                                         return_scores=True, cv_groups=cv, val_x=xva, val_y=yva,
+                                         train_rows=train_rows)
+        else:
+            res, sc = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok], yva)],
+                                            fractions=fractions, seeds=seeds, iters=100, return_scores=True,
+                                            cv_groups=cv, val_x=xva, train_rows=train_rows)
+        results.append((tf, res, sc))
+    return results
+
+
 def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2), mesh=None,
-                   feature: str = "mean+max", finding_feature: str | None = "anomaly",
+                   feature: str = "mean+max", finding_feature: str | None = "mean+max|anomaly",
                    encs: tuple[dict, ViTConfig] | None = None) -> list[dict]:
     """``encs``: the output of :func:`encoders` when the caller already holds it. ``feature``:
     the attributes' probe input, ``finding_feature`` the findings' and "abnormal"'s (None: also
-    ``feature``); a name with ``anomaly`` pools by the distance to each encoder's bank of normal
-    training series (:func:`decipher_jax.eval.features.normal_bank`)."""
+    ``feature``). Either may name candidates ("mean+max|anomaly"), chosen with the penalty per
+    encoder, fraction and seed on the val split, the findings and "abnormal" together
+    (:func:`select_readout`); a name with
+    ``anomaly`` pools by the distance to each encoder's bank of normal training series
+    (:func:`decipher_jax.eval.features.normal_bank`)."""
     mesh = mesh or sh.make_mesh({"data": -1})
     encs, vit = encs or encoders(workdir, mesh)
     rows, preds, scores, cross = [], {}, {}, []
     pdir = layout.PipelineDir(workdir)
     out_dir = pdir.eval
     sources = split_sources(prep_dir)
+    has_anomaly = lambda spec: any("anomaly" in f.split("+") for f in readouts(spec))  # noqa: E731
     normal_rows = None  # the training split's series without findings: every encoder's bank, read once
-    if finding_feature and "anomaly" in finding_feature.split("+") and "anomaly" not in feature.split("+"):
+    if finding_feature and has_anomaly(finding_feature) and not has_anomaly(feature):
         from decipher_jax.eval import localisation
 
         normal_rows = localisation.normal_index(sources["train"])
         if len(normal_rows) < 2:
+            rest = "|".join(f for f in readouts(finding_feature) if "anomaly" not in f.split("+")) or None
             warnings.warn(f"probes: {len(normal_rows)} training series without findings, 2 needed for the anomaly "
-                          f"pool's bank; the findings read {feature!r}")
-            finding_feature = None
-    used = {feature} | ({finding_feature} if finding_feature else set())
+                          f"pool's bank; the findings read {rest or feature!r}")
+            finding_feature = rest
+    used = set(readouts(feature)) | (set(readouts(finding_feature)) if finding_feature else set())
     anomaly = any("anomaly" in f.split("+") for f in used)
     for name, (model, params) in encs.items():
         tag = "_".join(name.split(" ")[:2])  # "stage_2", "stage_1", "random_init"
@@ -205,22 +316,14 @@ def probe_encoders(workdir: str, prep_dir: str, *, fractions=(0.1, 0.3, 1.0), se
             for f in used:
                 feats[split][f] = features.combined(feats[split], f)
         held = val_targets(feats["train"], feats.get("val"))
-        for tname, ytr, yte in tasks(feats["train"], feats["test"]):
-            tr_ok, te_ok = known(ytr), known(yte)  # rows with a known label, one task at a time
-            tf = task_feature(tname, feature, finding_feature)
-            xtr, xte = feats["train"][tf][tr_ok], feats["test"][tf][te_ok]
-            cv = cv_groups(feats["train"], tr_ok)  # label subsets (and CV folds) by patient
-            yva = held.get(tname)
-            xva = feats["val"][tf] if yva is not None else None
-            if tname in REGRESSION:
-                xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)  # a linear map per region
-                res, sc = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], fractions=fractions,
-                                             seeds=seeds, return_scores=True, cv_groups=cv, val_x=xva, val_y=yva)
-            else:
-                res, sc = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok], yva)],
-                                                fractions=fractions, seeds=seeds, iters=100, return_scores=True,
-                                                cv_groups=cv, val_x=xva)
-            rows += [{"encoder": name, "feature": tf, **r} for r in res]
+        found = {tname: (ytr, yte) for tname, ytr, yte in tasks(feats["train"], feats["test"])}
+        chosen = select_readout({t: sweep_readouts(feats, t, ytr, yte, task_feature(t, feature, finding_feature),
+                                                   yva=held.get(t), fractions=fractions, seeds=seeds)
+                                 for t, (ytr, yte) in found.items()})
+        for tname, (ytr, yte) in found.items():
+            res, sc = chosen[tname]
+            te_ok = known(yte)
+            rows += [{"encoder": name, **r} for r in res]
             for f in fractions:  # every fraction's first seed: the ladder's frozen rungs
                 i = [i for i, r in enumerate(res) if r["fraction"] == f][0]
                 scores[(name, tname, float(f))] = (yte[te_ok], sc[i], feats["test"]["study_id"][te_ok])
@@ -255,8 +358,8 @@ def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "
     test series: the paper's cross-sex robustness test. One row per (task, fitted on, scored
     on) with the score (AUROC; minus the MAE for age) and the row counts; a task is left out for
     a group whose training rows lack a class, and a score where the test rows lack one. All
-    labels, seed 0, the penalty chosen on the fitted group's val rows (else CV inside it).
-    Features are standardised over all training rows, labels unseen: as the full probes."""
+    labels, seed 0, the penalty (and readout: :func:`select_readout`) chosen on the fitted
+    group's val rows (else CV inside it). Features are standardised over all training rows, labels unseen: as the full probes."""
     train, test = feats["train"], feats["test"]
     if group not in train:
         return []
@@ -266,38 +369,34 @@ def cross_group(feats: dict, held: dict, *, group: str = "sex", feature: str = "
         return []
     gva = np.asarray(feats["val"][group]).astype(str) if "val" in feats else None
     out = []
-    for tname, ytr, yte in tasks(train, test, tuple(n for n in names if n != group)):
-        tr_ok, te_ok = known(ytr), known(yte)
-        tf = task_feature(tname, feature, finding_feature)
-        xtr, xte = train[tf][tr_ok], test[tf][te_ok]
-        cv = cv_groups(train, tr_ok)
-        yva = held.get(tname)
-        xva = feats["val"][tf] if yva is not None else None
-        if tname in REGRESSION:
-            xtr, xte, xva = regression_inputs(feats, tr_ok, te_ok, xtr, xte, xva)
-        for fit in levels:
-            rows = gtr[tr_ok] == fit
-            y_fit = ytr[tr_ok][rows]
+    found = {tname: (ytr, yte) for tname, ytr, yte in tasks(train, test, tuple(n for n in names if n != group))}
+    for fit in levels:
+        results, fitted = {}, {}
+        for tname, (ytr, yte) in found.items():
+            rows = gtr[known(ytr)] == fit
+            y_fit = ytr[known(ytr)][rows]
+            yva = held.get(tname)
             if tname in REGRESSION:
                 if rows.sum() < 6:
                     continue
                 va = None if yva is None else np.where(gva == fit, yva, np.nan)
-                _, (s,) = probes.ridge_sweep(xtr, xte, tname, ytr[tr_ok], yte[te_ok], return_scores=True, cv_groups=cv,
-                                             val_x=xva, val_y=va, train_rows=rows)
             else:
                 if len(np.unique(y_fit)) < 2 or min(np.bincount(y_fit)[np.unique(y_fit)]) < 2:
                     continue
                 va = None if yva is None else np.where(gva == fit, yva, -1)
-                _, (s,) = probes.logistic_sweep(xtr, xte, [probes.Task(tname, ytr[tr_ok], yte[te_ok], va)], iters=100,
-                                                return_scores=True, cv_groups=cv, val_x=xva, train_rows=rows)
+            results[tname] = sweep_readouts(feats, tname, ytr, yte, task_feature(tname, feature, finding_feature),
+                                            yva=va, train_rows=rows)
+            fitted[tname] = int(rows.sum())
+        for tname, ((r,), (s,)) in select_readout(results).items():
+            yte = found[tname][1]
             for on in levels:
-                sel = gte[te_ok] == on
-                y_on = yte[te_ok][sel]
+                sel = gte[known(yte)] == on
+                y_on = yte[known(yte)][sel]
                 if tname not in REGRESSION and len(np.unique(y_on)) < 2:
                     continue
                 out.append({"task": tname, "fit_on": fit, "score_on": on, "score": float(_score(tname, y_on, s[sel])),
-                            "metric": "-MAE" if tname in REGRESSION else "AUROC", "n_train": int(rows.sum()),
-                            "n_test": int(sel.sum())})
+                            "metric": "-MAE" if tname in REGRESSION else "AUROC", "n_train": fitted[tname],
+                            "n_test": int(sel.sum()), "feature": r["feature"]})
     return out
 
 
