@@ -81,7 +81,8 @@ def load(workdir: str, mesh=None, step: int | None = None):
         vit, n_out = ViTConfig(**from_json(spec["vit"])), len(spec["config"]["task_spec"]["names"])
         # Runs before the pooled readout had the CLS and mean patch token only.
         pool = tuple(spec["config"].get("model", {}).get("pool", ("cls", "mean")))
-        model = Model(lambda r: Classifier(vit, n_out, rngs=r, pool=pool), mesh)
+        bank = len(spec["config"].get("anomaly_bank", {}).get("rows", ()))  # the anomaly pool's normal series
+        model = Model(lambda r: Classifier(vit, n_out, rngs=r, pool=pool, bank_size=bank), mesh)
         folder = os.path.join(workdir, "best") if os.path.isdir(os.path.join(workdir, "best")) else run.checkpoints
     else:
         raise ValueError(f"{workdir}: a run of kind {kind!r}; known: clip_align, vision_ssl, text_mlm, finetune")

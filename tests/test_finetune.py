@@ -178,3 +178,109 @@ def test_pooled_readout_and_its_max_gradient():
         m = Classifier(vit, 3, rngs=nnx.Rngs(0), pool=pool)
         assert m.head_kernel.shape == (len(pool) * vit.dim, 3)
         assert m(jnp.zeros((2, 16, 16, 16, 1))).shape == (2, 3)
+
+
+def test_anomaly_pool_matches_the_probes_reference():
+    """The classifier's anomaly pool (jitted, in the training step) equals the probes' host
+    implementation (``eval.features.with_anomaly`` over a ``NormalBank``) on the same tokens: each
+    patch's nearest normal patch within one grid step among its group's bank series, the query's
+    own patient left out, a group with one bank series using the whole bank, softmax(d / tau)
+    weights; and its weights carry no gradient."""
+    from flax import nnx
+
+    from decipher_jax.eval import features
+    from decipher_jax.models.classifier import Classifier
+    from decipher_jax.models.vit3d import ViTConfig
+
+    r = np.random.default_rng(0)
+    vit = ViTConfig(**SMALL_VIT)  # 16^3 / 8^3: a 2x2x2 grid
+    n, dim, k = 8, vit.dim, 7
+    bank_groups = np.array(["brain/T1"] * 3 + ["knee/T2"] * 3 + ["spine/T1"])  # spine: one series, whole bank
+    bank_pat = np.array(["p0", "p1", "p2", "p3", "p4", "p5", "p6"])
+    bank_tok = r.normal(size=(k, n, dim)).astype(np.float32)
+    bank = features.NormalBank.build(bank_tok, bank_groups, bank_pat, (2, 2, 2), patient_id=bank_pat)
+    q_groups = np.array(["brain/T1", "knee/T2", "spine/T1", "liver/T1", "brain/T1"])
+    q_pat = np.array(["p0", "q1", "q2", "q3", ""])  # the first is a bank patient: p0's series is left out
+    tok = (bank_tok[[0, 3, 6, 1, 2]] + 0.3 * r.normal(size=(5, n, dim))).astype(np.float32)
+    ref = features.with_anomaly({"patch": tok, "body_region": [g.split("/")[0] for g in q_groups],
+                                 "sequence": [g.split("/")[1] for g in q_groups], "series_id": [f"s{i}" for i in range(5)],
+                                 "patient_id": q_pat}, bank)["anomaly"]
+    m = Classifier(vit, 2, rngs=nnx.Rngs(0), pool=("anomaly",), bank_size=k)
+    gid = sorted(set(bank_groups))
+    pid = sorted(set(bank_pat))
+    m.bank_tokens[...] = jnp.asarray(bank_tok)
+    m.bank_group[...] = jnp.asarray([gid.index(g) for g in bank_groups], jnp.float32)
+    m.bank_patient[...] = jnp.asarray([pid.index(p) for p in bank_pat], jnp.float32)
+    m.bank_tau[...] = jnp.float32(bank.tau)
+    group = jnp.asarray([gid.index(g) if g in gid else -1 for g in q_groups], jnp.int32)
+    patient = jnp.asarray([pid.index(p) if p in pid else -1 for p in q_pat], jnp.int32)
+    got = jax.jit(lambda t: m.anomaly_pool(t, group, patient))(jnp.asarray(tok))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
+    # Leaving the patient out matters here: with p0's own series the first query reads otherwise.
+    other = m.anomaly_pool(jnp.asarray(tok), group, patient.at[0].set(-1))
+    assert not np.allclose(np.asarray(other)[0], ref[0], atol=1e-3)
+    # d / tau only weighs the tokens: the gradient of the pool is the weights themselves.
+    g = jax.grad(lambda t: m.anomaly_pool(t, group, patient)[:, 0].sum())(jnp.asarray(tok))
+    d = bank.distances(tok, q_groups, [f"s{i}" for i in range(5)], q_pat)
+    want = np.exp((d - d.max(1, keepdims=True)) / bank.tau)
+    np.testing.assert_allclose(np.asarray(g[:, :, 0]), want / want.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    assert np.allclose(np.asarray(g[:, :, 1:]), 0.0)
+    with pytest.raises(ValueError, match="at least 2 normal series"):
+        Classifier(vit, 2, rngs=nnx.Rngs(0), pool=("mean", "anomaly"), bank_size=1)
+
+
+def test_fine_tuning_on_the_anomaly_pool(prepared_heldout, tmp_path):
+    """A run whose head reads the anomaly pool: the bank holds the initial encoder's tokens of the
+    training split's normal series and never moves while the backbone and head train; the run
+    reads back (``runs.load``) with its bank and gives the same test predictions."""
+    from decipher_jax import runs
+    from decipher_jax.eval import localisation
+
+    w = str(tmp_path / "ft")
+    cfg = _cfg(prepared_heldout, "findings,tiny", steps=4, **{"model.pool": ("mean", "anomaly"), "data.flip_p": 0.0})
+    m = finetune.train(cfg, w)
+    assert np.isfinite(m["test/score"])
+    model, params, spec = runs.load(w)
+    bank = finetune.BankIndex(**{k: tuple(v) for k, v in spec["config"]["anomaly_bank"].items()})
+    train = P.data_source(prepared_heldout, "train")
+    assert list(bank.rows) == localisation.normal_index(train) and len(bank.rows) >= 2
+    # The bank is the initial (random-init, seed 0) encoder's: recompute it from a fresh setup.
+    s = finetune.setup(cfg, sh.make_mesh({"data": -1}))
+    init = s.model.init(jax.random.key(cfg.seed))
+    ts = finetune.task_spec("findings", finetune.read_meta(train))
+    filled = finetune.fill_bank(cfg, ts, s.model, init, train, bank, s.vit, s.mesh)
+    for key in ("bank_tokens", "bank_group", "bank_patient", "bank_tau"):
+        np.testing.assert_array_equal(np.asarray(params[key]), np.asarray(filled[key]))
+    assert float(params["bank_tau"]) > 0 and not np.array_equal(np.asarray(params["backbone"]["patch_kernel"]),
+                                                                np.asarray(init["backbone"]["patch_kernel"]))
+    preds = np.load(os.path.join(w, "test_predictions.npz"))
+    fn = jax.jit(lambda p, b: jax.nn.sigmoid(finetune.apply(model, p, b)))
+    again = finetune.predict(fn, params, P.data_source(prepared_heldout, "test"), ts, (16, 16, 16), s.mesh, 8,
+                             bank=bank)
+    np.testing.assert_allclose(again["out"], preds["scores"], rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_runs_get_their_own_optimiser_settings(prepared_heldout):
+    """From a pretrained run the anomaly-pool recipe is LP-FT: the backbone frozen for half the
+    steps, then at 0.1x the head's lr; from random init (the supervised reference) neither. The
+    feature statistics and the anomaly bank never train; a user's lr rule comes before the
+    recipe's; without the anomaly pool a pretrained run trains as one from scratch."""
+    from decipher_jax import optim
+
+    scratch = finetune.optim_config(_cfg(prepared_heldout, "findings,tiny,anomaly", steps=200))
+    assert scratch.freeze_backbone_steps == 0 and scratch.lr_rules == [("feat_.*", None), ("bank_.*", None)]
+    plain = finetune.optim_config(_cfg(prepared_heldout, "findings,tiny", steps=200, init="/some/run"))
+    assert plain.freeze_backbone_steps == 0 and plain.lr_rules == scratch.lr_rules
+    pre = finetune.optim_config(_cfg(prepared_heldout, "findings,tiny,anomaly", steps=200, init="/some/run"))
+    assert pre.freeze_backbone_steps == 100
+    assert pre.lr_rules == [("feat_.*", None), ("bank_.*", None), ("backbone/.*", 0.1)]
+    assert optim.first_match("backbone/blocks/0/qkv", pre.lr_rules, 1.0) == 0.1
+    assert optim.first_match("head_kernel", pre.lr_rules, 1.0) == 1.0
+    mine = finetune.optim_config(_cfg(prepared_heldout, "findings,tiny,anomaly,frozen", init="/some/run"))
+    assert optim.first_match("backbone/patch_kernel", mine.lr_rules, 1.0) is None  # the user's rule first
+    full = finetune.optim_config(_cfg(prepared_heldout, "findings", init="/some/run"))
+    assert full.freeze_backbone_steps == 500 and full.lr_rules[2:] == []  # the full-scale recipe: unchanged
+    bad = _cfg(prepared_heldout, "findings,tiny,anomaly", init="/some/run")
+    bad.optim.pretrained.nope = 1
+    with pytest.raises(KeyError, match="optim.pretrained.nope"):
+        finetune.optim_config(bad)

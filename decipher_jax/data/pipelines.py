@@ -129,13 +129,15 @@ def images(source, cfg: LoaderConfig, size, *, train: bool = False, keep_label: 
     return _finish(ds.map(DropStrings()), per_host, cfg)
 
 
-def supervised(source, cfg: LoaderConfig, size, targets, *, train: bool, scale=(0.5, 1.0), **shard):
+def supervised(source, cfg: LoaderConfig, size, targets, *, train: bool, scale=(0.5, 1.0), flip_p: float = 0.5,
+               **shard):
     """Single volumes with a task's targets (``targets``: a map adding ``y`` / ``y_mask`` to a
-    decoded record): augmented random-resized crops when training, the whole volume resized
-    otherwise (as the probes' features)."""
+    decoded record): augmented random-resized crops when training (each axis flipped with
+    probability ``flip_p``), the whole volume resized otherwise (as the probes' features)."""
     ds, per_host = _base(source, cfg, **shard)
     ds = ds.map(T.Decode()).map(targets)
-    ds = ds.random_map(T.SingleCrop(tuple(size), tuple(scale))) if train else ds.map(T.Resize(tuple(size)))
+    crop = T.SingleCrop(tuple(size), tuple(scale), augment=T.Augment(noise=0.0, flip_p=float(flip_p)))
+    ds = ds.random_map(crop) if train else ds.map(T.Resize(tuple(size)))
     return _finish(ds.map(DropStrings()), per_host, cfg)
 
 

@@ -13,18 +13,28 @@ is left out) and ``age`` (regression on the training split's standardised age; M
 ``init``: a ``vision_ssl`` workdir (its EMA teacher's backbone), a ``clip_align`` workdir (its
 image tower) or "" (random init). The backbone learns with layer-wise lr decay
 (``optim.layer_decay``; 0 turns it off) and may stay frozen for ``optim.freeze_backbone_steps`` steps (its
-parameters bitwise unchanged: the head first, then everything). Training crops are random
+parameters bitwise unchanged: the head first, then everything). From a pretrained run the
+settings of ``optim.pretrained`` replace the others (its ``lr_rules`` add to them): with the
+anomaly pool (below) LP-FT, the backbone frozen for half the steps and then at 0.1x the head's
+lr, the supervised reference from random init keeping the full lr throughout. Training crops are random
 resized crops with flips and intensity jitter; evaluation resizes the whole volume, as the
 probes' features do. ``data.label_fraction`` draws that fraction of the training *patients*
 (``data.label_seed``), as the probes' label subsets. Every ``eval.every`` steps the val split
 is scored; the best step's parameters are kept in ``best/`` and the run stops after
 ``eval.patience`` evaluations without improvement. At the end the best parameters are scored
 on the test split (``test.json``, with per-series predictions in ``test_predictions.npz``).
+
+With ``"anomaly"`` in ``model.pool`` the head also reads the probes' anomaly pool of the findings
+(:class:`decipher_jax.models.classifier.Classifier`): the patch tokens weighted towards those
+far from a bank of the training split's normal series, the bank being the *initial* encoder's
+tokens (:func:`fill_bank`; it never trains) and every batch carrying each series' group and
+patient among the bank's (:class:`BankIndex`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -121,15 +131,59 @@ def targets(spec: TaskSpec, meta_row: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.int32(spec.names.index(v) if v in spec.names else -1), np.float32(v in spec.names)
 
 
+@dataclasses.dataclass(frozen=True)
+class BankIndex:
+    """The anomaly pool's normal bank (``"anomaly"`` in ``model.pool``): its rows of the training
+    split (:func:`decipher_jax.eval.localisation.normal_index`), and the small integers a batch
+    carries for each series: its group (body region / sequence) and patient among the bank's."""
+
+    rows: tuple[int, ...]
+    groups: tuple[str, ...]  # per bank row
+    patients: tuple[str, ...]  # per bank row
+
+    @classmethod
+    def of(cls, meta: dict, rows) -> BankIndex:
+        from decipher_jax.eval import localisation
+
+        rows = tuple(int(i) for i in rows)
+        sub = {k: np.asarray(meta[k])[list(rows)] for k in ("body_region", "sequence", "patient_id")}
+        return cls(rows, tuple(localisation.groups_of(sub).tolist()), tuple(str(p) for p in sub["patient_id"]))
+
+    @functools.cached_property
+    def _ids(self) -> tuple[dict[str, int], dict[str, int]]:
+        return ({g: i for i, g in enumerate(sorted(set(self.groups)))},
+                {p: i for i, p in enumerate(sorted(set(self.patients) - {""}))})
+
+    def keys(self, meta_row: dict) -> dict[str, np.int32]:
+        """A series' ``bank_group`` / ``bank_patient`` (-1: none of the bank's)."""
+        from decipher_jax.eval import localisation
+
+        gid, pid = self._ids
+        g = localisation.group_of(str(meta_row["body_region"]), str(meta_row["sequence"]))
+        return {"bank_group": np.int32(gid.get(g, -1)), "bank_patient": np.int32(pid.get(str(meta_row["patient_id"]), -1))}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The bank rows' own group and patient integers (``bank_group`` / ``bank_patient`` params)."""
+        gid, pid = self._ids
+        return {"bank_group": np.array([gid[g] for g in self.groups], np.float32),
+                "bank_patient": np.array([pid.get(p, -1) for p in self.patients], np.float32)}
+
+
+BANK_KEYS = ("bank_group", "bank_patient")
+
+
 @dataclasses.dataclass
 class Targets(grain.transforms.Map):
-    """Adds ``y`` / ``y_mask`` (:func:`targets`) to a decoded record."""
+    """Adds ``y`` / ``y_mask`` (:func:`targets`) to a decoded record, and with a ``bank`` the
+    record's ``bank_group`` / ``bank_patient`` (:class:`BankIndex`)."""
 
     spec: TaskSpec
+    bank: BankIndex | None = None
 
     def map(self, ex):
-        y, w = targets(self.spec, {k: _text(ex.get(k, "")) if k != "age" else ex.get("age", np.nan) for k in META})
-        return {**ex, "y": y, "y_mask": w}
+        meta = {k: _text(ex.get(k, "")) if k != "age" else ex.get("age", np.nan) for k in META}
+        y, w = targets(self.spec, meta)
+        return {**ex, "y": y, "y_mask": w, **(self.bank.keys(meta) if self.bank else {})}
 
 
 def loss(spec: TaskSpec, out, y, w):
@@ -204,29 +258,56 @@ def backbone_params(workdir: str, shapes, shardings) -> tuple[dict, str]:
     return part["params"]["image"], f"{workdir} (stage-2 image tower, step {step})"
 
 
-def predict(fn, params, source, spec, size, mesh, batch_size: int, max_series: int | None = None) -> dict:
-    """``{"out": fn(params, volumes), "y", "y_mask", ids}`` over ``source`` in order (the first
+def predict(fn, params, source, spec, size, mesh, batch_size: int, max_series: int | None = None,
+            bank: BankIndex | None = None) -> dict:
+    """``{"out": fn(params, batch), "y", "y_mask", ids}`` over ``source`` in order (the first
     ``max_series`` rows when given), whole volumes resized to ``size``, through the evaluations'
-    split scan (:func:`decipher_jax.eval.embed.scan_split`: padded, every host in step)."""
+    split scan (:func:`decipher_jax.eval.embed.scan_split`: padded, every host in step). ``batch``
+    holds ``image`` (and with ``bank`` the :data:`BANK_KEYS`)."""
     from decipher_jax.data import transforms as T
     from decipher_jax.eval import embed
 
     if max_series is not None and max_series < len(source):
         source = P.Subset(source, np.arange(max_series))
-    batches = embed.scan_split(source, [T.Decode(), Targets(spec), T.Resize(tuple(size))],
+    batches = embed.scan_split(source, [T.Decode(), Targets(spec, bank), T.Resize(tuple(size))],
                                embed.round_batch(batch_size, mesh))
-    return embed.apply(lambda g: {"out": fn(params, g["image"])}, batches, mesh, ("image",),
+    keys = ("image", *(BANK_KEYS if bank else ()))
+    return embed.apply(lambda g: {"out": fn(params, g)}, batches, mesh, keys,
                        meta_keys=("y", "y_mask", "series_id", "study_id", "patient_id"))
 
 
-def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: int = 256) -> dict:
+def apply(model, params, batch, **kw):
+    """The classifier's output on a batch (its bank keys passed on when it has them)."""
+    return model(params)(batch["image"], group=batch.get("bank_group"), patient=batch.get("bank_patient"), **kw)
+
+
+def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: int = 256,
+                      bank: BankIndex | None = None) -> dict:
     """``params`` with ``feat_mean`` / ``feat_scale`` from the pooled features of (up to
     ``max_series``) training volumes, whole-volume resized as in evaluation."""
-    f = predict(jax.jit(lambda p, x: model(p).features(x)), params, source, spec, size, mesh, cfg.eval.batch_size,
-                max_series)["out"].astype(np.float64)
+    feats = jax.jit(lambda p, b: model(p).features(b["image"], group=b.get("bank_group"), patient=b.get("bank_patient")))
+    f = predict(feats, params, source, spec, size, mesh, cfg.eval.batch_size, max_series, bank)["out"].astype(np.float64)
     mean, scale = f.mean(0), 1.0 / (f.std(0) + 1e-6)
     put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
     return {**params, "feat_mean": put(mean, "feat_mean"), "feat_scale": put(scale, "feat_scale")}
+
+
+def fill_bank(cfg, spec, model, params, source, bank: BankIndex, vit: ViTConfig, mesh) -> dict:
+    """``params`` with the anomaly pool's bank: the patch tokens of the bank's training series
+    under ``params``' backbone (the initial encoder), their groups and patients, and tau, the
+    bank's own spread of distances (:class:`decipher_jax.eval.features.NormalBank`, as the
+    probes' anomaly pool)."""
+    from decipher_jax.eval import features
+
+    tokens = predict(jax.jit(lambda p, b: model(p).backbone(b["image"])["patch"].astype(jnp.float32)), params,
+                     P.Subset(source, np.asarray(bank.rows)), spec, tuple(vit.img_size), mesh, cfg.eval.batch_size)["out"]
+    grid = tuple(int(s) // int(p) for s, p in zip(vit.img_size, vit.patch_size))
+    tau = features.NormalBank.build(tokens, np.asarray(bank.groups), np.arange(len(tokens)).astype(str), grid,
+                                    patient_id=np.asarray(bank.patients)).tau
+    put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
+    arr = bank.arrays()
+    return {**params, "bank_tokens": put(tokens, "bank_tokens"), "bank_group": put(arr["bank_group"], "bank_group"),
+            "bank_patient": put(arr["bank_patient"], "bank_patient"), "bank_tau": put(tau, "bank_tau")}
 
 
 # -- the step ------------------------------------------------------------------------------------
@@ -238,7 +319,7 @@ def make_step(cfg, spec: TaskSpec, model: common.Model, tx):
         key = jax.random.fold_in(seed_key, state["step"])
 
         def loss_fn(params):
-            out = model(params)(batch["image"], drop_path=cfg.model.drop_path, key=key)
+            out = apply(model, params, batch, drop_path=cfg.model.drop_path, key=key)
             return loss(spec, out, batch["y"], batch["y_mask"])
 
         value, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -279,16 +360,16 @@ def setup(cfg, mesh) -> common.Setup:
     rows = label_indices(meta, cfg.data.label_fraction, cfg.data.label_seed)
     vit = vit_config(cfg)
     pool = tuple(cfg.model.get("pool", DEFAULT_POOL))
-    model = common.Model(lambda r: Classifier(vit, spec.n_out, rngs=r, pool=pool), mesh)
+    bank = anomaly_bank(pool, train_src, meta)
+    model = common.Model(lambda r: Classifier(vit, spec.n_out, rngs=r, pool=pool,
+                                              bank_size=len(bank.rows) if bank else 0), mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    oc = cfg.optim.copy_and_resolve_references()
-    oc.lr_rules = [("feat_.*", None)] + [tuple(r) for r in oc.get("lr_rules", ())]  # fixed statistics
-    tx = optim.build(oc, params_shape, depth=vit.depth)
+    tx = optim.build(optim_config(cfg), params_shape, depth=vit.depth)
     shardings, shapes = common.params_state(model, tx, mesh, params_shape)
     size = tuple(vit.img_size)
-    best = Best(cfg, spec, model, mesh, size)
+    best = Best(cfg, spec, model, mesh, size, bank)
     s = common.Setup("finetune", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, spec, model, tx),
-                     batch_spec(cfg, vit, spec), init=None, data=None, spec=None, vit=vit)
+                     batch_spec(cfg, vit, spec, bank), init=None, data=None, spec=None, vit=vit)
 
     def init():
         params = model.init(jax.random.key(cfg.seed))
@@ -296,7 +377,11 @@ def setup(cfg, mesh) -> common.Setup:
             params["backbone"], where = backbone_params(cfg.init, params_shape["backbone"],
                                                         model.shardings["backbone"])
             print(f"finetune: backbone <- {where}", flush=True)
-        params = set_feature_stats(cfg, spec, model, params, P.Subset(train_src, rows), size, mesh)
+        if bank:
+            params = fill_bank(cfg, spec, model, params, train_src, bank, vit, mesh)
+            print(f"finetune: anomaly pool over a bank of {len(bank.rows)} normal training series "
+                  f"(tau {float(params['bank_tau']):.4f})", flush=True)
+        params = set_feature_stats(cfg, spec, model, params, P.Subset(train_src, rows), size, mesh, bank=bank)
         opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
         return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
 
@@ -304,12 +389,13 @@ def setup(cfg, mesh) -> common.Setup:
         print(f"finetune: {spec.task} ({spec.kind}, {spec.n_out} outputs) on {len(rows)} of {len(train_src)} "
               f"training series (label fraction {cfg.data.label_fraction:g})", flush=True)
         loader = P.LoaderConfig(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=0)
-        return iter(P.supervised(P.Subset(train_src, rows), loader, size, Targets(spec), train=True,
-                                 scale=tuple(cfg.data.crop_scale)))
+        return iter(P.supervised(P.Subset(train_src, rows), loader, size, Targets(spec, bank), train=True,
+                                 scale=tuple(cfg.data.crop_scale), flip_p=float(cfg.data.get("flip_p", 0.5))))
 
     def run_spec():
-        return runspec.RunSpec("finetune", {**runspec.as_json(cfg), "task_spec": dataclasses.asdict(spec)}, vit=vit,
-                               preprocessing=runspec.preprocessing(cfg.data.dir))
+        extra = {"anomaly_bank": dataclasses.asdict(bank)} if bank else {}
+        return runspec.RunSpec("finetune", {**runspec.as_json(cfg), "task_spec": dataclasses.asdict(spec), **extra},
+                               vit=vit, preprocessing=runspec.preprocessing(cfg.data.dir))
 
     def on_start(state, workdir, fresh):
         best.open(workdir)
@@ -330,12 +416,43 @@ def setup(cfg, mesh) -> common.Setup:
     return s
 
 
-def batch_spec(cfg, vit: ViTConfig, spec: TaskSpec) -> dict:
+def optim_config(cfg):
+    """``cfg.optim`` resolved for this run: the feature statistics and the anomaly bank never
+    train, and from a pretrained run (``init``) ``optim.pretrained``'s settings replace the
+    others (its ``lr_rules`` go after the user's, so a user's rule wins)."""
+    oc = cfg.optim.copy_and_resolve_references()
+    pre = dict(oc.get("pretrained", {})) if cfg.init else {}
+    rules = [("feat_.*", None), ("bank_.*", None)] + [tuple(r) for r in oc.get("lr_rules", ())]
+    rules += [tuple(r) for r in pre.pop("lr_rules", ())]
+    for k, v in pre.items():
+        if k not in oc:
+            raise KeyError(f"optim.pretrained.{k}: not an optim setting")
+        oc[k] = v
+    oc.lr_rules = rules
+    return oc
+
+
+def anomaly_bank(pool, train_src, meta) -> BankIndex | None:
+    """The bank of the ``"anomaly"`` pool, when ``pool`` has it: the training split's series
+    without findings, at most 64 per body region and sequence, as the probes' bank."""
+    if "anomaly" not in pool:
+        return None
+    from decipher_jax.eval import localisation
+
+    rows = localisation.normal_index(train_src)
+    if len(rows) < 2:
+        raise ValueError(f"pool 'anomaly': {len(rows)} training series without findings in {train_src}; the "
+                         "normal bank needs at least 2")
+    return BankIndex.of(meta, rows)
+
+
+def batch_spec(cfg, vit: ViTConfig, spec: TaskSpec, bank: BankIndex | None = None) -> dict:
     b = cfg.data.batch_size
     y = ((b, spec.n_out), jnp.float32) if spec.kind == "multilabel" else \
         ((b,), jnp.int32 if spec.kind == "multiclass" else jnp.float32)
     w = ((b, spec.n_out), jnp.float32) if spec.kind == "multilabel" else ((b,), jnp.float32)
-    return {"image": ((b, *vit.img_size, vit.in_channels), jnp.float32), "y": y, "y_mask": w}
+    out = {"image": ((b, *vit.img_size, vit.in_channels), jnp.float32), "y": y, "y_mask": w}
+    return out | ({k: ((b,), jnp.int32) for k in BANK_KEYS} if bank else {})
 
 
 class Best:
@@ -344,11 +461,11 @@ class Best:
 
     label = "finetune"  # the trainer's name in what it prints
 
-    def __init__(self, cfg, spec, model, mesh, size):
-        self.cfg, self.spec, self.model, self.mesh, self.size = cfg, spec, model, mesh, size
+    def __init__(self, cfg, spec, model, mesh, size, bank: BankIndex | None = None):
+        self.cfg, self.spec, self.model, self.mesh, self.size, self.bank = cfg, spec, model, mesh, size, bank
         self.workdir = None
         self.record = {"step": None, "score": None, "evals": {}}
-        self.predict = jax.jit(lambda p, x: scores_of(spec, model(p)(x)))
+        self.predict = jax.jit(lambda p, b: scores_of(spec, apply(model, p, b)))
 
     def open(self, workdir: str):
         if self.workdir == workdir:  # stopped() opened it already
@@ -370,7 +487,8 @@ class Best:
     def evaluate(self, params, split: str) -> tuple[dict, dict]:
         """``(metrics, per-series predictions)`` of ``params`` on ``split``."""
         src = P.data_source(self.cfg.data.dir, split)
-        res = predict(self.predict, params, src, self.spec, self.size, self.mesh, self.cfg.eval.batch_size)
+        res = predict(self.predict, params, src, self.spec, self.size, self.mesh, self.cfg.eval.batch_size,
+                      bank=self.bank)
         preds = {"scores": res.pop("out"), **{k: np.asarray(v) for k, v in res.items()}}
         return score(self.spec, preds["scores"], preds["y"], preds["y_mask"]), preds
 

@@ -6,7 +6,8 @@
 
 Arguments: a task (findings, abnormal, body_region, sequence, sex, age), ``tiny`` (the demo's
 scale: the demo's ViT when training from scratch), ``frozen`` (train the head only: a linear
-probe trained by SGD, for comparison). ``init`` is a vision_ssl or clip_align workdir, or ""
+probe trained by SGD, for comparison), ``anomaly`` (the head also reads the anomaly pool,
+training crops are not flipped, and from a pretrained run LP-FT: ``optim.pretrained``). ``init`` is a vision_ssl or clip_align workdir, or ""
 for random init (the supervised reference); with an init run the ViT is that run's.
 
 Recipe (as BEiT / DINOv2 fine-tuning, shortened): AdamW, warm-up then cosine, layer-wise lr
@@ -26,10 +27,10 @@ from decipher_jax.trainers.finetune import TASKS
 def get_config(arg=None):
     opts = [o for o in (arg or "").split(",") if o]
     tasks = [o for o in opts if o in TASKS]
-    unknown = set(opts) - set(TASKS) - {"tiny", "frozen"}
+    unknown = set(opts) - set(TASKS) - {"tiny", "frozen", "anomaly"}
     if unknown or len(tasks) > 1:
-        raise ValueError(f"finetune.py:{arg}: one task of {list(TASKS)} plus tiny / frozen")
-    tiny, frozen = "tiny" in opts, "frozen" in opts
+        raise ValueError(f"finetune.py:{arg}: one task of {list(TASKS)} plus tiny / frozen / anomaly")
+    tiny, frozen, anomaly = "tiny" in opts, "frozen" in opts, "anomaly" in opts
     c = mlc.ConfigDict()
     c.task = tasks[0] if tasks else "findings"
     c.init = ""  # a vision_ssl or clip_align workdir; "" = random init
@@ -54,6 +55,9 @@ def get_config(arg=None):
     # lesion out of a positive series; at 400 patients it cost 0.09 val AUROC (BENCHMARKS.md, "The
     # ViT's readout").
     c.data.crop_scale = (1.0, 1.0) if tiny else (0.6, 1.0)
+    # Each axis flipped with this probability. The anomaly pool compares each patch with the normal
+    # bank's patches at the same grid position (unflipped): it trains without flips.
+    c.data.flip_p = 0.0 if anomaly else 0.5
 
     c.model = mlc.ConfigDict()
     # From scratch: this ViT (the demo's stage-1 ViT at tiny scale); with init, the run's.
@@ -65,7 +69,10 @@ def get_config(arg=None):
     # The head's features: the CLS token and the patch tokens' mean and max (a finding in a few
     # patches moves the max; the mean dilutes it by the token count; BENCHMARKS.md, "The ViT's
     # readout").
-    c.model.pool = DEFAULT_POOL
+    # ``anomaly``: the head reads the anomaly pool beside them, the probes' readout of the findings
+    # (decipher_jax.models.classifier; its bank: the initial encoder's tokens of the training split's
+    # normal series).
+    c.model.pool = (*DEFAULT_POOL, "anomaly") if anomaly else DEFAULT_POOL
     c.model.drop_path = 0.0 if tiny else 0.1
 
     c.optim = mlc.ConfigDict()
@@ -82,6 +89,15 @@ def get_config(arg=None):
     c.optim.layer_decay = 0.0 if tiny else 0.75
     c.optim.freeze_backbone_steps = 0 if tiny else 500
     c.optim.lr_rules = [("backbone/.*", None)] if frozen else []
+    # From a pretrained run (``init``), these replace the settings above (lr_rules: added to them).
+    # With the anomaly pool: LP-FT (Kumar et al. 2022), the head first on the frozen features for
+    # half the steps, then the backbone at 0.1x the head's lr, so that the bank (the initial
+    # encoder's tokens) keeps describing the tokens it is compared with. At the demo's scale
+    # full-lr fine-tuning from stage 2 read 0.53 with all labels, the supervised rung's chance
+    # level, where the frozen probe reads 0.74 (BENCHMARKS.md). The supervised reference (init "")
+    # keeps the full lr.
+    c.optim.pretrained = mlc.ConfigDict({"freeze_backbone_steps": c.get_ref("steps") // 2,
+                                         "lr_rules": [("backbone/.*", 0.1)]} if anomaly else {})
 
     c.eval = mlc.ConfigDict()
     c.eval.every = 50 if tiny else 1000  # val-split score cadence (0: no early stopping)
