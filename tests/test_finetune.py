@@ -151,6 +151,14 @@ def test_early_stopping_keeps_the_best_val_step(prepared_val, tmp_path):
     assert max(_losses(w)) == 4
     with open(os.path.join(w, "test.json")) as f:
         assert json.load(f)["best_step"] == 2
+    # With the backbone frozen for 6 steps, the evaluations at steps 4 and 6 use none of the
+    # patience: the run stops at the first one after (step 8).
+    w = str(tmp_path / "es_frozen")
+    finetune.train(_cfg(prepared_val, "sex,tiny", steps=20, **{"optim.lr": 0.0, "eval.every": 2, "eval.patience": 1,
+                                                               "optim.freeze_backbone_steps": 6}), w)
+    with open(os.path.join(w, "best.json")) as f:
+        best = json.load(f)
+    assert best["step"] == 2 and best["stopped"] and sorted(map(int, best["evals"])) == [2, 4, 6, 8]
 
 
 def test_pooled_readout_and_its_max_gradient():
@@ -227,6 +235,17 @@ def test_anomaly_pool_matches_the_probes_reference():
     assert np.allclose(np.asarray(g[:, :, 1:]), 0.0)
     with pytest.raises(ValueError, match="at least 2 normal series"):
         Classifier(vit, 2, rngs=nnx.Rngs(0), pool=("mean", "anomaly"), bank_size=1)
+    # A bank series without a patient id is never compared with itself: its key is the series.
+    meta = {"body_region": np.array(["brain", "brain", "knee"]), "sequence": np.array(["T1", "T1", "T2"]),
+            "patient_id": np.array(["", "p1", "p1"]), "series_id": np.array(["s0", "s1", "s2"])}
+    b = finetune.BankIndex.of(meta, [0, 1, 2])
+    assert b.patients == ("series:s0", "p1", "p1") and b.groups == ("brain/T1", "brain/T1", "knee/T2")
+    row = lambda p, s, r="brain": {"body_region": r, "sequence": "T1", "patient_id": p, "series_id": s}  # noqa: E731
+    arr = b.arrays()
+    assert b.keys(row("", "s0"))["bank_patient"] == arr["bank_patient"][0]
+    assert b.keys(row("p1", "s9"))["bank_patient"] == arr["bank_patient"][1] == arr["bank_patient"][2]
+    assert b.keys(row("", "s9"))["bank_patient"] == -1 and b.keys(row("q", "s9", "liver"))["bank_group"] == -1
+    assert b.keys(row("q", "s9"))["bank_group"] == arr["bank_group"][0] != arr["bank_group"][2]
 
 
 def test_fine_tuning_on_the_anomaly_pool(prepared_heldout, tmp_path):
@@ -237,7 +256,8 @@ def test_fine_tuning_on_the_anomaly_pool(prepared_heldout, tmp_path):
     from decipher_jax.eval import localisation
 
     w = str(tmp_path / "ft")
-    cfg = _cfg(prepared_heldout, "findings,tiny", steps=4, **{"model.pool": ("mean", "anomaly"), "data.flip_p": 0.0})
+    cfg = _cfg(prepared_heldout, "findings,tiny,anomaly", steps=4)
+    assert cfg.data.flip_p == 0.0 and cfg.model.pool[-1] == "anomaly"
     m = finetune.train(cfg, w)
     assert np.isfinite(m["test/score"])
     model, params, spec = runs.load(w)

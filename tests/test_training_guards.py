@@ -193,6 +193,16 @@ def test_a_field_added_later_resumes_at_its_old_behaviour_and_refuses_another_va
     assert runspec.config_changes(old, {"model": {"captioner": {"num_latents": 16, "anomaly_bank": 0}}}) == {}
     assert runspec.config_changes(old, {"model": {"captioner": {"num_latents": 16, "anomaly_bank": 128}}}) == {
         "model.captioner.anomaly_bank": [0, 128]}
+    # fine-tuning's flips and its settings for a pretrained run: an older run resumes as it was
+    from decipher_jax.trainers import common
+
+    ft = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "finetune.py")
+    cfg = runspec.as_json(common.load_config(ft + ":findings,tiny", {}))
+    old = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k != "flip_p"},
+           "optim": {k: v for k, v in cfg["optim"].items() if k != "pretrained"}}
+    assert runspec.config_changes(old, cfg) == {}
+    anomaly = runspec.as_json(common.load_config(ft + ":findings,tiny,anomaly", {}))
+    assert set(runspec.config_changes(old, anomaly)) >= {"data.flip_p", "model.pool"}
 
 
 def test_restore_subtree_names_what_the_checkpoint_lacks(tmp_path):

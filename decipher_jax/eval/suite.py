@@ -193,7 +193,7 @@ def select_readout(results: dict[str, list[tuple[str, list[dict], list]]]) -> di
     :func:`readout_family`, the candidate with the lowest held-out loss pooled over the family's
     tasks wins: the mean of the tasks' selection losses at their chosen penalties (log-loss;
     MAE for ridge), each weighted by its held-out rows (``n_selection``), on the val split or by
-    CV as the penalty was chosen. The first candidate wins a tie. Returns per task ``(rows,
+    CV as the penalty was chosen (only the val-scored tasks when there are any). The first candidate wins a tie. Returns per task ``(rows,
     scores)``, each row with its ``feature`` (and with several candidates each candidate's
     pooled loss, ``readout_losses``).
 
@@ -219,10 +219,15 @@ def select_readout(results: dict[str, list[tuple[str, list[dict], list]]]) -> di
             if len({(results[t][j][1][i]["fraction"], results[t][j][1][i]["seed"])
                     for t in members for j in range(len(names))}) != 1:
                 raise ValueError("probes: the readouts' sweeps are not in the same (fraction, seed) order")
+            # A member whose val split lacks a class chose its penalty by CV on training rows: a
+            # loss on another scale (and optimistic for a pretrained encoder); left out of the
+            # pool when any member was scored on val.
+            on_val = [t for t in members if results[t][0][1][i].get("selection") == "val"]
+            pool = on_val or members
             loss = []
             for j in range(len(names)):  # the family's held-out loss, row-weighted over its tasks
                 num = den = 0.0
-                for t in members:
+                for t in pool:
                     r = results[t][j][1][i]
                     v, n = r["cv_mae"] if "cv_mae" in r else r["cv_log_loss"], r.get("n_selection", 1)
                     if n and np.isfinite(v):
@@ -231,8 +236,8 @@ def select_readout(results: dict[str, list[tuple[str, list[dict], list]]]) -> di
             best = int(np.argmin(loss))  # the first of equal losses
             for t in members:
                 row = dict(results[t][best][1][i], feature=names[best])
-                if len(names) > 1:
-                    row["readout_losses"] = dict(zip(names, loss))
+                if len(names) > 1:  # (None: no held-out row scored)
+                    row["readout_losses"] = {f: float(v) if np.isfinite(v) else None for f, v in zip(names, loss)}
                 out[t][0].append(row)
                 out[t][1].append(results[t][best][2][i])
     return {t: out[t] for t in results}

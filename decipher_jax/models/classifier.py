@@ -30,17 +30,24 @@ def pool_features(out: dict, pool: Sequence[str], anomaly: Callable[[jax.Array],
     return jnp.concatenate([feats[p]().astype(jnp.float32) for p in pool], axis=-1)
 
 
-def nearest_normal_distance(tokens, group, patient, bank, bank_group, bank_patient, near) -> jax.Array:
+def nearest_normal_distance(tokens, group, patient, bank, bank_group, bank_patient, near, *,
+                            chunk: int = 16) -> jax.Array:
     """``(B, N)``: each patch token's cosine distance to the nearest bank token of its series'
     group at most one grid step away (``near`` ``(N, N)``), as
     :func:`decipher_jax.eval.localisation.nearest_normal` on the host: a group (``group`` ``(B,)``
     int, -1 = none) with fewer than two bank series uses the whole bank; the series' own patient's
     bank series (``patient`` ``(B,)`` int, -1 = unknown) are left out, and a series left with no
     series of its group uses the rest of the bank. ``tokens`` ``(B, N, D)``, ``bank`` ``(K, N,
-    D)``. Memory: a ``(B, N, K, N)`` similarity."""
+    D)``. Memory: a ``(B, N, chunk, N)`` similarity at a time (``lax.map`` over the bank,
+    ``chunk`` series per step), and the ``(B, N, K)`` nearest similarities."""
     unit = lambda t: t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-8)  # noqa: E731
-    sim = jnp.einsum("bpd,kqd->bpkq", unit(tokens.astype(jnp.float32)), unit(bank.astype(jnp.float32)))
-    sim = jnp.where(near[None, :, None, :], sim, -jnp.inf).max(-1)  # (B, N, K): within reach
+    t, b = unit(tokens.astype(jnp.float32)), unit(bank.astype(jnp.float32))
+
+    def nearest(bk):  # one bank series (N, D) -> (B, N): the best match within reach
+        sim = jnp.einsum("bpd,qd->bpq", t, bk)
+        return jnp.where(near[None], sim, -jnp.inf).max(-1)
+
+    sim = jnp.moveaxis(jax.lax.map(nearest, b, batch_size=min(int(chunk), b.shape[0])), 0, -1)  # (B, N, K)
     in_g = bank_group[None] == group[:, None]  # (B, K)
     in_g = jnp.where(in_g.sum(1, keepdims=True) >= 2, in_g, True)
     ok = ~((bank_patient[None] == patient[:, None]) & (patient[:, None] >= 0))
@@ -108,10 +115,12 @@ class Classifier(nnx.Module):
         through the weights)."""
         if group is None or patient is None:
             raise ValueError("pool 'anomaly': each batch needs 'bank_group' and 'bank_patient'")
-        d = nearest_normal_distance(patch, jnp.asarray(group, jnp.float32), jnp.asarray(patient, jnp.float32),
-                                    self.bank_tokens[...], self.bank_group[...], self.bank_patient[...],
+        fixed = jax.lax.stop_gradient  # the bank never trains: no backward pass through the distances
+        d = nearest_normal_distance(jax.lax.stop_gradient(patch), jnp.asarray(group, jnp.float32),
+                                    jnp.asarray(patient, jnp.float32), fixed(self.bank_tokens[...]),
+                                    fixed(self.bank_group[...]), fixed(self.bank_patient[...]),
                                     jnp.asarray(grid_neighbours(self.grid, 1)))
-        w = jax.nn.softmax(jax.lax.stop_gradient(d) / self.bank_tau[...], axis=-1)
+        w = jax.nn.softmax(d / fixed(self.bank_tau[...]), axis=-1)
         return jnp.einsum("bn,bnd->bd", w, patch.astype(jnp.float32))
 
     def features(self, x, *, drop_path: float = 0.0, key=None, group=None, patient=None):

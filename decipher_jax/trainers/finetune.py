@@ -139,15 +139,16 @@ class BankIndex:
 
     rows: tuple[int, ...]
     groups: tuple[str, ...]  # per bank row
-    patients: tuple[str, ...]  # per bank row
+    patients: tuple[str, ...]  # per bank row: its patient (or "series:<id>" without one)
 
     @classmethod
     def of(cls, meta: dict, rows) -> BankIndex:
         from decipher_jax.eval import localisation
 
         rows = tuple(int(i) for i in rows)
-        sub = {k: np.asarray(meta[k])[list(rows)] for k in ("body_region", "sequence", "patient_id")}
-        return cls(rows, tuple(localisation.groups_of(sub).tolist()), tuple(str(p) for p in sub["patient_id"]))
+        sub = {k: np.asarray(meta[k])[list(rows)] for k in ("body_region", "sequence", "patient_id", "series_id")}
+        return cls(rows, tuple(localisation.groups_of(sub).tolist()),
+                   tuple(_patient_key(p, s) for p, s in zip(sub["patient_id"], sub["series_id"])))
 
     @functools.cached_property
     def _ids(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -160,7 +161,8 @@ class BankIndex:
 
         gid, pid = self._ids
         g = localisation.group_of(str(meta_row["body_region"]), str(meta_row["sequence"]))
-        return {"bank_group": np.int32(gid.get(g, -1)), "bank_patient": np.int32(pid.get(str(meta_row["patient_id"]), -1))}
+        p = _patient_key(meta_row["patient_id"], meta_row.get("series_id", ""))
+        return {"bank_group": np.int32(gid.get(g, -1)), "bank_patient": np.int32(pid.get(p, -1))}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The bank rows' own group and patient integers (``bank_group`` / ``bank_patient`` params)."""
@@ -170,6 +172,13 @@ class BankIndex:
 
 
 BANK_KEYS = ("bank_group", "bank_patient")
+
+
+def _patient_key(patient_id, series_id) -> str:
+    """Whom a series is never compared with: its patient, or without a patient id the series
+    itself (a training series in the bank must not find itself)."""
+    p, s = str(patient_id), str(series_id)
+    return p if p else (f"series:{s}" if s else "")
 
 
 @dataclasses.dataclass
@@ -463,6 +472,7 @@ class Best:
 
     def __init__(self, cfg, spec, model, mesh, size, bank: BankIndex | None = None):
         self.cfg, self.spec, self.model, self.mesh, self.size, self.bank = cfg, spec, model, mesh, size, bank
+        self.frozen = int(optim_config(cfg).get("freeze_backbone_steps", 0) or 0)
         self.workdir = None
         self.record = {"step": None, "score": None, "evals": {}}
         self.predict = jax.jit(lambda p, b: scores_of(spec, apply(model, p, b)))
@@ -517,7 +527,8 @@ class Best:
         self._write()
         print(f"{self.label}: val {self.spec.task} {m['score']:.3f} at step {step} (best {self.record['score']:.3f} "
               f"at step {self.record['step']})", flush=True)
-        later = [s for s in map(int, self.record["evals"]) if s > self.record["step"]]
+        # Evaluations while the backbone is still frozen do not use up the patience.
+        later = [s for s in map(int, self.record["evals"]) if s > max(self.record["step"], self.frozen)]
         if len(later) >= self.cfg.eval.patience:
             self.record["stopped"] = True  # a rerun goes straight to the test split
             self._write()

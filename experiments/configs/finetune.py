@@ -54,9 +54,10 @@ def get_config(arg=None):
     # Tiny: the whole volume (flips and intensity jitter only). A crop of 60 % can cut a small
     # lesion out of a positive series; at 400 patients it cost 0.09 val AUROC (BENCHMARKS.md, "The
     # ViT's readout").
-    c.data.crop_scale = (1.0, 1.0) if tiny else (0.6, 1.0)
+    c.data.crop_scale = (1.0, 1.0) if tiny or anomaly else (0.6, 1.0)
     # Each axis flipped with this probability. The anomaly pool compares each patch with the normal
-    # bank's patches at the same grid position (unflipped): it trains without flips.
+    # bank's patches at the same grid position (or one step away), unflipped and uncropped: it
+    # trains on whole volumes without flips.
     c.data.flip_p = 0.0 if anomaly else 0.5
 
     c.model = mlc.ConfigDict()
