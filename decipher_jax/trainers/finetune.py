@@ -469,6 +469,7 @@ class Best:
     parameters (``best/``) and its record (``best.json``, read back on resume)."""
 
     label = "finetune"  # the trainer's name in what it prints
+    frozen = 0  # the steps the backbone stays frozen: evaluations up to them use none of the patience
 
     def __init__(self, cfg, spec, model, mesh, size, bank: BankIndex | None = None):
         self.cfg, self.spec, self.model, self.mesh, self.size, self.bank = cfg, spec, model, mesh, size, bank
