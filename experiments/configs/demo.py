@@ -45,7 +45,8 @@ def get_config(arg=None):
         # The ladder's trained rungs: the findings, from random init and from stage 2, at 10% and
         # 100% of the training patients (each run stops early on the val split). Both heads read
         # the anomaly pool beside the CLS / mean / max, as the frozen probes may; from stage 2 the
-        # recipe is LP-FT (finetune.py's ``anomaly``; BENCHMARKS.md, "Fine-tuning on the anomaly pool").
+        # recipe is LP-FT (finetune.py's ``anomaly``; BENCHMARKS.md, "The findings' readout chosen on
+        # val, and fine-tuning on the anomaly pool").
         "ladder": {"kind": "ladder", "tasks": ("findings",), "fractions": (0.1, 1.0), "init": "{workdir}/stage2",
                    "config": "finetune.py:{task},tiny,anomaly", "overrides": (("steps", 200), ("eval.every", 50))},
         "eval": {"kind": "eval", "config": "eval.py"},

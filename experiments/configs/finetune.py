@@ -7,8 +7,9 @@
 Arguments: a task (findings, abnormal, body_region, sequence, sex, age), ``tiny`` (the demo's
 scale: the demo's ViT when training from scratch), ``frozen`` (train the head only: a linear
 probe trained by SGD, for comparison), ``anomaly`` (the head also reads the anomaly pool,
-training crops are not flipped, and from a pretrained run LP-FT: ``optim.pretrained``). ``init`` is a vision_ssl or clip_align workdir, or ""
-for random init (the supervised reference); with an init run the ViT is that run's.
+training crops are whole volumes, unflipped, and from a pretrained run LP-FT:
+``optim.pretrained``). ``init`` is a vision_ssl or clip_align workdir, or "" for random init
+(the supervised reference); with an init run the ViT is that run's.
 
 Recipe (as BEiT / DINOv2 fine-tuning, shortened): AdamW, warm-up then cosine, layer-wise lr
 decay 0.75, weight decay 0.05, drop path 0.1, gradient clipping at 1.0, random-resized crops, the
