@@ -466,3 +466,30 @@ def test_readout_chosen_per_family_on_the_held_out_rows():
                                                           ("age", "signal")}
     assert {r["feature"] for r in cross} == {"signal"}
     assert suite.readout_choices([{"encoder": "e", **r} for r in rows]) == {"e": {"copy": 4, "signal": 0}}
+
+
+def test_readout_pool_leaves_out_members_chosen_by_cv():
+    """A finding whose val split lacks a class chose its penalty by CV on the training rows (a
+    loss on another scale, and optimistic for a pretrained encoder): when any member of the family
+    was scored on val, the pooled loss reads the val-scored members only; with none, all of them.
+    A candidate no held-out row scored is recorded as None and never chosen."""
+    from decipher_jax.eval import suite
+
+    def res(losses, selection, n):
+        return [(f, [{"task": "t", "fraction": 1.0, "seed": 0, "cv_log_loss": v, "n_selection": n,
+                      "selection": selection}], [np.full(1, v)]) for f, v in losses]
+
+    results = {"finding: x": res([("a", 0.1), ("b", 0.9)], "3-fold CV", 300),
+               "abnormal": res([("a", 0.6), ("b", 0.5)], "val", 40),
+               "finding: y": res([("a", 0.7), ("b", 0.65)], "val", 10)}
+    out = suite.select_readout(results)
+    assert {rows[0]["feature"] for rows, _ in out.values()} == {"b"}
+    assert out["finding: x"][1][0][0] == 0.9  # the chosen candidate's scores travel with it
+    got = out["abnormal"][0][0]["readout_losses"]
+    assert got == pytest.approx({"a": (0.6 * 40 + 0.7 * 10) / 50, "b": (0.5 * 40 + 0.65 * 10) / 50})
+    cv_only = {t: res([(f, v) for f, v in [("a", r[0][1][0]["cv_log_loss"]), ("b", r[1][1][0]["cv_log_loss"])]],
+                      "3-fold CV", r[0][1][0]["n_selection"]) for t, r in results.items()}
+    assert {rows[0]["feature"] for rows, _ in suite.select_readout(cv_only).values()} == {"a"}  # x's 300 rows weigh
+    unscored = {"abnormal": res([("a", float("nan")), ("b", 0.5)], "val", 40)}
+    rows, _ = suite.select_readout(unscored)["abnormal"]
+    assert rows[0]["feature"] == "b" and rows[0]["readout_losses"] == {"a": None, "b": 0.5}
