@@ -285,20 +285,27 @@ def predict(fn, params, source, spec, size, mesh, batch_size: int, max_series: i
                        meta_keys=("y", "y_mask", "series_id", "study_id", "patient_id"))
 
 
-def apply(model, params, batch, **kw):
-    """The classifier's output on a batch (its bank keys passed on when it has them)."""
-    return model(params)(batch["image"], group=batch.get("bank_group"), patient=batch.get("bank_patient"), **kw)
+def apply(model, params, batch, *, features: bool = False, **kw):
+    """The classifier's output on a batch (with ``features`` its pooled features), its bank keys
+    passed on when it has them."""
+    m = model(params)
+    return (m.features if features else m)(batch["image"], group=batch.get("bank_group"),
+                                           patient=batch.get("bank_patient"), **kw)
+
+
+def _put(model, params, **arrays) -> dict:
+    """``params`` with ``arrays`` (float32) placed on their parameters' shardings."""
+    return {**params, **{k: jax.device_put(np.asarray(v, np.float32), model.shardings[k]) for k, v in arrays.items()}}
 
 
 def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: int = 256,
                       bank: BankIndex | None = None) -> dict:
     """``params`` with ``feat_mean`` / ``feat_scale`` from the pooled features of (up to
     ``max_series``) training volumes, whole-volume resized as in evaluation."""
-    feats = jax.jit(lambda p, b: model(p).features(b["image"], group=b.get("bank_group"), patient=b.get("bank_patient")))
+    feats = jax.jit(lambda p, b: apply(model, p, b, features=True))
     f = predict(feats, params, source, spec, size, mesh, cfg.eval.batch_size, max_series, bank)["out"].astype(np.float64)
     mean, scale = f.mean(0), 1.0 / (f.std(0) + 1e-6)
-    put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
-    return {**params, "feat_mean": put(mean, "feat_mean"), "feat_scale": put(scale, "feat_scale")}
+    return _put(model, params, feat_mean=mean, feat_scale=scale)
 
 
 def fill_bank(cfg, spec, model, params, source, bank: BankIndex, vit: ViTConfig, mesh) -> dict:
@@ -313,10 +320,7 @@ def fill_bank(cfg, spec, model, params, source, bank: BankIndex, vit: ViTConfig,
     grid = tuple(int(s) // int(p) for s, p in zip(vit.img_size, vit.patch_size))
     tau = features.NormalBank.build(tokens, np.asarray(bank.groups), np.arange(len(tokens)).astype(str), grid,
                                     patient_id=np.asarray(bank.patients)).tau
-    put = lambda v, name: jax.device_put(np.asarray(v, np.float32), model.shardings[name])  # noqa: E731
-    arr = bank.arrays()
-    return {**params, "bank_tokens": put(tokens, "bank_tokens"), "bank_group": put(arr["bank_group"], "bank_group"),
-            "bank_patient": put(arr["bank_patient"], "bank_patient"), "bank_tau": put(tau, "bank_tau")}
+    return _put(model, params, bank_tokens=tokens, bank_tau=tau, **bank.arrays())
 
 
 # -- the step ------------------------------------------------------------------------------------
@@ -373,10 +377,11 @@ def setup(cfg, mesh) -> common.Setup:
     model = common.Model(lambda r: Classifier(vit, spec.n_out, rngs=r, pool=pool,
                                               bank_size=len(bank.rows) if bank else 0), mesh)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    tx = optim.build(optim_config(cfg), params_shape, depth=vit.depth)
+    oc = optim_config(cfg)
+    tx = optim.build(oc, params_shape, depth=vit.depth)
     shardings, shapes = common.params_state(model, tx, mesh, params_shape)
     size = tuple(vit.img_size)
-    best = Best(cfg, spec, model, mesh, size, bank)
+    best = Best(cfg, spec, model, mesh, size, bank, frozen=int(oc.get("freeze_backbone_steps", 0) or 0))
     s = common.Setup("finetune", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, spec, model, tx),
                      batch_spec(cfg, vit, spec, bank), init=None, data=None, spec=None, vit=vit)
 
@@ -471,9 +476,9 @@ class Best:
     label = "finetune"  # the trainer's name in what it prints
     frozen = 0  # the steps the backbone stays frozen: evaluations up to them use none of the patience
 
-    def __init__(self, cfg, spec, model, mesh, size, bank: BankIndex | None = None):
+    def __init__(self, cfg, spec, model, mesh, size, bank: BankIndex | None = None, frozen: int = 0):
         self.cfg, self.spec, self.model, self.mesh, self.size, self.bank = cfg, spec, model, mesh, size, bank
-        self.frozen = int(optim_config(cfg).get("freeze_backbone_steps", 0) or 0)
+        self.frozen = frozen
         self.workdir = None
         self.record = {"step": None, "score": None, "evals": {}}
         self.predict = jax.jit(lambda p, b: scores_of(spec, apply(model, p, b)))
