@@ -112,7 +112,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 # Config fields added after runs had been written, with the value that behaves as the code did
 # before the field existed: a stored spec without the field resumes under that value (any other
 # value is a change, refused or allowed as usual).
-ADDED_FIELDS = {"data.answer_weight": 1.0, "model.captioner.anomaly_bank": 0, "data.flip_p": 0.5, "optim.pretrained": {}}
+ADDED_FIELDS = {"data.answer_weight": 1.0, "model.captioner.anomaly_bank": 0, "data.flip_p": 0.5, "optim.pretrained": {},
+                "model.head_init": "random"}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, list]:

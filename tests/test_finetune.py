@@ -304,3 +304,54 @@ def test_pretrained_runs_get_their_own_optimiser_settings(prepared_heldout):
     bad.optim.pretrained.nope = 1
     with pytest.raises(KeyError, match="optim.pretrained.nope"):
         finetune.optim_config(bad)
+
+
+def test_probe_head_is_the_probes_fit_and_scored_as_step_0(prepared_val, tmp_path, monkeypatch):
+    """``model.head_init="probe"`` (LP-FT): the head starts as a logistic probe of the initial
+    encoder's standardised features, each finding on its regions' rows, equal to scikit-learn's
+    at the chosen C (a 2-class softmax probe with C is a binary one with 2C), and ridge for age;
+    the fitted head is val-scored as step 0. From random init the head starts at random."""
+    from sklearn.linear_model import LogisticRegression
+
+    assert finetune.head_init(_cfg(prepared_val, "findings,tiny,anomaly")) == "random"  # no init run
+    assert finetune.head_init(_cfg(prepared_val, "findings,tiny,anomaly", init="/some/run")) == "probe"
+    assert finetune.head_init(_cfg(prepared_val, "findings,tiny", init="/some/run")) == "random"
+    with pytest.raises(ValueError, match="head_init"):
+        finetune.head_init(_cfg(prepared_val, "findings,tiny", init="/r", **{"model.head_init": "lp"}))
+    train = P.data_source(prepared_val, "train")
+    meta = finetune.read_meta(train)
+    for task in ("findings", "age"):
+        cfg = _cfg(prepared_val, f"{task},tiny")
+        s = finetune.setup(cfg, sh.make_mesh({"data": -1}))
+        spec = finetune.task_spec(task, meta)
+        rows = np.arange(len(train))
+        params = finetune.set_feature_stats(cfg, spec, s.model, s.model.init(jax.random.key(0)), train, (16, 16, 16),
+                                            s.mesh)
+        fitted, info = finetune.fit_head(cfg, spec, s.model, params, train, rows, (16, 16, 16), s.mesh)
+        assert info["on"] == "val" and info["n"] == len(train)
+        feats = jax.jit(lambda p, b: (finetune.apply(s.model, p, b, features=True) - p["feat_mean"]) * p["feat_scale"])
+        tr = finetune.predict(feats, params, train, spec, (16, 16, 16), s.mesh, 8)
+        x = np.asarray(tr["out"], np.float64)
+        got = x @ np.asarray(fitted["head_kernel"]) + np.asarray(fitted["head_bias"])
+        if task == "age":  # ridge on the standardised age, closed form
+            assert info["penalty"] in finetune.LAMS
+            xc, yc = x - x.mean(0), tr["y"] - tr["y"].mean()
+            w = np.linalg.solve(xc.T @ xc + info["penalty"] * np.eye(x.shape[1]), xc.T @ yc)
+            np.testing.assert_allclose(got[:, 0], xc @ w + tr["y"].mean(), rtol=1e-3, atol=1e-3)
+            continue
+        assert info["penalty"] in finetune.INV_REGS
+        checked = 0
+        for j in range(spec.n_out):
+            on, y = tr["y_mask"][:, j] > 0, tr["y"][:, j]
+            if len(set(y[on])) < 2:
+                continue
+            ref = LogisticRegression(C=2 * info["penalty"], tol=1e-10, max_iter=10_000).fit(x[on], y[on])
+            np.testing.assert_allclose(got[on, j], ref.decision_function(x[on]), atol=2e-3 + 1e-2 * np.abs(got[on, j]).max())
+            checked += 1
+        assert checked >= 2
+    # In a run: the fitted head (as from a pretrained run) is scored on val as step 0.
+    monkeypatch.setattr(finetune, "head_init", lambda cfg: "probe")
+    w = str(tmp_path / "lpft")
+    finetune.train(_cfg(prepared_val, "findings,tiny", steps=4, **{"eval.every": 2}), w)
+    with open(os.path.join(w, "best.json")) as f:
+        assert sorted(json.load(f)["evals"], key=int) == ["0", "2", "4"]

@@ -16,7 +16,9 @@ image tower) or "" (random init). The backbone learns with layer-wise lr decay
 parameters bitwise unchanged: the head first, then everything). From a pretrained run the
 settings of ``optim.pretrained`` replace the others (its ``lr_rules`` add to them): with the
 anomaly pool (below) LP-FT, the backbone frozen for half the steps and then at 0.1x the head's
-lr, the supervised reference from random init keeping the full lr throughout. Training crops are random
+lr, the supervised reference from random init keeping the full lr throughout. With
+``model.head_init="probe"`` (and an ``init`` run) the head starts as the probes' linear probe of
+the initial features (:func:`fit_head`), scored on val as step 0. Training crops are random
 resized crops with flips and intensity jitter; evaluation resizes the whole volume, as the
 probes' features do. ``data.label_fraction`` draws that fraction of the training *patients*
 (``data.label_seed``), as the probes' label subsets. Every ``eval.every`` steps the val split
@@ -308,6 +310,73 @@ def set_feature_stats(cfg, spec, model, params, source, size, mesh, max_series: 
     return _put(model, params, feat_mean=mean, feat_scale=scale)
 
 
+HEAD_INIT = ("random", "probe")
+INV_REGS = tuple(10.0 ** np.arange(-3, 3))  # the probes' grid of C (eval.probes.logistic_sweep)
+LAMS = tuple(10.0 ** np.arange(-1, 7))  # and of the ridge penalty (eval.probes.ridge_sweep)
+
+
+def fit_head(cfg, spec, model, params, source, rows, size, mesh, bank: BankIndex | None = None) -> tuple[dict, dict]:
+    """``params`` with the head fitted as the probes fit theirs, on the initial encoder's
+    standardised features of the labelled training rows (LP-FT's linear probe, Kumar et al.
+    2022): a logistic probe per finding (the 2-class probe's logit difference; each finding on
+    its regions' rows), a multinomial one for a class, ridge regression on the standardised age;
+    the penalty from the probes' grids, one for all outputs, chosen on the val split (pooled
+    held-out log-likelihood or MAE, glmnet's one-standard-error rule), C = 1 without a val split.
+    Returns the params and what was fitted (``penalty``: C, or the ridge penalty; ``on``: "val"
+    or "default"; ``n``: the training series)."""
+    from decipher_jax.eval import evaluators, probes
+
+    feats = jax.jit(lambda p, b: (apply(model, p, b, features=True) - p["feat_mean"]) * p["feat_scale"])
+    tr = predict(feats, params, P.Subset(source, rows), spec, size, mesh, cfg.eval.batch_size, bank=bank)
+    try:
+        va = predict(feats, params, evaluators.open_split(cfg.data.dir, "val"), spec, size, mesh, cfg.eval.batch_size,
+                     bank=bank)
+    except evaluators.MissingSplit:
+        va = None
+    x, y, w = (np.asarray(tr[k]) for k in ("out", "y", "y_mask"))
+    if spec.kind == "regression":
+        lams = LAMS if va is not None else (1.0,)
+        fits = [probes.fit_ridge(jnp.asarray(x), jnp.asarray(y[:, None]), jnp.asarray(w), lam) for lam in lams]
+        errs = [[0.0]] if va is None else [
+            list(np.abs(np.asarray(va["out"]) @ np.asarray(f["w"])[:, 0] + float(f["b"][0]) - va["y"])[va["y_mask"] > 0]
+                 * spec.std) for f in fits]
+        best = probes._choose([errs], higher_better=False, one_se=True, strongest_first=False)[1][0]
+        kernel, bias, penalty = np.asarray(fits[best]["w"]), np.asarray(fits[best]["b"]), lams[best]
+    else:
+        # One probe per output (a finding: two classes on its rows) or one multinomial probe.
+        if spec.kind == "multilabel":
+            ys, ws, k = y.T.astype(np.int32), w.T, 2
+        else:
+            ys, ws, k = np.maximum(y, 0).astype(np.int32)[None], w[None], spec.n_out
+        inv = INV_REGS if va is not None else (1.0,)
+        n_out = len(ys)
+        fit = probes.fit_many(x, np.repeat(ys, len(inv), 0), np.repeat(ws, len(inv), 0),
+                              np.tile(np.asarray(inv), n_out), np.ones((n_out * len(inv), k), bool))
+        wk = np.asarray(fit["w"]).reshape(n_out, len(inv), x.shape[1], k)
+        bk = np.asarray(fit["b"]).reshape(n_out, len(inv), k)
+        best = 0
+        if va is not None:
+            xv, yv, wv = (np.asarray(va[kk]) for kk in ("out", "y", "y_mask"))
+            yv = yv.T.astype(np.int32) if spec.kind == "multilabel" else np.maximum(yv, 0).astype(np.int32)[None]
+            wv = wv.T if spec.kind == "multilabel" else wv[None]
+            loglik = [[] for _ in inv]
+            for o in range(n_out):
+                for c in range(len(inv)):
+                    lg = xv @ wk[o, c] + bk[o, c]
+                    lp = lg - lg.max(1, keepdims=True)
+                    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+                    loglik[c] += list(lp[np.arange(len(lg)), yv[o]][wv[o] > 0])
+            best = int(probes._choose([loglik], higher_better=True, one_se=True, strongest_first=True)[1][0])
+        if spec.kind == "multilabel":  # the sigmoid of the 2-class probe's logit difference
+            kernel = (wk[:, best, :, 1] - wk[:, best, :, 0]).T
+            bias = bk[:, best, 1] - bk[:, best, 0]
+        else:
+            kernel, bias = wk[0, best], bk[0, best]
+        penalty = inv[best]
+    info = {"penalty": float(penalty), "on": "val" if va is not None else "default", "n": len(x)}
+    return _put(model, params, head_kernel=kernel, head_bias=bias), info
+
+
 def fill_bank(cfg, spec, model, params, source, bank: BankIndex, vit: ViTConfig, mesh) -> dict:
     """``params`` with the anomaly pool's bank: the patch tokens of the bank's training series
     under ``params``' backbone (the initial encoder), their groups and patients, and tau, the
@@ -382,6 +451,7 @@ def setup(cfg, mesh) -> common.Setup:
     shardings, shapes = common.params_state(model, tx, mesh, params_shape)
     size = tuple(vit.img_size)
     best = Best(cfg, spec, model, mesh, size, bank, frozen=int(oc.get("freeze_backbone_steps", 0) or 0))
+    probe_head = head_init(cfg) == "probe"
     s = common.Setup("finetune", cfg, mesh, model, tx, shardings, shapes, make_step(cfg, spec, model, tx),
                      batch_spec(cfg, vit, spec, bank), init=None, data=None, spec=None, vit=vit)
 
@@ -396,6 +466,12 @@ def setup(cfg, mesh) -> common.Setup:
             print(f"finetune: anomaly pool over a bank of {len(bank.rows)} normal training series "
                   f"(tau {float(params['bank_tau']):.4f})", flush=True)
         params = set_feature_stats(cfg, spec, model, params, P.Subset(train_src, rows), size, mesh, bank=bank)
+        if probe_head:
+            params, info = fit_head(cfg, spec, model, params, train_src, rows, size, mesh, bank)
+            what = "ridge penalty" if spec.kind == "regression" else "logistic C"
+            print(f"finetune: head fitted as a probe on {info['n']} training series' features ({what} "
+                  f"{info['penalty']:g}, {'chosen on val' if info['on'] == 'val' else 'no val split: the default'})",
+                  flush=True)
         opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
         return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": opt}
 
@@ -413,6 +489,8 @@ def setup(cfg, mesh) -> common.Setup:
 
     def on_start(state, workdir, fresh):
         best.open(workdir)
+        if fresh and probe_head:  # the fitted head is the first candidate for the best step
+            best.after_step(0, state)
         return ()
 
     def after_step(step, state):
@@ -444,6 +522,15 @@ def optim_config(cfg):
         oc[k] = v
     oc.lr_rules = rules
     return oc
+
+
+def head_init(cfg) -> str:
+    """How the head starts: ``model.head_init`` from a pretrained run (``init``); from random
+    init always at random (the supervised reference)."""
+    how = str(cfg.model.get("head_init", "random"))
+    if how not in HEAD_INIT:
+        raise ValueError(f"model.head_init={how!r}: one of {HEAD_INIT}")
+    return how if cfg.init else "random"
 
 
 def anomaly_bank(pool, train_src, meta) -> BankIndex | None:
