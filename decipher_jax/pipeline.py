@@ -211,8 +211,10 @@ def ladder_stage(ctx: Context, st) -> None:
     """The ladder's trained rungs (:mod:`decipher_jax.eval.ladder`): for each of ``tasks`` and
     ``fractions``, the fine-tuning config ``config`` (its ``{task}`` filled) from random init, with
     the stage-2 image tower's architecture (``supervised``), and from the stage-2 run ``init``
-    (``fine-tuned``), into ``<workdir>/ladder/<task>/<rung>-<fraction>/``. A finished run is kept;
-    an interrupted one resumes. The ``ladder`` evaluator reads them."""
+    (``fine-tuned``), into ``<workdir>/ladder/<task>/<rung>-<fraction>/``. A finished run is kept
+    and an interrupted one resumes, unless the prepared data or the stage-2 run changed since it
+    started (:func:`_older_than_inputs`): then it trains afresh, as a retrained stage 2 does. The
+    ``ladder`` evaluator reads them."""
     import dataclasses as dc
 
     from decipher_jax import runs
@@ -228,6 +230,8 @@ def ladder_stage(ctx: Context, st) -> None:
                 continue
             for f in st.fractions:
                 w = ladder.run_dir(ctx.workdir, task, rung, float(f))
+                if os.path.exists(w) and _older_than_inputs(w, ctx.data, align if rung == "fine-tuned" else ""):
+                    shutil.rmtree(w)  # trained on other data or another stage 2: not this pipeline's rung
                 if os.path.exists(os.path.join(w, "test.json")):
                     continue
                 over = {"data.dir": ctx.data, "data.label_fraction": float(f), "init": align if rung == "fine-tuned" else ""}
@@ -239,6 +243,23 @@ def ladder_stage(ctx: Context, st) -> None:
                 done.append(f"{task} {rung} @ {float(f):g}: {m['test/score']:.3f} (best step {m['best_step']})")
     ctx.say(f"ladder: {len(done)} fine-tuning runs in {time.perf_counter() - t0:.0f} s (test score): "
             + "; ".join(done))
+
+
+def _older_than_inputs(run: str, data: str, init: str) -> bool:
+    """Whether a ladder run started before its inputs were last written: the prepared data's
+    dataset card, the init run's spec and checkpoints (``init`` "": none). A rerun of the pipeline
+    rewrites them (``train_stage`` trains afresh), and with another ``--seed`` the data differ."""
+    spec = os.path.join(run, "run_spec.json")
+    if not os.path.exists(spec):
+        return True
+    inputs = [os.path.join(data, "dataset_card.json")] if data else []
+    if init:
+        ck = os.path.join(init, "checkpoints")
+        inputs += [os.path.join(init, "run_spec.json"), ck]
+        if os.path.isdir(ck):
+            inputs += [os.path.join(ck, d) for d in os.listdir(ck)]
+    newest = max((os.path.getmtime(p) for p in inputs if os.path.exists(p)), default=0.0)
+    return os.path.getmtime(spec) < newest
 
 
 def report_stage(ctx: Context, st) -> None:

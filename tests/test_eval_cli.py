@@ -39,6 +39,17 @@ def test_train_then_eval_then_report(prepared_heldout, minilm_path, tmp_path):
     assert runs.read_spec(os.path.join(lad_dir, "fine-tuned-1"))["config"]["init"] == run
     pipeline.ladder_stage(ctx, st)  # finished runs are kept, not retrained
     assert ctx.lines[-1].startswith("ladder: 0 fine-tuning runs")
+    # A stage 2 written after them (a rerun of the pipeline retrains it) makes the fine-tuned rung
+    # stale: it trains afresh from the new run; the supervised rung (same data) is kept.
+    import time
+
+    later = time.time() + 5
+    os.utime(os.path.join(run, "run_spec.json"), (later, later))
+    kept = os.path.getmtime(os.path.join(lad_dir, "supervised-1", "test.json"))
+    pipeline.ladder_stage(ctx, st)
+    assert ctx.lines[-1].startswith("ladder: 1 fine-tuning runs") and "fine-tuned @ 1" in ctx.lines[-1]
+    assert os.path.getmtime(os.path.join(lad_dir, "supervised-1", "test.json")) == kept
+    assert os.path.getmtime(os.path.join(lad_dir, "fine-tuned-1", "run_spec.json")) >= later - 5
     # All evaluators but segmentation (tests/test_segtasks.py); the corpus has no val split.
     assert cli.main(["eval", "--config", os.path.join(CONFIGS, "eval.py") + ":tiny,retrieval,zeroshot,localisation,"
                      "rerank,probes,ladder", "--workdir", out, f"--config.runs.align={run}"]) == 0
