@@ -37,6 +37,7 @@ RESUMABLE = (
     r"steps", r"stop_after", r"log_every", r"checkpoint_every", r"keep_checkpoints",
     r"async_checkpoints", r"preemption_grace_s", r"guard_update_ratio", r"mesh\..*", r"eval\..*",
     r"data\.num_workers", r"init\..*", r"export_hf",
+    r"model\.head_init",  # acts only when a fine-tuning state is built fresh
     r"optim\.(lr|min_lr|warmup_steps|total_steps|weight_decay|weight_decay_end|clip_norm|b1|b2|layer_decay)",
 )
 

@@ -352,6 +352,19 @@ def test_probe_head_is_the_probes_fit_and_scored_as_step_0(prepared_val, tmp_pat
     # In a run: the fitted head (as from a pretrained run) is scored on val as step 0.
     monkeypatch.setattr(finetune, "head_init", lambda cfg: "probe")
     w = str(tmp_path / "lpft")
-    finetune.train(_cfg(prepared_val, "findings,tiny", steps=4, **{"eval.every": 2}), w)
+    cfg = _cfg(prepared_val, "findings,tiny", steps=4, **{"eval.every": 2})
+    finetune.train(cfg, w)
     with open(os.path.join(w, "best.json")) as f:
-        assert sorted(json.load(f)["evals"], key=int) == ["0", "2", "4"]
+        first = json.load(f)
+    assert sorted(first["evals"], key=int) == ["0", "2", "4"]
+    # Killed before its first checkpoint, the run starts afresh: its old record and best step 0
+    # are replaced, not compared with (best/ holding step 0 already would refuse the save).
+    import shutil
+
+    shutil.rmtree(os.path.join(w, "checkpoints"))
+    with open(os.path.join(w, "best.json"), "w") as f:  # an attempt that got further, then was lost
+        json.dump({**first, "step": 6, "score": 2.0, "evals": {**first["evals"], "6": 2.0}}, f)
+    finetune.train(cfg, w)
+    with open(os.path.join(w, "best.json")) as f:
+        again = json.load(f)
+    assert again["evals"] == first["evals"] and again["step"] == first["step"]

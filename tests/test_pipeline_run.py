@@ -39,9 +39,12 @@ def test_the_larger_ladder_is_the_demo_scaled():
             over = dict(cfg.stages[name].overrides)
             assert over["model.vit.stem"] == "conv" and over["data.dir"] == "{data}"
         assert dict(cfg.stages.ladder.overrides)["steps"] == steps
+        assert dict(cfg.stages.stage2.overrides)["optim.lr_rules"][1] == ("image/.*", 1.0)  # as measured there
         vit = common.load_config(pipeline.config_path(cfg.stages.stage1_vision.config),
                                  {"model.vit.stem": "conv"}).model.vit
         assert vit.stem == "conv"
+    assert dict(base.stages.stage2.overrides)["optim.lr_rules"][1] == ("image/.*", 0.1)
+    assert dict(base.stages.stage1_vision.overrides)["steps"] == 1000
     with pytest.raises(ValueError, match="ladder.py:cpu"):
         common.load_config("experiments/configs/ladder.py:cpu")
 

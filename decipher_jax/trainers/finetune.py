@@ -489,6 +489,8 @@ def setup(cfg, mesh) -> common.Setup:
 
     def on_start(state, workdir, fresh):
         best.open(workdir)
+        if fresh:  # a run killed before its first checkpoint starts again: so does its record
+            best.reset()
         if fresh and probe_head:  # the fitted head is the first candidate for the best step
             best.after_step(0, state)
         return ()
@@ -586,6 +588,17 @@ class Best:
         except evaluators.MissingSplit as e:  # no early stopping: the last step is the result
             print(f"{self.label}: no val split ({e}); the last step's parameters are kept", flush=True)
             self.has_val = False
+
+    def reset(self):
+        """Forgets an earlier attempt's record and best parameters (a fresh start in a workdir
+        whose run was killed before its first checkpoint)."""
+        import shutil
+
+        self.record = {"step": None, "score": None, "evals": {}}
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.workdir, "best"), ignore_errors=True)
+            if os.path.exists(os.path.join(self.workdir, "best.json")):
+                os.remove(os.path.join(self.workdir, "best.json"))
 
     def evaluate(self, params, split: str) -> tuple[dict, dict]:
         """``(metrics, per-series predictions)`` of ``params`` on ``split``."""
